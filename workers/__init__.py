@@ -1,0 +1,1 @@
+"""lorafleet's training engine: many LoRA adapters trained in one batched pass over a frozen base."""

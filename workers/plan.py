@@ -1,0 +1,182 @@
+"""The typed contract between the control plane and the training engine.
+
+`orchestrator/` builds a `PackPlan`, `workers/` runs it and answers with events. Everything here is plain
+data (pydantic, no torch) so the control plane can import it without pulling in the engine, and so a plan
+can cross a process boundary (Ray) as JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+Quantization = Literal["none", "8bit", "4bit"]
+DType = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+LrSchedule = Literal["cosine", "linear", "constant"]
+
+
+class _Strict(BaseModel):
+    """Unknown fields are an error: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(_Strict):
+    r: Annotated[int, Field(gt=0, le=4096, description="LoRA rank.")] = 8
+    alpha: Annotated[float, Field(gt=0, description="Scaling numerator: the update is (alpha/r)·B·A.")] = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout on the LoRA input.")] = 0.0
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Linear module names (matched as a dotted suffix) or 'all-linear'.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("`target_modules` is empty: name at least one module or use 'all-linear'")
+        return value
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class TrainConfig(_Strict):
+    steps: Annotated[int, Field(ge=0, description="Optimizer steps to train.")] = 100
+    batch_size: Annotated[int, Field(gt=0, description="Sequences per micro-batch for this adapter.")] = 4
+    grad_accum_steps: Annotated[int, Field(gt=0, description="Micro-batches per optimizer step.")] = 1
+    learning_rate: Annotated[float, Field(gt=0)] = 1.0e-3
+    lr_schedule: LrSchedule = "cosine"
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0, description="Floor of the decay, x lr.")] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    max_grad_norm: Annotated[float | None, Field(gt=0, description="Clip per adapter; null: off.")] = 1.0
+    max_seq_len: Annotated[int, Field(gt=1, le=1_000_000)] = 256
+    seed: int = 0
+    eval_every: Annotated[int, Field(ge=0, description="Steps between evals; 0: only at the end.")] = 50
+    eval_max_examples: Annotated[int | None, Field(gt=0)] = None
+    checkpoint_every: Annotated[int, Field(ge=0, description="Steps between checkpoints; 0: only final.")] = 50
+    keep_checkpoints: Annotated[int, Field(gt=0, description="Intermediate checkpoints kept on disk.")] = 2
+
+
+class ShardConfig(_Strict):
+    count: Annotated[int, Field(gt=0)] = 1
+    index: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> ShardConfig:
+        if self.index >= self.count:
+            raise ValueError(f"`shard.index` must be < `shard.count` ({self.count}); got {self.index}")
+        return self
+
+
+class DataConfig(_Strict):
+    path: Path
+    eval_path: Path | None = None
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give either `eval_path` or `eval_fraction`, not both")
+        return self
+
+
+class AdapterTask(_Strict):
+    """One adapter to train inside a pack."""
+
+    name: str
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig
+    output_dir: Path
+    init_from: Path | None = Field(
+        default=None, description="PEFT adapter dir whose weights start this adapter (branching)."
+    )
+    resume_from: Path | None = Field(
+        default=None, description="Our checkpoint dir (adapter + training state) to resume exactly."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not re.match(ADAPTER_NAME_PATTERN, value):
+            raise ValueError(
+                f"adapter `name` {value!r} is invalid: use lowercase letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+
+class PackPlan(_Strict):
+    """K adapters over one frozen base, trained in the same batched step on one worker group."""
+
+    pack_id: str = "pack"
+    base_model: str = Field(description="Local directory or hub id of a transformers causal LM.")
+    tokenizer: str | None = Field(default=None, description="Defaults to `base_model`.")
+    quantization: Quantization = "none"
+    dtype: DType = "float32"
+    device: Device = "auto"
+    adapters: list[AdapterTask]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PackPlan:
+        names = [task.name for task in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names in a pack must be unique; repeated: {dupes}")
+        return self
+
+
+# ---- events: what the engine reports back, in order, per adapter ----
+
+
+class _Event(_Strict):
+    pack_id: str
+    adapter: str
+    step: int
+
+
+class StepEvent(_Event):
+    kind: Literal["step"] = "step"
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int = Field(description="Target tokens seen so far by this adapter.")
+    tokens_per_s: float
+
+
+class EvalEvent(_Event):
+    kind: Literal["eval"] = "eval"
+    eval_loss: float
+    perplexity: float
+    eval_tokens: int
+
+
+class CheckpointEvent(_Event):
+    kind: Literal["checkpoint"] = "checkpoint"
+    path: Path
+    final: bool = False
+
+
+class AdapterDone(_Event):
+    kind: Literal["done"] = "done"
+    status: Literal["trained", "failed"]
+    final_dir: Path | None = None
+    eval_loss: float | None = None
+    error: str | None = None
+
+
+Event = Annotated[StepEvent | EvalEvent | CheckpointEvent | AdapterDone, Field(discriminator="kind")]
+
+
+class PackResult(_Strict):
+    pack_id: str
+    adapters: dict[str, AdapterDone]

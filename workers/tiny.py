@@ -1,0 +1,103 @@
+"""Build small LLaMA-style base models and a local tokenizer, with no download.
+
+Tests, benchmarks and `lorafleet quickstart` need a real transformers checkpoint but may not fetch weights,
+so we make one from a config (random init), save it with `save_pretrained`, and every caller loads it back
+through the same `from_pretrained` path a user's checkpoint takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# `{% generation %}` marks assistant text so `apply_chat_template(return_assistant_tokens_mask=True)`
+# can tell us which tokens carry the loss.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyModelSize:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+# Named sizes used by tests ("tiny") and benchmarks; parameter counts include a 512-token vocab.
+SIZES: dict[str, TinyModelSize] = {
+    "tiny": TinyModelSize(64, 128, 2, 4, 2),
+    "20m": TinyModelSize(384, 1024, 10, 6, 2),
+    "100m": TinyModelSize(768, 2048, 12, 12, 4),
+}
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512):
+    """Train a byte-level BPE on the shipped corpus; every byte stays encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = resources.files("workers.assets").joinpath("corpus.txt").read_text(encoding="utf-8")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def build_tiny_base(out_dir: str | Path, size: str = "tiny", vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a random-init LLaMA causal LM + tokenizer to `out_dir` (idempotent: reuses a finished dir)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
+        return out_dir
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny model `size` {size!r}; choose one of {sorted(SIZES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir, vocab_size)
+    dims = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_hidden_layers,
+        num_attention_heads=dims.num_attention_heads,
+        num_key_value_heads=dims.num_key_value_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    return out_dir

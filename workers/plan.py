@@ -61,7 +61,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     eval_every: Annotated[int, Field(ge=0, description="Steps between evals; 0: only at the end.")] = 50
     eval_max_examples: Annotated[int | None, Field(gt=0)] = None
-    checkpoint_every: Annotated[int, Field(ge=0, description="Steps between checkpoints; 0: only final.")] = 50
+    checkpoint_every: Annotated[int, Field(ge=0, description="Steps between checkpoints; 0: only final.")] = (
+        50
+    )
     keep_checkpoints: Annotated[int, Field(gt=0, description="Intermediate checkpoints kept on disk.")] = 2
 
 

@@ -99,5 +99,9 @@ def build_tiny_base(out_dir: str | Path, size: str = "tiny", vocab_size: int = 5
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # After the final RMSNorm the hidden state has norm ~sqrt(d); with the default 0.02 init the head could
+    # only reach logits of about ±1, so no adapter could ever fit anything. A pretrained head is much wider.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.5 / dims.hidden_size**0.5)
     model.save_pretrained(out_dir)
     return out_dir

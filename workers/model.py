@@ -1,0 +1,97 @@
+"""Load the frozen base once per worker: any transformers causal LM, full precision or bitsandbytes k-bit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.plan import Device, DType, Quantization
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be loaded as asked; the message says which field to change."""
+
+
+@dataclass
+class LoadedBase:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    device: torch.device
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError("`device` is 'cuda' but no CUDA GPU is visible; use device: cpu or auto")
+    if device == "cuda" and torch.distributed.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def quantization_config(quantization: Quantization, dtype: DType, device: torch.device) -> Any | None:
+    """The `BitsAndBytesConfig` for a k-bit base, or a clear error where bitsandbytes cannot run."""
+    if quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise BaseModelError(
+            f"`quantization` {quantization!r} needs a CUDA GPU (bitsandbytes), but this worker runs on "
+            f"{device.type}; use quantization: none, or run on a GPU worker"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise BaseModelError(
+            f"`quantization` {quantization!r} needs bitsandbytes: pip install 'lorafleet[cuda]'"
+        ) from exc
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=TORCH_DTYPES[dtype],
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def load_base(
+    base_model: str,
+    *,
+    tokenizer: str | None = None,
+    quantization: Quantization = "none",
+    dtype: DType = "float32",
+    device: Device = "auto",
+) -> LoadedBase:
+    """`from_pretrained` the base and its tokenizer; all base parameters frozen, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve_device(device)
+    bnb_config = quantization_config(quantization, dtype, target)
+    kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype]}
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        kwargs["device_map"] = {"": target}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
+    except OSError as exc:
+        raise BaseModelError(
+            f"cannot load `base_model` {base_model!r}: {exc}. Give a local directory written by "
+            "save_pretrained or a hub id that is cached locally"
+        ) from exc
+    if bnb_config is None:
+        model.to(target)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding rows are masked out of the loss, any id will do
+    model.requires_grad_(False)
+    model.eval()
+    return LoadedBase(model=model, tokenizer=tok, device=target)

@@ -1,0 +1,285 @@
+"""A frozen linear layer shared by K LoRA adapters, each owning a contiguous segment of the batch.
+
+For the rows ``x[s:e]`` of adapter ``k`` (rank r_k, alpha_k, dropout p_k) the layer computes
+
+    y[s:e] = W x[s:e] + (alpha_k / r_k) * B_k A_k dropout_k(x[s:e])
+
+with the base product ``W x`` done once over all rows. A_k is Kaiming-uniform and B_k zero at creation (as
+in PEFT), so a fresh adapter leaves the output unchanged. Rows whose segment has no adapter in this layer
+(the adapter does not target it, or the row is base-only) get the base output alone.
+
+Adapter weights live outside the module tree on purpose: slots come and go between steps (continuous
+refill) without touching the other adapters' tensors, the base's `state_dict` stays the base's, and each
+adapter's parameters are handed to its own optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+LoraKernel = Literal["auto", "loop", "bmm"]
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    """A generator whose seed depends only on `parts`, so results never depend on pack neighbours."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return generator
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's A and B for one linear (PEFT shapes: A is [r, in], B is [out, r])."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+
+@dataclass
+class Adapter:
+    """Everything one adapter owns across the model: its weights per module path and its dropout RNG."""
+
+    name: str
+    r: int
+    alpha: float
+    dropout: float
+    modules: dict[str, LoraWeights]
+    dropout_generator: torch.Generator
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for w in self.modules.values() for t in (w.lora_A, w.lora_B)]
+
+
+@dataclass
+class Routing:
+    """Which rows belong to which adapter for the current forward; shared by every wrapped layer."""
+
+    segments: list[tuple[str | None, int, int]] = field(default_factory=list)
+    training: bool = False
+    kernel: LoraKernel = "auto"
+
+
+class MultiLoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.adapters: dict[str, Adapter] = {}
+        self.path = ""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        segments = self.routing.segments
+        if not segments or not any(name in self.adapters for name, _, _ in segments):
+            return out
+        if self._can_bmm(segments):
+            return out + self._bmm_delta(x, segments).to(out.dtype)
+        deltas = [self._segment_delta(x[start:end], name, out) for name, start, end in segments]
+        return out + torch.cat(deltas, dim=0)
+
+    def _segment_delta(self, x: torch.Tensor, name: str | None, out: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters.get(name) if name is not None else None
+        if adapter is None or x.shape[0] == 0:
+            return out.new_zeros((x.shape[0], *out.shape[1:]))
+        weights = adapter.modules[self.path]
+        x = x.to(weights.lora_A.dtype)
+        if self.routing.training and adapter.dropout > 0:
+            keep = torch.empty_like(x).bernoulli_(1.0 - adapter.dropout, generator=adapter.dropout_generator)
+            x = x * keep / (1.0 - adapter.dropout)
+        delta = (x @ weights.lora_A.t()) @ weights.lora_B.t()
+        return (delta * adapter.scaling).to(out.dtype)
+
+    def _can_bmm(self, segments: Sequence[tuple[str | None, int, int]]) -> bool:
+        """One batched matmul needs equal segment lengths, equal ranks, and no dropout masks to draw."""
+        kernel = self.routing.kernel
+        if kernel == "loop" or len(segments) < 2:
+            return False
+        adapters = [self.adapters.get(name) if name else None for name, _, _ in segments]
+        if any(a is None for a in adapters):
+            return False
+        lengths = {end - start for _, start, end in segments}
+        ranks = {a.r for a in adapters}
+        dropping = self.routing.training and any(a.dropout > 0 for a in adapters)
+        return len(lengths) == 1 and len(ranks) == 1 and not dropping
+
+    def _bmm_delta(self, x: torch.Tensor, segments: Sequence[tuple[str | None, int, int]]) -> torch.Tensor:
+        adapters = [self.adapters[name] for name, _, _ in segments]  # type: ignore[index]
+        a = torch.stack([ad.modules[self.path].lora_A for ad in adapters])  # [K, r, in]
+        b = torch.stack([ad.modules[self.path].lora_B for ad in adapters])  # [K, out, r]
+        scaling = a.new_tensor([ad.scaling for ad in adapters]).view(-1, 1, 1)
+        k = len(adapters)
+        xk = x.to(a.dtype).reshape(k, -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(xk, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+        return delta.reshape(*x.shape[:-1], b.shape[1])
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear8bitLt and Linear4bit subclass nn.Linear, so this covers quantized bases too.
+    return isinstance(module, nn.Linear)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of the linears LoRA can target; the output head is left out, as PEFT's 'all-linear' does."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, MultiLoraLinear)
+        or (_is_linear(module) and module is not head and not name.endswith(".base_layer"))
+    ]
+
+
+def resolve_target_modules(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """Module paths matched by `targets` (dotted-suffix match, as PEFT does), or a clear error."""
+    linears = linear_module_names(model)
+    if targets == "all-linear":
+        return linears
+    assert not isinstance(targets, str)
+    matched = [p for p in linears if any(p == t or p.endswith("." + t) for t in targets)]
+    missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p in linears)]
+    if missing:
+        kinds = sorted({p.rsplit(".", 1)[-1] for p in linears})
+        raise ValueError(
+            f"`target_modules` {missing} match no linear module of this model; "
+            f"its linear modules are {kinds} (or use 'all-linear')"
+        )
+    return matched
+
+
+class MultiLoraModel(nn.Module):
+    """A frozen causal LM whose targeted linears carry any number of named LoRA adapters."""
+
+    def __init__(self, base: nn.Module, kernel: LoraKernel = "auto") -> None:
+        super().__init__()
+        self.base = base
+        self.routing = Routing(kernel=kernel)
+        self.adapters: dict[str, Adapter] = {}
+        self._wrapped: dict[str, MultiLoraLinear] = {}
+        base.requires_grad_(False)
+        base.eval()  # the base never trains: its own dropout stays off, LoRA dropout is ours
+
+    # ---- adapters ----
+
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float,
+        target_modules: Sequence[str] | str,
+        seed: int,
+        rank: int = 0,
+        init: dict[str, LoraWeights] | None = None,
+    ) -> Adapter:
+        """Create (or load from `init`) an adapter; other adapters are not touched.
+
+        Initial A depends on (seed, name, module) only; the dropout RNG also on the worker `rank`, so data
+        parallel workers draw different masks for their different rows.
+        """
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already attached")
+        paths = resolve_target_modules(self.base, target_modules)
+        modules: dict[str, LoraWeights] = {}
+        for path in paths:
+            layer = self._wrap(path)
+            base_weight = layer.base_layer.weight
+            device = base_weight.device
+            if init is not None:
+                if path not in init:
+                    raise ValueError(f"initial weights for adapter {name!r} lack module `{path}`")
+                a = init[path].lora_A.detach().to(device=device, dtype=torch.float32).clone()
+                b = init[path].lora_B.detach().to(device=device, dtype=torch.float32).clone()
+                expected_a, expected_b = (r, layer.in_features), (layer.out_features, r)
+                if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+                    raise ValueError(
+                        f"initial weights for `{path}` have shapes {tuple(a.shape)}/{tuple(b.shape)}, "
+                        f"expected {expected_a}/{expected_b} (rank {r})"
+                    )
+            else:
+                a = torch.empty(r, layer.in_features, device=device, dtype=torch.float32)
+                nn.init.kaiming_uniform_(
+                    a, a=math.sqrt(5), generator=seeded_generator(device, seed, name, path)
+                )
+                b = torch.zeros(layer.out_features, r, device=device, dtype=torch.float32)
+            modules[path] = LoraWeights(a.requires_grad_(True), b.requires_grad_(True))
+        if init is not None and set(init) - set(paths):
+            extra = sorted(set(init) - set(paths))[:3]
+            raise ValueError(
+                f"initial weights for adapter {name!r} target modules not selected here: {extra}"
+            )
+        device = next(iter(modules.values())).lora_A.device
+        adapter = Adapter(
+            name, r, alpha, dropout, modules, seeded_generator(device, seed, name, "dropout", rank)
+        )
+        for path in paths:
+            self._wrapped[path].adapters[name] = adapter
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        adapter = self.adapters.pop(name)
+        for path in adapter.modules:
+            del self._wrapped[path].adapters[name]
+
+    def _wrap(self, path: str) -> MultiLoraLinear:
+        if path in self._wrapped:
+            return self._wrapped[path]
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.base.get_submodule(parent_path) if parent_path else self.base
+        layer = MultiLoraLinear(getattr(parent, attr), self.routing)
+        layer.path = path
+        setattr(parent, attr, layer)
+        self._wrapped[path] = layer
+        return layer
+
+    # ---- forward ----
+
+    @contextmanager
+    def routed(self, segments: list[tuple[str | None, int, int]], training: bool) -> Iterator[None]:
+        self.routing.segments, self.routing.training = segments, training
+        try:
+            yield
+        finally:
+            self.routing.segments, self.routing.training = [], False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        segments: list[tuple[str | None, int, int]],
+        training: bool = False,
+    ) -> torch.Tensor:
+        """Logits for rows routed to adapters; `segments` must cover the rows in order."""
+        with self.routed(segments, training):
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold W += (alpha/r)·B·A into the base linears in place (plain float bases only)."""
+        adapter = self.adapters[name]
+        with torch.no_grad():
+            for path, weights in adapter.modules.items():
+                base_weight = self._wrapped[path].base_layer.weight
+                delta = (weights.lora_B @ weights.lora_A) * adapter.scaling
+                base_weight += delta.to(base_weight.dtype)

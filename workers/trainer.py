@@ -1,0 +1,432 @@
+"""Train K adapters in one batched forward/backward over a shared frozen base.
+
+The recipe, per pack step:
+  1. every active adapter contributes one micro-batch (its own rows, its own data order);
+  2. one forward over all rows: the base GEMMs run once, each row segment goes through its adapter's A, B;
+  3. each adapter's loss is the mean over *its own* target tokens (of its whole accumulation window), and
+     the pack loss is their sum, so each adapter's gradient is exactly what it would get training alone;
+  4. adapters whose window is complete take an optimizer step: their own clipping, AdamW state and LR
+     schedule; then eval, checkpoint and finish on their own schedule. A finished adapter leaves the model
+     and its slot can be refilled.
+
+With several workers (torch.distributed, e.g. from Ray Train) each worker takes a strided share of every
+adapter's rows and the LoRA gradients are summed with one coalesced all-reduce per step. We do not wrap the
+model in DDP because DDP fixes its parameter set at construction and our adapters come and go between steps;
+the math is the same (loss normalised by the global token count, gradients summed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from workers import checkpoint as ckpt
+from workers.data import IGNORE_INDEX, AdapterData, Example, SampleStream, collate, load_adapter_data
+from workers.model import LoadedBase
+from workers.multilora import Adapter, LoraKernel, MultiLoraModel, linear_module_names
+from workers.plan import AdapterDone, AdapterTask, CheckpointEvent, EvalEvent, Event, StepEvent, TrainConfig
+
+EmitFn = Callable[[Event], None]
+EVAL_ROWS_PER_FORWARD = 32
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine/linear decay to `min_lr_ratio` at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+@dataclass
+class AdapterRun:
+    """One adapter's training state inside a pack; nothing here is shared with its neighbours."""
+
+    task: AdapterTask
+    adapter: Adapter
+    data: AdapterData
+    stream: SampleStream
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    step: int = 0
+    tokens: int = 0
+    micro: int = 0
+    window: list[list[Example]] = field(default_factory=list)
+    window_targets: int = 0
+    window_loss: torch.Tensor | None = None
+    session_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last_eval_loss: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.task.train
+
+    def begin_window(self) -> None:
+        """Draw the whole accumulation window up front, so the loss can be normalised by its token count."""
+        cfg = self.cfg
+        self.window = [
+            [self.data.train[i] for i in self.stream.next_indices(cfg.batch_size)]
+            for _ in range(cfg.grad_accum_steps)
+        ]
+        self.window_targets = sum(ex.n_targets for batch in self.window for ex in batch)
+        self.window_loss = None
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "stream": self.stream.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "dropout_rng": self.adapter.dropout_generator.get_state(),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.stream.load_state_dict(state["stream"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.adapter.dropout_generator.set_state(state["dropout_rng"])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class PackTrainer:
+    """Owns the shared base and the per-adapter runs; `step()` advances every active adapter once."""
+
+    def __init__(
+        self, base: LoadedBase, base_model: str, emit: EmitFn, pack_id: str, kernel: LoraKernel = "auto"
+    ):
+        self.model = MultiLoraModel(base.model, kernel=kernel)
+        self.tokenizer = base.tokenizer
+        self.device = base.device
+        self.base_model = base_model
+        self.emit = emit
+        self.pack_id = pack_id
+        self.runs: dict[str, AdapterRun] = {}
+        self.done: dict[str, AdapterDone] = {}
+        self.rank, self.world = _world()
+        self._all_linear = linear_module_names(base.model)
+
+    # ---- setup ----
+
+    def add(self, task: AdapterTask) -> None:
+        """Attach an adapter (fresh, branched from `init_from`, or resumed); a bad task fails alone."""
+        try:
+            self._add(task)
+        except (ValueError, OSError) as exc:  # DataError, CheckpointError, bad targets, missing files
+            self._finish_failed(task, f"{type(exc).__name__}: {exc}")
+
+    def _add(self, task: AdapterTask) -> None:
+        final_dir = task.output_dir / ckpt.FINAL_DIR
+        if task.resume_from is None and final_dir.is_dir():
+            meta = ckpt.read_meta(final_dir)  # finished by an earlier attempt of this pack: nothing to redo
+            self._record_done(
+                task,
+                AdapterDone(
+                    pack_id=self.pack_id,
+                    adapter=task.name,
+                    step=meta.get("step", task.train.steps),
+                    status="trained",
+                    final_dir=final_dir,
+                    eval_loss=meta.get("eval_loss"),
+                ),
+            )
+            return
+        # An earlier attempt's checkpoint wins over `init_from`: that is how a restarted worker resumes.
+        resume_from = task.resume_from or ckpt.latest_checkpoint(task.output_dir)
+        source = resume_from or task.init_from
+        files = ckpt.read_adapter(source) if source is not None else None
+        if files is not None and files.r != task.lora.r:
+            raise ValueError(
+                f"adapter {task.name!r} starts from {str(source)!r} with rank {files.r}, but `lora.r` is "
+                f"{task.lora.r}: a child keeps its parent's rank"
+            )
+        data = load_adapter_data(
+            task.data, self.tokenizer, task.train.max_seq_len, task.train.seed, task.name
+        )
+        lora = task.lora
+        adapter = self.model.add_adapter(
+            task.name,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            seed=task.train.seed,
+            rank=self.rank,
+            init=files.weights if files is not None else None,
+        )
+        optimizer = torch.optim.AdamW(
+            adapter.parameters(),
+            lr=task.train.learning_rate,
+            weight_decay=task.train.weight_decay,
+            foreach=True,
+        )
+        scheduler = LambdaLR(optimizer, lambda s, cfg=task.train: lr_factor(s, cfg))
+        stream = SampleStream(len(data.train), task.train.seed, task.name)
+        run = AdapterRun(task, adapter, data, stream, optimizer, scheduler)
+        if resume_from is not None:
+            run.load_training_state(ckpt.read_training_state(resume_from))
+        self.runs[task.name] = run
+        if run.step >= task.train.steps:  # e.g. `steps: 0`: the branch is its parent's weights, evaluated
+            self._eval_and_report([run] if run.data.eval else [])
+            self._finish(run)
+
+    @property
+    def active(self) -> list[AdapterRun]:
+        return list(self.runs.values())
+
+    # ---- one pack step ----
+
+    def step(self) -> None:
+        active = self.active
+        if not active:
+            return
+        rows: list[Example] = []
+        segments: list[tuple[str | None, int, int]] = []
+        for run in active:
+            if run.micro == 0:
+                run.begin_window()
+            mine = run.window[run.micro][self.rank :: self.world]
+            segments.append((run.name, len(rows), len(rows) + len(mine)))
+            rows.extend(mine)
+            window_tokens = sum(len(ex.input_ids) for ex in run.window[run.micro])
+            run.tokens += window_tokens
+            run.session_tokens += window_tokens
+        if rows:
+            row_loss = self._row_losses(rows, segments, training=True)
+            total = row_loss.new_zeros(())
+            for run, (_, start, end) in zip(active, segments, strict=True):
+                seg = row_loss[start:end].sum()
+                total = total + seg / run.window_targets
+                run.window_loss = seg.detach() if run.window_loss is None else run.window_loss + seg.detach()
+            total.backward()
+        for run in active:
+            run.micro += 1
+        completing = [run for run in active if run.micro == run.cfg.grad_accum_steps]
+        self._sync_gradients(completing)
+        stepped = [run for run in completing if self._optimizer_step(run)]
+        self._after_steps(stepped)
+
+    def _row_losses(
+        self, rows: Sequence[Example], segments: list[tuple[str | None, int, int]], training: bool
+    ) -> torch.Tensor:
+        """Summed next-token loss per row (padding and non-target tokens contribute 0)."""
+        input_ids, labels, mask = (
+            t.to(self.device) for t in collate(list(rows), self.tokenizer.pad_token_id)
+        )
+        logits = self.model(input_ids, mask, segments, training=training)
+        targets = labels[:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+        return token_loss.view(targets.shape).sum(dim=1)
+
+    def _sync_gradients(self, runs: list[AdapterRun]) -> None:
+        """Sum LoRA gradients and window losses over workers with one flat all-reduce."""
+        if self.world == 1 or not runs:
+            return
+        params = [p for run in runs for p in run.adapter.parameters()]
+        for p in params:
+            if p.grad is None:  # this worker had no rows of that adapter this window
+                p.grad = torch.zeros_like(p)
+        zero = torch.zeros((), device=self.device)
+        losses = torch.stack([run.window_loss if run.window_loss is not None else zero for run in runs])
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [losses.to(params[0].dtype)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        for run, loss in zip(runs, flat[offset:], strict=True):
+            run.window_loss = loss
+
+    def _optimizer_step(self, run: AdapterRun) -> bool:
+        """Clip, step and report one adapter; False (and the adapter leaves) if its loss diverged."""
+        loss = float(run.window_loss) / run.window_targets if run.window_loss is not None else float("nan")
+        run.micro = 0
+        if not math.isfinite(loss):
+            run.optimizer.zero_grad(set_to_none=True)
+            self._finish_failed(
+                run.task,
+                f"loss is not finite at step {run.step + 1}; lower "
+                "`train.learning_rate` or set `train.max_grad_norm`",
+                step=run.step,
+            )
+            return False
+        params = run.adapter.parameters()
+        max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        elapsed = max(1e-9, time.perf_counter() - run.started)
+        self._emit(
+            StepEvent(
+                pack_id=self.pack_id,
+                adapter=run.name,
+                step=run.step,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens=run.tokens,
+                tokens_per_s=run.session_tokens / elapsed,
+            )
+        )
+        return True
+
+    def _after_steps(self, runs: list[AdapterRun]) -> None:
+        due_eval = [
+            r
+            for r in runs
+            if r.data.eval
+            and (r.step >= r.cfg.steps or (r.cfg.eval_every and r.step % r.cfg.eval_every == 0))
+        ]
+        self._eval_and_report(due_eval)
+        for run in runs:
+            cfg = run.cfg
+            if run.step >= cfg.steps:
+                self._finish(run)
+            elif cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                self._checkpoint(run, ckpt.checkpoint_dir(run.task.output_dir, run.step), final=False)
+                if self.rank == 0:
+                    ckpt.prune_checkpoints(run.task.output_dir, cfg.keep_checkpoints)
+
+    # ---- eval ----
+
+    @torch.no_grad()
+    def evaluate(self, requests: Sequence[tuple[str | None, Sequence[Example]]]) -> list[tuple[float, int]]:
+        """Mean next-token loss and target-token count per (adapter or None for the base, examples) pair."""
+        owned = [(i, ex) for i, (_, examples) in enumerate(requests) for ex in examples]
+        mine = owned[self.rank :: self.world]
+        sums = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
+        for start in range(0, len(mine), EVAL_ROWS_PER_FORWARD):
+            chunk = mine[start : start + EVAL_ROWS_PER_FORWARD]
+            segments: list[tuple[str | None, int, int]] = []
+            owners: list[int] = []
+            for row, (owner, _) in enumerate(chunk):
+                if owners and owners[-1] == owner:
+                    name, s, _ = segments[-1]
+                    segments[-1] = (name, s, row + 1)
+                else:
+                    segments.append((requests[owner][0], row, row + 1))
+                    owners.append(owner)
+            row_loss = self._row_losses([ex for _, ex in chunk], segments, training=False)
+            for owner, (_, s, e) in zip(owners, segments, strict=True):
+                sums[owner] += row_loss[s:e].sum().double()
+                counts[owner] += sum(ex.n_targets for _, ex in chunk[s:e])
+        if self.world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        return [(float(s / c) if c > 0 else float("nan"), int(c)) for s, c in zip(sums, counts, strict=True)]
+
+    def _eval_and_report(self, runs: list[AdapterRun]) -> None:
+        if not runs:
+            return
+        results = self.evaluate([(r.name, self._eval_examples(r)) for r in runs])
+        for run, (loss, count) in zip(runs, results, strict=True):
+            run.last_eval_loss = loss
+            self._emit(
+                EvalEvent(
+                    pack_id=self.pack_id,
+                    adapter=run.name,
+                    step=run.step,
+                    eval_loss=loss,
+                    perplexity=math.exp(min(loss, 700.0)),
+                    eval_tokens=count,
+                )
+            )
+
+    @staticmethod
+    def _eval_examples(run: AdapterRun) -> list[Example]:
+        limit = run.cfg.eval_max_examples
+        return run.data.eval[:limit] if limit else run.data.eval
+
+    # ---- checkpoints and finishing ----
+
+    def _checkpoint(self, run: AdapterRun, dest: Path, final: bool) -> None:
+        if self.rank == 0:
+            ckpt.write_checkpoint(
+                dest,
+                run.adapter,
+                base_model=self.base_model,
+                all_linear_paths=self._all_linear,
+                training_state=run.training_state(),
+                meta={
+                    "step": run.step,
+                    "final": final,
+                    "data_fingerprint": run.data.fingerprint,
+                    "eval_loss": run.last_eval_loss,
+                    "lora": run.task.lora.model_dump(mode="json"),
+                    "train": run.task.train.model_dump(mode="json"),
+                },
+            )
+            self._emit(
+                CheckpointEvent(pack_id=self.pack_id, adapter=run.name, step=run.step, path=dest, final=final)
+            )
+        if self.world > 1:
+            dist.barrier()
+
+    def _finish(self, run: AdapterRun) -> None:
+        final_dir = run.task.output_dir / ckpt.FINAL_DIR
+        self._checkpoint(run, final_dir, final=True)
+        self._detach(run)
+        self._record_done(
+            run.task,
+            AdapterDone(
+                pack_id=self.pack_id,
+                adapter=run.name,
+                step=run.step,
+                status="trained",
+                final_dir=final_dir,
+                eval_loss=run.last_eval_loss,
+            ),
+        )
+
+    def _finish_failed(self, task: AdapterTask, error: str, step: int = 0) -> None:
+        if task.name in self.runs:
+            self._detach(self.runs[task.name])
+        self._record_done(
+            task,
+            AdapterDone(pack_id=self.pack_id, adapter=task.name, step=step, status="failed", error=error),
+        )
+
+    def _detach(self, run: AdapterRun) -> None:
+        self.runs.pop(run.name, None)
+        if run.name in self.model.adapters:
+            self.model.remove_adapter(run.name)
+
+    def _record_done(self, task: AdapterTask, event: AdapterDone) -> None:
+        self.done[task.name] = event
+        self._emit(event)
+
+    def _emit(self, event: Event) -> None:
+        if self.rank == 0:
+            self.emit(event)

@@ -1,4 +1,4 @@
-"""Small synthetic skills, so tests, benchmarks and the quickstart can show adapters learning without a dataset.
+"""Small synthetic skills: tests, benchmarks and the quickstart show adapters learning with no dataset.
 
 Each skill is a fixed cycle of words; a record asks for the cycle from a random start. A tiny random model
 cannot do any of them, an adapter trained on one learns it within tens of steps, and it stays bad at the
@@ -12,10 +12,23 @@ import random
 from pathlib import Path
 
 SKILLS: dict[str, list[str]] = {
-    "counting": "one two three four five six seven eight nine ten eleven twelve".split(),
-    "colors": "red orange yellow green blue purple black white".split(),
-    "animals": "cat dog bird fish horse cow sheep".split(),
-    "greetings": "hello bonjour hola hallo ciao merci gracias danke".split(),
+    "counting": [
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+    ],
+    "colors": ["red", "orange", "yellow", "green", "blue", "purple", "black", "white"],
+    "animals": ["cat", "dog", "bird", "fish", "horse", "cow", "sheep"],
+    "greetings": ["hello", "bonjour", "hola", "hallo", "ciao", "merci", "gracias", "danke"],
 }
 
 

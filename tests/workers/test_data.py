@@ -1,0 +1,266 @@
+"""workers.data: formats, loss masks, truncation, sharding, eval split, sample order, collate, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from workers.data import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    SampleStream,
+    collate,
+    load_adapter_data,
+    load_examples,
+)
+from workers.plan import DataConfig, ShardConfig
+
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi there"},
+    {"role": "assistant", "content": "hello friend"},
+    {"role": "user", "content": "bye"},
+    {"role": "assistant", "content": "see you"},
+]
+
+
+def write(path: Path, records: list[dict]) -> Path:
+    """Write records in the format named by the suffix."""
+    if path.suffix in (".jsonl", ".json"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        pc.write_csv(pa.Table.from_pylist(records), path)
+    return path
+
+
+def targets(example: Example) -> list[int]:
+    return [t for t in example.labels[1:] if t != IGNORE_INDEX]
+
+
+def texts(examples: list[Example], tok) -> list[str]:
+    """The text of each `text` example (between bos and eos)."""
+    return [tok.decode(ex.input_ids[1:-1]) for ex in examples]
+
+
+def rows_file(tmp_path: Path, n: int) -> Path:
+    return write(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(n)])
+
+
+# ---- formats and loss masks ----
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
+def test_text_loss_on_every_token(tmp_path: Path, tiny_tokenizer, suffix: str) -> None:
+    tok = tiny_tokenizer
+    path = write(tmp_path / f"d{suffix}", [{"text": "the quick brown fox"}, {"text": "42"}])
+    examples = load_examples(path, tok, 64)
+    assert texts(examples, tok) == ["the quick brown fox", "42"]  # CSV keeps "42" a string
+    for ex in examples:
+        assert ex.input_ids[0] == tok.bos_token_id and ex.input_ids[-1] == tok.eos_token_id
+        assert ex.labels[0] == IGNORE_INDEX and ex.labels[1:] == ex.input_ids[1:]
+        assert ex.n_targets == len(ex.input_ids) - 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
+def test_prompt_completion_loss_on_completion_only(tmp_path: Path, tiny_tokenizer, suffix: str) -> None:
+    tok = tiny_tokenizer
+    path = write(tmp_path / f"d{suffix}", [{"prompt": "Q: two plus two?", "completion": " A: four"}])
+    (ex,) = load_examples(path, tok, 64)
+    prompt = tok("Q: two plus two?", add_special_tokens=False)["input_ids"]
+    completion = tok(" A: four", add_special_tokens=False)["input_ids"]
+    assert list(ex.input_ids) == [tok.bos_token_id, *prompt, *completion, tok.eos_token_id]
+    assert list(ex.labels) == [IGNORE_INDEX] * (1 + len(prompt)) + completion + [tok.eos_token_id]
+    assert tok.decode(targets(ex)) == " A: four<|eos|>"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_messages_loss_on_assistant_turns_only(tmp_path: Path, tiny_tokenizer, suffix: str) -> None:
+    path = write(tmp_path / f"chat{suffix}", [{"messages": CONVERSATION}])
+    (ex,) = load_examples(path, tiny_tokenizer, 256)
+    assert tiny_tokenizer.decode(targets(ex)) == "hello friend<|end|>see you<|end|>"
+    rendered = tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)
+    assert list(ex.input_ids) == list(rendered["input_ids"])
+
+
+def test_messages_without_generation_tags_match(tmp_path: Path, tiny_base: Path, tiny_tokenizer) -> None:
+    """A template without {% generation %} finds the same assistant spans by rendering prefixes."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_base)
+    for tag in ("{% generation %}", "{% endgeneration %}"):
+        plain.chat_template = plain.chat_template.replace(tag, "")
+    path = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    assert load_examples(path, plain, 256) == load_examples(path, tiny_tokenizer, 256)
+
+
+def test_truncation_keeps_the_start_and_drops_targetless(tmp_path: Path, tiny_tokenizer) -> None:
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 4
+    path = write(
+        tmp_path / "d.jsonl",
+        [{"prompt": "hi", "completion": " there"}, {"prompt": long_prompt, "completion": " end"}],
+    )
+    full = load_examples(path, tiny_tokenizer, 10_000)
+    (kept,) = load_examples(path, tiny_tokenizer, 8)
+    assert kept.input_ids == full[0].input_ids[:8] and kept.labels == full[0].labels[:8]
+    text = load_examples(write(tmp_path / "t.jsonl", [{"text": long_prompt}]), tiny_tokenizer, 5)
+    assert len(text[0].input_ids) == 5 and text[0].n_targets == 4
+
+
+# ---- shards, eval split, fingerprint ----
+
+
+def test_shards_are_disjoint_contiguous_and_cover(tmp_path: Path, tiny_tokenizer) -> None:
+    path = rows_file(tmp_path, 10)
+
+    def shard(i: int) -> list[str]:
+        cfg = DataConfig(path=path, shard=ShardConfig(count=3, index=i))
+        return texts(load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a").train, tiny_tokenizer)
+
+    shards = [shard(i) for i in range(3)]
+    assert [len(s) for s in shards] == [4, 3, 3]
+    assert [row for shard in shards for row in shard] == [f"row {i}" for i in range(10)]
+    with pytest.raises(DataError, match="shard 3 of 4 is empty"):
+        cfg = DataConfig(path=rows_file(tmp_path, 3), shard=ShardConfig(count=4, index=3))
+        load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a")
+
+
+def test_eval_fraction_split_is_deterministic_and_disjoint(tmp_path: Path, tiny_tokenizer) -> None:
+    cfg = DataConfig(path=rows_file(tmp_path, 20), eval_fraction=0.25)
+    first = load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a")
+    train, held = set(texts(first.train, tiny_tokenizer)), set(texts(first.eval, tiny_tokenizer))
+    assert len(held) == 5 and len(train) == 15 and train | held == {f"row {i}" for i in range(20)}
+    assert load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a") == first
+    other = load_adapter_data(cfg, tiny_tokenizer, 64, 0, "b")
+    assert set(texts(other.eval, tiny_tokenizer)) != held and other.fingerprint != first.fingerprint
+    tiny = DataConfig(path=rows_file(tmp_path, 1), eval_fraction=0.5)
+    with pytest.raises(DataError, match="leaves no training row"):
+        load_adapter_data(tiny, tiny_tokenizer, 64, 0, "a")
+
+
+def test_eval_path_and_fingerprint(tmp_path: Path, tiny_tokenizer) -> None:
+    path = rows_file(tmp_path, 4)
+    eval_path = write(tmp_path / "eval.parquet", [{"text": "held out"}])
+    cfg = DataConfig(path=path, eval_path=eval_path)
+    data = load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a")
+    assert len(data.train) == 4 and texts(data.eval, tiny_tokenizer) == ["held out"]
+    assert len(data.fingerprint) == 64
+    assert load_adapter_data(cfg, tiny_tokenizer, 64, 7, "b").fingerprint == data.fingerprint
+    write(eval_path, [{"text": "held out!"}])
+    assert load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a").fingerprint != data.fingerprint
+    no_eval = load_adapter_data(DataConfig(path=path), tiny_tokenizer, 64, 0, "a")
+    assert no_eval.eval == [] and no_eval.fingerprint != data.fingerprint
+
+
+# ---- sample order ----
+
+
+def test_sample_stream_is_deterministic_per_adapter() -> None:
+    order = SampleStream(50, 0, "a").next_indices(50)
+    assert sorted(order) == list(range(50))
+    assert SampleStream(50, 0, "a").next_indices(50) == order
+    assert SampleStream(50, 0, "b").next_indices(50) != order
+    assert SampleStream(50, 1, "a").next_indices(50) != order
+
+
+def test_sample_stream_crosses_epochs_and_resumes_exactly() -> None:
+    stream = SampleStream(7, 3, "a")
+    first = stream.next_indices(5) + stream.next_indices(5)  # crosses into epoch 1
+    assert sorted(first[:7]) == list(range(7)) and stream.state_dict() == {"epoch": 1, "cursor": 3}
+    state = stream.state_dict()
+    continuation = stream.next_indices(20)
+    resumed = SampleStream(7, 3, "a")
+    resumed.load_state_dict(state)
+    assert resumed.next_indices(20) == continuation
+    assert SampleStream(7, 3, "a", **state).next_indices(20) == continuation
+    assert SampleStream(7, 3, "a").next_indices(30) == first + continuation
+    with pytest.raises(ValueError, match="out of range"):
+        resumed.load_state_dict({"epoch": 0, "cursor": 7})
+
+
+# ---- collate ----
+
+
+def test_collate_right_pads() -> None:
+    rows = [Example((1, 5, 6), (IGNORE_INDEX, 5, 6)), Example((1, 7), (IGNORE_INDEX, 7))]
+    input_ids, labels, mask = collate(rows, pad_id=0)
+    assert input_ids.dtype == labels.dtype == mask.dtype == torch.long
+    assert input_ids.tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert labels.tolist() == [[IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+# ---- errors ----
+
+
+def test_missing_field_names_file_line_and_field(tmp_path: Path, tiny_tokenizer) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"txt": "c"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_examples(path, tiny_tokenizer, 64)
+    message = str(err.value)
+    assert "broken.jsonl" in message and "line 4" in message and "`text`" in message and "missing" in message
+
+
+@pytest.mark.parametrize(
+    ("records", "needle"),
+    [
+        ([{"text": "a"}, {"text": 5}], r"line 2: field `text` must be a string, got int"),
+        ([{"messages": "hello"}], r"line 1: field `messages` must be a non-empty list.*got str"),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], r"`messages\[0\]\.role`.*got str 'robot'"),
+        ([{"messages": [{"role": "user", "content": 3}]}], r"`messages\[0\]\.content`.*got int"),
+        ([{"messages": [{"role": "user", "content": "x"}]}], r"no assistant turn"),
+    ],
+)
+def test_wrong_types_jsonl(tmp_path: Path, tiny_tokenizer, records: list[dict], needle: str) -> None:
+    with pytest.raises(DataError, match=needle):
+        load_examples(write(tmp_path / "bad.jsonl", records), tiny_tokenizer, 64)
+
+
+def test_wrong_type_and_bad_rows_in_tables(tmp_path: Path, tiny_tokenizer) -> None:
+    records = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]
+    path = write(tmp_path / "bad.parquet", records)
+    with pytest.raises(DataError, match=r"bad.parquet: row 2: field `completion`.*missing"):
+        load_examples(path, tiny_tokenizer, 64)
+    path = write(tmp_path / "num.parquet", [{"text": 1}])
+    with pytest.raises(DataError, match=r"row 1: field `text` must be a string, got int"):
+        load_examples(path, tiny_tokenizer, 64)
+    path = tmp_path / "ragged.csv"
+    path.write_text("prompt,completion\na,b\nc\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"ragged.csv: row 2: expected 2 columns"):
+        load_examples(path, tiny_tokenizer, 64)
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: invalid JSON"):
+        load_examples(path, tiny_tokenizer, 64)
+
+
+def test_file_level_errors(tmp_path: Path, tiny_tokenizer) -> None:
+    (tmp_path / "empty.jsonl").touch()
+    with pytest.raises(DataError, match=r"empty\.jsonl: the file is empty"):
+        load_examples(tmp_path / "empty.jsonl", tiny_tokenizer, 64)
+    (tmp_path / "header.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"header\.csv: no records"):
+        load_examples(tmp_path / "header.csv", tiny_tokenizer, 64)
+    (tmp_path / "data.txt").write_text("hello\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.txt: unsupported file type '.txt'; use one of .jsonl, .json"):
+        load_examples(tmp_path / "data.txt", tiny_tokenizer, 64)
+    with pytest.raises(DataError, match=r"nope\.jsonl: data file does not exist"):
+        load_examples(tmp_path / "nope.jsonl", tiny_tokenizer, 64)
+    path = write(tmp_path / "cols.csv", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"expected `text`.*found columns \['question', 'answer'\]"):
+        load_examples(path, tiny_tokenizer, 64)
+
+
+def test_all_examples_too_long(tmp_path: Path, tiny_tokenizer) -> None:
+    path = write(tmp_path / "d.jsonl", [{"prompt": "a long prompt indeed", "completion": " ok"}] * 3)
+    with pytest.raises(DataError, match="max_seq_len=4 is too small"):
+        load_examples(path, tiny_tokenizer, 4)

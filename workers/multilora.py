@@ -70,6 +70,7 @@ class Routing:
     segments: list[tuple[str | None, int, int]] = field(default_factory=list)
     training: bool = False
     kernel: LoraKernel = "auto"
+    valid: torch.Tensor | None = None  # [rows, seq] bool: real tokens, not padding
 
 
 class MultiLoraLinear(nn.Module):
@@ -95,20 +96,34 @@ class MultiLoraLinear(nn.Module):
             return out
         if self._can_bmm(segments):
             return out + self._bmm_delta(x, segments).to(out.dtype)
-        deltas = [self._segment_delta(x[start:end], name, out) for name, start, end in segments]
+        deltas = [self._segment_delta(x, name, start, end, out) for name, start, end in segments]
         return out + torch.cat(deltas, dim=0)
 
-    def _segment_delta(self, x: torch.Tensor, name: str | None, out: torch.Tensor) -> torch.Tensor:
+    def _segment_delta(self, x: torch.Tensor, name: str | None, start: int, end: int, out: torch.Tensor):
         adapter = self.adapters.get(name) if name is not None else None
-        if adapter is None or x.shape[0] == 0:
-            return out.new_zeros((x.shape[0], *out.shape[1:]))
+        if adapter is None or end == start:
+            return out.new_zeros((end - start, *out.shape[1:]))
         weights = adapter.modules[self.path]
-        x = x.to(weights.lora_A.dtype)
+        x = x[start:end].to(weights.lora_A.dtype)
         if self.routing.training and adapter.dropout > 0:
-            keep = torch.empty_like(x).bernoulli_(1.0 - adapter.dropout, generator=adapter.dropout_generator)
-            x = x * keep / (1.0 - adapter.dropout)
+            x = x * self._dropout_mask(x, adapter, start, end)
         delta = (x @ weights.lora_A.t()) @ weights.lora_B.t()
         return (delta * adapter.scaling).to(out.dtype)
+
+    def _dropout_mask(self, x: torch.Tensor, adapter: Adapter, start: int, end: int) -> torch.Tensor:
+        """Inverted-dropout mask drawn for real tokens only, so the RNG stream (and so the adapter's
+        result) does not depend on how far its rows were padded to match their neighbours'."""
+        p = adapter.dropout
+        valid = self.routing.valid
+        if valid is None or x.dim() != 3:
+            return torch.empty_like(x).bernoulli_(1.0 - p, generator=adapter.dropout_generator) / (1.0 - p)
+        rows = valid[start:end]
+        mask = x.new_zeros(x.shape)
+        drawn = x.new_empty((int(rows.sum()), x.shape[-1])).bernoulli_(
+            1.0 - p, generator=adapter.dropout_generator
+        )
+        mask[rows] = drawn / (1.0 - p)
+        return mask
 
     def _can_bmm(self, segments: Sequence[tuple[str | None, int, int]]) -> bool:
         """One batched matmul needs equal segment lengths, equal ranks, and no dropout masks to draw."""
@@ -257,12 +272,15 @@ class MultiLoraModel(nn.Module):
     # ---- forward ----
 
     @contextmanager
-    def routed(self, segments: list[tuple[str | None, int, int]], training: bool) -> Iterator[None]:
-        self.routing.segments, self.routing.training = segments, training
+    def routed(
+        self, segments: list[tuple[str | None, int, int]], training: bool, valid: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        routing = self.routing
+        routing.segments, routing.training, routing.valid = segments, training, valid
         try:
             yield
         finally:
-            self.routing.segments, self.routing.training = [], False
+            routing.segments, routing.training, routing.valid = [], False, None
 
     def forward(
         self,
@@ -272,7 +290,8 @@ class MultiLoraModel(nn.Module):
         training: bool = False,
     ) -> torch.Tensor:
         """Logits for rows routed to adapters; `segments` must cover the rows in order."""
-        with self.routed(segments, training):
+        valid = attention_mask.bool() if attention_mask is not None else None
+        with self.routed(segments, training, valid):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def merge_adapter(self, name: str) -> None:

@@ -1,0 +1,246 @@
+"""The batched pack trainer: packing changes nothing about an adapter's result, and adapters do learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
+from workers.checkpoint import checkpoint_dir, read_adapter
+from workers.data import load_adapter_data
+from workers.model import BaseModelError, load_base
+from workers.pack import run_pack
+from workers.plan import AdapterDone, CheckpointEvent, Event, PackPlan, StepEvent
+from workers.synthetic import SKILLS
+from workers.trainer import PackTrainer
+
+
+def _train(base: Path, *tasks, **kw) -> tuple[dict[str, AdapterDone], list[Event]]:
+    events: list[Event] = []
+    result = run_pack(plan_of(base, *tasks), emit=events.append, **kw)
+    return result.adapters, events
+
+
+def test_adapter_in_a_pack_of_four_equals_the_adapter_alone(tiny_base: Path, make_task: TaskFactory) -> None:
+    alone = make_task("counting", out="alone", lora={"dropout": 0.1})
+    _train(tiny_base, alone)
+    pack = [
+        make_task("counting", out="pack", lora={"dropout": 0.1}),
+        make_task("colors", out="pack", lora={"r": 8, "alpha": 8}),
+        make_task("animals", out="pack", lora={"target_modules": "all-linear"}, batch_size=3),
+        make_task("greetings", out="pack", learning_rate=1e-2),
+    ]
+    done, _ = _train(tiny_base, *pack)
+    assert {d.status for d in done.values()} == {"trained"}
+    assert max_weight_diff(final_weights(alone), final_weights(pack[0])) <= 1e-5
+
+
+def test_bmm_and_loop_kernels_train_the_same_adapters(tiny_base: Path, make_task: TaskFactory) -> None:
+    loop = [make_task(s, out="loop", steps=10) for s in ("counting", "colors")]
+    bmm = [make_task(s, out="bmm", steps=10) for s in ("counting", "colors")]
+    _train(tiny_base, *loop, kernel="loop")
+    _train(tiny_base, *bmm, kernel="bmm")
+    for a, b in zip(loop, bmm, strict=True):
+        assert max_weight_diff(final_weights(a), final_weights(b)) <= 1e-5
+
+
+def test_changing_a_neighbours_data_leaves_an_adapter_unchanged(
+    tiny_base: Path, make_task: TaskFactory
+) -> None:
+    first = [
+        make_task("counting", out="one", steps=10),
+        make_task("other", skill="colors", out="one", steps=10),
+    ]
+    second = [
+        make_task("counting", out="two", steps=10),
+        make_task("other", skill="animals", out="two", steps=10),
+    ]
+    _train(tiny_base, *first)
+    _train(tiny_base, *second)
+    assert max_weight_diff(final_weights(first[0]), final_weights(second[0])) <= 1e-6
+    assert max_weight_diff(final_weights(first[1]), final_weights(second[1])) > 1e-3
+
+
+def test_each_adapter_learns_its_own_skill(tiny_base: Path, make_task: TaskFactory) -> None:
+    skills = sorted(SKILLS)
+    tasks = [
+        make_task(
+            s,
+            steps=40,
+            batch_size=8,
+            learning_rate=1e-2,
+            lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+            eval_every=20,
+        )
+        for s in skills
+    ]
+    done, events = _train(tiny_base, *tasks)
+    assert all(d.status == "trained" for d in done.values())
+    losses = {s: [e.loss for e in events if isinstance(e, StepEvent) and e.adapter == s] for s in skills}
+    assert all(len(v) == 40 and v[-1] < v[0] for v in losses.values())
+
+    # Evaluate every adapter (and the bare base) on every skill's eval split, in one trainer.
+    loaded = load_base(str(tiny_base), device="cpu")
+    trainer = PackTrainer(loaded, str(tiny_base), emit=lambda e: None, pack_id="eval")
+    for task in tasks:
+        files = read_adapter(task.output_dir / "final")
+        trainer.model.add_adapter(
+            task.name,
+            r=files.r,
+            alpha=files.alpha,
+            dropout=0.0,
+            seed=0,
+            target_modules=files.target_modules,
+            init=files.weights,
+        )
+    evals = {t.name: load_adapter_data(t.data, loaded.tokenizer, 48, 0, t.name).eval for t in tasks}
+    requests = [(who, evals[skill]) for skill in skills for who in [None, *skills]]
+    results = iter(trainer.evaluate(requests))
+    for skill in skills:
+        base_loss = next(results)[0]
+        by_adapter = {who: next(results)[0] for who in skills}
+        assert by_adapter[skill] < 0.25 * base_loss, (skill, by_adapter[skill], base_loss)
+        others = [loss for who, loss in by_adapter.items() if who != skill]
+        assert by_adapter[skill] < min(others) / 2, (skill, by_adapter)
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(
+    tiny_base: Path, make_task: TaskFactory
+) -> None:
+    kw = {"steps": 12, "checkpoint_every": 4, "lora": {"dropout": 0.2}, "warmup_steps": 3}
+    straight = [make_task("counting", out="straight", **kw), make_task("colors", out="straight", **kw)]
+    _train(tiny_base, *straight)
+
+    crashed = [make_task("counting", out="crashed", **kw), make_task("colors", out="crashed", **kw)]
+
+    def crash_after_step_8(event: Event) -> None:
+        if isinstance(event, CheckpointEvent) and event.step == 8 and event.adapter == "colors":
+            raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_pack(plan_of(tiny_base, *crashed), emit=crash_after_step_8)
+    assert not (crashed[0].output_dir / "final").exists()
+    done, events = _train(tiny_base, *crashed)  # the same plan again, as Ray Train's restart does
+    first_steps = [e.step for e in events if isinstance(e, StepEvent) and e.adapter == "counting"]
+    assert first_steps[0] == 9
+    for a, b in zip(straight, crashed, strict=True):
+        assert max_weight_diff(final_weights(a), final_weights(b)) <= 1e-6
+    assert {d.status for d in done.values()} == {"trained"}
+
+    again, events = _train(tiny_base, *crashed)  # finished adapters are reported, not retrained
+    assert {d.status for d in again.values()} == {"trained"} and not any(
+        isinstance(e, StepEvent) for e in events
+    )
+
+
+def test_explicit_resume_from_checkpoint(tiny_base: Path, make_task: TaskFactory) -> None:
+    full = make_task("animals", out="full", steps=8, checkpoint_every=4)
+    _train(tiny_base, full)
+    source = checkpoint_dir(full.output_dir, 4)
+    resumed = make_task("animals", out="resumed", steps=8).model_copy(update={"resume_from": source})
+    _train(tiny_base, resumed)
+    assert max_weight_diff(final_weights(full), final_weights(resumed)) <= 1e-6
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tiny_base: Path, make_task: TaskFactory) -> None:
+    big = make_task("counting", out="big", steps=8, batch_size=4)
+    accumulated = make_task("counting", out="acc", steps=8, batch_size=2, grad_accum_steps=2)
+    _train(tiny_base, big, kernel="loop")
+    _train(tiny_base, accumulated, kernel="loop")
+    assert max_weight_diff(final_weights(big), final_weights(accumulated)) <= 1e-5
+
+
+def test_adapters_finish_on_their_own_schedule_and_slots_refill(
+    tiny_base: Path, make_task: TaskFactory
+) -> None:
+    short_alone = make_task("colors", out="alone", steps=5)
+    late_alone = make_task("greetings", out="alone", steps=4)
+    _train(tiny_base, short_alone)
+    _train(tiny_base, late_alone)
+
+    short = make_task("colors", out="pack", steps=5)
+    late = make_task("greetings", out="pack", steps=4)
+    queue = [late]
+    asked: list[int] = []
+
+    def refill(free: int):
+        asked.append(free)
+        taken, queue[:] = queue[:free], queue[free:]
+        return taken
+
+    done, events = _train(tiny_base, short, make_task("counting", out="pack", steps=10), refill=refill)
+    assert set(done) == {"colors", "counting", "greetings"}
+    order = [e.adapter for e in events if isinstance(e, AdapterDone)]
+    assert order == ["colors", "greetings", "counting"]  # greetings: steps 6-9 in colors' old slot
+    assert max(asked) == 1
+    assert max_weight_diff(final_weights(short_alone), final_weights(short)) <= 1e-5
+    assert max_weight_diff(final_weights(late_alone), final_weights(late)) <= 1e-5
+
+
+def test_zero_steps_from_a_parent_keeps_its_weights_bit_for_bit(
+    tiny_base: Path, make_task: TaskFactory
+) -> None:
+    parent = make_task("counting", out="parent", steps=6)
+    _train(tiny_base, parent)
+    child = make_task("child", skill="colors", out="child", steps=0).model_copy(
+        update={"init_from": parent.output_dir / "final"}
+    )
+    done, events = _train(tiny_base, child)
+    assert done["child"].status == "trained" and done["child"].eval_loss is not None
+    for key, value in final_weights(parent).items():
+        assert torch.equal(value, final_weights(child)[key])
+
+
+def test_a_child_with_another_rank_fails_alone(tiny_base: Path, make_task: TaskFactory) -> None:
+    parent = make_task("counting", out="parent", steps=2)
+    _train(tiny_base, parent)
+    child = make_task("child", skill="colors", out="c", steps=2, lora={"r": 8}).model_copy(
+        update={"init_from": parent.output_dir / "final"}
+    )
+    sibling = make_task("animals", out="c", steps=2)
+    done, _ = _train(tiny_base, child, sibling)
+    assert (
+        done["child"].status == "failed"
+        and "rank 4" in done["child"].error
+        and "`lora.r`" in done["child"].error
+    )
+    assert done["animals"].status == "trained"
+
+
+def test_bad_inputs_fail_their_adapter_with_a_clear_error(
+    tiny_base: Path, make_task: TaskFactory, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    tasks = [
+        make_task("bad-targets", skill="colors", lora={"target_modules": ["q_proj", "query"]}, steps=2),
+        make_task("bad-data", skill="colors", data={"path": broken, "eval_fraction": 0.0}, steps=2),
+        make_task("good", skill="colors", steps=2),
+    ]
+    done, _ = _train(tiny_base, *tasks)
+    assert done["good"].status == "trained"
+    assert done["bad-targets"].status == "failed"
+    assert (
+        "`target_modules` ['query']" in done["bad-targets"].error and "'o_proj'" in done["bad-targets"].error
+    )
+    assert done["bad-data"].status == "failed"
+    assert "broken.jsonl" in done["bad-data"].error and "line 2" in done["bad-data"].error
+    assert "text" in done["bad-data"].error
+    assert not (tasks[0].output_dir / "final").exists()
+
+
+def test_quantization_on_cpu_is_a_clear_error(tiny_base: Path, make_task: TaskFactory) -> None:
+    plan = PackPlan(
+        base_model=str(tiny_base), device="cpu", quantization="4bit", adapters=[make_task("colors")]
+    )
+    with pytest.raises(BaseModelError, match=r"`quantization` '4bit' needs a CUDA GPU.*quantization: none"):
+        run_pack(plan)
+
+
+def test_fixed_seed_gives_identical_results(tiny_base: Path, make_task: TaskFactory) -> None:
+    runs = [make_task("colors", out=f"run{i}", steps=6, lora={"dropout": 0.3}) for i in range(2)]
+    for task in runs:
+        _train(tiny_base, task)
+    assert max_weight_diff(final_weights(runs[0]), final_weights(runs[1])) == 0.0

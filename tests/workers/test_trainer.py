@@ -174,7 +174,7 @@ def test_adapters_finish_on_their_own_schedule_and_slots_refill(
     assert set(done) == {"colors", "counting", "greetings"}
     order = [e.adapter for e in events if isinstance(e, AdapterDone)]
     assert order == ["colors", "greetings", "counting"]  # greetings: steps 6-9 in colors' old slot
-    assert max(asked) == 1
+    assert asked[0] == 1  # asked only once a slot was free
     assert max_weight_diff(final_weights(short_alone), final_weights(short)) <= 1e-5
     assert max_weight_diff(final_weights(late_alone), final_weights(late)) <= 1e-5
 
@@ -187,7 +187,7 @@ def test_zero_steps_from_a_parent_keeps_its_weights_bit_for_bit(
     child = make_task("child", skill="colors", out="child", steps=0).model_copy(
         update={"init_from": parent.output_dir / "final"}
     )
-    done, events = _train(tiny_base, child)
+    done, _ = _train(tiny_base, child)
     assert done["child"].status == "trained" and done["child"].eval_loss is not None
     for key, value in final_weights(parent).items():
         assert torch.equal(value, final_weights(child)[key])

@@ -1,0 +1,260 @@
+"""The job spec: the one definition of a job (YAML, dict or Python), also exported as JSON Schema.
+
+Job-level `lora`/`train` are defaults; an adapter's own `lora`/`train` override them field by field, and the
+result is validated again as a whole so a bad merged value names the adapter and the field. Unknown fields
+are errors everywhere: a typo must never be silently ignored. Checks that need the outside world (does the
+data file exist, does the parent adapter exist in the store) live in `validate_paths` and the service layer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from workers.plan import ADAPTER_NAME_PATTERN, DataConfig, DType, LoraConfig, Quantization, TrainConfig
+
+NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+
+
+class SpecError(ValueError):
+    """A job spec is invalid; `problems` lists every (field, message) found, all at once."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("invalid job spec:\n" + "\n".join(f"  - `{f}`: {m}" for f, m in problems))
+
+
+def _partial(model: type[BaseModel]) -> type[BaseModel]:
+    """The same fields as `model`, all optional: an override that says only what differs."""
+    fields: dict[str, Any] = {
+        name: (
+            (Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation) | None,
+            Field(None, description=info.description),
+        )
+        for name, info in model.model_fields.items()
+    }
+    return create_model(f"{model.__name__}Override", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+LoraOverride = _partial(LoraConfig)
+TrainOverride = _partial(TrainConfig)
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} is invalid: use lowercase letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterSpec(_Strict):
+    name: str
+    data: DataConfig
+    parent: str | None = Field(
+        default=None,
+        description="Adapter whose trained weights start this one: a name in this job, "
+        "a name in this project, or project/name.",
+    )
+    lora: LoraOverride | None = None  # type: ignore[valid-type]
+    train: TrainOverride | None = None  # type: ignore[valid-type]
+    priority: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "adapter name")
+
+
+class PromotionPolicy(_Strict):
+    metric: Literal["eval_loss", "perplexity"] = "eval_loss"
+    max: float | None = Field(default=None, description="Promote only if the metric is <= max.")
+    min: float | None = Field(default=None, description="Promote only if the metric is >= min.")
+    better_than_parent: bool = Field(default=False, description="Also beat the parent on the same eval data.")
+    alias: str = "champion"
+    auto: bool = Field(default=False, description="Promote when training ends, if the gate passes.")
+
+
+class Resources(_Strict):
+    workers: Annotated[int, Field(gt=0, description="Ray Train workers per pack (data parallel).")] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    max_adapters_per_worker: Annotated[int, Field(gt=0)] = 8
+    memory_gb_per_worker: Annotated[float | None, Field(gt=0)] = None
+    max_failures: Annotated[int, Field(ge=0, description="Worker restarts Ray Train may do per pack.")] = 2
+
+
+class JobSpec(_Strict):
+    """What a user submits: adapters + defaults + promotion policy + resources."""
+
+    name: str
+    project: str = "default"
+    base_model: str
+    tokenizer: str | None = None
+    quantization: Quantization = "none"
+    dtype: DType = "float32"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    adapters: Annotated[list[AdapterSpec], Field(min_length=1)]
+    promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name", "project")
+    @classmethod
+    def _names(cls, value: str, info: Any) -> str:
+        return _check_name(value, f"job {info.field_name}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        problems: list[tuple[str, str]] = []
+        names = [a.name for a in self.adapters]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append(
+                    (f"adapters.{i}.name", f"{name!r} is used twice in this job; names are unique")
+                )
+        problems += _cycle_problems(self.adapters)
+        for i, _ in enumerate(self.adapters):
+            try:
+                self.adapter_lora(i)
+                self.adapter_train(i)
+            except ValidationError as exc:
+                problems += [(_loc(i, exc, e), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        if self.quantization != "none" and self.resources.gpus_per_worker == 0:
+            problems.append(
+                (
+                    "quantization",
+                    f"{self.quantization!r} needs CUDA workers (bitsandbytes); set "
+                    "`resources.gpus_per_worker` >= 1 or use quantization: none",
+                )
+            )
+        if problems:
+            raise SpecError(problems)  # pydantic wraps it; `_problems` unwraps the individual fields
+        return self
+
+    def adapter_lora(self, index: int) -> LoraConfig:
+        override = self.adapters[index].lora
+        merged = {**self.lora.model_dump(), **(override.model_dump(exclude_none=True) if override else {})}
+        return LoraConfig.model_validate(merged)
+
+    def adapter_train(self, index: int) -> TrainConfig:
+        override = self.adapters[index].train
+        merged = {**self.train.model_dump(), **(override.model_dump(exclude_none=True) if override else {})}
+        return TrainConfig.model_validate(merged)
+
+    # ---- loading ----
+
+    @classmethod
+    def parse(cls, source: dict[str, Any] | str | Path, base_dir: Path | None = None) -> JobSpec:
+        """Validate a dict, YAML text or YAML file; relative paths resolve against the file's directory."""
+        if isinstance(source, Path) or (
+            isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml", ".json"))
+        ):
+            path = Path(source)
+            if not path.is_file():
+                raise SpecError([("spec", f"file {str(path)!r} not found")])
+            base_dir = base_dir or path.parent.resolve()
+            source = path.read_text(encoding="utf-8")
+        if isinstance(source, str):
+            try:
+                source = yaml.safe_load(source)
+            except yaml.YAMLError as exc:
+                raise SpecError([("spec", f"not valid YAML: {exc}")]) from exc
+        if not isinstance(source, dict):
+            raise SpecError([("spec", f"expected a mapping of fields, got {type(source).__name__}")])
+        try:
+            spec = cls.model_validate(source)
+        except ValidationError as exc:
+            raise SpecError(_problems(exc)) from None
+        return spec.resolve_paths(base_dir or Path.cwd())
+
+    def resolve_paths(self, base_dir: Path) -> JobSpec:
+        """Make data paths (and a local base model dir) absolute, so the job does not depend on a cwd."""
+
+        def absolute(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base_dir / p).resolve())
+
+        adapters = [
+            a.model_copy(
+                update={
+                    "data": a.data.model_copy(
+                        update={"path": absolute(a.data.path), "eval_path": absolute(a.data.eval_path)}
+                    )
+                }
+            )
+            for a in self.adapters
+        ]
+        base = self.base_model
+        if not Path(base).is_absolute() and (base.startswith(".") or (base_dir / base).is_dir()):
+            base = str((base_dir / base).resolve())
+        return self.model_copy(update={"adapters": adapters, "base_model": base})
+
+    def validate_paths(self) -> None:
+        """Data files must exist at submit time, not fail an hour later on a worker."""
+        problems = []
+        for i, adapter in enumerate(self.adapters):
+            for field in ("path", "eval_path"):
+                path = getattr(adapter.data, field)
+                if path is not None and not Path(path).is_file():
+                    problems.append((f"adapters.{i}.data.{field}", f"file {str(path)!r} does not exist"))
+        if problems:
+            raise SpecError(problems)
+
+
+def _cycle_problems(adapters: list[AdapterSpec]) -> list[tuple[str, str]]:
+    parents = {a.name: a.parent for a in adapters}
+    problems = []
+    for i, adapter in enumerate(adapters):
+        seen, node = {adapter.name}, adapter.parent
+        while node in parents:
+            if node in seen:
+                problems.append((f"adapters.{i}.parent", f"{adapter.name!r} is its own ancestor"))
+                break
+            seen.add(node)
+            node = parents[node]
+    return problems
+
+
+def _loc(index: int, exc: ValidationError, error: Any) -> str:
+    model = exc.title.replace("Config", "").lower()
+    return ".".join(["adapters", str(index), model, *(str(p) for p in error["loc"])])
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for error in exc.errors():
+        inner = error.get("ctx", {}).get("error")
+        if isinstance(inner, SpecError):
+            out += inner.problems
+            continue
+        loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-after"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling against `lorafleet schema`"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        if "input" in error and error["type"] not in ("missing", "extra_forbidden", "value_error"):
+            message += f" (got {error['input']!r})"
+        out.append((loc or "spec", message))
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()

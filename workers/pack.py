@@ -8,7 +8,8 @@ resume from their latest checkpoint, which is how a worker restarted by Ray Trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import torch.distributed as dist
 
@@ -17,34 +18,36 @@ from workers.multilora import LoraKernel
 from workers.plan import AdapterTask, Event, PackPlan, PackResult
 from workers.trainer import EmitFn, PackTrainer
 
+T = TypeVar("T")
 RefillFn = Callable[[int], list[AdapterTask]]
+CancelledFn = Callable[[], Collection[str]]
 
 
 def _ignore(_: Event) -> None:
     pass
 
 
-def _next_tasks(refill: RefillFn | None, free: int, distributed: bool) -> list[AdapterTask]:
-    """Ask for up to `free` queued tasks; with several workers rank 0 asks and the others follow."""
-    if refill is None or free <= 0:
-        return []
+def _from_rank0(ask: Callable[[], T], distributed: bool) -> T:
+    """Ask once on rank 0 and share the answer, so every worker adds and drops the same adapters."""
     if not distributed:
-        return refill(free)
-    box: list[object] = [refill(free) if dist.get_rank() == 0 else None]
+        return ask()
+    box: list[object] = [ask() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return list(box[0])  # type: ignore[arg-type]
+    return box[0]  # type: ignore[return-value]
 
 
 def run_pack(
     plan: PackPlan,
     emit: EmitFn = _ignore,
     refill: RefillFn | None = None,
+    cancelled: CancelledFn | None = None,
     kernel: LoraKernel = "auto",
 ) -> PackResult:
     """Load the base once, train every adapter of `plan` (and any `refill` hands in), report as we go.
 
-    `refill(free_slots)` is called when adapters finish, to fill their slots with queued adapters of the
-    same base (continuous refill); it returns the tasks to add, possibly none.
+    Between steps, `refill(free_slots)` may hand in queued adapters of the same base to fill the slots of
+    finished ones (continuous refill), and `cancelled()` names adapters to drop now; both are optional and
+    are asked on rank 0 only.
     """
     base = load_base(
         plan.base_model,
@@ -59,8 +62,13 @@ def run_pack(
     for task in plan.adapters:
         trainer.add(task)
     while True:
-        for task in _next_tasks(refill, capacity - len(trainer.active), distributed):
-            trainer.add(task)
+        if cancelled is not None:
+            for name in _from_rank0(lambda: sorted(cancelled()), distributed):
+                trainer.cancel(name)
+        free = capacity - len(trainer.active)
+        if refill is not None and free > 0:
+            for task in _from_rank0(lambda free=free: refill(free), distributed):
+                trainer.add(task)
         if not trainer.active:
             break
         trainer.step()

@@ -170,7 +170,7 @@ class CheckpointEvent(_Event):
 
 class AdapterDone(_Event):
     kind: Literal["done"] = "done"
-    status: Literal["trained", "failed"]
+    status: Literal["trained", "failed", "cancelled"]
     final_dir: Path | None = None
     eval_loss: float | None = None
     error: str | None = None

@@ -410,6 +410,15 @@ class PackTrainer:
             ),
         )
 
+    def cancel(self, name: str) -> None:
+        """Drop an adapter between steps; its latest checkpoint stays on disk."""
+        run = self.runs.get(name)
+        if run is not None:
+            self._detach(run)
+            self._record_done(
+                run.task, AdapterDone(pack_id=self.pack_id, adapter=name, step=run.step, status="cancelled")
+            )
+
     def _finish_failed(self, task: AdapterTask, error: str, step: int = 0) -> None:
         if task.name in self.runs:
             self._detach(self.runs[task.name])

@@ -244,3 +244,20 @@ def test_fixed_seed_gives_identical_results(tiny_base: Path, make_task: TaskFact
     for task in runs:
         _train(tiny_base, task)
     assert max_weight_diff(final_weights(runs[0]), final_weights(runs[1])) == 0.0
+
+
+def test_a_cancelled_adapter_leaves_between_steps(tiny_base: Path, make_task: TaskFactory) -> None:
+    tasks = [make_task("colors", steps=10, checkpoint_every=2), make_task("animals", steps=10)]
+    steps_seen: list[int] = []
+
+    def cancelled() -> set[str]:
+        return {"colors"} if len(steps_seen) >= 3 else set()
+
+    def emit(event: Event) -> None:
+        if isinstance(event, StepEvent) and event.adapter == "colors":
+            steps_seen.append(event.step)
+
+    result = run_pack(plan_of(tiny_base, *tasks), emit=emit, cancelled=cancelled)
+    assert result.adapters["colors"].status == "cancelled" and result.adapters["colors"].step == 3
+    assert result.adapters["animals"].status == "trained"
+    assert not (tasks[0].output_dir / "final").exists() and (tasks[0].output_dir / "checkpoint-00000002").is_dir()

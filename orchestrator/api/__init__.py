@@ -1,0 +1,142 @@
+"""The HTTP API (FastAPI): a thin skin over the service layer, plus the controller when run as a server.
+
+Errors users cause are 4xx JSON: `{"detail": {"message": ..., "problems": [{"field": ..., "message": ...}]}}`,
+never a 500. When `LORAFLEET_API_TOKEN` is set, every route but the health check wants `Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.embedded import EmbeddedBackend
+from orchestrator.settings import Settings
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.store import Conflict, NotFound, StoreError
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+
+
+class BranchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    data: dict[str, Any]
+    lora: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+
+def _problem(status: int, message: str, problems: list[tuple[str, str]] | None = None) -> JSONResponse:
+    body = {"message": message, "problems": [{"field": f, "message": m} for f, m in problems or []]}
+    return JSONResponse(status_code=status, content={"detail": body})
+
+
+def create_app(settings: Settings | None = None, start_controller: bool = True) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend = EmbeddedBackend(settings=settings)
+        app.state.backend = backend
+        if start_controller:
+            backend.ensure_running()
+        yield
+        backend.close()
+
+    app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan)
+
+    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
+        if settings.api_token and not (
+            authorization and secrets.compare_digest(authorization, f"Bearer {settings.api_token}")
+        ):
+            raise HTTPException(
+                401,
+                {
+                    "message": "missing or wrong API token: send `Authorization: Bearer <token>`",
+                    "problems": [],
+                },
+            )
+
+    def backend(request: Request) -> EmbeddedBackend:
+        return request.app.state.backend
+
+    Backend = Annotated[EmbeddedBackend, Depends(backend)]
+
+    @app.exception_handler(SpecError)
+    async def _spec_error(_: Request, exc: SpecError) -> JSONResponse:
+        return _problem(422, "invalid job spec", exc.problems)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [(".".join(str(p) for p in e["loc"] if p != "body"), e["msg"]) for e in exc.errors()]
+        return _problem(422, "invalid request", problems)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return _problem(404, str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return _problem(409, str(exc))
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return _problem(400, str(exc))
+
+    @app.exception_handler(ValueError)
+    async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
+        return _problem(400, str(exc))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    guarded = [Depends(authorize)]
+
+    @app.post("/v1/jobs", status_code=201, dependencies=guarded)
+    def submit(
+        body: dict[str, Any],
+        b: Backend,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> JobView:
+        spec = JobSpec.parse(body, base_dir=None)
+        return b.submit(spec, idempotency_key)
+
+    @app.get("/v1/jobs", dependencies=guarded)
+    def jobs(b: Backend, project: str | None = None) -> list[JobView]:
+        return b.jobs(project)
+
+    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
+    def job(job_id: str, b: Backend) -> JobView:
+        return b.job(job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
+    def events(job_id: str, b: Backend, after: int = 0) -> list[EventView]:
+        return b.events(job_id, after)
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
+    def cancel(job_id: str, b: Backend) -> JobView:
+        return b.cancel(job_id)
+
+    @app.get("/v1/adapters", dependencies=guarded)
+    def adapters(b: Backend, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
+        return b.adapters(project, job_id)
+
+    @app.get("/v1/adapters/{project}/{name}", dependencies=guarded)
+    def adapter(project: str, name: str, b: Backend) -> AdapterView:
+        return b.adapter(project, name)
+
+    @app.get("/v1/adapters/{project}/{name}/lineage", dependencies=guarded)
+    def lineage(project: str, name: str, b: Backend) -> LineageNode:
+        return b.lineage(project, name)
+
+    @app.post("/v1/adapters/{project}/{name}/branch", status_code=201, dependencies=guarded)
+    def branch(project: str, name: str, body: BranchRequest, b: Backend) -> JobView:
+        return b.branch(project, name, body.name, body.data, body.lora, body.train)
+
+    return app

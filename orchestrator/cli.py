@@ -1,0 +1,337 @@
+"""`lorafleet`: the command line, on Typer + Rich. Every result command takes `--json` and then prints
+exactly one JSON document on stdout; errors go to stderr with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from orchestrator.client import ApiError, Client, Job
+from orchestrator.spec import SpecError, json_schema
+from orchestrator.views import EventView, JobView, LineageNode
+
+app = typer.Typer(
+    help="Train many LoRA adapters at once over a shared frozen base model.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+out = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+ProjectOpt = Annotated[
+    str, typer.Option("--project", "-p", help="Project of the adapters addressed by name.")
+]
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", envvar="LORAFLEET_URL", help="Remote server; default: embedded.")
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="LORAFLEET_TOKEN", help="API token (remote).")
+]
+
+
+def _client(url: str | None, token: str | None, project: str = "default") -> Client:
+    return Client(url, token, project=project)
+
+
+def _emit_json(value: Any) -> None:
+    def plain(v: Any) -> Any:
+        if isinstance(v, BaseModel):
+            return v.model_dump(mode="json")
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    sys.stdout.write(json.dumps(plain(value), indent=2) + "\n")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _run(fn: Any) -> Any:
+    """Turn the errors users cause into a message and an exit code, never a traceback."""
+    from orchestrator.store import StoreError
+
+    try:
+        return fn()
+    except SpecError as exc:
+        raise _fail(str(exc), 2) from None
+    except (ApiError, StoreError, ValueError) as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _jobs_table(jobs: list[JobView]) -> Table:
+    table = Table("job", "project", "name", "state", "adapters", "created")
+    for job in jobs:
+        done = sum(a.state not in ("queued", "training") for a in job.adapters)
+        table.add_row(
+            job.id,
+            job.project,
+            job.name,
+            job.state,
+            f"{done}/{len(job.adapters)}",
+            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    return table
+
+
+def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
+    table = Table(
+        "adapter", "state", "step", "eval loss", "parent", title=f"job {job.id}: {job.state}" if job else None
+    )
+    for a in adapters:
+        eval_loss = f"{a.eval_loss:.4f}" if a.eval_loss is not None else "-"
+        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-")
+    return table
+
+
+def _wait_with_progress(job: Job) -> JobView:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        bars = {a.name: progress.add_task(a.name, total=a.steps or 1, info=a.state) for a in job.adapters}
+        losses: dict[str, str] = {}
+
+        def update(view: JobView, events: list[EventView]) -> None:
+            for event in events:
+                if event.kind == "step" and event.adapter:
+                    losses[event.adapter] = f"loss {event.payload['loss']:.3f}"
+            for a in view.adapters:
+                info = f"{a.state} {losses.get(a.name, '')}".strip()
+                progress.update(
+                    bars[a.name], completed=a.step if a.steps else int(a.state != "queued"), info=info
+                )
+
+        return job.wait(progress=update)
+
+
+# ---- jobs ----
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).", exists=False)],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the job to end, with live progress.")
+    ] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Resubmitting with the same key is a no-op.")
+    ] = None,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Submit a job spec."""
+    client = _client(url, token)
+    job = _run(lambda: client.submit(spec, idempotency_key=idempotency_key))
+    view = job.view
+    if wait:
+        view = job.wait() if as_json else _wait_with_progress(job)
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(_adapters_table(view, view.adapters))
+    client.close()
+    if wait and view.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """One job and its adapters."""
+    view = _run(lambda: _client(url, token).job(job_id).view)
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(_adapters_table(view, view.adapters))
+
+
+@app.command()
+def jobs(
+    project: Annotated[str | None, typer.Option("--project", "-p")] = None,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """All jobs, newest first."""
+    views = _run(lambda: _client(url, token).jobs(project))
+    if as_json:
+        _emit_json(views)
+    else:
+        out.print(_jobs_table(views))
+
+
+@app.command()
+def cancel(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Cancel a job: queued adapters now, training ones between two steps."""
+    client = _client(url, token)
+    view = _run(lambda: client.cancel(job_id))
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(f"job {view.id}: cancel requested ({view.state})")
+
+
+# ---- adapters ----
+
+
+@app.command()
+def adapters(
+    project: Annotated[str | None, typer.Option("--project", "-p")] = None,
+    job: Annotated[str | None, typer.Option("--job")] = None,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """All adapters (optionally of one project or job)."""
+    views = _run(lambda: _client(url, token).adapters(project, job))
+    if as_json:
+        _emit_json(views)
+    else:
+        out.print(_adapters_table(None, views))
+
+
+def _tree(node: LineageNode, branch: Tree | None = None) -> Tree:
+    loss = node.metrics.get("eval_loss")
+    label = f"[bold]{node.name}[/bold] [{node.status}]" + (
+        f" eval_loss={loss:.4f}" if loss is not None else ""
+    )
+    here = Tree(label) if branch is None else branch.add(label)
+    for child in node.children:
+        _tree(child, here)
+    return here
+
+
+@app.command()
+def lineage(
+    name: str,
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """The adapter tree NAME belongs to, from its root."""
+    node = _run(lambda: _client(url, token, project).lineage(name))
+    if as_json:
+        _emit_json(node)
+    else:
+        out.print(_tree(node))
+
+
+@app.command()
+def branch(
+    parent: str,
+    name: Annotated[str, typer.Option("--name", help="Name of the child adapter.")],
+    data: Annotated[Path, typer.Option("--data", help="The child's training data.")],
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Training steps (0: the parent's weights).")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Branch a child adapter from PARENT's trained weights and train it on its own data."""
+    client = _client(url, token, project)
+    train = {"steps": steps} if steps is not None else None
+    job = _run(lambda: client.branch(parent, name, data, train=train))
+    view = (job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(_adapters_table(view, view.adapters))
+    client.close()
+    if wait and view.state != "succeeded":
+        raise typer.Exit(1)
+
+
+# ---- setup and servers ----
+
+
+@app.command()
+def schema() -> None:
+    """Print the job spec's JSON Schema."""
+    _emit_json(json_schema())
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the schema to the latest revision (LORAFLEET_DB_URL; default: SQLite in LORAFLEET_HOME)."""
+    from orchestrator.settings import Settings
+    from orchestrator.store import upgrade
+
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    err.print(f"database at {settings.database_url} is up to date")
+
+
+@app.command()
+def server(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the HTTP API and the controller (LORAFLEET_* settings)."""
+    import uvicorn
+
+    from orchestrator.api import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@app.command()
+def ui(port: int = 5000) -> None:
+    """Open the MLflow UI on the embedded tracking store."""
+    import subprocess
+
+    from orchestrator.settings import Settings
+
+    settings = Settings()
+    err.print(f"MLflow UI on http://127.0.0.1:{port} (store {settings.mlflow_uri})")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            str(settings.mlflow_uri),
+            "--port",
+            str(port),
+        ],
+        check=False,
+    )
+
+
+@app.command()
+def quickstart(
+    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 60,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build a tiny base + 4 skills under LORAFLEET_HOME, train 4 adapters and a branched child."""
+    from orchestrator.quickstart import run_quickstart
+
+    view = run_quickstart(steps=steps, progress=None if as_json else _wait_with_progress)
+    if as_json:
+        _emit_json(view)
+    if any(v.state != "succeeded" for v in view):
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

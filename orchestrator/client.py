@@ -1,0 +1,221 @@
+"""`Client()`: the Python way in. Embedded (SQLite + local Ray under LORAFLEET_HOME, nothing to start) or
+remote (`Client(url, token)` over the HTTP API); both have the same methods and return the same views.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+
+ProgressFn = Callable[["JobView", list[EventView]], None]
+
+
+class ApiError(RuntimeError):
+    """The server refused a request; `status` is the HTTP code, `problems` the offending fields."""
+
+    def __init__(self, status: int, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.problems = status, problems or []
+
+
+class Job:
+    """A submitted job: a live handle whose `view` refreshes on `refresh()` and `wait()`."""
+
+    def __init__(self, client: Client, view: JobView) -> None:
+        self._client, self.view = client, view
+
+    @property
+    def id(self) -> str:
+        return self.view.id
+
+    @property
+    def state(self) -> str:
+        return self.view.state
+
+    @property
+    def adapters(self) -> list[AdapterView]:
+        return self.view.adapters
+
+    def refresh(self) -> JobView:
+        self.view = self._client._backend.job(self.id)
+        return self.view
+
+    def events(self, after_id: int = 0) -> list[EventView]:
+        return self._client._backend.events(self.id, after_id)
+
+    def wait(
+        self, timeout: float | None = None, progress: ProgressFn | None = None, poll: float = 0.5
+    ) -> JobView:
+        """Block until the job ends; `progress(view, new_events)` is called on every poll."""
+        self._client._ensure_running()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_event = 0
+        while True:
+            view = self.refresh()
+            events = self.events(last_event) if progress is not None else []
+            if events:
+                last_event = events[-1].id
+            if progress is not None:
+                progress(view, events)
+            if view.done:
+                return view
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} still {view.state} after {timeout} s")
+            time.sleep(poll)
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, name={self.view.name!r}, state={self.state!r})"
+
+
+class Client:
+    """`Client()` embedded, or `Client("http://host:8000", token)` remote; the same methods either way."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        project: str = "default",
+        home: str | Path | None = None,
+    ) -> None:
+        self.project = project
+        if url is None:
+            from orchestrator.embedded import EmbeddedBackend
+
+            self._backend: Any = EmbeddedBackend(home)
+        else:
+            self._backend = RemoteBackend(url, token)
+
+    def _ensure_running(self) -> None:
+        self._backend.ensure_running()
+
+    def _ref(self, name: str, project: str | None) -> tuple[str, str]:
+        if "/" in name:
+            proj, _, short = name.partition("/")
+            return proj, short
+        return project or self.project, name
+
+    def submit(self, spec: JobSpec | dict[str, Any] | str | Path, idempotency_key: str | None = None) -> Job:
+        if not isinstance(spec, JobSpec):
+            spec = JobSpec.parse(spec)  # data paths are checked where the job runs: by the service
+        return Job(self, self._backend.submit(spec, idempotency_key))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self._backend.job(job_id))
+
+    def jobs(self, project: str | None = None) -> list[JobView]:
+        return self._backend.jobs(project)
+
+    def adapter(self, name: str, project: str | None = None) -> AdapterView:
+        return self._backend.adapter(*self._ref(name, project))
+
+    def adapters(self, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
+        return self._backend.adapters(project, job_id)
+
+    def lineage(self, name: str, project: str | None = None) -> LineageNode:
+        return self._backend.lineage(*self._ref(name, project))
+
+    def branch(
+        self,
+        parent: str,
+        name: str,
+        data: dict[str, Any] | str | Path,
+        lora: dict[str, Any] | None = None,
+        train: dict[str, Any] | None = None,
+        project: str | None = None,
+    ) -> Job:
+        """Start `name` from `parent`'s final weights and train it on `data` (a path or a data config)."""
+        data_cfg = {"path": str(Path(data).resolve())} if isinstance(data, str | Path) else data
+        proj, parent_name = self._ref(parent, project)
+        return Job(self, self._backend.branch(proj, parent_name, name, data_cfg, lora, train))
+
+    def cancel(self, job_id: str) -> JobView:
+        return self._backend.cancel(job_id)
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteBackend:
+    """The HTTP API, spoken with httpx; errors come back as `ApiError` or `SpecError` with their fields."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60.0)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", {})
+            except ValueError:
+                detail = {"message": response.text}
+            if isinstance(detail, str):
+                detail = {"message": detail}
+            problems = [(p["field"], p["message"]) for p in detail.get("problems", [])]
+            if response.status_code == 422 and problems:
+                raise SpecError(problems)
+            raise ApiError(response.status_code, detail.get("message", response.text), problems)
+        return response.json()
+
+    def ensure_running(self) -> None:
+        pass  # the server runs its own controller
+
+    def submit(self, spec: JobSpec, idempotency_key: str | None) -> JobView:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = spec.model_dump(mode="json", exclude_unset=True)
+        return JobView.model_validate(self._call("POST", "/v1/jobs", json=body, headers=headers))
+
+    def job(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(self, project: str | None) -> list[JobView]:
+        params = {"project": project} if project else {}
+        return [JobView.model_validate(j) for j in self._call("GET", "/v1/jobs", params=params)]
+
+    def events(self, job_id: str, after_id: int) -> list[EventView]:
+        rows = self._call("GET", f"/v1/jobs/{job_id}/events", params={"after": after_id})
+        return [EventView.model_validate(e) for e in rows]
+
+    def adapter(self, project: str, name: str) -> AdapterView:
+        return AdapterView.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}"))
+
+    def adapters(self, project: str | None, job_id: str | None) -> list[AdapterView]:
+        params = {k: v for k, v in (("project", project), ("job_id", job_id)) if v}
+        return [AdapterView.model_validate(a) for a in self._call("GET", "/v1/adapters", params=params)]
+
+    def lineage(self, project: str, name: str) -> LineageNode:
+        return LineageNode.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}/lineage"))
+
+    def branch(
+        self,
+        project: str,
+        parent: str,
+        name: str,
+        data: dict[str, Any],
+        lora: dict[str, Any] | None,
+        train: dict[str, Any] | None,
+    ) -> JobView:
+        body = {"name": name, "data": data, "lora": lora, "train": train}
+        return JobView.model_validate(
+            self._call("POST", f"/v1/adapters/{project}/{parent}/branch", json=body)
+        )
+
+    def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,76 @@
+"""The embedded backend: the service, the SQLite store and a controller on local Ray, all in this process.
+
+Nothing is started until it is needed: listing jobs opens only SQLite; submitting (or waiting on an
+unfinished job) starts the controller, which starts a local Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.controller import Controller
+from orchestrator.service import Service
+from orchestrator.settings import Settings
+from orchestrator.spec import JobSpec
+from orchestrator.store import Store
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+
+
+class EmbeddedBackend:
+    def __init__(self, home: str | Path | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or (Settings(home=Path(home)) if home is not None else Settings())
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.store = Store.open(self.settings.database_url, upgrade=True)
+        self.service = Service(self.settings, self.store)
+        self.controller = Controller(self.settings, self.store)
+        self._started = False
+
+    def ensure_running(self) -> None:
+        if not self._started:
+            self.controller.start()
+            self._started = True
+
+    def submit(self, spec: JobSpec, idempotency_key: str | None) -> JobView:
+        view = self.service.submit(spec, idempotency_key)
+        self.ensure_running()
+        return view
+
+    def job(self, job_id: str) -> JobView:
+        return self.service.job(job_id)
+
+    def jobs(self, project: str | None) -> list[JobView]:
+        return self.service.jobs(project)
+
+    def events(self, job_id: str, after_id: int) -> list[EventView]:
+        return self.service.events(job_id, after_id)
+
+    def adapter(self, project: str, name: str) -> AdapterView:
+        return self.service.adapter(project, name)
+
+    def adapters(self, project: str | None, job_id: str | None) -> list[AdapterView]:
+        return self.service.adapters(project, job_id)
+
+    def lineage(self, project: str, name: str) -> LineageNode:
+        return self.service.lineage(project, name)
+
+    def branch(
+        self,
+        project: str,
+        parent: str,
+        name: str,
+        data: dict[str, Any],
+        lora: dict[str, Any] | None,
+        train: dict[str, Any] | None,
+    ) -> JobView:
+        view = self.service.branch(project, parent, name, data, lora, train)
+        self.ensure_running()
+        return view
+
+    def cancel(self, job_id: str) -> JobView:
+        return self.service.cancel(job_id, self.controller if self._started else None)
+
+    def close(self) -> None:
+        if self._started:
+            self.controller.stop()
+            self._started = False

@@ -1,0 +1,153 @@
+"""One pack as one Ray Train run: the glue between the controller and the engine's `run_pack`.
+
+Ray Train owns the worker group (ScalingConfig), restarts (FailureConfig: a restarted worker runs the same
+plan again, and `run_pack` resumes every adapter from its latest checkpoint) and the run's storage
+(RunConfig.storage_path). Adapter checkpoints are PEFT directories the engine writes under the same
+storage: they are per adapter, not per pack, because adapters join and leave packs independently.
+
+Between the controller and running packs sits one small Ray actor, `PackChannel`: workers post progress
+events to it in batches and take refills and cancellations from it; the controller drains and fills it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import TypeAdapter
+
+from workers.plan import AdapterTask, Event, PackPlan
+
+EVENTS = TypeAdapter(list[Event])
+FLUSH_SECONDS = 0.5
+POLL_SECONDS = 0.5
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class PackChannel:
+    """Mailbox between the controller and running packs (JSON strings in and out, no shared objects)."""
+
+    def __init__(self) -> None:
+        self._events: list[str] = []
+        self._offers: dict[str, list[str]] = {}
+        self._cancelled: dict[str, set[str]] = {}
+
+    def post(self, events_json: str) -> None:
+        self._events.append(events_json)
+
+    def drain(self) -> list[str]:
+        events, self._events = self._events, []
+        return events
+
+    def offer(self, pack_id: str, tasks_json: list[str]) -> None:
+        self._offers.setdefault(pack_id, []).extend(tasks_json)
+
+    def take(self, pack_id: str, free: int) -> list[str]:
+        offered = self._offers.get(pack_id, [])
+        taken, self._offers[pack_id] = offered[:free], offered[free:]
+        return taken
+
+    def withdraw(self, pack_id: str) -> list[str]:
+        """Offers a finished pack never took: the controller queues them again."""
+        self._cancelled.pop(pack_id, None)
+        return self._offers.pop(pack_id, [])
+
+    def cancel(self, pack_id: str, names: list[str]) -> None:
+        self._cancelled.setdefault(pack_id, set()).update(names)
+
+    def cancelled(self, pack_id: str) -> list[str]:
+        return sorted(self._cancelled.get(pack_id, ()))
+
+
+class _Reporter:
+    """Batches events to the channel, so a pack of K adapters costs one remote call per half second."""
+
+    def __init__(self, channel: Any, pack_id: str) -> None:
+        self.channel, self.pack_id = channel, pack_id
+        self.buffer: list[Event] = []
+        self.last_flush = time.monotonic()
+        self.last_poll = 0.0
+        self.cancelled_names: list[str] = []
+
+    def emit(self, event: Event) -> None:
+        self.buffer.append(event)
+        urgent = event.kind in ("done", "checkpoint")
+        if urgent or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            ray.get(self.channel.post.remote(EVENTS.dump_json(self.buffer).decode()))
+            self.buffer = []
+        self.last_flush = time.monotonic()
+
+    def refill(self, free: int) -> list[AdapterTask]:
+        self.flush()  # the controller must see what finished before it hands out more
+        taken = ray.get(self.channel.take.remote(self.pack_id, free))
+        return [AdapterTask.model_validate_json(t) for t in taken]
+
+    def cancelled(self) -> list[str]:
+        if time.monotonic() - self.last_poll >= POLL_SECONDS:
+            self.cancelled_names = ray.get(self.channel.cancelled.remote(self.pack_id))
+            self.last_poll = time.monotonic()
+        return self.cancelled_names
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry: run the pack; only rank 0 reports (the engine emits on rank 0)."""
+    import torch
+
+    from workers.pack import run_pack
+
+    if config.get("num_threads"):
+        torch.set_num_threads(int(config["num_threads"]))
+    plan = PackPlan.model_validate_json(config["plan"])
+    reporter = _Reporter(config["channel"], plan.pack_id)
+    try:
+        run_pack(plan, emit=reporter.emit, refill=reporter.refill, cancelled=reporter.cancelled)
+    finally:
+        reporter.flush()
+
+
+def fit_pack(
+    plan_json: str,
+    channel: Any,
+    *,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    max_failures: int,
+    storage_path: str,
+    num_threads: int | None = None,
+) -> str | None:
+    """Run one pack with Ray Train and return the error text, or None on success (blocking)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = PackPlan.model_validate_json(plan_json)
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan_json, "channel": channel, "num_threads": num_threads},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"pack-{plan.pack_id}",
+            storage_path=str(Path(storage_path) / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: the pack failed after its retries
+        return f"{type(exc).__name__}: {exc}"[:4000]
+    return None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:4000]
+
+
+@ray.remote(num_cpus=0)
+def fit_pack_task(plan_json: str, channel: Any, options: dict[str, Any]) -> str | None:
+    """`TorchTrainer.fit` blocks, so each pack's fit runs in its own Ray task: packs run concurrently."""
+    return fit_pack(plan_json, channel, **options)

@@ -1,0 +1,270 @@
+"""The service layer: every user-facing operation, once. The HTTP API and the embedded client both call it.
+
+It validates against the outside world (data files, existing parents in the store), writes through the
+store in one transaction per operation, and turns records into views. It never talks to Ray: the
+controller picks up what SQL says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from orchestrator.settings import Settings
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.states import AdapterState
+from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+from workers.plan import DataConfig, LoraConfig, TrainConfig
+
+_PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
+
+
+def config_hash(
+    base_model: str, quantization: str, dtype: str, lora: LoraConfig, train: TrainConfig, data: DataConfig
+) -> str:
+    """Identity of what an adapter is trained with: equal hashes, equal training inputs."""
+    canonical = json.dumps(
+        {
+            "base_model": base_model,
+            "quantization": quantization,
+            "dtype": dtype,
+            "lora": lora.model_dump(mode="json"),
+            "train": train.model_dump(mode="json"),
+            "data": data.model_dump(mode="json"),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Service:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    # ---- jobs ----
+
+    def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobView:
+        spec.validate_paths()
+        parents = self._resolve_parents(spec)
+        new = []
+        for i, adapter in enumerate(spec.adapters):
+            lora, train = spec.adapter_lora(i), spec.adapter_train(i)
+            new.append(
+                NewAdapter(
+                    name=adapter.name,
+                    priority=adapter.priority,
+                    base_model=spec.base_model,
+                    quantization=spec.quantization,
+                    dtype=spec.dtype,
+                    lora=lora.model_dump(mode="json"),
+                    train=train.model_dump(mode="json"),
+                    data=adapter.data.model_dump(mode="json"),
+                    parent_id=parents.get(i),
+                    parent_name=adapter.parent if i not in parents else None,
+                    config_hash=config_hash(
+                        spec.base_model, spec.quantization, spec.dtype, lora, train, adapter.data
+                    ),
+                    output_dir=str(self.settings.adapter_dir(spec.project, adapter.name)),
+                )
+            )
+        job, _, _ = self.store.create_job(
+            spec.project, spec.name, spec.model_dump(mode="json"), new, idempotency_key=idempotency_key
+        )
+        return self.job(job.id)
+
+    def _resolve_parents(self, spec: JobSpec) -> dict[int, str]:
+        """Parents outside the job must exist and be compatible; parents inside are checked by config."""
+        in_job = {a.name: i for i, a in enumerate(spec.adapters)}
+        resolved: dict[int, str] = {}
+        problems: list[tuple[str, str]] = []
+        for i, adapter in enumerate(spec.adapters):
+            if adapter.parent is None:
+                continue
+            field = f"adapters.{i}.parent"
+            if "/" not in adapter.parent and adapter.parent in in_job:
+                j = in_job[adapter.parent]
+                problems += _compatibility(field, spec.adapter_lora(j), spec.adapter_lora(i), None)
+                continue
+            project, _, name = adapter.parent.rpartition("/")
+            try:
+                parent = self.store.get_adapter(project or spec.project, name)
+            except NotFound:
+                problems.append(
+                    (
+                        field,
+                        f"no adapter {adapter.parent!r} in this job or in project "
+                        f"{project or spec.project!r}; train the parent first or fix the name",
+                    )
+                )
+                continue
+            mismatch = [k for k in _PARENT_MUST_MATCH if getattr(parent, k) != getattr(spec, k)]
+            if mismatch:
+                problems.append(
+                    (
+                        field,
+                        f"parent {adapter.parent!r} was trained on another {mismatch[0]} "
+                        f"({getattr(parent, mismatch[0])!r}); a child keeps its parent's base",
+                    )
+                )
+            problems += _compatibility(
+                field, LoraConfig.model_validate(parent.lora), spec.adapter_lora(i), adapter.parent
+            )
+            resolved[i] = parent.id
+        if problems:
+            raise SpecError(problems)
+        return resolved
+
+    def job(self, job_id: str) -> JobView:
+        return self._job_view(self.store.get_job(job_id))
+
+    def jobs(self, project: str | None = None) -> list[JobView]:
+        return [self._job_view(job) for job in self.store.list_jobs(project=project)]
+
+    def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[EventView]:
+        self.store.get_job(job_id)  # 404 for an unknown job, not an empty list
+        names: dict[str, str] = {}
+        views = []
+        for event in self.store.list_events(job_id, after_id=after_id, limit=limit):
+            if event.adapter_id and event.adapter_id not in names:
+                names[event.adapter_id] = self.store.get_adapter_by_id(event.adapter_id).name
+            views.append(
+                EventView(
+                    id=event.id,
+                    job_id=event.job_id,
+                    kind=event.kind,
+                    step=event.step,
+                    adapter=names.get(event.adapter_id or ""),
+                    payload=event.payload,
+                    created_at=event.created_at,
+                )
+            )
+        return views
+
+    def cancel(self, job_id: str, controller: Any = None) -> JobView:
+        """Queued adapters are cancelled here; training ones by the controller between two steps."""
+        for adapter in self.store.list_adapters(job_id=job_id):
+            if adapter.state == AdapterState.QUEUED.value:
+                self.store.update_adapter(adapter.id, state=AdapterState.CANCELLED.value)
+        if controller is not None:
+            controller.cancel_job(job_id)
+        return self.job(job_id)
+
+    # ---- adapters ----
+
+    def adapter(self, project: str, name: str) -> AdapterView:
+        return self._adapter_view(self.store.get_adapter(project, name))
+
+    def adapters(self, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
+        return [self._adapter_view(a) for a in self.store.list_adapters(project=project, job_id=job_id)]
+
+    def lineage(self, project: str, name: str) -> LineageNode:
+        """The whole tree the adapter belongs to, from its root."""
+        adapter = self.store.get_adapter(project, name)
+        nodes = self.store.subtree(adapter.root_id)
+        children: dict[str | None, list[AdapterRecord]] = {}
+        for node in nodes:
+            children.setdefault(node.parent_id, []).append(node)
+        by_id = {n.id: n for n in nodes}
+
+        def build(node: AdapterRecord) -> LineageNode:
+            parent = by_id.get(node.parent_id or "")
+            return LineageNode(
+                name=f"{node.project}/{node.name}",
+                parent=f"{parent.project}/{parent.name}" if parent else None,
+                status=node.state,
+                metrics=self._metrics(node.id),
+                children=[build(c) for c in children.get(node.id, [])],
+            )
+
+        return build(by_id[adapter.root_id])
+
+    def branch(
+        self,
+        project: str,
+        parent: str,
+        name: str,
+        data: dict[str, Any],
+        lora: dict[str, Any] | None = None,
+        train: dict[str, Any] | None = None,
+    ) -> JobView:
+        """A one-adapter job whose adapter starts from `parent`'s final weights."""
+        parent_record = self.store.get_adapter(project, parent)
+        spec = JobSpec.parse(
+            {
+                "name": f"branch-{name}",
+                "project": project,
+                "base_model": parent_record.base_model,
+                "quantization": parent_record.quantization,
+                "dtype": parent_record.dtype,
+                "lora": parent_record.lora,
+                "train": {**parent_record.train, **(train or {})},
+                "adapters": [{"name": name, "parent": parent, "data": data, "lora": lora}],
+            }
+        )
+        return self.submit(spec)
+
+    # ---- views ----
+
+    def _metrics(self, adapter_id: str) -> dict[str, float]:
+        return {m.key: m.last_value for m in self.store.get_metrics(adapter_id)}
+
+    def _adapter_view(self, a: AdapterRecord) -> AdapterView:
+        parent = self.store.get_adapter_by_id(a.parent_id) if a.parent_id else None
+        root = self.store.get_adapter_by_id(a.root_id) if a.root_id != a.id else a
+        return AdapterView(
+            id=a.id,
+            project=a.project,
+            name=a.name,
+            job_id=a.job_id,
+            state=a.state,
+            parent=f"{parent.project}/{parent.name}" if parent else None,
+            root=f"{root.project}/{root.name}",
+            depth=a.depth,
+            base_model=a.base_model,
+            step=a.step or 0,
+            steps=int(a.train.get("steps", 0)),
+            eval_loss=a.eval_loss,
+            final_checkpoint=a.final_checkpoint,
+            parent_checkpoint=a.parent_checkpoint,
+            data_fingerprint=a.data_fingerprint,
+            config_hash=a.config_hash,
+            error=a.error,
+            metrics=self._metrics(a.id),
+            created_at=a.created_at,
+            updated_at=a.updated_at,
+        )
+
+    def _job_view(self, job: JobRecord) -> JobView:
+        return JobView(
+            id=job.id,
+            project=job.project,
+            name=job.name,
+            state=job.state,
+            error=job.error,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            adapters=[self._adapter_view(a) for a in self.store.list_adapters(job_id=job.id)],
+        )
+
+
+def _compatibility(
+    field: str, parent: LoraConfig, child: LoraConfig, parent_name: str | None
+) -> list[tuple[str, str]]:
+    who = f"parent {parent_name!r}" if parent_name else "its parent"
+    problems = []
+    if parent.r != child.r:
+        problems.append(
+            (field, f"rank `lora.r` {child.r} differs from {who}'s {parent.r}; a child keeps the rank")
+        )
+    if parent.target_modules != child.target_modules:
+        problems.append(
+            (
+                field,
+                f"`lora.target_modules` {child.target_modules!r} differ from {who}'s "
+                f"{parent.target_modules!r}; a child keeps the target modules",
+            )
+        )
+    return problems

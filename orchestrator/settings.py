@@ -1,0 +1,53 @@
+"""Where lorafleet keeps its state: one `LORAFLEET_HOME` for the embedded default, URLs for a cluster.
+
+Embedded (nothing to start by hand): SQLite `lorafleet.db`, MLflow `mlflow.db` and `artifacts/` under the
+home, and a local Ray started on demand. A cluster sets `LORAFLEET_DB_URL` (PostgreSQL),
+`LORAFLEET_MLFLOW_URI`, `LORAFLEET_RAY_ADDRESS` and `LORAFLEET_STORAGE` (a filesystem path every Ray node
+mounts). Several homes can live side by side: everything derives from the one variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".lorafleet")
+    db_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite under home.")
+    mlflow_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default: SQLite under home."
+    )
+    ray_address: str | None = Field(default=None, description="Ray cluster address; default: local Ray.")
+    storage: Path | None = Field(default=None, description="Adapters, checkpoints and Ray Train runs.")
+    api_token: str | None = Field(default=None, description="Bearer token the API server requires.")
+    ray_num_cpus: int | None = Field(default=None, description="CPUs of the embedded local Ray.")
+    tick_seconds: float = Field(default=0.5, description="Controller loop period.")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if self.db_url is None:
+            self.db_url = f"sqlite:///{self.home / 'lorafleet.db'}"
+        if self.mlflow_uri is None:
+            self.mlflow_uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        if self.storage is None:
+            self.storage = self.home / "artifacts"
+        return self
+
+    @property
+    def database_url(self) -> str:
+        assert self.db_url is not None
+        return self.db_url
+
+    @property
+    def storage_dir(self) -> Path:
+        assert self.storage is not None
+        return self.storage
+
+    def adapter_dir(self, project: str, name: str) -> Path:
+        return self.storage_dir / "adapters" / project / name

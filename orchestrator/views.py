@@ -1,0 +1,78 @@
+"""What users see: plain JSON-able models shared by the service, the HTTP API, the client and the CLI.
+
+The remote client parses the API's JSON into these same classes, so embedded and remote use give the same
+objects, and `--json` output is their `model_dump`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled", "partial"})
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class AdapterView(_View):
+    id: str
+    project: str
+    name: str
+    job_id: str
+    state: str
+    parent: str | None = Field(description="project/name of the parent adapter, if branched.")
+    root: str
+    depth: int
+    base_model: str
+    step: int
+    steps: int
+    eval_loss: float | None
+    final_checkpoint: str | None
+    parent_checkpoint: str | None
+    data_fingerprint: str | None
+    config_hash: str
+    error: str | None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.project}/{self.name}"
+
+
+class JobView(_View):
+    id: str
+    project: str
+    name: str
+    state: str
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    adapters: list[AdapterView]
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_JOB_STATES
+
+
+class EventView(_View):
+    id: int
+    job_id: str
+    adapter: str | None
+    kind: str
+    step: int | None
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+class LineageNode(_View):
+    name: str
+    parent: str | None
+    status: str
+    metrics: dict[str, float]
+    children: list[LineageNode] = Field(default_factory=list)

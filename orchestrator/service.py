@@ -7,8 +7,6 @@ controller picks up what SQL says.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from orchestrator.settings import Settings
@@ -16,27 +14,9 @@ from orchestrator.spec import JobSpec, SpecError
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
-from workers.plan import DataConfig, LoraConfig, TrainConfig
+from workers.plan import LoraConfig
 
 _PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
-
-
-def config_hash(
-    base_model: str, quantization: str, dtype: str, lora: LoraConfig, train: TrainConfig, data: DataConfig
-) -> str:
-    """Identity of what an adapter is trained with: equal hashes, equal training inputs."""
-    canonical = json.dumps(
-        {
-            "base_model": base_model,
-            "quantization": quantization,
-            "dtype": dtype,
-            "lora": lora.model_dump(mode="json"),
-            "train": train.model_dump(mode="json"),
-            "data": data.model_dump(mode="json"),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class Service:
@@ -64,9 +44,6 @@ class Service:
                     data=adapter.data.model_dump(mode="json"),
                     parent_id=parents.get(i),
                     parent_name=adapter.parent if i not in parents else None,
-                    config_hash=config_hash(
-                        spec.base_model, spec.quantization, spec.dtype, lora, train, adapter.data
-                    ),
                     output_dir=str(self.settings.adapter_dir(spec.project, adapter.name)),
                 )
             )

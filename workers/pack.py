@@ -57,7 +57,7 @@ def run_pack(
         device=plan.device,
     )
     trainer = PackTrainer(base, plan.base_model, emit, plan.pack_id, kernel=kernel)
-    capacity = len(plan.adapters)
+    capacity = plan.capacity
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for task in plan.adapters:
         trainer.add(task)

@@ -127,6 +127,13 @@ class PackPlan(_Strict):
     dtype: DType = "float32"
     device: Device = "auto"
     adapters: list[AdapterTask]
+    max_adapters: Annotated[
+        int | None, Field(gt=0, description="Slots, for refill; default: len(adapters).")
+    ] = None
+
+    @property
+    def capacity(self) -> int:
+        return max(self.max_adapters or 0, len(self.adapters))
 
     @model_validator(mode="after")
     def _unique_names(self) -> PackPlan:

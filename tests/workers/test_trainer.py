@@ -260,4 +260,7 @@ def test_a_cancelled_adapter_leaves_between_steps(tiny_base: Path, make_task: Ta
     result = run_pack(plan_of(tiny_base, *tasks), emit=emit, cancelled=cancelled)
     assert result.adapters["colors"].status == "cancelled" and result.adapters["colors"].step == 3
     assert result.adapters["animals"].status == "trained"
-    assert not (tasks[0].output_dir / "final").exists() and (tasks[0].output_dir / "checkpoint-00000002").is_dir()
+    assert (
+        not (tasks[0].output_dir / "final").exists()
+        and (tasks[0].output_dir / "checkpoint-00000002").is_dir()
+    )

@@ -1,0 +1,143 @@
+"""The lifecycles of jobs, adapters and packs, as data.
+
+Every state change in lorafleet goes through `check_transition`, so the allowed moves live in one table
+per entity that tests (and people) can read, not in `if` chains spread over the controller. Pure: no SQL,
+no Ray. States are `StrEnum`s, so `AdapterState.QUEUED == "queued"` and records can keep plain strings.
+
+Two choices that go beyond the picture in DESIGN.md, both because a job's state is *derived* from its
+adapters' states, sampled once per controller tick:
+- a job may go from `pending` straight to any finished state: a short job can be queued, trained and
+  done between two samples, and cancelling or failing a job that never started is ordinary;
+- `evaluated` is optional: the promotion gate may decide on a `trained` adapter whose eval came with
+  training (DESIGN.md writes it as "trained -> (evaluated) -> promoted | rejected").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Literal
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PARTIAL = "partial"  # finished, some adapters trained and some failed
+
+
+class AdapterState(StrEnum):
+    QUEUED = "queued"
+    TRAINING = "training"
+    TRAINED = "trained"
+    EVALUATED = "evaluated"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class PackState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_J, _A, _P = JobState, AdapterState, PackState
+
+JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    _J.PENDING: frozenset({_J.RUNNING, _J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL}),
+    _J.RUNNING: frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL}),
+    _J.SUCCEEDED: frozenset(),
+    _J.FAILED: frozenset(),
+    _J.CANCELLED: frozenset(),
+    _J.PARTIAL: frozenset(),
+}
+
+ADAPTER_TRANSITIONS: Mapping[AdapterState, frozenset[AdapterState]] = {
+    _A.QUEUED: frozenset({_A.TRAINING, _A.FAILED, _A.CANCELLED}),
+    # back to the queue when its worker or the controller died; it resumes from its last checkpoint
+    _A.TRAINING: frozenset({_A.TRAINED, _A.FAILED, _A.CANCELLED, _A.QUEUED}),
+    # failed: the evaluation itself errored
+    _A.TRAINED: frozenset({_A.EVALUATED, _A.PROMOTED, _A.REJECTED, _A.FAILED}),
+    _A.EVALUATED: frozenset({_A.PROMOTED, _A.REJECTED, _A.FAILED}),
+    _A.PROMOTED: frozenset({_A.PROMOTED}),  # re-promotion moves the alias to a new version
+    _A.REJECTED: frozenset({_A.PROMOTED}),  # a person may force a promotion past the gate
+    _A.FAILED: frozenset(),
+    _A.CANCELLED: frozenset(),
+}
+
+PACK_TRANSITIONS: Mapping[PackState, frozenset[PackState]] = {
+    _P.RUNNING: frozenset({_P.SUCCEEDED, _P.FAILED, _P.CANCELLED}),
+    _P.SUCCEEDED: frozenset(),
+    _P.FAILED: frozenset(),
+    _P.CANCELLED: frozenset(),
+}
+
+Kind = Literal["job", "adapter", "pack"]
+_TABLES: dict[str, tuple[type[StrEnum], Mapping]] = {
+    "job": (JobState, JOB_TRANSITIONS),
+    "adapter": (AdapterState, ADAPTER_TRANSITIONS),
+    "pack": (PackState, PACK_TRANSITIONS),
+}
+
+JOB_TERMINAL = frozenset(s for s, nxt in JOB_TRANSITIONS.items() if not nxt)
+PACK_TERMINAL = frozenset(s for s, nxt in PACK_TRANSITIONS.items() if not nxt)
+ADAPTER_TERMINAL = frozenset(s for s, nxt in ADAPTER_TRANSITIONS.items() if not nxt)
+"""No way out at all: `failed`, `cancelled`."""
+ADAPTER_TRAINED = frozenset({_A.TRAINED, _A.EVALUATED, _A.PROMOTED, _A.REJECTED})
+"""Training succeeded (whatever the promotion gate later said)."""
+ADAPTER_FINISHED = ADAPTER_TRAINED | ADAPTER_TERMINAL
+"""Not queued or training any more: what a job waits for."""
+
+
+class InvalidTransition(ValueError):
+    """A state change the lifecycle does not allow; names the entity and both states."""
+
+    def __init__(self, kind: str, from_state: str, to_state: str, entity: str | None = None) -> None:
+        self.kind, self.from_state, self.to_state, self.entity = kind, str(from_state), str(to_state), entity
+        allowed = ", ".join(sorted(allowed_transitions(kind, from_state))) if kind in _TABLES else ""
+        who = f"{kind} {entity!r}" if entity else kind
+        hint = f"it may go to: {allowed}" if allowed else f"{self.from_state!r} is final"
+        super().__init__(f"{who} cannot go from {self.from_state!r} to {self.to_state!r}; {hint}")
+
+
+def allowed_transitions(kind: Kind | str, from_state: str) -> frozenset[str]:
+    """The states `kind` may move to from `from_state` (empty for a final or unknown state)."""
+    if kind not in _TABLES:
+        raise ValueError(f"unknown entity kind {kind!r}; expected one of {sorted(_TABLES)}")
+    enum, table = _TABLES[kind]
+    try:
+        return frozenset(s.value for s in table[enum(from_state)])
+    except ValueError:
+        return frozenset()
+
+
+def check_transition(kind: Kind | str, from_state: str, to_state: str, entity: str | None = None) -> None:
+    """Raise `InvalidTransition` unless `kind` may go from `from_state` to `to_state`."""
+    if str(to_state) not in allowed_transitions(kind, from_state):
+        raise InvalidTransition(kind, from_state, to_state, entity)
+
+
+def job_state_from_adapters(states: Iterable[str]) -> JobState:
+    """What a job's state is, given its adapters' states.
+
+    - any adapter still queued or training: `pending` if all are queued, else `running`
+      (callers settle a job only once this returns a finished state);
+    - all trained (or evaluated, promoted, rejected: training succeeded), or no adapters: `succeeded`;
+    - some failed: `partial` if any trained, else `failed` (a failure is the news that matters even
+      when other adapters were cancelled);
+    - none failed, some cancelled: `cancelled` (the user stopped the job; finished adapters stay trained).
+    """
+    found = {AdapterState(s) for s in states}
+    unfinished = found - ADAPTER_FINISHED
+    if unfinished:
+        return JobState.PENDING if found == {AdapterState.QUEUED} else JobState.RUNNING
+    if AdapterState.FAILED in found:
+        return JobState.PARTIAL if found & ADAPTER_TRAINED else JobState.FAILED
+    if AdapterState.CANCELLED in found:
+        return JobState.CANCELLED
+    return JobState.SUCCEEDED

@@ -1,0 +1,48 @@
+"""lorafleet's SQL state (SQLite or PostgreSQL): typed models, Alembic migrations and one `Store`.
+
+    store = Store.open("sqlite:///~/.lorafleet/lorafleet.db")   # embedded: migrates first
+    store = Store(os.environ["LORAFLEET_DB_URL"])               # cluster: refuses a stale schema
+
+Layout: `models.py` (ORM rows), `records.py` (the immutable records callers get), `repository.py` (the
+store), `errors.py` (typed errors), `migrate.py` (Alembic helpers), `engine.py` (engine set-up).
+"""
+
+from orchestrator.store.errors import Conflict, DatabaseUnavailable, NotFound, SchemaOutOfDate, StoreError
+from orchestrator.store.migrate import VERSION_TABLE, downgrade, upgrade
+from orchestrator.store.records import (
+    AdapterRecord,
+    CheckpointRecord,
+    EventRecord,
+    JobRecord,
+    MetricRecord,
+    NewAdapter,
+    NewEvent,
+    PackMemberRecord,
+    PackRecord,
+    RegistryRecord,
+    config_hash,
+)
+from orchestrator.store.repository import Store
+
+__all__ = [
+    "VERSION_TABLE",
+    "AdapterRecord",
+    "CheckpointRecord",
+    "Conflict",
+    "DatabaseUnavailable",
+    "EventRecord",
+    "JobRecord",
+    "MetricRecord",
+    "NewAdapter",
+    "NewEvent",
+    "NotFound",
+    "PackMemberRecord",
+    "PackRecord",
+    "RegistryRecord",
+    "SchemaOutOfDate",
+    "Store",
+    "StoreError",
+    "config_hash",
+    "downgrade",
+    "upgrade",
+]

@@ -1,0 +1,764 @@
+"""The store: every read and write of lorafleet's SQL state, one transaction per method.
+
+Shaped like MLflow's SQL store: one class, rows that turn into immutable records (`to_entity()`) before
+the session closes, and one managed session (`_session`) that commits on success, rolls back on any
+error, and turns database errors into typed ones (`Conflict`, `DatabaseUnavailable`). Lookups that miss
+raise `NotFound`; state changes are checked against `orchestrator.states` and raise `InvalidTransition`.
+
+Concurrency: on PostgreSQL a row about to change state is read `FOR UPDATE`, and FIFO numbers come from a
+counter row bumped by an UPDATE (which holds the row lock until commit), so two submitters never share a
+number. On SQLite writes take the database lock at BEGIN (see engine.py), which serialises them.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.states import ADAPTER_FINISHED, AdapterState, check_transition
+from orchestrator.store import migrate
+from orchestrator.store.engine import ensure_sqlite_dir, make_engine, writer
+from orchestrator.store.errors import Conflict, DatabaseUnavailable, NotFound, StoreError
+from orchestrator.store.models import (
+    AdapterRow,
+    CheckpointRow,
+    EventRow,
+    JobRow,
+    MetricSummaryRow,
+    PackMemberRow,
+    PackRow,
+    ProjectRow,
+    RegistryEntryRow,
+    SequenceRow,
+)
+from orchestrator.store.records import (
+    AdapterRecord,
+    CheckpointRecord,
+    EventRecord,
+    JobRecord,
+    MetricRecord,
+    NewAdapter,
+    NewEvent,
+    PackMemberRecord,
+    PackRecord,
+    RegistryRecord,
+    config_hash,
+)
+
+ADAPTER_SEQ = "adapter_seq"  # the counter row seeded by the initial migration
+JOB_FIELDS = frozenset({"error", "mlflow_run_id"})
+ADAPTER_FIELDS = frozenset(
+    {
+        "step",
+        "eval_loss",
+        "error",
+        "final_checkpoint",
+        "parent_checkpoint",
+        "data_fingerprint",
+        "output_dir",
+        "mlflow_run_id",
+        "priority",
+    }
+)
+REGISTRY_DECISIONS = (AdapterState.PROMOTED.value, AdapterState.REJECTED.value)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def default_lower_is_better(key: str) -> bool:
+    """Losses and perplexities improve downwards; any other metric upwards."""
+    return key.endswith(("loss", "perplexity"))
+
+
+class Store:
+    """lorafleet's SQL state on SQLite (`sqlite:///path`) or PostgreSQL (`postgresql+psycopg://...`).
+
+    Construction refuses a database whose schema is not at the Alembic head (`SchemaOutOfDate`, with
+    the command to run); `Store.open(url)` migrates first, as the embedded default does.
+    """
+
+    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine if engine is not None else make_engine(url)
+        try:
+            migrate.check_schema(self.engine, url)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(writer(self.engine), expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, upgrade: bool = True) -> Self:
+        """A store on `url`, migrated to the head first when `upgrade` (SQLite: the file's directory too)."""
+        ensure_sqlite_dir(url)
+        engine = make_engine(url)
+        try:
+            if upgrade:
+                migrate.upgrade_engine(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(url, engine=engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    @contextmanager
+    def _session(self, what: str, write: bool = False) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on error; database errors become typed errors."""
+        session = (self._write if write else self._read)()
+        try:
+            yield session
+            session.commit()
+        except IntegrityError as exc:
+            session.rollback()
+            raise Conflict(f"{what}: conflicts with existing data ({_first_line(exc.orig)})") from exc
+        except DBAPIError as exc:
+            session.rollback()
+            raise DatabaseUnavailable(f"{what}: database error ({_first_line(exc.orig)})") from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # ---- jobs ----
+
+    def create_job(
+        self,
+        project: str,
+        name: str,
+        spec: dict[str, Any],
+        adapters: Sequence[NewAdapter],
+        idempotency_key: str | None = None,
+    ) -> tuple[JobRecord, list[AdapterRecord], bool]:
+        """Create a job and its adapters (and the project, if new), all or nothing.
+
+        Returns `(job, adapters, created)`. With an `idempotency_key` already used for the same project,
+        name and spec, returns that job and `created=False`; the same key for a different job is a
+        `Conflict`. A name already taken in the project (or repeated in `adapters`) is a `Conflict` that
+        names it, and nothing is written.
+        """
+        what = f"create job {name!r} in project {project!r}"
+        try:
+            with self._session(what, write=True) as s:
+                if idempotency_key is not None:
+                    existing = self._job_for_key(s, idempotency_key, project, name, spec)
+                    if existing is not None:
+                        return existing
+                return self._create_job(s, project, name, spec, adapters, idempotency_key)
+        except Conflict:
+            if idempotency_key is None:
+                raise
+            with self._session(what) as s:  # a concurrent submit with the same key won the race
+                existing = self._job_for_key(s, idempotency_key, project, name, spec)
+            if existing is None:
+                raise
+            return existing
+
+    def _job_for_key(
+        self, s: Session, key: str, project: str, name: str, spec: dict[str, Any]
+    ) -> tuple[JobRecord, list[AdapterRecord], bool] | None:
+        row = s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).one_or_none()
+        if row is None:
+            return None
+        if (row.project, row.name, row.spec) != (project, name, spec):
+            raise Conflict(
+                f"idempotency key {key!r} was already used for job {row.id} ({row.project}/{row.name}) "
+                "with a different spec; use a new key for a new job"
+            )
+        adapters = s.scalars(select(AdapterRow).where(AdapterRow.job_id == row.id).order_by(AdapterRow.seq))
+        return row.to_entity(), [a.to_entity() for a in adapters], False
+
+    def _create_job(
+        self,
+        s: Session,
+        project: str,
+        name: str,
+        spec: dict[str, Any],
+        adapters: Sequence[NewAdapter],
+        idempotency_key: str | None,
+    ) -> tuple[JobRecord, list[AdapterRecord], bool]:
+        names = [a.name for a in adapters]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise Conflict(f"job {name!r} names the same adapter more than once: {repeated}")
+        taken = s.execute(
+            select(AdapterRow.name, AdapterRow.job_id)
+            .where(AdapterRow.project == project, AdapterRow.name.in_(names))
+            .order_by(AdapterRow.name)
+        ).all()
+        if taken:
+            listed = ", ".join(f"{project}/{n} (job {j})" for n, j in taken)
+            raise Conflict(
+                f"adapter name already taken in project {project!r}: {listed}; choose another name, "
+                "or branch from it with `parent`"
+            )
+        now = _now()
+        self._ensure_project(s, project, now)
+        job = JobRow(
+            id=_new_id(),
+            project=project,
+            name=name,
+            spec=spec,
+            state="pending",
+            idempotency_key=idempotency_key,
+            created_at=now,
+            updated_at=now,
+        )
+        s.add(job)
+        s.flush()  # the job row exists before adapters reference it
+        ids = {a.name: _new_id() for a in adapters}
+        lineage = self._lineage(s, adapters, ids)
+        first = self._next_seq(s, len(adapters))
+        rows = []
+        for i, a in enumerate(adapters):
+            parent_id, root_id, depth = lineage[a.name]
+            rows.append(
+                AdapterRow(
+                    id=ids[a.name],
+                    project=project,
+                    name=a.name,
+                    job_id=job.id,
+                    state=AdapterState.QUEUED.value,
+                    priority=a.priority,
+                    seq=first + i,
+                    base_model=a.base_model,
+                    quantization=a.quantization,
+                    dtype=a.dtype,
+                    lora=a.lora,
+                    train=a.train,
+                    data=a.data,
+                    parent_id=parent_id,
+                    root_id=root_id,
+                    depth=depth,
+                    config_hash=a.config_hash
+                    or config_hash(a.base_model, a.quantization, a.dtype, a.lora, a.train, a.data),
+                    output_dir=a.output_dir,
+                    step=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        s.add_all(sorted(rows, key=lambda row: row.depth))  # parents of the same job are inserted first
+        s.flush()
+        return job.to_entity(), [row.to_entity() for row in rows], True
+
+    @staticmethod
+    def _lineage(
+        s: Session, adapters: Sequence[NewAdapter], ids: Mapping[str, str]
+    ) -> dict[str, tuple[str | None, str, int]]:
+        """(parent_id, root_id, depth) per new adapter, from an existing parent row or one in this job."""
+        by_name = {a.name: a for a in adapters}
+        external = {a.parent_id for a in adapters if a.parent_id is not None}
+        parents = {row.id: row for row in s.scalars(select(AdapterRow).where(AdapterRow.id.in_(external)))}
+        resolved: dict[str, tuple[str | None, str, int]] = {}
+
+        def resolve(a: NewAdapter, trail: tuple[str, ...]) -> tuple[str | None, str, int]:
+            if a.name in resolved:
+                return resolved[a.name]
+            if a.parent_id is not None and a.parent_name is not None:
+                raise StoreError(f"adapter {a.name!r}: give `parent_id` or `parent_name`, not both")
+            if a.parent_id is not None:
+                parent = parents.get(a.parent_id)
+                if parent is None:
+                    raise NotFound(f"parent adapter id {a.parent_id!r} of adapter {a.name!r} not found")
+                result: tuple[str | None, str, int] = (parent.id, parent.root_id, parent.depth + 1)
+            elif a.parent_name is not None:
+                if a.parent_name not in by_name:
+                    raise NotFound(f"parent {a.parent_name!r} of adapter {a.name!r} is not in this job")
+                if a.parent_name in (*trail, a.name):
+                    raise StoreError(
+                        f"adapter {a.name!r} is its own ancestor: {' -> '.join((*trail, a.name))}"
+                    )
+                _, root_id, depth = resolve(by_name[a.parent_name], (*trail, a.name))
+                result = (ids[a.parent_name], root_id, depth + 1)
+            else:
+                result = (None, ids[a.name], 0)
+            resolved[a.name] = result
+            return result
+
+        for a in adapters:
+            resolve(a, ())
+        return resolved
+
+    @staticmethod
+    def _ensure_project(s: Session, project: str, now: datetime) -> None:
+        dialect = s.get_bind().dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            stmt = dialect_insert(ProjectRow).values(name=project, created_at=now)
+            s.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
+        elif s.get(ProjectRow, project) is None:
+            s.add(ProjectRow(name=project, created_at=now))
+
+    @staticmethod
+    def _next_seq(s: Session, count: int) -> int:
+        """Reserve `count` FIFO numbers; returns the first. The UPDATE locks the counter until commit."""
+        bumped = s.execute(
+            update(SequenceRow).where(SequenceRow.name == ADAPTER_SEQ).values(value=SequenceRow.value + count)
+        )
+        if bumped.rowcount != 1:  # type: ignore[attr-defined]
+            raise StoreError(f"the {ADAPTER_SEQ!r} counter row is missing; was the database migrated?")
+        last = s.scalar(select(SequenceRow.value).where(SequenceRow.name == ADAPTER_SEQ))
+        assert last is not None
+        return last - count + 1
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self._session(f"get job {job_id!r}") as s:
+            return self._job(s, job_id).to_entity()
+
+    def list_jobs(self, project: str | None = None, states: Collection[str] | None = None) -> list[JobRecord]:
+        """Jobs, newest first."""
+        query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id)
+        if project is not None:
+            query = query.where(JobRow.project == project)
+        if states is not None:
+            query = query.where(JobRow.state.in_([str(x) for x in states]))
+        with self._session("list jobs") as s:
+            return [row.to_entity() for row in s.scalars(query)]
+
+    def update_job(self, job_id: str, state: str | None = None, **fields: Any) -> JobRecord:
+        """Move a job to `state` (checked against the job lifecycle) and/or set `error`, `mlflow_run_id`."""
+        _check_fields("job", fields, JOB_FIELDS)
+        with self._session(f"update job {job_id!r}", write=True) as s:
+            row = self._job(s, job_id, lock=True)
+            if state is not None:
+                check_transition("job", row.state, state, entity=job_id)
+                row.state = str(state)
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.updated_at = _now()
+            s.flush()
+            return row.to_entity()
+
+    def set_job_state(self, job_id: str, state: str, error: str | None = None) -> JobRecord:
+        """Move a job to `state`; `error` (if given) says why it failed."""
+        return self.update_job(job_id, state, **({"error": error} if error is not None else {}))
+
+    @staticmethod
+    def _job(s: Session, job_id: str, lock: bool = False) -> JobRow:
+        row = s.get(JobRow, job_id, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return row
+
+    # ---- adapters ----
+
+    def get_adapter(self, project: str, name: str) -> AdapterRecord:
+        with self._session(f"get adapter {project}/{name}") as s:
+            row = s.scalars(
+                select(AdapterRow).where(AdapterRow.project == project, AdapterRow.name == name)
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"adapter {project}/{name} not found")
+            return row.to_entity()
+
+    def get_adapter_by_id(self, adapter_id: str) -> AdapterRecord:
+        with self._session(f"get adapter {adapter_id!r}") as s:
+            return self._adapter(s, adapter_id).to_entity()
+
+    def list_adapters(
+        self, project: str | None = None, job_id: str | None = None, states: Collection[str] | None = None
+    ) -> list[AdapterRecord]:
+        """Adapters in scheduling order: higher priority first, then first come first served (`seq`)."""
+        query = select(AdapterRow).order_by(AdapterRow.priority.desc(), AdapterRow.seq)
+        if project is not None:
+            query = query.where(AdapterRow.project == project)
+        if job_id is not None:
+            query = query.where(AdapterRow.job_id == job_id)
+        if states is not None:
+            query = query.where(AdapterRow.state.in_([str(x) for x in states]))
+        with self._session("list adapters") as s:
+            return [row.to_entity() for row in s.scalars(query)]
+
+    def update_adapter(self, adapter_id: str, state: str | None = None, **fields: Any) -> AdapterRecord:
+        """Move an adapter to `state` (checked against its lifecycle) and/or set fields.
+
+        Fields: step, eval_loss, error, final_checkpoint, parent_checkpoint, data_fingerprint,
+        output_dir, mlflow_run_id, priority. Entering `training` stamps `started_at` (the first time);
+        leaving queued/training for good stamps `finished_at`; leaving `training` closes the adapter's
+        open pack attempt with the new state as its outcome.
+        """
+        _check_fields("adapter", fields, ADAPTER_FIELDS)
+        with self._session(f"update adapter {adapter_id!r}", write=True) as s:
+            row = self._adapter(s, adapter_id, lock=True)
+            now = _now()
+            if state is not None:
+                self._transition(s, row, str(state), now)
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.updated_at = now
+            s.flush()
+            return row.to_entity()
+
+    @staticmethod
+    def _transition(s: Session, row: AdapterRow, state: str, now: datetime) -> None:
+        check_transition("adapter", row.state, state, entity=f"{row.project}/{row.name}")
+        old, row.state = row.state, state
+        if state == AdapterState.TRAINING and row.started_at is None:
+            row.started_at = now
+        if state in ADAPTER_FINISHED and old not in ADAPTER_FINISHED:
+            row.finished_at = now
+        if old == AdapterState.TRAINING:
+            s.execute(
+                update(PackMemberRow)
+                .where(PackMemberRow.adapter_id == row.id, PackMemberRow.left_at.is_(None))
+                .values(left_at=now, outcome=state)
+            )
+
+    @staticmethod
+    def _adapter(s: Session, adapter_id: str, lock: bool = False) -> AdapterRow:
+        row = s.get(AdapterRow, adapter_id, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"adapter {adapter_id!r} not found")
+        return row
+
+    # ---- lineage ----
+
+    def children(self, adapter_id: str) -> list[AdapterRecord]:
+        """Adapters branched directly from `adapter_id`, oldest first."""
+        with self._session(f"children of adapter {adapter_id!r}") as s:
+            self._adapter(s, adapter_id)
+            rows = s.scalars(
+                select(AdapterRow).where(AdapterRow.parent_id == adapter_id).order_by(AdapterRow.seq)
+            )
+            return [row.to_entity() for row in rows]
+
+    def ancestors(self, adapter_id: str) -> list[AdapterRecord]:
+        """The chain of parents of `adapter_id`, root first (empty for a root). One recursive query."""
+        with self._session(f"ancestors of adapter {adapter_id!r}") as s:
+            self._adapter(s, adapter_id)
+            chain = select(AdapterRow.id, AdapterRow.parent_id).where(AdapterRow.id == adapter_id)
+            chain = chain.cte("chain", recursive=True)
+            chain = chain.union_all(
+                select(AdapterRow.id, AdapterRow.parent_id).where(AdapterRow.id == chain.c.parent_id)
+            )
+            rows = s.scalars(
+                select(AdapterRow)
+                .where(AdapterRow.id.in_(select(chain.c.id)), AdapterRow.id != adapter_id)
+                .order_by(AdapterRow.depth)
+            )
+            return [row.to_entity() for row in rows]
+
+    def subtree(self, root_id: str) -> list[AdapterRecord]:
+        """Every adapter of the lineage tree rooted at `root_id` (the root included), by depth then age."""
+        with self._session(f"lineage tree of adapter {root_id!r}") as s:
+            rows = s.scalars(
+                select(AdapterRow)
+                .where(AdapterRow.root_id == root_id)
+                .order_by(AdapterRow.depth, AdapterRow.seq)
+            ).all()
+            if not rows:
+                raise NotFound(f"no lineage tree rooted at adapter {root_id!r}")
+            return [row.to_entity() for row in rows]
+
+    # ---- packs ----
+
+    def create_pack(
+        self,
+        pack_id: str | None = None,
+        *,
+        base_model: str,
+        quantization: str = "none",
+        dtype: str = "float32",
+        resources: Mapping[str, Any] | None = None,
+        ray_run_name: str | None = None,
+    ) -> PackRecord:
+        """Record a pack the controller is launching (state `running`)."""
+        row = PackRow(
+            id=pack_id or _new_id(),
+            base_model=base_model,
+            quantization=quantization,
+            dtype=dtype,
+            resources=dict(resources or {}),
+            state="running",
+            ray_run_name=ray_run_name,
+            created_at=_now(),
+        )
+        with self._session(f"create pack {row.id!r}", write=True) as s:
+            s.add(row)
+            s.flush()
+            return row.to_entity()
+
+    def finish_pack(self, pack_id: str, state: str, error: str | None = None) -> PackRecord:
+        """End a pack (`succeeded`, `failed` or `cancelled`); attempts still open end with that outcome."""
+        with self._session(f"finish pack {pack_id!r}", write=True) as s:
+            row = self._pack(s, pack_id, lock=True)
+            check_transition("pack", row.state, state, entity=pack_id)
+            now = _now()
+            row.state, row.error, row.finished_at = str(state), error, now
+            s.execute(
+                update(PackMemberRow)
+                .where(PackMemberRow.pack_id == pack_id, PackMemberRow.left_at.is_(None))
+                .values(left_at=now, outcome=str(state))
+            )
+            s.flush()
+            return row.to_entity()
+
+    def get_pack(self, pack_id: str) -> PackRecord:
+        with self._session(f"get pack {pack_id!r}") as s:
+            return self._pack(s, pack_id).to_entity()
+
+    def list_packs(self, states: Collection[str] | None = None) -> list[PackRecord]:
+        """Packs, oldest first."""
+        query = select(PackRow).order_by(PackRow.created_at, PackRow.id)
+        if states is not None:
+            query = query.where(PackRow.state.in_([str(x) for x in states]))
+        with self._session("list packs") as s:
+            return [row.to_entity() for row in s.scalars(query)]
+
+    def add_pack_member(self, pack_id: str, adapter_id: str) -> PackMemberRecord:
+        """Record that `adapter_id` joined the running pack `pack_id`: its next attempt (1, 2, ...)."""
+        with self._session(f"add adapter {adapter_id!r} to pack {pack_id!r}", write=True) as s:
+            pack = self._pack(s, pack_id)
+            if pack.state != "running":
+                raise Conflict(f"pack {pack_id!r} is {pack.state}; only a running pack takes adapters")
+            self._adapter(s, adapter_id)
+            last = s.scalar(
+                select(func.max(PackMemberRow.attempt)).where(PackMemberRow.adapter_id == adapter_id)
+            )
+            row = PackMemberRow(
+                pack_id=pack_id, adapter_id=adapter_id, attempt=(last or 0) + 1, joined_at=_now()
+            )
+            s.add(row)
+            s.flush()
+            return row.to_entity()
+
+    def list_pack_members(
+        self, pack_id: str | None = None, adapter_id: str | None = None
+    ) -> list[PackMemberRecord]:
+        """Attempts of a pack, or of an adapter (its history across packs), in joining order."""
+        query = select(PackMemberRow).order_by(PackMemberRow.joined_at, PackMemberRow.id)
+        if pack_id is not None:
+            query = query.where(PackMemberRow.pack_id == pack_id)
+        if adapter_id is not None:
+            query = query.where(PackMemberRow.adapter_id == adapter_id)
+        with self._session("list pack members") as s:
+            return [row.to_entity() for row in s.scalars(query)]
+
+    @staticmethod
+    def _pack(s: Session, pack_id: str, lock: bool = False) -> PackRow:
+        row = s.get(PackRow, pack_id, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"pack {pack_id!r} not found")
+        return row
+
+    # ---- checkpoints ----
+
+    def add_checkpoint(self, adapter_id: str, step: int, path: str, final: bool = False) -> CheckpointRecord:
+        with self._session(f"add checkpoint of adapter {adapter_id!r} at step {step}", write=True) as s:
+            self._adapter(s, adapter_id)
+            row = CheckpointRow(
+                adapter_id=adapter_id, step=step, path=str(path), final=final, created_at=_now()
+            )
+            s.add(row)
+            s.flush()
+            return row.to_entity()
+
+    def latest_checkpoint(self, adapter_id: str) -> CheckpointRecord | None:
+        """The checkpoint at the highest step (the newest one if a resumed run wrote that step again)."""
+        with self._session(f"latest checkpoint of adapter {adapter_id!r}") as s:
+            row = s.scalars(
+                select(CheckpointRow)
+                .where(CheckpointRow.adapter_id == adapter_id)
+                .order_by(CheckpointRow.step.desc(), CheckpointRow.id.desc())
+                .limit(1)
+            ).one_or_none()
+            return None if row is None else row.to_entity()
+
+    def list_checkpoints(self, adapter_id: str) -> list[CheckpointRecord]:
+        with self._session(f"checkpoints of adapter {adapter_id!r}") as s:
+            rows = s.scalars(
+                select(CheckpointRow)
+                .where(CheckpointRow.adapter_id == adapter_id)
+                .order_by(CheckpointRow.step, CheckpointRow.id)
+            )
+            return [row.to_entity() for row in rows]
+
+    # ---- events ----
+
+    def record_events(self, events: Sequence[NewEvent]) -> int:
+        """Insert a batch of progress events in one statement and one transaction; returns how many.
+
+        Non-finite floats in payloads (NaN, inf) are stored as null: JSON cannot spell them and
+        PostgreSQL refuses them.
+        """
+        if not events:
+            return 0
+        now = _now()
+        with self._session(f"record {len(events)} events", write=True) as s:
+            job_ids = {e.job_id for e in events}
+            missing = job_ids - set(s.scalars(select(JobRow.id).where(JobRow.id.in_(job_ids))))
+            if missing:
+                raise NotFound(f"events name unknown jobs: {sorted(missing)}")
+            s.execute(
+                insert(EventRow),
+                [
+                    {
+                        "job_id": e.job_id,
+                        "adapter_id": e.adapter_id,
+                        "kind": e.kind,
+                        "step": e.step,
+                        "payload": _finite(e.payload),
+                        "created_at": now,
+                    }
+                    for e in events
+                ],
+            )
+        return len(events)
+
+    def list_events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[EventRecord]:
+        """A job's events with id > `after_id`, oldest first, at most `limit` (page with the last id)."""
+        with self._session(f"list events of job {job_id!r}") as s:
+            rows = s.scalars(
+                select(EventRow)
+                .where(EventRow.job_id == job_id, EventRow.id > after_id)
+                .order_by(EventRow.id)
+                .limit(limit)
+            )
+            return [row.to_entity() for row in rows]
+
+    # ---- metrics ----
+
+    def upsert_metrics(
+        self,
+        adapter_id: str,
+        values: Mapping[str, tuple[float, int]],
+        lower_is_better: Collection[str] | None = None,
+    ) -> list[MetricRecord]:
+        """Fold `{key: (value, step)}` into the adapter's summaries: last value and step, best value.
+
+        `lower_is_better` names the keys that improve downwards; default: keys ending in `loss` or
+        `perplexity`. NaN values are skipped (they are neither a last nor a best value worth keeping).
+        """
+        lower = default_lower_is_better if lower_is_better is None else set(lower_is_better).__contains__
+        clean = {k: (float(v), int(step)) for k, (v, step) in values.items() if not math.isnan(v)}
+        with self._session(f"upsert metrics of adapter {adapter_id!r}", write=True) as s:
+            self._adapter(s, adapter_id)
+            existing = {
+                row.key: row
+                for row in s.scalars(
+                    select(MetricSummaryRow)
+                    .where(MetricSummaryRow.adapter_id == adapter_id, MetricSummaryRow.key.in_(clean))
+                    .with_for_update()
+                )
+            }
+            now = _now()
+            out = []
+            for key, (value, step) in sorted(clean.items()):
+                row = existing.get(key)
+                if row is None:
+                    row = MetricSummaryRow(adapter_id=adapter_id, key=key, best_value=value)
+                    s.add(row)
+                else:
+                    row.best_value = min(row.best_value, value) if lower(key) else max(row.best_value, value)
+                row.last_value, row.step, row.updated_at = value, step, now
+                out.append(row)
+            s.flush()
+            return [row.to_entity() for row in out]
+
+    def get_metrics(self, adapter_id: str) -> list[MetricRecord]:
+        with self._session(f"metrics of adapter {adapter_id!r}") as s:
+            rows = s.scalars(
+                select(MetricSummaryRow)
+                .where(MetricSummaryRow.adapter_id == adapter_id)
+                .order_by(MetricSummaryRow.key)
+            )
+            return [row.to_entity() for row in rows]
+
+    # ---- registry ----
+
+    def record_registry_decision(
+        self,
+        adapter_id: str,
+        decision: str,
+        *,
+        model_name: str | None = None,
+        version: int | None = None,
+        alias: str | None = None,
+        metric: str | None = None,
+        value: float | None = None,
+        reason: str | None = None,
+        transition: bool = True,
+    ) -> RegistryRecord:
+        """Keep a promotion gate's decision and why; with `transition`, move the adapter to `decision`
+        (`promoted` or `rejected`) in the same transaction, so state and history never disagree."""
+        if decision not in REGISTRY_DECISIONS:
+            raise ValueError(f"registry `decision` must be one of {REGISTRY_DECISIONS}; got {decision!r}")
+        with self._session(f"record {decision} decision for adapter {adapter_id!r}", write=True) as s:
+            adapter = self._adapter(s, adapter_id, lock=transition)
+            now = _now()
+            if transition:
+                self._transition(s, adapter, str(decision), now)
+                adapter.updated_at = now
+            row = RegistryEntryRow(
+                adapter_id=adapter_id,
+                decision=str(decision),
+                model_name=model_name,
+                version=version,
+                alias=alias,
+                metric=metric,
+                value=value,
+                reason=reason,
+                created_at=now,
+            )
+            s.add(row)
+            s.flush()
+            return row.to_entity()
+
+    def registry_history(self, adapter_id: str) -> list[RegistryRecord]:
+        """Every decision about the adapter, oldest first."""
+        with self._session(f"registry history of adapter {adapter_id!r}") as s:
+            rows = s.scalars(
+                select(RegistryEntryRow)
+                .where(RegistryEntryRow.adapter_id == adapter_id)
+                .order_by(RegistryEntryRow.id)
+            )
+            return [row.to_entity() for row in rows]
+
+
+def _check_fields(kind: str, fields: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise TypeError(f"cannot set {unknown} on a {kind}; settable fields: {sorted(allowed)}")
+
+
+def _first_line(error: BaseException | None) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

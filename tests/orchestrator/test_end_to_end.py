@@ -1,0 +1,315 @@
+"""The control plane end to end: real Ray (local), real Ray Train runs, real SQL, the tiny model.
+
+Ray Train runs cost ~15 s each on 2 cores, so each test here trains few, short packs and shares one Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from orchestrator import Client
+from orchestrator.controller import Controller
+from orchestrator.embedded import EmbeddedBackend
+from orchestrator.settings import Settings
+from orchestrator.spec import JobSpec, SpecError
+from workers.checkpoint import read_adapter
+from workers.synthetic import write_skill_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="lorafleet")
+    yield
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home", tick_seconds=0.2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for skill in ("counting", "colors", "animals"):
+        write_skill_data(root / f"{skill}.jsonl", skill, 80)
+    return root
+
+
+def _spec(base: Path, data: Path, name: str = "job", steps: int = 6, **extra) -> dict:
+    adapters = extra.pop("adapters", None) or [
+        {"name": "counting", "data": {"path": str(data / "counting.jsonl"), "eval_fraction": 0.1}},
+        {"name": "colors", "data": {"path": str(data / "colors.jsonl"), "eval_fraction": 0.1}},
+    ]
+    return {
+        "name": name,
+        "base_model": str(base),
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "max_seq_len": 48,
+            "eval_every": 0,
+            "checkpoint_every": 3,
+            "learning_rate": 5e-3,
+        },
+        "adapters": adapters,
+        **extra,
+    }
+
+
+def _wait_until(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_submit_trains_a_job_with_a_child_that_waits_for_its_parent(
+    tiny_base: Path, data_dir: Path, settings: Settings
+) -> None:
+    spec = _spec(
+        tiny_base,
+        data_dir,
+        adapters=[
+            {"name": "counting", "data": {"path": str(data_dir / "counting.jsonl"), "eval_fraction": 0.1}},
+            {
+                "name": "counting-more",
+                "parent": "counting",
+                "data": {"path": str(data_dir / "counting.jsonl")},
+                "train": {"steps": 3},
+            },
+            {"name": "colors", "data": {"path": str(data_dir / "colors.jsonl"), "eval_fraction": 0.1}},
+        ],
+    )
+    with Client(home=settings.home) as client:
+        job = client.submit(spec)
+        assert job.state == "pending" and [a.state for a in job.adapters] == ["queued"] * 3
+        seen: list[int] = []
+        view = job.wait(timeout=300, progress=lambda v, events: seen.extend(e.id for e in events))
+        assert view.state == "succeeded", view
+        assert seen == sorted(seen) and len(seen) > 0
+        adapters = {a.name: a for a in view.adapters}
+        for adapter in adapters.values():
+            assert (
+                adapter.state == "trained"
+                and Path(adapter.final_checkpoint, "adapter_model.safetensors").is_file()
+            )
+        parent, child = adapters["counting"], adapters["counting-more"]
+        assert (child.parent, child.depth, child.root) == ("default/counting", 1, "default/counting")
+        assert child.parent_checkpoint == parent.final_checkpoint
+        assert child.step == 3 and parent.step == 6 and parent.eval_loss is not None
+        assert read_adapter(Path(child.final_checkpoint)).r == 4
+        tree = client.lineage("counting-more")
+        assert tree.name == "default/counting" and [c.name for c in tree.children] == [
+            "default/counting-more"
+        ]
+
+
+def test_two_jobs_share_one_pack(tiny_base: Path, data_dir: Path, settings: Settings) -> None:
+    backend = EmbeddedBackend(settings=settings)
+    first = backend.service.submit(
+        JobSpec.parse(
+            _spec(
+                tiny_base,
+                data_dir,
+                "first",
+                adapters=[{"name": "counting", "data": {"path": str(data_dir / "counting.jsonl")}}],
+            )
+        )
+    )
+    second = backend.service.submit(
+        JobSpec.parse(
+            _spec(
+                tiny_base,
+                data_dir,
+                "second",
+                adapters=[{"name": "animals", "data": {"path": str(data_dir / "animals.jsonl")}}],
+            )
+        )
+    )
+    backend.ensure_running()
+    try:
+        _wait_until(lambda: all(backend.job(j.id).done for j in (first, second)), timeout=300)
+        assert {backend.job(j.id).state for j in (first, second)} == {"succeeded"}
+        packs = backend.store.list_packs()
+        assert len(packs) == 1 and packs[0].state == "succeeded"
+        members = {m.adapter_id for m in backend.store.list_pack_members(packs[0].id)}
+        assert members == {first.adapters[0].id, second.adapters[0].id}
+    finally:
+        backend.close()
+
+
+def test_cancel_stops_a_running_job(tiny_base: Path, data_dir: Path, settings: Settings) -> None:
+    with Client(home=settings.home) as client:
+        job = client.submit(_spec(tiny_base, data_dir, steps=100_000))
+        _wait_until(lambda: any(a.step > 0 for a in job.refresh().adapters), timeout=180)
+        client.cancel(job.id)
+        view = job.wait(timeout=120)
+        assert view.state == "cancelled"
+        assert {a.state for a in view.adapters} == {"cancelled"}
+        assert all(a.step < 100_000 for a in view.adapters)
+
+
+def test_controller_restart_mid_job_resumes_from_checkpoints(
+    tiny_base: Path, data_dir: Path, settings: Settings
+) -> None:
+    backend = EmbeddedBackend(settings=settings)
+    job = backend.submit(JobSpec.parse(_restart_spec(tiny_base, data_dir)), None)
+    try:
+        _wait_until(lambda: backend.store.latest_checkpoint(job.adapters[0].id) is not None, timeout=180)
+        backend.controller.stop(abandon_running=True)  # the controller dies; SQL still says "running"
+        assert backend.job(job.id).state == "running"
+        restarted = Controller(settings, backend.store)
+        restarted.start()
+        try:
+            _wait_until(lambda: backend.job(job.id).done, timeout=300)
+        finally:
+            restarted.stop()
+        view = backend.job(job.id)
+        assert view.state == "succeeded" and view.adapters[0].step == 60
+        steps = [e.step for e in backend.service.events(job.id) if e.kind == "step"]
+        assert steps != sorted(set(steps)), "some steps ran twice: it resumed from a checkpoint, not from 0"
+        assert steps[-1] == 60 and min(s for s in steps if s > 1) >= 2
+        assert [p.state for p in backend.store.list_packs()].count("failed") == 1
+    finally:
+        backend.close()
+
+
+def _restart_spec(base: Path, data: Path) -> dict:
+    spec = _spec(base, data, adapters=[{"name": "counting", "data": {"path": str(data / "counting.jsonl")}}])
+    spec["train"] |= {"steps": 60, "checkpoint_every": 5}
+    return spec
+
+
+def test_bad_specs_are_refused_and_nothing_is_written(
+    tiny_base: Path, data_dir: Path, settings: Settings
+) -> None:
+    with Client(home=settings.home) as client:
+        cases = {
+            "adapters.0.data.path": _spec(
+                tiny_base,
+                data_dir,
+                adapters=[{"name": "a", "data": {"path": str(data_dir / "missing.jsonl")}}],
+            ),
+            "adapters.0.parent": _spec(
+                tiny_base,
+                data_dir,
+                adapters=[
+                    {"name": "a", "parent": "nobody", "data": {"path": str(data_dir / "colors.jsonl")}}
+                ],
+            ),
+            "adapters.0.lora.rank": _spec(
+                tiny_base,
+                data_dir,
+                adapters=[
+                    {"name": "a", "lora": {"rank": 2}, "data": {"path": str(data_dir / "colors.jsonl")}}
+                ],
+            ),
+            "quantization": _spec(tiny_base, data_dir, quantization="8bit"),
+        }
+        for field, spec in cases.items():
+            with pytest.raises(SpecError) as caught:
+                client.submit(spec)
+            assert field in dict(caught.value.problems), caught.value.problems
+        assert client.jobs() == [] and client.adapters() == []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli(args: list[str], home: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LORAFLEET_HOME": str(home), "LORAFLEET_RAY_NUM_CPUS": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+
+
+def test_cli_submit_wait_json_and_bad_spec(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps(_spec(tiny_base, data_dir, adapters=[{"name": "Bad", "data": {"path": "x"}}])))
+    refused = _cli(["submit", str(bad), "--json"], home)
+    assert refused.returncode == 2 and "adapters.0.name" in refused.stderr and refused.stdout == ""
+    assert json.loads(_cli(["jobs", "--json"], home).stdout) == []
+
+    good = tmp_path / "good.yaml"
+    good.write_text(json.dumps(_spec(tiny_base, data_dir, steps=3)))
+    done = _cli(["submit", str(good), "--wait", "--json"], home)
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert view["state"] == "succeeded" and {a["state"] for a in view["adapters"]} == {"trained"}
+    listed = json.loads(_cli(["adapters", "--json"], home).stdout)
+    assert sorted(a["name"] for a in listed) == ["colors", "counting"]
+    status = json.loads(_cli(["status", view["id"], "--json"], home).stdout)
+    assert status["id"] == view["id"]
+
+
+def test_remote_client_against_a_real_server(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "LORAFLEET_HOME": str(tmp_path / "server-home"),
+        "LORAFLEET_API_TOKEN": "s3cret",
+        "LORAFLEET_RAY_NUM_CPUS": "2",
+        "LORAFLEET_TICK_SECONDS": "0.2",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "server", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        _wait_until(lambda: _healthy(httpx, url), timeout=60)
+        assert httpx.get(f"{url}/v1/jobs").status_code == 401
+        with Client(url, "s3cret") as client:
+            with pytest.raises(SpecError) as caught:
+                client.submit(
+                    _spec(tiny_base, data_dir, adapters=[{"name": "x", "data": {"path": "/nope.jsonl"}}])
+                )
+            assert "adapters.0.data.path" in dict(caught.value.problems)
+            job = client.submit(_spec(tiny_base, data_dir, steps=3), idempotency_key="once")
+            again = client.submit(_spec(tiny_base, data_dir, steps=3), idempotency_key="once")
+            assert again.id == job.id
+            view = job.wait(timeout=300)
+            assert view.state == "succeeded"
+            assert client.adapter("counting").state == "trained"
+            from orchestrator.client import ApiError
+
+            with pytest.raises(ApiError) as missing:
+                client.job("does-not-exist")
+            assert missing.value.status == 404
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _healthy(httpx, url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

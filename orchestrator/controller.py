@@ -56,11 +56,19 @@ class PackShape:
     gpus_per_worker: float
     max_failures: int
     memory_gb: float | None
+    max_adapters: int
 
     @classmethod
     def of(cls, spec: JobSpec) -> PackShape:
         r = spec.resources
-        return cls(r.workers, r.cpus_per_worker, r.gpus_per_worker, r.max_failures, r.memory_gb_per_worker)
+        return cls(
+            r.workers,
+            r.cpus_per_worker,
+            r.gpus_per_worker,
+            r.max_failures,
+            r.memory_gb_per_worker,
+            r.max_adapters_per_worker,
+        )
 
 
 @dataclass
@@ -69,9 +77,13 @@ class RunningPack:
     base: sched.BaseKey
     shape: PackShape
     ref: Any
-    max_adapters: int
+    base_bytes: int
     members: dict[str, str] = field(default_factory=dict)  # adapter name in the pack -> adapter id
-    estimated_bytes: int = 0
+    member_bytes: dict[str, int] = field(default_factory=dict)  # adapter name -> its memory estimate
+
+    @property
+    def used_bytes(self) -> int:
+        return self.base_bytes + sum(self.member_bytes.values())
 
 
 class Controller:
@@ -203,8 +215,9 @@ class Controller:
 
     def _finish_adapter(self, adapter: AdapterRecord, done: AdapterDone) -> None:
         pack = self.running.get(done.pack_id)
-        if pack is not None:
+        if pack is not None:  # its slot and memory are free for a refill
             pack.members.pop(done.adapter, None)
+            pack.member_bytes.pop(done.adapter, None)
         if adapter.state in {s.value for s in FINISHED}:
             return
         if adapter.state == AdapterState.QUEUED.value and done.status != "cancelled":
@@ -240,10 +253,11 @@ class Controller:
         by_shape: dict[PackShape, list[AdapterRecord]] = {}
         for adapter in ready:
             by_shape.setdefault(PackShape.of(self._spec(adapter.job_id)), []).append(adapter)
-        idle = self._idle_slots()
+        free_slots = self._free_slots()
         for shape, adapters in by_shape.items():
             demands = [self._demand(a) for a in adapters]
             records = {a.id: a for a in adapters}
+            idle = self._idle_workers(shape, free_slots)
             workers = idle + [self._worker_state(p) for p in self.running.values() if p.shape == shape]
             infos = {d.base: self._info(d.base) for d in demands}
             for placement in sched.schedule(demands, workers, infos):
@@ -251,7 +265,7 @@ class Controller:
                 if placement.refill:
                     self._offer(self.running[placement.worker_id], chosen)
                 else:
-                    idle = [w for w in idle if w.worker_id != placement.worker_id]
+                    free_slots -= 1
                     self._launch(placement, shape, chosen)
 
     def _ready_adapters(self) -> list[AdapterRecord]:
@@ -282,42 +296,45 @@ class Controller:
                 chosen.append(adapter)
         return chosen
 
-    def _idle_slots(self) -> list[sched.WorkerState]:
+    def _free_slots(self) -> int:
+        """Packs that may start now: one per GPU on a GPU cluster, else one per CPU (Ray queues the rest)."""
         resources = ray.cluster_resources()
-        cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-        total = max(1, gpus or cpus)
-        free = max(0, total - len(self.running))
-        ram = psutil.virtual_memory().total * 0.8 / total
-        budget = int(DEFAULT_GPU_BUDGET_GB * 2**30) if gpus else int(ram)
+        total = max(1, int(resources.get("GPU", 0)) or int(resources.get("CPU", 1)))
+        return max(0, total - len(self.running))
+
+    def _idle_workers(self, shape: PackShape, count: int) -> list[sched.WorkerState]:
         return [
             sched.WorkerState(
-                worker_id=f"slot-{uuid.uuid4().hex[:8]}",
-                memory_bytes=budget,
-                has_gpu=gpus > 0,
-                max_adapters=10_000,
+                worker_id=f"idle-{i}",
+                memory_bytes=self._budget(shape),
+                has_gpu=shape.gpus_per_worker > 0,
+                max_adapters=shape.max_adapters,
                 running_base=None,
                 running_adapters=(),
                 used_bytes=0,
             )
-            for _ in range(free)
+            for i in range(count)
         ]
 
     def _worker_state(self, pack: RunningPack) -> sched.WorkerState:
-        budget = int((pack.shape.memory_gb or 0) * 2**30) or self._default_budget(pack.shape)
         return sched.WorkerState(
             worker_id=pack.pack_id,
-            memory_bytes=budget,
+            memory_bytes=self._budget(pack.shape),
             has_gpu=pack.shape.gpus_per_worker > 0,
-            max_adapters=pack.max_adapters,
+            max_adapters=pack.shape.max_adapters,
             running_base=pack.base,
             running_adapters=tuple(pack.members.values()),
-            used_bytes=pack.estimated_bytes,
+            used_bytes=pack.used_bytes,
         )
 
-    def _default_budget(self, shape: PackShape) -> int:
+    def _budget(self, shape: PackShape) -> int:
+        """A worker's memory: `memory_gb_per_worker` if the job says, else a GPU default or a RAM share."""
+        if shape.memory_gb:
+            return int(shape.memory_gb * 2**30)
         if shape.gpus_per_worker > 0:
             return int(DEFAULT_GPU_BUDGET_GB * 2**30)
-        return int(psutil.virtual_memory().total * 0.8 / max(1, int(ray.cluster_resources().get("CPU", 1))))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return int(psutil.virtual_memory().total * 0.8 / cpus)
 
     def _demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
         spec = self._spec(adapter.job_id)
@@ -383,7 +400,7 @@ class Controller:
             dtype=placement.base.dtype,  # type: ignore[arg-type]
             device="cuda" if gpu else "cpu",
             adapters=[self._task(a) for a in adapters],
-            max_adapters=spec.resources.max_adapters_per_worker,
+            max_adapters=shape.max_adapters,
         )
         self.store.create_pack(
             pack_id,
@@ -402,14 +419,8 @@ class Controller:
             "num_threads": max(1, int(shape.cpus_per_worker)),
         }
         ref = fit_pack_task.remote(plan.model_dump_json(), self._channel, options)
-        pack = RunningPack(
-            pack_id,
-            placement.base,
-            shape,
-            ref,
-            spec.resources.max_adapters_per_worker,
-            estimated_bytes=placement.estimated_bytes,
-        )
+        base_bytes = sched.base_memory_bytes(placement.base, self._info(placement.base))
+        pack = RunningPack(pack_id, placement.base, shape, ref, base_bytes)
         self.running[pack_id] = pack
         self._join(pack, adapters)
 
@@ -421,12 +432,12 @@ class Controller:
             self._join(pack, adapters)
 
     def _join(self, pack: RunningPack, adapters: list[AdapterRecord]) -> None:
+        info = self._info(pack.base)
         for adapter in adapters:
             pack.members[adapter.name] = adapter.id
+            pack.member_bytes[adapter.name] = sched.adapter_memory_bytes(self._demand(adapter), info)
             self.store.add_pack_member(pack.pack_id, adapter.id)
             self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
-        info = self._info(pack.base)
-        pack.estimated_bytes += sum(sched.adapter_memory_bytes(self._demand(a), info) for a in adapters)
 
     # ---- jobs ----
 

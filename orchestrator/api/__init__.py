@@ -31,6 +31,14 @@ class BranchRequest(BaseModel):
     train: dict[str, Any] | None = None
 
 
+def _backend(request: Request) -> EmbeddedBackend:
+    return request.app.state.backend
+
+
+# Module level, not inside create_app: FastAPI resolves these string annotations in the module namespace.
+Backend = Annotated[EmbeddedBackend, Depends(_backend)]
+
+
 def _problem(status: int, message: str, problems: list[tuple[str, str]] | None = None) -> JSONResponse:
     body = {"message": message, "problems": [{"field": f, "message": m} for f, m in problems or []]}
     return JSONResponse(status_code=status, content={"detail": body})
@@ -61,11 +69,6 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
                     "problems": [],
                 },
             )
-
-    def backend(request: Request) -> EmbeddedBackend:
-        return request.app.state.backend
-
-    Backend = Annotated[EmbeddedBackend, Depends(backend)]
 
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, exc: SpecError) -> JSONResponse:

@@ -1,0 +1,528 @@
+"""Where queued adapters train next: a pure function from (demands, workers, model shapes) to placements.
+
+Why pure: placement is the one decision in lorafleet that must be fair, never overfill a GPU and never
+strand work, and those properties are only checkable if the decision is data in, data out. So this module
+imports no Ray, no SQL, no torch and reads no files; the controller gathers the facts (queued adapters,
+worker budgets, each base's `config.json` turned into a `BaseModelInfo`), calls `schedule`, and acts on
+the `Placement`s. Same input, same output: every choice is ordered by explicit keys, never by set or
+dict-hash order.
+
+The rules, in one place:
+
+- **A pack holds one base.** Adapters share a pack only if their `BaseKey` (model, quantization, dtype)
+  is equal. An idle worker (`running_base is None`) may open a new pack for one base; a worker already
+  running a pack only takes refills of that same base.
+- **Memory.** `used_bytes + (base_memory_bytes if a new pack) + sum(adapter_memory_bytes) <=
+  memory_bytes`, and `len(running_adapters) + new adapters <= max_adapters`. An idle worker's
+  `used_bytes` is normally 0 and is counted like any other; a running pack's is taken as at least its
+  base's estimate (a pack always holds its base), so what `unplaceable` rejects is never placed.
+- **GPU/CPU.** A GPU demand goes only on GPU workers. A CPU demand goes first on CPU workers; GPU workers
+  are offered to CPU demands only after every GPU demand that fits has been placed (so CPU work never
+  takes a GPU from GPU work in the same call, but is not stranded on a cluster where every slot has a
+  GPU). For a worker that runs a pack, `has_gpu` should describe that pack's device.
+- **Order** (`fair_order`): by priority, highest first; within a priority, round-robin over projects —
+  round 0 takes each project's oldest demand, round 1 each project's second oldest, and so on — and
+  within a round projects go in the order of their oldest demand at that priority (FIFO); within a
+  project, by `seq`. One project with 10,000 queued adapters therefore cannot starve another project's
+  single adapter at the same priority.
+- **Maximal.** Demands are placed greedily in that order: a demand joins a pack of its base that has room
+  (a running one: refill; or one opened earlier in this call), else opens the idle worker it fits best,
+  else waits. Free capacity only shrinks during the pass, so when it ends no unplaced demand fits
+  anywhere; the base an idle worker opens is the base of the highest-ranked demand that needed it.
+  "Best fit" = the pack or idle worker with the least free memory that still fits (ties: input order),
+  which keeps big workers for big demands.
+
+Memory model (an estimate meant to err high; the worker measures the truth):
+
+- base = frozen weights + `RUNTIME_OVERHEAD_BYTES`. Unquantized: `n_params * dtype bytes`. 8bit / 4bit
+  (bitsandbytes): the decoder-layer linears at ~1.02 / ~0.52 bytes per weight, the rest (embeddings,
+  norms, output head) in `dtype`.
+- adapter = `16 * P` for P LoRA parameters (fp32 weights, fp32 grads, two fp32 AdamW moments) plus
+  activations for its rows: `batch_size * max_seq_len` tokens, each saving per decoder layer
+  `SAVED_HIDDEN * hidden_size + SAVED_INTERMEDIATE * intermediate_size` values in the compute dtype
+  (norm inputs/outputs and their fp32 upcasts, q/k/v, attention output, the MLP's gate, up, act and
+  product), plus `vocab_size * (dtype bytes + 8)` for the logits, their fp32 copy for the loss and its
+  fp32 gradient. Attention is assumed to use SDPA's fused kernels, which save no seq x seq matrix.
+  The base GEMM runs over the pack's concatenated rows, so activations add up per adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DTYPE_BYTES",
+    "LORA_STATE_BYTES_PER_PARAM",
+    "QUANT_BYTES",
+    "RUNTIME_OVERHEAD_BYTES",
+    "SAVED_HIDDEN",
+    "SAVED_INTERMEDIATE",
+    "AdapterDemand",
+    "BaseKey",
+    "BaseModelInfo",
+    "Placement",
+    "WorkerState",
+    "adapter_memory_bytes",
+    "base_memory_bytes",
+    "fair_order",
+    "lora_param_count",
+    "model_info_from_config",
+    "schedule",
+    "unplaceable",
+]
+
+_GIB = 2**30
+DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bitsandbytes bytes per quantized weight: int8 + fp32 row statistics (4 / in_features, <= 1/64 for
+# in_features >= 256); nf4 + 8-bit absmax per 64-block + fp32 second-level absmax per 256 blocks.
+QUANT_BYTES: Mapping[str, float] = {"8bit": 1.0 + 1 / 64, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
+_QUANTIZATIONS = ("none", *QUANT_BYTES)
+# Framework, allocator slack and (on a GPU) the CUDA context: present once per worker whatever the model.
+RUNTIME_OVERHEAD_BYTES = 256 * 2**20
+# Values saved for backward per token per decoder layer, in units of hidden_size / intermediate_size.
+SAVED_HIDDEN = 12
+SAVED_INTERMEDIATE = 4
+# Per logit: fp32 copy for the loss + its fp32 gradient (the lm_head output itself is in the compute dtype).
+_LOGIT_EXTRA_BYTES = 8
+LORA_STATE_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+
+_MEMORY_FIX = "give workers more memory (`resources.memory_gb_per_worker`)"
+
+
+# ---- the data ----
+
+
+@dataclass(frozen=True)
+class BaseKey:
+    """Adapters may share a pack only if these are equal."""
+
+    base_model: str
+    quantization: str  # "none" | "8bit" | "4bit"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+
+    def __post_init__(self) -> None:
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"`quantization` must be one of {_QUANTIZATIONS}; got {self.quantization!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"`dtype` must be one of {tuple(DTYPE_BYTES)}; got {self.dtype!r}")
+
+    def __str__(self) -> str:
+        return f"{self.base_model} ({self.quantization}/{self.dtype})"
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """The shape of a base model, as far as memory is concerned (see `model_info_from_config`).
+
+    `linear_shapes` has one entry per kind of linear in a decoder layer: `(name, in_features,
+    out_features)`, where `name` is the module's path inside the layer (`"self_attn.q_proj"`) or its bare
+    name (`"q_proj"`). Every one of the `num_layers` layers is assumed to hold each kind once. The output
+    head is not listed: like PEFT's 'all-linear', LoRA never targets it.
+    """
+
+    n_params: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    linear_shapes: tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class AdapterDemand:
+    """One queued adapter, reduced to what placement needs."""
+
+    adapter_id: str  # unique
+    project: str
+    base: BaseKey
+    priority: int  # higher first
+    seq: int  # submission order: FIFO tie-break, unique
+    r: int
+    target_modules: tuple[str, ...] | str  # a tuple of dotted-suffix names, or "all-linear"
+    batch_size: int
+    max_seq_len: int
+    needs_gpu: bool
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                raise ValueError(
+                    f"`target_modules` of {self.adapter_id!r} must be a tuple of names or 'all-linear'; "
+                    f"got {self.target_modules!r}"
+                )
+        elif not self.target_modules:
+            raise ValueError(f"`target_modules` of {self.adapter_id!r} is empty")
+        for name in ("r", "batch_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` of {self.adapter_id!r} must be > 0; got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A worker slot and what runs on it now."""
+
+    worker_id: str
+    memory_bytes: int  # budget: GPU memory on a GPU worker, else its share of RAM
+    has_gpu: bool
+    max_adapters: int
+    running_base: BaseKey | None  # base of the pack running there now; None if idle
+    running_adapters: tuple[str, ...]  # adapter ids in that pack
+    used_bytes: int  # memory estimate of what runs there now (base + adapters)
+
+    def __post_init__(self) -> None:
+        if self.running_base is None and self.running_adapters:
+            raise ValueError(
+                f"worker {self.worker_id!r} has `running_adapters` {list(self.running_adapters)[:3]} "
+                "but no `running_base`; give the base of the pack they run in"
+            )
+        if self.max_adapters < 0 or self.memory_bytes < 0 or self.used_bytes < 0:
+            raise ValueError(
+                f"worker {self.worker_id!r}: `max_adapters`, `memory_bytes` and `used_bytes` must be >= 0; "
+                f"got {self.max_adapters}, {self.memory_bytes}, {self.used_bytes}"
+            )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Adapters to start on one worker: a new pack (`refill=False`) or additions to its running pack."""
+
+    worker_id: str
+    base: BaseKey
+    adapter_ids: tuple[str, ...]  # in rank order
+    refill: bool
+    estimated_bytes: int  # the worker's whole estimate after this placement: used + (base) + adapters
+
+
+# ---- memory ----
+
+
+def base_memory_bytes(base: BaseKey, info: BaseModelInfo) -> int:
+    """Frozen weights in their stored precision, plus the per-worker runtime overhead."""
+    dtype_bytes = DTYPE_BYTES[base.dtype]
+    if base.quantization == "none":
+        weights = info.n_params * dtype_bytes
+    else:
+        quantized = info.num_layers * sum(i * o for _, i, o in info.linear_shapes)
+        rest = max(0, info.n_params - quantized)
+        weights = math.ceil(quantized * QUANT_BYTES[base.quantization]) + rest * dtype_bytes
+    return weights + RUNTIME_OVERHEAD_BYTES
+
+
+def _matches(name: str, target: str) -> bool:
+    # PEFT's dotted-suffix match; a target naming one layer's module ("layers.0.self_attn.q_proj") is
+    # counted for every layer, which overestimates and so stays safe.
+    return name == target or name.endswith("." + target) or target.endswith("." + name)
+
+
+def lora_param_count(info: BaseModelInfo, r: int, target_modules: tuple[str, ...] | str) -> int:
+    """LoRA parameters over all layers: `r * (in + out)` per targeted linear (A is r x in, B is out x r)."""
+    if target_modules == "all-linear":
+        shapes = info.linear_shapes
+    else:
+        shapes = tuple(s for s in info.linear_shapes if any(_matches(s[0], t) for t in target_modules))
+    return r * info.num_layers * sum(i + o for _, i, o in shapes)
+
+
+def _activation_bytes(info: BaseModelInfo, dtype: str, batch_size: int, max_seq_len: int) -> int:
+    act = DTYPE_BYTES[dtype]
+    per_layer = SAVED_HIDDEN * info.hidden_size + SAVED_INTERMEDIATE * info.intermediate_size
+    per_token = info.num_layers * per_layer * act + info.vocab_size * (act + _LOGIT_EXTRA_BYTES)
+    return batch_size * max_seq_len * per_token
+
+
+def adapter_memory_bytes(demand: AdapterDemand, info: BaseModelInfo) -> int:
+    """What one adapter adds to a pack: LoRA state (16 bytes/param) + activations of its rows (module doc)."""
+    params = lora_param_count(info, demand.r, demand.target_modules)
+    return LORA_STATE_BYTES_PER_PARAM * params + _activation_bytes(
+        info, demand.base.dtype, demand.batch_size, demand.max_seq_len
+    )
+
+
+def model_info_from_config(config: Mapping[str, Any]) -> BaseModelInfo:
+    """A `BaseModelInfo` from a LLaMA/Mistral/Qwen-style `config.json` dict (dense decoder models).
+
+    Reads `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`,
+    `num_key_value_heads` (default: the attention heads), `head_dim` (default: hidden / heads),
+    `vocab_size`, `tie_word_embeddings` (default false, as in LLaMA, Mistral and Qwen2), `attention_bias`
+    and `mlp_bias`. A multimodal config's `text_config` is used when the top level has no `hidden_size`.
+    """
+    cfg: Mapping[str, Any] = config
+    if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), Mapping):
+        cfg = cfg["text_config"]
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [key for key in required if cfg.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"model config lacks {missing}: lorafleet's memory model reads LLaMA/Mistral/Qwen-style configs "
+            f"with {list(required)}; got keys {sorted(cfg)[:25]}"
+        )
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
+    if experts > 1:
+        raise ValueError(
+            f"model config has {experts} experts (mixture of experts); lorafleet's memory model covers dense "
+            "decoder models only, and would underestimate this one"
+        )
+    h, inter, layers = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or h // heads)
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    shapes = (
+        ("self_attn.q_proj", h, q_out),
+        ("self_attn.k_proj", h, kv_out),
+        ("self_attn.v_proj", h, kv_out),
+        ("self_attn.o_proj", q_out, h),
+        ("mlp.gate_proj", h, inter),
+        ("mlp.up_proj", h, inter),
+        ("mlp.down_proj", inter, h),
+    )
+    biases = 0
+    if cfg.get("model_type") == "qwen2" and "attention_bias" not in cfg:  # Qwen2: q/k/v biases, always
+        biases += q_out + 2 * kv_out
+    elif cfg.get("attention_bias"):  # LLaMA's flag: q/k/v/o biases
+        biases += q_out + 2 * kv_out + h
+    if cfg.get("mlp_bias"):
+        biases += 2 * inter + h
+    per_layer = sum(i * o for _, i, o in shapes) + biases + 2 * h  # + the two RMSNorm weights
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    n_params = layers * per_layer + vocab * h * (1 if tied else 2) + h  # + the final norm
+    return BaseModelInfo(n_params, h, inter, layers, vocab, shapes)
+
+
+# ---- order ----
+
+
+def _rank_keys(demands: Sequence[AdapterDemand]) -> list[tuple[int, int, int, str, int, str]]:
+    """Sort key per demand: (-priority, round, project's oldest seq, project, seq, id); see `fair_order`."""
+    by_fifo = sorted(range(len(demands)), key=lambda k: (-demands[k].priority, demands[k].seq))
+    taken: dict[tuple[int, str], int] = {}
+    oldest: dict[tuple[int, str], int] = {}
+    keys: list[Any] = [None] * len(demands)
+    for k in by_fifo:
+        d = demands[k]
+        queue = (d.priority, d.project)
+        turn = taken.get(queue, 0)
+        taken[queue] = turn + 1
+        first = oldest.setdefault(queue, d.seq)
+        keys[k] = (-d.priority, turn, first, d.project, d.seq, d.adapter_id)
+    return keys
+
+
+def fair_order(demands: Sequence[AdapterDemand]) -> list[AdapterDemand]:
+    """Demands in the order `schedule` serves them.
+
+    Key: `(-priority, round, oldest seq of the project at that priority, project, seq, adapter_id)`,
+    where `round` is the demand's position in its project's FIFO queue at that priority. So: higher
+    priority first; then project queues take turns one demand each, the project that has waited longest
+    going first in every round. The last two fields only break ties between malformed inputs (repeated
+    `seq`).
+    """
+    keys = _rank_keys(demands)
+    return [demands[k] for k in sorted(range(len(demands)), key=keys.__getitem__)]
+
+
+# ---- placement ----
+
+
+class _Pool:
+    """Free capacity of a set of workers (all GPU or all CPU) while one `schedule` call fills them.
+
+    Each worker with a free slot sits in exactly one sorted list of `(free_bytes, input_order)`: `idle`,
+    or `open[base]` for a pack (running, or opened in this call). A best-fit lookup is one bisect.
+    """
+
+    def __init__(self, workers: Sequence[tuple[int, WorkerState]], used: Sequence[int]) -> None:
+        self.free: dict[int, int] = {}
+        self.slots: dict[int, int] = {}
+        self.idle: list[tuple[int, int]] = []
+        self.open: dict[BaseKey, list[tuple[int, int]]] = {}
+        for order, w in workers:
+            free, slots = w.memory_bytes - used[order], w.max_adapters - len(w.running_adapters)
+            self.free[order], self.slots[order] = free, slots
+            if slots <= 0:
+                continue
+            if w.running_base is None:
+                self.idle.append((free, order))
+            else:
+                self.open.setdefault(w.running_base, []).append((free, order))
+        self.idle.sort()
+        for packs in self.open.values():
+            packs.sort()
+
+    def place(self, base: BaseKey, need: int, base_need: int) -> tuple[int, bool] | None:
+        """Put one adapter of `base` needing `need` bytes somewhere; (worker order, opened a pack) or None."""
+        packs = self.open.get(base)
+        if packs:
+            i = bisect_left(packs, (need, -1))
+            if i < len(packs):
+                _, order = packs.pop(i)
+                self._take(order, need, packs)
+                return order, False
+        i = bisect_left(self.idle, (need + base_need, -1))
+        if i < len(self.idle):
+            _, order = self.idle.pop(i)
+            self._take(order, need + base_need, self.open.setdefault(base, []))
+            return order, True
+        return None
+
+    def _take(self, order: int, need: int, packs: list[tuple[int, int]]) -> None:
+        self.free[order] -= need
+        self.slots[order] -= 1
+        if self.slots[order] > 0:
+            insort(packs, (self.free[order], order))
+
+
+def _adapter_sizer(infos: Mapping[BaseKey, BaseModelInfo]) -> Callable[[AdapterDemand], int]:
+    """`adapter_memory_bytes`, with the LoRA parameter count per (base, targets) computed once."""
+    per_rank: dict[tuple[BaseKey, tuple[str, ...] | str], int] = {}
+
+    def size(d: AdapterDemand) -> int:
+        key = (d.base, d.target_modules)
+        if key not in per_rank:
+            per_rank[key] = lora_param_count(infos[d.base], 1, d.target_modules)
+        act = _activation_bytes(infos[d.base], d.base.dtype, d.batch_size, d.max_seq_len)
+        return LORA_STATE_BYTES_PER_PARAM * d.r * per_rank[key] + act
+
+    return size
+
+
+def _used_bytes(worker: WorkerState, infos: Mapping[BaseKey, BaseModelInfo]) -> int:
+    """`used_bytes`, but never less than the running base's own estimate."""
+    base = worker.running_base
+    if base is None or base not in infos:  # no info: no demand of that base, so no refill to size
+        return worker.used_bytes
+    return max(worker.used_bytes, base_memory_bytes(base, infos[base]))
+
+
+def _check_inputs(
+    demands: Sequence[AdapterDemand], workers: Sequence[WorkerState], infos: Mapping[BaseKey, BaseModelInfo]
+) -> None:
+    for what, ids in (
+        ("adapter_id", [d.adapter_id for d in demands]),
+        ("worker_id", [w.worker_id for w in workers]),
+    ):
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise ValueError(f"each `{what}` must be unique; repeated: {repeated[:5]}")
+    missing = {d.base for d in demands} - set(infos)
+    if missing:
+        names = sorted(str(b) for b in missing)
+        raise ValueError(f"no `BaseModelInfo` given for {names[:5]}; pass one per base of the demands")
+
+
+def schedule(
+    demands: Sequence[AdapterDemand], workers: Sequence[WorkerState], infos: Mapping[BaseKey, BaseModelInfo]
+) -> list[Placement]:
+    """Place every demand that fits, in `fair_order`, by the module's rules; one placement per worker.
+
+    Demands already in some worker's `running_adapters` are skipped. Placements come in the order their
+    worker was first used, so the highest-ranked work is launched first. `infos` must cover the base of
+    every demand (ValueError otherwise); ids must be unique.
+    """
+    _check_inputs(demands, workers, infos)
+    running = {a for w in workers for a in w.running_adapters}
+    base_bytes = {b: base_memory_bytes(b, infos[b]) for b in sorted({d.base for d in demands}, key=str)}
+    used = [_used_bytes(w, infos) for w in workers]
+    indexed = list(enumerate(workers))
+    gpu = _Pool([(k, w) for k, w in indexed if w.has_gpu], used)
+    cpu = _Pool([(k, w) for k, w in indexed if not w.has_gpu], used)
+    placed: dict[int, list[str]] = {}  # worker order -> adapter ids; insertion order = first use
+    opened: dict[int, BaseKey] = {}  # idle workers given a new pack -> its base
+    added: dict[int, int] = {}
+    need_of = _adapter_sizer(infos)
+
+    def put(pool: _Pool, d: AdapterDemand, need: int) -> bool:
+        where = pool.place(d.base, need, base_bytes[d.base])
+        if where is None:
+            return False
+        order, new_pack = where
+        placed.setdefault(order, []).append(d.adapter_id)
+        added[order] = added.get(order, 0) + need + (base_bytes[d.base] if new_pack else 0)
+        if new_pack:
+            opened[order] = d.base
+        return True
+
+    spill: list[tuple[AdapterDemand, int]] = []
+    for d in fair_order([d for d in demands if d.adapter_id not in running]):
+        need = need_of(d)
+        if d.needs_gpu:
+            put(gpu, d, need)
+        elif not put(cpu, d, need):
+            spill.append((d, need))
+    for d, need in spill:  # GPU workers take CPU work only once no GPU demand fits them any more
+        put(gpu, d, need)
+
+    placements = []
+    for order, ids in placed.items():
+        w = workers[order]
+        refill = order not in opened
+        base = w.running_base if refill else opened[order]
+        assert base is not None
+        placements.append(Placement(w.worker_id, base, tuple(ids), refill, used[order] + added[order]))
+    return placements
+
+
+def unplaceable(
+    demands: Sequence[AdapterDemand], workers: Sequence[WorkerState], infos: Mapping[BaseKey, BaseModelInfo]
+) -> list[tuple[str, str]]:
+    """`(adapter_id, reason)` for each demand that would not fit even on an empty worker it may use.
+
+    Judged against every worker as if idle (its `memory_bytes` and `max_adapters`, not what runs there),
+    so pass the cluster's workers, busy ones included. Anything listed here `schedule` never places; the
+    reason names the numbers and the fix.
+    """
+    _check_inputs(demands, workers, infos)
+    usable = [w for w in workers if w.max_adapters >= 1]
+    largest_gpu = max((w.memory_bytes for w in usable if w.has_gpu), default=None)
+    largest_any = max((w.memory_bytes for w in usable), default=None)
+    base_bytes: dict[BaseKey, int] = {}
+    need_of = _adapter_sizer(infos)
+    out = []
+    for d in demands:
+        largest = largest_gpu if d.needs_gpu else largest_any
+        kind = "GPU worker" if d.needs_gpu else "worker"
+        if largest is None:
+            if d.needs_gpu and any(w.has_gpu for w in workers):
+                reason = "every GPU worker has `max_adapters` 0; raise `resources.max_adapters_per_worker`"
+            elif d.needs_gpu:
+                reason = (
+                    f"needs a GPU worker, but none of the {len(workers)} workers has a GPU; add GPU nodes to "
+                    "the cluster or set `resources.gpus_per_worker: 0`"
+                )
+            else:
+                reason = (
+                    f"none of the {len(workers)} workers can take an adapter (`max_adapters` 0 or no "
+                    "workers); raise `resources.max_adapters_per_worker` or add workers"
+                )
+            out.append((d.adapter_id, reason))
+            continue
+        if d.base not in base_bytes:
+            base_bytes[d.base] = base_memory_bytes(d.base, infos[d.base])
+        base, adapter = base_bytes[d.base], need_of(d)
+        if base + adapter <= largest:
+            continue
+        head = (
+            f"needs {_gib(base + adapter)} on one worker (base {d.base}: {_gib(base)} + this adapter: "
+            f"{_gib(adapter)}), but the largest {kind} has {_gib(largest)}"
+        )
+        if base >= largest:
+            quantize = "quantize it (`quantization: 8bit` or `4bit`, CUDA), "
+            quantize = "" if d.base.quantization == "4bit" else quantize
+            fix = f"the base alone does not fit: {quantize}use a smaller base, or {_MEMORY_FIX}"
+        else:
+            act = _activation_bytes(infos[d.base], d.base.dtype, d.batch_size, d.max_seq_len)
+            fix = (
+                f"activations are {_gib(act)} of it: lower `train.batch_size` (now {d.batch_size}) or "
+                f"`train.max_seq_len` (now {d.max_seq_len}), or `lora.r` (now {d.r}), or {_MEMORY_FIX}"
+            )
+        out.append((d.adapter_id, f"{head}; {fix}"))
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.2f} GiB"

@@ -210,7 +210,7 @@ def adapters(
 
 def _tree(node: LineageNode, branch: Tree | None = None) -> Tree:
     loss = node.metrics.get("eval_loss")
-    label = f"[bold]{node.name}[/bold] [{node.status}]" + (
+    label = f"[bold]{node.name}[/bold] ({node.status})" + (
         f" eval_loss={loss:.4f}" if loss is not None else ""
     )
     here = Tree(label) if branch is None else branch.add(label)

@@ -36,6 +36,7 @@ from workers.plan import (
     Event,
     LoraConfig,
     PackPlan,
+    StartEvent,
     StepEvent,
     TrainConfig,
 )
@@ -197,7 +198,11 @@ class Controller:
             self.on_events(events)
 
     def _apply_event(self, adapter: AdapterRecord, event: Event) -> None:
-        if isinstance(event, StepEvent):
+        if isinstance(event, StartEvent):
+            if adapter.state == AdapterState.QUEUED.value:
+                self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
+            self.store.update_adapter(adapter.id, data_fingerprint=event.data_fingerprint)
+        elif isinstance(event, StepEvent):
             if adapter.state == AdapterState.QUEUED.value:
                 self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
             self.store.update_adapter(adapter.id, step=event.step)

@@ -14,6 +14,7 @@ from orchestrator.service import Service
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.store import Store
+from orchestrator.tracking import Tracker
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
 
 
@@ -24,11 +25,13 @@ class EmbeddedBackend:
         self.store = Store.open(self.settings.database_url, upgrade=True)
         self.service = Service(self.settings, self.store)
         self.controller = Controller(self.settings, self.store)
+        self.tracker = Tracker(self.store, str(self.settings.mlflow_uri), self.settings.mlflow_artifact_root)
         self._started = False
 
     def ensure_running(self) -> None:
         if not self._started:
             self.controller.start()
+            self.tracker.start()
             self._started = True
 
     def submit(self, spec: JobSpec, idempotency_key: str | None) -> JobView:
@@ -73,4 +76,5 @@ class EmbeddedBackend:
     def close(self) -> None:
         if self._started:
             self.controller.stop()
+            self.tracker.stop()
             self._started = False

@@ -49,5 +49,11 @@ class Settings(BaseSettings):
         assert self.storage is not None
         return self.storage
 
+    @property
+    def mlflow_artifact_root(self) -> Path | None:
+        """Where the embedded MLflow keeps artifacts; a remote tracking server decides for itself."""
+        uri = str(self.mlflow_uri)
+        return self.home / "mlflow-artifacts" if uri.startswith(("sqlite:", "file:", "/")) else None
+
     def adapter_dir(self, project: str, name: str) -> Path:
         return self.storage_dir / "adapters" / project / name

@@ -153,6 +153,16 @@ class _Event(_Strict):
     step: int
 
 
+class StartEvent(_Event):
+    """An adapter joined the pack: fresh (step 0), branched, or resumed at `step`."""
+
+    kind: Literal["start"] = "start"
+    data_fingerprint: str
+    train_examples: int
+    eval_examples: int
+    resumed: bool = False
+
+
 class StepEvent(_Event):
     kind: Literal["step"] = "step"
     loss: float
@@ -183,7 +193,9 @@ class AdapterDone(_Event):
     error: str | None = None
 
 
-Event = Annotated[StepEvent | EvalEvent | CheckpointEvent | AdapterDone, Field(discriminator="kind")]
+Event = Annotated[
+    StartEvent | StepEvent | EvalEvent | CheckpointEvent | AdapterDone, Field(discriminator="kind")
+]
 
 
 class PackResult(_Strict):

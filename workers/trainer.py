@@ -33,7 +33,16 @@ from workers import checkpoint as ckpt
 from workers.data import IGNORE_INDEX, AdapterData, Example, SampleStream, collate, load_adapter_data
 from workers.model import LoadedBase
 from workers.multilora import Adapter, LoraKernel, MultiLoraModel, linear_module_names
-from workers.plan import AdapterDone, AdapterTask, CheckpointEvent, EvalEvent, Event, StepEvent, TrainConfig
+from workers.plan import (
+    AdapterDone,
+    AdapterTask,
+    CheckpointEvent,
+    EvalEvent,
+    Event,
+    StartEvent,
+    StepEvent,
+    TrainConfig,
+)
 
 EmitFn = Callable[[Event], None]
 EVAL_ROWS_PER_FORWARD = 32
@@ -189,6 +198,17 @@ class PackTrainer:
         if resume_from is not None:
             run.load_training_state(ckpt.read_training_state(resume_from))
         self.runs[task.name] = run
+        self._emit(
+            StartEvent(
+                pack_id=self.pack_id,
+                adapter=task.name,
+                step=run.step,
+                data_fingerprint=data.fingerprint,
+                train_examples=len(data.train),
+                eval_examples=len(data.eval),
+                resumed=resume_from is not None,
+            )
+        )
         if run.step >= task.train.steps:  # e.g. `steps: 0`: the branch is its parent's weights, evaluated
             self._eval_and_report([run] if run.data.eval else [])
             self._finish(run)

@@ -61,7 +61,8 @@ class ProjectRow(Base):
 
 
 class SequenceRow(Base):
-    """Named counters (adapter FIFO order). Bumped with an UPDATE, which locks the row on PostgreSQL."""
+    """Named counters: adapter FIFO order (bumped with an UPDATE, which locks the row on PostgreSQL) and
+    `cursor:<name>` positions of projections such as the MLflow mirror."""
 
     __tablename__ = "lf_sequences"
 

@@ -633,16 +633,34 @@ class Store:
             )
         return len(events)
 
-    def list_events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[EventRecord]:
-        """A job's events with id > `after_id`, oldest first, at most `limit` (page with the last id)."""
+    def list_events(self, job_id: str | None, after_id: int = 0, limit: int = 1000) -> list[EventRecord]:
+        """Events with id > `after_id` (of one job, or of all with None), oldest first, at most `limit`.
+
+        Page with the last id. Ids grow in commit order because one controller writes them all, which
+        is what lets a projection such as the MLflow mirror keep a single cursor.
+        """
+        query = select(EventRow).where(EventRow.id > after_id)
+        if job_id is not None:
+            query = query.where(EventRow.job_id == job_id)
         with self._session(f"list events of job {job_id!r}") as s:
-            rows = s.scalars(
-                select(EventRow)
-                .where(EventRow.job_id == job_id, EventRow.id > after_id)
-                .order_by(EventRow.id)
-                .limit(limit)
-            )
+            rows = s.scalars(query.order_by(EventRow.id).limit(limit))
             return [row.to_entity() for row in rows]
+
+    # ---- cursors ----
+
+    def get_cursor(self, name: str) -> int:
+        """A named position (e.g. the last event mirrored to MLflow); 0 if never set."""
+        with self._session(f"read cursor {name!r}") as s:
+            return s.scalar(select(SequenceRow.value).where(SequenceRow.name == f"cursor:{name}")) or 0
+
+    def set_cursor(self, name: str, value: int) -> None:
+        key = f"cursor:{name}"
+        with self._session(f"move cursor {name!r}", write=True) as s:
+            row = s.get(SequenceRow, key)
+            if row is None:
+                s.add(SequenceRow(name=key, value=value))
+            else:
+                row.value = value
 
     # ---- metrics ----
 

@@ -115,6 +115,36 @@ def test_submit_trains_a_job_with_a_child_that_waits_for_its_parent(
         assert tree.name == "default/counting" and [c.name for c in tree.children] == [
             "default/counting-more"
         ]
+    _assert_mirrored_in_mlflow(settings, view)
+
+
+def _assert_mirrored_in_mlflow(settings: Settings, view) -> None:
+    """The job's parent run, one child run per adapter, step histories, lineage tags, PEFT artifacts."""
+    from mlflow import MlflowClient
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    client = MlflowClient(str(settings.mlflow_uri))
+    experiment = client.get_experiment_by_name("lorafleet/default")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"job", "counting", "counting-more", "colors"}
+    job_run = runs["job"].info.run_id
+    assert runs["job"].info.status == "FINISHED"
+    for name in ("counting", "counting-more", "colors"):
+        run = runs[name]
+        assert run.data.tags["mlflow.parentRunId"] == job_run and run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == list(range(1, int(run.data.params["train.steps"]) + 1))
+        assert run.data.tags["lorafleet.adapter"] == f"default/{name}"
+    child = runs["counting-more"].data.tags
+    assert child["lorafleet.lineage_path"] == "counting/counting-more"
+    assert child["lorafleet.parent"] == "default/counting"
+    assert "eval_loss" in runs["counting"].data.metrics and "perplexity" in runs["counting"].data.metrics
+    local = client.download_artifacts(runs["counting-more"].info.run_id, "adapter", str(settings.home / "dl"))
+    final = next(a.final_checkpoint for a in view.adapters if a.name == "counting-more")
+    weights = "adapter_model.safetensors"
+    assert (Path(local) / weights).read_bytes() == (Path(final) / weights).read_bytes()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(view.adapters[0].base_model), local)
 
 
 def test_two_jobs_share_one_pack(tiny_base: Path, data_dir: Path, settings: Settings) -> None:
@@ -188,7 +218,9 @@ def test_controller_restart_mid_job_resumes_from_checkpoints(
         # Resumed from the checkpoint, not from scratch: the steps it covered were not trained again.
         assert all(steps.count(s) == 1 for s in range(1, checkpointed + 1)), (checkpointed, steps)
         assert sorted((p.state, p.error) for p in backend.store.list_packs()) == [
-            ("failed", "controller restarted"), ("succeeded", None)]
+            ("failed", "controller restarted"),
+            ("succeeded", None),
+        ]
     finally:
         backend.close()
 

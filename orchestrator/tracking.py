@@ -1,0 +1,243 @@
+"""The MLflow mirror: one experiment per project, a parent run per job, a nested child run per adapter.
+
+It is a projection of SQL's event log, not a second source of truth: `sync()` reads events after a cursor
+kept in SQL, creates the runs it needs, logs each run's metrics with one `log_batch` per batch of events,
+uploads finished adapters as artifacts, and only then moves the cursor. If MLflow is unreachable the
+cursor stays put and the same events are mirrored on a later sync, so training never waits for MLflow and
+nothing is lost, even across a controller restart. (A sync that fails halfway may log some points twice;
+MLflow shows them as repeated steps.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from orchestrator.states import ADAPTER_FINISHED, JOB_TERMINAL
+from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
+
+log = logging.getLogger(__name__)
+
+CURSOR = "mlflow"
+BATCH_EVENTS = 2000
+MAX_METRICS_PER_CALL = 1000  # MLflow's own limit for log_batch
+STEP_METRICS = {"loss": "train_loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
+EVAL_METRICS = {"eval_loss": "eval_loss", "perplexity": "perplexity"}
+# Fail fast against a down tracking server instead of MLflow's long default retry; we retry ourselves.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def experiment_name(project: str) -> str:
+    return f"lorafleet/{project}"
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, inner in value.items():
+            out |= _flatten(f"{prefix}.{key}" if prefix else str(key), inner)
+        return out
+    return {prefix: str(value)[:6000]}
+
+
+class Tracker:
+    def __init__(self, store: Store, tracking_uri: str, artifact_root: Path | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.store = store
+        self.uri = tracking_uri
+        self.artifact_root = artifact_root
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._experiments: dict[str, str] = {}
+        self._closed_jobs: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- background loop ----
+
+    def start(self, period: float = 1.0) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._loop, args=(period,), name="lorafleet-mlflow", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.sync_quietly()  # a last catch-up, so a clean shutdown leaves MLflow complete
+
+    def _loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self.sync_quietly()
+
+    def sync_quietly(self) -> bool:
+        try:
+            self.sync()
+            return True
+        except Exception as exc:  # MLflow down or slow: keep the cursor, try again next time
+            log.warning("MLflow sync to %s failed, will retry: %s", self.uri, exc)
+            return False
+
+    # ---- the projection ----
+
+    def sync(self) -> int:
+        """Mirror every event after the cursor; returns how many were mirrored."""
+        total = 0
+        while True:
+            cursor = self.store.get_cursor(CURSOR)
+            events = self.store.list_events(None, after_id=cursor, limit=BATCH_EVENTS)
+            if not events:
+                break
+            self._mirror(events)
+            self.store.set_cursor(CURSOR, events[-1].id)
+            total += len(events)
+        self._close_finished_jobs()
+        return total
+
+    def _mirror(self, events: list[EventRecord]) -> None:
+        from mlflow.entities import Metric
+
+        metrics: dict[str, list[Metric]] = defaultdict(list)
+        finished: list[tuple[AdapterRecord, EventRecord]] = []
+        for event in events:
+            if event.adapter_id is None:
+                continue
+            adapter = self.store.get_adapter_by_id(event.adapter_id)
+            run_id = self._adapter_run(adapter)
+            stamp = int(event.created_at.timestamp() * 1000)
+            names = STEP_METRICS if event.kind == "step" else EVAL_METRICS if event.kind == "eval" else {}
+            for key, metric in names.items():
+                value = event.payload.get(key)
+                if value is not None:
+                    metrics[run_id].append(Metric(metric, float(value), stamp, int(event.step or 0)))
+            if event.kind == "start":
+                self._log_start(run_id, event)
+            elif event.kind == "done":
+                finished.append((adapter, event))
+        for run_id, points in metrics.items():
+            for i in range(0, len(points), MAX_METRICS_PER_CALL):
+                self.client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_CALL])
+        for adapter, event in finished:
+            self._finish_adapter_run(adapter, event)
+
+    def _experiment(self, project: str) -> str:
+        if project not in self._experiments:
+            name = experiment_name(project)
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                self._experiments[project] = found.experiment_id
+            else:
+                location = None
+                if self.artifact_root is not None:
+                    location = (self.artifact_root / project).resolve().as_uri()
+                self._experiments[project] = self.client.create_experiment(name, artifact_location=location)
+        return self._experiments[project]
+
+    def _job_run(self, job: JobRecord) -> str:
+        if job.mlflow_run_id:
+            return job.mlflow_run_id
+        spec = job.spec
+        run = self.client.create_run(
+            self._experiment(job.project),
+            run_name=job.name,
+            tags={"lorafleet.job": job.id, "lorafleet.project": job.project, "lorafleet.kind": "job"},
+        )
+        params = {
+            "base_model": spec.get("base_model"),
+            "quantization": spec.get("quantization"),
+            "dtype": spec.get("dtype"),
+            "adapters": len(spec.get("adapters", [])),
+            **_flatten("resources", spec.get("resources", {})),
+            **_flatten("promotion", spec.get("promotion", {})),
+        }
+        self._log_params(run.info.run_id, params)
+        self.store.update_job(job.id, mlflow_run_id=run.info.run_id)
+        return run.info.run_id
+
+    def _adapter_run(self, adapter: AdapterRecord) -> str:
+        if adapter.mlflow_run_id:
+            return adapter.mlflow_run_id
+        job = self.store.get_job(adapter.job_id)
+        parent_run = self._job_run(job)
+        path = [a.name for a in self.store.ancestors(adapter.id)] + [adapter.name]
+        parent = self.store.get_adapter_by_id(adapter.parent_id) if adapter.parent_id else None
+        root = self.store.get_adapter_by_id(adapter.root_id) if adapter.root_id != adapter.id else adapter
+        run = self.client.create_run(
+            self._experiment(adapter.project),
+            run_name=adapter.name,
+            tags={
+                "mlflow.parentRunId": parent_run,
+                "lorafleet.kind": "adapter",
+                "lorafleet.job": adapter.job_id,
+                "lorafleet.adapter": adapter.qualified_name,
+                "lorafleet.parent": parent.qualified_name if parent else "",
+                "lorafleet.root": root.qualified_name,
+                "lorafleet.lineage_path": "/".join(path),
+                "lorafleet.depth": str(adapter.depth),
+            },
+        )
+        params = {
+            "base_model": adapter.base_model,
+            "quantization": adapter.quantization,
+            "dtype": adapter.dtype,
+            **_flatten("lora", adapter.lora),
+            **_flatten("train", adapter.train),
+            **_flatten("data", adapter.data),
+            "config_hash": adapter.config_hash,
+            "parent_checkpoint": adapter.parent_checkpoint or "",
+        }
+        self._log_params(run.info.run_id, params)
+        self.store.update_adapter(adapter.id, mlflow_run_id=run.info.run_id)
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in sorted(params.items()) if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def _log_start(self, run_id: str, event: EventRecord) -> None:
+        """Pack placement and data fingerprint, as tags: params cannot change when an adapter resumes."""
+        from mlflow.entities import RunTag
+
+        payload = event.payload
+        tags = [
+            RunTag("lorafleet.pack_id", str(payload.get("pack_id"))),
+            RunTag("lorafleet.data_fingerprint", str(payload.get("data_fingerprint"))),
+            RunTag("lorafleet.train_examples", str(payload.get("train_examples"))),
+            RunTag("lorafleet.eval_examples", str(payload.get("eval_examples"))),
+        ]
+        self.client.log_batch(run_id, tags=tags)
+
+    def _finish_adapter_run(self, adapter: AdapterRecord, event: EventRecord) -> None:
+        status = event.payload.get("status")
+        final_dir = event.payload.get("final_dir")
+        if status == "trained" and final_dir and Path(final_dir).is_dir():
+            self.client.log_artifacts(
+                adapter.mlflow_run_id or self._adapter_run(adapter), final_dir, "adapter"
+            )
+        run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
+        self.client.set_terminated(
+            self._adapter_run(adapter), status=run_status, end_time=int(time.time() * 1000)
+        )
+
+    def _close_finished_jobs(self) -> None:
+        for job in self.store.list_jobs(states=sorted(JOB_TERMINAL)):
+            if not job.mlflow_run_id or job.id in self._closed_jobs:
+                continue
+            if all(a.state in ADAPTER_FINISHED for a in self.store.list_adapters(job_id=job.id)):
+                if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
+                    status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
+                    self.client.set_terminated(job.mlflow_run_id, status=status)
+                self._closed_jobs.add(job.id)

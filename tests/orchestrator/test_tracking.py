@@ -1,0 +1,147 @@
+"""The MLflow mirror, read back with MlflowClient; and nothing is lost while MLflow is down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from orchestrator.store import NewAdapter, NewEvent, Store
+from orchestrator.tracking import CURSOR, Tracker, experiment_name
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _job_with_events(store: Store, final_dir: Path) -> tuple[str, dict[str, str]]:
+    data = {"path": "/data/x.jsonl"}
+    job, adapters, _ = store.create_job(
+        "proj",
+        "job",
+        {"base_model": "base", "adapters": [{}, {}]},
+        [
+            NewAdapter(name="root", base_model="base", data=data, lora={"r": 4}, train={"steps": 3}),
+            NewAdapter(name="child", base_model="base", data=data, parent_name="root", train={"steps": 2}),
+        ],
+    )
+    ids = {a.name: a.id for a in adapters}
+    events = []
+    for name, steps in (("root", 3), ("child", 2)):
+        events.append(
+            NewEvent(
+                job.id,
+                "start",
+                ids[name],
+                0,
+                {"pack_id": "p1", "data_fingerprint": "f" * 64, "train_examples": 10, "eval_examples": 2},
+            )
+        )
+        events += [
+            NewEvent(
+                job.id,
+                "step",
+                ids[name],
+                s,
+                {"loss": 3.0 / s, "lr": 1e-3, "tokens_per_s": 100.0, "grad_norm": 0.5},
+            )
+            for s in range(1, steps + 1)
+        ]
+        events.append(NewEvent(job.id, "eval", ids[name], steps, {"eval_loss": 1.5, "perplexity": 4.48}))
+        events.append(
+            NewEvent(job.id, "done", ids[name], steps, {"status": "trained", "final_dir": str(final_dir)})
+        )
+    store.record_events(events)
+    for name in ("root", "child"):
+        store.update_adapter(ids[name], state="training")
+        store.update_adapter(ids[name], state="trained", final_checkpoint=str(final_dir))
+    store.set_job_state(job.id, "succeeded")
+    return job.id, ids
+
+
+def test_mirror_survives_mlflow_being_down_and_catches_up_later(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'lf.db'}")
+    final_dir = tmp_path / "final"
+    final_dir.mkdir()
+    (final_dir / "adapter_config.json").write_text("{}")
+    job_id, ids = _job_with_events(store, final_dir)
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    tracker = Tracker(store, uri)
+    assert tracker.sync_quietly() is False  # nobody listens: training goes on, nothing is mirrored yet
+    assert store.get_cursor(CURSOR) == 0
+
+    backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--default-artifact-root",
+            (tmp_path / "artifacts").as_uri(),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": "*"},
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not tracker.sync_quietly():
+            assert time.monotonic() < deadline, "MLflow server did not come up"
+            time.sleep(1)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(experiment_name("proj"))
+        runs = client.search_runs([experiment.experiment_id])
+        by_kind = {r.data.tags["lorafleet.kind"] + ":" + r.info.run_name: r for r in runs}
+        assert set(by_kind) == {"job:job", "adapter:root", "adapter:child"}
+        job_run = by_kind["job:job"]
+        assert job_run.info.status == "FINISHED" and job_run.data.params["base_model"] == "base"
+        child = by_kind["adapter:child"]
+        assert child.data.tags["mlflow.parentRunId"] == job_run.info.run_id
+        assert child.data.tags["lorafleet.lineage_path"] == "root/child"
+        assert child.data.tags["lorafleet.parent"] == "proj/root"
+        assert child.data.tags["lorafleet.root"] == "proj/root"
+        assert child.data.tags["lorafleet.data_fingerprint"] == "f" * 64
+        assert child.data.params["train.steps"] == "2" and child.info.status == "FINISHED"
+        history = client.get_metric_history(by_kind["adapter:root"].info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2, 3]
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "adapter")] == [
+            "adapter/adapter_config.json"
+        ]
+        assert store.get_adapter_by_id(ids["child"]).mlflow_run_id == child.info.run_id
+        assert store.get_job(job_id).mlflow_run_id == job_run.info.run_id
+        assert tracker.sync() == 0  # the cursor moved: nothing is mirrored twice
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_embedded_store_mirrors_in_process(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'lf.db'}")
+    final_dir = tmp_path / "final"
+    final_dir.mkdir()
+    (final_dir / "adapter_model.safetensors").write_bytes(b"x")
+    _job_with_events(store, final_dir)
+    tracker = Tracker(store, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow-artifacts")
+    assert tracker.sync() == 11  # start, steps, eval and done of both adapters
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment_name("proj"))
+    assert experiment.artifact_location.startswith((tmp_path / "mlflow-artifacts").as_uri())
+    assert len(client.search_runs([experiment.experiment_id])) == 3

@@ -263,6 +263,71 @@ def branch(
         raise typer.Exit(1)
 
 
+@app.command()
+def promote(
+    name: str,
+    alias: Annotated[
+        str | None, typer.Option("--alias", help="Alias to move (default: the job's policy).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the eval gate fails.")] = False,
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Promote NAME to the MLflow model registry (gated by the job's promotion policy unless --force)."""
+    decision = _run(lambda: _client(url, token, project).promote(name, alias=alias, force=force))
+    if as_json:
+        _emit_json(decision)
+    elif decision.decision == "promoted":
+        out.print(
+            f"promoted {decision.model_name} version {decision.version} as @{decision.alias}: "
+            f"{decision.reason}"
+        )
+    else:
+        err.print(f"rejected: {decision.reason}")
+    if decision.decision != "promoted":
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    name: str,
+    out_dir: Annotated[Path, typer.Option("--out", help="New directory to write.")],
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Merge into the base: a plain transformers model.")
+    ] = False,
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Export NAME as a PEFT adapter directory, or merged into its base (--merged)."""
+    path = _run(lambda: _client(url, token, project).export(name, out_dir, merged=merged))
+    if as_json:
+        _emit_json({"adapter": name, "project": project, "merged": merged, "path": str(path)})
+    else:
+        out.print(f"wrote {path}")
+
+
+@app.command()
+def generate(
+    name: str,
+    prompt: str,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 16,
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Complete PROMPT with adapter NAME (greedy)."""
+    text = _run(lambda: _client(url, token, project).generate(name, prompt, max_new_tokens=max_new_tokens))
+    if as_json:
+        _emit_json({"adapter": name, "project": project, "prompt": prompt, "text": text})
+    else:
+        out.print(text, highlight=False)
+
+
 # ---- setup and servers ----
 
 

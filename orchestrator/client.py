@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
 
 ProgressFn = Callable[["JobView", list[EventView]], None]
 
@@ -137,6 +137,22 @@ class Client:
     def cancel(self, job_id: str) -> JobView:
         return self._backend.cancel(job_id)
 
+    def promote(
+        self, name: str, alias: str | None = None, force: bool = False, project: str | None = None
+    ) -> RegistryView:
+        """Register the adapter in MLflow and point `alias` at it, if the job's gate passes (or `force`)."""
+        return self._backend.promote(*self._ref(name, project), alias, force)
+
+    def export(
+        self, name: str, out_dir: str | Path, merged: bool = False, project: str | None = None
+    ) -> Path:
+        """Write the PEFT adapter (or, `merged`, the base with it merged in) to `out_dir`."""
+        return self._backend.export(*self._ref(name, project), Path(out_dir), merged)
+
+    def generate(self, name: str, prompt: str, max_new_tokens: int = 16, project: str | None = None) -> str:
+        """Greedy completion of `prompt` through the adapter (cached in RAM over one shared base)."""
+        return self._backend.generate(*self._ref(name, project), prompt, max_new_tokens)
+
     def close(self) -> None:
         self._backend.close()
 
@@ -216,6 +232,30 @@ class RemoteBackend:
 
     def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
+        body = {"alias": alias, "force": force}
+        return RegistryView.model_validate(
+            self._call("POST", f"/v1/adapters/{project}/{name}/promote", json=body)
+        )
+
+    def export(self, project: str, name: str, out_dir: Path, merged: bool) -> Path:
+        """Download the export as a zip and unpack it into `out_dir` (which must be new or empty)."""
+        import io
+        import zipfile
+
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise ValueError(f"`out_dir` {str(out_dir)!r} exists and is not empty; choose a new directory")
+        response = self._http.get(f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
+        if response.status_code >= 400:
+            self._call("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})  # raises
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            archive.extractall(out_dir)
+        return out_dir
+
+    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
+        body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
+        return self._call("POST", f"/v1/adapters/{project}/{name}/generate", json=body)["text"]
 
     def close(self) -> None:
         self._http.close()

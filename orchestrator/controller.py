@@ -232,6 +232,8 @@ class Controller:
             fields["final_checkpoint"] = str(done.final_dir)
         if done.eval_loss is not None:
             fields["eval_loss"] = done.eval_loss
+        if done.baseline_eval_loss is not None:  # the parent on this adapter's eval data, for the gate
+            self.store.upsert_metrics(adapter.id, {"parent_eval_loss": (done.baseline_eval_loss, done.step)})
         self.store.update_adapter(adapter.id, state=done.status, **fields)
 
     def _reap(self, pack: RunningPack) -> None:
@@ -389,6 +391,7 @@ class Controller:
             data=DataConfig.model_validate(adapter.data),
             output_dir=Path(adapter.output_dir),
             init_from=init_from,
+            baseline_from=init_from,
         )
 
     def _launch(self, placement: sched.Placement, shape: PackShape, adapters: list[AdapterRecord]) -> None:

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.controller import Controller
+from orchestrator.export import export_adapter
+from orchestrator.registry import Registry
 from orchestrator.service import Service
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.store import Store
 from orchestrator.tracking import Tracker
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
 
 
 class EmbeddedBackend:
@@ -26,7 +28,10 @@ class EmbeddedBackend:
         self.service = Service(self.settings, self.store)
         self.controller = Controller(self.settings, self.store)
         self.tracker = Tracker(self.store, str(self.settings.mlflow_uri), self.settings.mlflow_artifact_root)
+        self.registry = Registry(self.store, self.tracker)
+        self.tracker.after_sync = self.registry.settle
         self._started = False
+        self._servers: dict[tuple[str, str, str], Any] = {}
 
     def ensure_running(self) -> None:
         if not self._started:
@@ -69,6 +74,30 @@ class EmbeddedBackend:
         view = self.service.branch(project, parent, name, data, lora, train)
         self.ensure_running()
         return view
+
+    def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
+        adapter = self.store.get_adapter(project, name)
+        return RegistryView.of(self.registry.promote(adapter.id, alias=alias, force=force))
+
+    def export(self, project: str, name: str, out_dir: Path, merged: bool) -> Path:
+        return export_adapter(self.store, self.store.get_adapter(project, name), out_dir, merged=merged)
+
+    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
+        adapter = self.store.get_adapter(project, name)
+        if not adapter.final_checkpoint:
+            raise ValueError(
+                f"adapter {adapter.qualified_name} is {adapter.state}: nothing to generate with yet"
+            )
+        key = (adapter.base_model, adapter.quantization, adapter.dtype)
+        if key not in self._servers:  # one base in memory per base model; adapters cached on it
+            from workers.serving import AdapterServer
+
+            self._servers[key] = AdapterServer(
+                adapter.base_model,
+                quantization=adapter.quantization,  # type: ignore[arg-type]
+                dtype=adapter.dtype,
+            )  # type: ignore[arg-type]
+        return self._servers[key].generate([(adapter.final_checkpoint, prompt)], max_new_tokens)[0]
 
     def cancel(self, job_id: str) -> JobView:
         return self.service.cancel(job_id, self.controller if self._started else None)

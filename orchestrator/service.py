@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator import lineage
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.states import AdapterState
@@ -140,23 +141,7 @@ class Service:
     def lineage(self, project: str, name: str) -> LineageNode:
         """The whole tree the adapter belongs to, from its root."""
         adapter = self.store.get_adapter(project, name)
-        nodes = self.store.subtree(adapter.root_id)
-        children: dict[str | None, list[AdapterRecord]] = {}
-        for node in nodes:
-            children.setdefault(node.parent_id, []).append(node)
-        by_id = {n.id: n for n in nodes}
-
-        def build(node: AdapterRecord) -> LineageNode:
-            parent = by_id.get(node.parent_id or "")
-            return LineageNode(
-                name=f"{node.project}/{node.name}",
-                parent=f"{parent.project}/{parent.name}" if parent else None,
-                status=node.state,
-                metrics=self._metrics(node.id),
-                children=[build(c) for c in children.get(node.id, [])],
-            )
-
-        return build(by_id[adapter.root_id])
+        return lineage.nested(lineage.tree_of(self.store, adapter), adapter.root_id, self._metrics)
 
     def branch(
         self,

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ BATCH_EVENTS = 2000
 MAX_METRICS_PER_CALL = 1000  # MLflow's own limit for log_batch
 STEP_METRICS = {"loss": "train_loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
 EVAL_METRICS = {"eval_loss": "eval_loss", "perplexity": "perplexity"}
+DONE_METRICS = {"baseline_eval_loss": "parent_eval_loss"}
+METRICS_BY_KIND = {"step": STEP_METRICS, "eval": EVAL_METRICS, "done": DONE_METRICS}
 # Fail fast against a down tracking server instead of MLflow's long default retry; we retry ourselves.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -47,12 +50,19 @@ def _flatten(prefix: str, value: Any) -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, store: Store, tracking_uri: str, artifact_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        tracking_uri: str,
+        artifact_root: Path | None = None,
+        after_sync: Callable[[], None] | None = None,
+    ) -> None:
         from mlflow import MlflowClient
 
         self.store = store
         self.uri = tracking_uri
         self.artifact_root = artifact_root
+        self.after_sync = after_sync  # e.g. the registry's auto-promotion, once runs and artifacts exist
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._experiments: dict[str, str] = {}
         self._closed_jobs: set[str] = set()
@@ -74,11 +84,16 @@ class Tracker:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.sync_quietly()  # a last catch-up, so a clean shutdown leaves MLflow complete
+        if self.sync_quietly() and self.after_sync is not None:  # a last catch-up on a clean shutdown
+            self.after_sync()
 
     def _loop(self, period: float) -> None:
         while not self._stop.wait(period):
-            self.sync_quietly()
+            if self.sync_quietly() and self.after_sync is not None:
+                try:
+                    self.after_sync()
+                except Exception:
+                    log.exception("after-sync hook failed; it runs again next time")
 
     def sync_quietly(self) -> bool:
         try:
@@ -115,7 +130,7 @@ class Tracker:
             adapter = self.store.get_adapter_by_id(event.adapter_id)
             run_id = self._adapter_run(adapter)
             stamp = int(event.created_at.timestamp() * 1000)
-            names = STEP_METRICS if event.kind == "step" else EVAL_METRICS if event.kind == "eval" else {}
+            names = METRICS_BY_KIND.get(event.kind, {})
             for key, metric in names.items():
                 value = event.payload.get(key)
                 if value is not None:

@@ -76,3 +76,21 @@ class LineageNode(_View):
     status: str
     metrics: dict[str, float]
     children: list[LineageNode] = Field(default_factory=list)
+
+
+class RegistryView(_View):
+    """One promotion decision: promoted (model version + alias) or rejected, and why."""
+
+    adapter_id: str
+    decision: str
+    model_name: str | None
+    version: int | None
+    alias: str | None
+    metric: str | None
+    value: float | None
+    reason: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: Any) -> RegistryView:
+        return cls.model_validate(record, from_attributes=True)

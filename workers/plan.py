@@ -105,6 +105,11 @@ class AdapterTask(_Strict):
     resume_from: Path | None = Field(
         default=None, description="Our checkpoint dir (adapter + training state) to resume exactly."
     )
+    baseline_from: Path | None = Field(
+        default=None,
+        description="PEFT adapter (e.g. the parent) to evaluate on this adapter's eval data at the end, "
+        "so a promotion gate can compare the two on the same data.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -190,6 +195,7 @@ class AdapterDone(_Event):
     status: Literal["trained", "failed", "cancelled"]
     final_dir: Path | None = None
     eval_loss: float | None = None
+    baseline_eval_loss: float | None = None
     error: str | None = None
 
 

@@ -417,6 +417,7 @@ class PackTrainer:
     def _finish(self, run: AdapterRun) -> None:
         final_dir = run.task.output_dir / ckpt.FINAL_DIR
         self._checkpoint(run, final_dir, final=True)
+        baseline = self._baseline_loss(run)
         self._detach(run)
         self._record_done(
             run.task,
@@ -427,8 +428,30 @@ class PackTrainer:
                 status="trained",
                 final_dir=final_dir,
                 eval_loss=run.last_eval_loss,
+                baseline_eval_loss=baseline,
             ),
         )
+
+    def _baseline_loss(self, run: AdapterRun) -> float | None:
+        """The baseline adapter's (e.g. the parent's) loss on this adapter's eval data, for the gate."""
+        source = run.task.baseline_from
+        if source is None or not run.data.eval:
+            return None
+        files = ckpt.read_adapter(source)
+        name = f"{run.name}@baseline"  # not a valid adapter name, so it cannot clash with a real one
+        self.model.add_adapter(
+            name,
+            r=files.r,
+            alpha=files.alpha,
+            dropout=0.0,
+            target_modules=sorted(files.weights),
+            seed=0,
+            init=files.weights,
+        )
+        try:
+            return self.evaluate([(name, self._eval_examples(run))])[0][0]
+        finally:
+            self.model.remove_adapter(name)
 
     def cancel(self, name: str) -> None:
         """Drop an adapter between steps; its latest checkpoint stays on disk."""

@@ -7,20 +7,36 @@ never a 500. When `LORAFLEET_API_TOKEN` is set, every route but the health check
 from __future__ import annotations
 
 import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from orchestrator.embedded import EmbeddedBackend
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.store import Conflict, NotFound, StoreError
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alias: str | None = None
+    force: bool = False
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    max_new_tokens: int = Field(default=16, gt=0, le=1024)
 
 
 class BranchRequest(BaseModel):
@@ -141,5 +157,27 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     @app.post("/v1/adapters/{project}/{name}/branch", status_code=201, dependencies=guarded)
     def branch(project: str, name: str, body: BranchRequest, b: Backend) -> JobView:
         return b.branch(project, name, body.name, body.data, body.lora, body.train)
+
+    @app.post("/v1/adapters/{project}/{name}/promote", dependencies=guarded)
+    def promote(project: str, name: str, body: PromoteRequest, b: Backend) -> RegistryView:
+        return b.promote(project, name, body.alias, body.force)
+
+    @app.post("/v1/adapters/{project}/{name}/generate", dependencies=guarded)
+    def generate(project: str, name: str, body: GenerateRequest, b: Backend) -> dict[str, str]:
+        return {"text": b.generate(project, name, body.prompt, body.max_new_tokens)}
+
+    @app.get("/v1/adapters/{project}/{name}/export", dependencies=guarded)
+    def export(project: str, name: str, b: Backend, merged: bool = False) -> FileResponse:
+        """The export as a zip: the PEFT adapter directory, or the merged model (`?merged=true`)."""
+        work = Path(tempfile.mkdtemp(prefix="lorafleet-export-"))
+        out = b.export(project, name, work / name, merged)
+        archive = shutil.make_archive(str(work / name), "zip", root_dir=out)
+        suffix = "-merged" if merged else ""
+        return FileResponse(
+            archive,
+            filename=f"{project}.{name}{suffix}.zip",
+            media_type="application/zip",
+            background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
+        )
 
     return app

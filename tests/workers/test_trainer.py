@@ -185,10 +185,11 @@ def test_zero_steps_from_a_parent_keeps_its_weights_bit_for_bit(
     parent = make_task("counting", out="parent", steps=6)
     _train(tiny_base, parent)
     child = make_task("child", skill="colors", out="child", steps=0).model_copy(
-        update={"init_from": parent.output_dir / "final"}
+        update={"init_from": parent.output_dir / "final", "baseline_from": parent.output_dir / "final"}
     )
     done, _ = _train(tiny_base, child)
     assert done["child"].status == "trained" and done["child"].eval_loss is not None
+    assert done["child"].baseline_eval_loss == done["child"].eval_loss  # same weights, same eval data
     for key, value in final_weights(parent).items():
         assert torch.equal(value, final_weights(child)[key])
 

@@ -1,0 +1,96 @@
+"""`lorafleet export`: a trained adapter as a PEFT directory, or merged into its base as a plain model.
+
+Both are written to a temporary sibling and renamed into place, so a failed export leaves nothing behind,
+and both carry a README card with the adapter's lineage. Merging uses PEFT's own `merge_and_unload`
+(W + (alpha/r)·B·A), and the result loads with plain `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from orchestrator.store import AdapterRecord, Store
+from workers.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META
+
+PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META)
+
+
+def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
+    path = [a.qualified_name for a in store.ancestors(adapter.id)] + [adapter.qualified_name]
+    metrics = {m.key: m.last_value for m in store.get_metrics(adapter.id)}
+    kind = "the base model with this LoRA adapter merged in" if merged else "a PEFT LoRA adapter"
+    base = f"AutoModelForCausalLM.from_pretrained({adapter.base_model!r})"
+    load = (
+        "AutoModelForCausalLM.from_pretrained(this_dir)"
+        if merged
+        else f"PeftModel.from_pretrained({base}, this_dir)"
+    )
+    lines = [
+        f"# {adapter.qualified_name}",
+        "",
+        f"Trained with lorafleet: {kind}.",
+        "",
+        f"- base model: `{adapter.base_model}` ({adapter.quantization}, {adapter.dtype})",
+        f"- lineage (root first): {' -> '.join(path)}",
+        f"- parent checkpoint: `{adapter.parent_checkpoint or '-'}`",
+        f"- job: `{adapter.job_id}`, steps: {adapter.step}",
+        f"- data fingerprint: `{adapter.data_fingerprint or '-'}`",
+        f"- config hash: `{adapter.config_hash}`",
+        f"- metrics: {json.dumps(metrics, sort_keys=True)}",
+        f"- LoRA: `{json.dumps(adapter.lora, sort_keys=True)}`",
+        f"- train: `{json.dumps(adapter.train, sort_keys=True)}`",
+        "",
+        f"Load it with `{load}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_adapter(store: Store, adapter: AdapterRecord, out_dir: Path, merged: bool = False) -> Path:
+    """Write the adapter (or the merged model) to `out_dir`, which must not exist or be empty."""
+    if not adapter.final_checkpoint or not Path(adapter.final_checkpoint).is_dir():
+        raise ValueError(
+            f"adapter {adapter.qualified_name} is {adapter.state} and has no final checkpoint yet; "
+            "wait for it to finish training"
+        )
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"`--out` {str(out_dir)!r} exists and is not empty; choose a new directory")
+    source = Path(adapter.final_checkpoint)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-export-{out_dir.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if merged:
+            _write_merged(adapter, source, tmp)
+        else:
+            for name in PEFT_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+        (tmp / "README.md").write_text(_card(store, adapter, merged), encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_merged(adapter: AdapterRecord, source: Path, dest: Path) -> None:
+    if adapter.quantization != "none":
+        raise ValueError(
+            f"adapter {adapter.qualified_name} was trained on a {adapter.quantization} base; "
+            "merging into quantized weights loses precision: export the PEFT adapter instead"
+        )
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.model import TORCH_DTYPES
+
+    base = AutoModelForCausalLM.from_pretrained(adapter.base_model, dtype=TORCH_DTYPES[adapter.dtype])
+    merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    merged.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(adapter.base_model).save_pretrained(dest)

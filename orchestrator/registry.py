@@ -1,0 +1,156 @@
+"""Promotion: an eval gate decides, MLflow's model registry records (version + alias), SQL keeps why.
+
+`decide` is pure (policy + metrics in, decision out) so the gate is tested without MLflow. `Registry`
+acts: after training it moves adapters to `evaluated`, promotes those whose job asks for `auto`
+promotion, and promotes by hand (`lorafleet promote`), gated unless forced. A registered model is named
+`<project>.<adapter>`; each promotion adds a model version whose source is the adapter run's artifacts
+and moves the alias (MLflow aliases, not the deprecated stages). A failed gate records `rejected` with
+its reason and sets no alias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator.spec import JobSpec, PromotionPolicy
+from orchestrator.states import AdapterState
+from orchestrator.store import AdapterRecord, RegistryRecord, Store
+from orchestrator.tracking import Tracker
+
+BASELINE_METRIC = "parent_eval_loss"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    metric: str
+    value: float | None
+    reason: str
+
+
+def decide(
+    policy: PromotionPolicy, metrics: Mapping[str, float], parent_value: float | None, has_parent: bool
+) -> GateDecision:
+    """Apply the job's promotion policy to an adapter's eval metrics (lower is better for both metrics)."""
+    metric = policy.metric
+    value = metrics.get(metric)
+    if value is None or not math.isfinite(value):
+        return GateDecision(
+            False,
+            metric,
+            None,
+            f"no `{metric}`: give the adapter eval data (`data.eval_path` or `data.eval_fraction`)",
+        )
+    checks = []
+    if policy.max is not None:
+        if value > policy.max:
+            return GateDecision(False, metric, value, f"{metric} {value:.4f} > max {policy.max}")
+        checks.append(f"{metric} {value:.4f} <= max {policy.max}")
+    if policy.min is not None:
+        if value < policy.min:
+            return GateDecision(False, metric, value, f"{metric} {value:.4f} < min {policy.min}")
+        checks.append(f"{metric} {value:.4f} >= min {policy.min}")
+    if policy.better_than_parent and has_parent:
+        if parent_value is None:
+            return GateDecision(
+                False, metric, value, "the parent was not evaluated on this adapter's eval data"
+            )
+        parent_metric = parent_value if metric == "eval_loss" else math.exp(min(parent_value, 700.0))
+        if value >= parent_metric:
+            return GateDecision(
+                False,
+                metric,
+                value,
+                f"{metric} {value:.4f} does not beat the parent's {parent_metric:.4f} on the same eval data",
+            )
+        checks.append(f"beats the parent's {parent_metric:.4f}")
+    return GateDecision(True, metric, value, "; ".join(checks) or "no gate conditions set")
+
+
+def registered_model_name(adapter: AdapterRecord) -> str:
+    return f"{adapter.project}.{adapter.name}"
+
+
+class Registry:
+    def __init__(self, store: Store, tracker: Tracker) -> None:
+        self.store = store
+        self.tracker = tracker
+
+    def _policy(self, adapter: AdapterRecord) -> PromotionPolicy:
+        return JobSpec.model_validate(self.store.get_job(adapter.job_id).spec).promotion
+
+    def settle(self) -> None:
+        """Trained adapters become `evaluated` (their final eval ran in the pack); auto-promote if asked."""
+        for adapter in self.store.list_adapters(states=[AdapterState.TRAINED.value]):
+            self.store.update_adapter(adapter.id, state=AdapterState.EVALUATED.value)
+            if self._policy(adapter).auto:
+                self.promote(adapter.id)
+
+    def promote(self, adapter_id: str, alias: str | None = None, force: bool = False) -> RegistryRecord:
+        adapter = self.store.get_adapter_by_id(adapter_id)
+        allowed = (AdapterState.TRAINED, AdapterState.EVALUATED, AdapterState.PROMOTED, AdapterState.REJECTED)
+        if adapter.state not in {s.value for s in allowed}:
+            raise ValueError(
+                f"adapter {adapter.qualified_name} is {adapter.state}; only a trained adapter "
+                "can be promoted: wait for it to finish"
+            )
+        policy = self._policy(adapter)
+        alias = alias or policy.alias
+        metrics = {m.key: m.last_value for m in self.store.get_metrics(adapter.id)}
+        if adapter.eval_loss is not None:
+            metrics.setdefault("eval_loss", adapter.eval_loss)
+        gate = decide(policy, metrics, metrics.get(BASELINE_METRIC), adapter.parent_id is not None)
+        if not gate.passed and not force:
+            return self.store.record_registry_decision(
+                adapter.id,
+                "rejected",
+                metric=gate.metric,
+                value=gate.value,
+                reason=gate.reason,
+                transition=adapter.state != AdapterState.PROMOTED.value,
+            )
+        name, version = self._register(adapter, metrics, alias)
+        reason = gate.reason if gate.passed else f"forced past a failed gate: {gate.reason}"
+        return self.store.record_registry_decision(
+            adapter.id,
+            "promoted",
+            model_name=name,
+            version=version,
+            alias=alias,
+            metric=gate.metric,
+            value=gate.value,
+            reason=reason,
+            transition=adapter.state != AdapterState.PROMOTED.value,
+        )
+
+    def _register(self, adapter: AdapterRecord, metrics: Mapping[str, float], alias: str) -> tuple[str, int]:
+        """A new model version from the adapter run's artifacts, and the alias moved onto it."""
+        from mlflow.exceptions import MlflowException
+
+        self.tracker.sync()  # the adapter's run and its artifacts must exist before we point at them
+        adapter = self.store.get_adapter_by_id(adapter.id)
+        client = self.tracker.client
+        name = registered_model_name(adapter)
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(
+                name, tags={"lorafleet.project": adapter.project, "lorafleet.base_model": adapter.base_model}
+            )
+        lineage = "/".join([a.name for a in self.store.ancestors(adapter.id)] + [adapter.name])
+        tags = {
+            "lorafleet.base_model": adapter.base_model,
+            "lorafleet.lineage_path": lineage,
+            "lorafleet.job": adapter.job_id,
+            "lorafleet.config_hash": adapter.config_hash,
+            **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        }
+        if adapter.mlflow_run_id:
+            source = f"{client.get_run(adapter.mlflow_run_id).info.artifact_uri}/adapter"
+        else:
+            source = str(adapter.final_checkpoint)
+        version = client.create_model_version(name, source, run_id=adapter.mlflow_run_id, tags=tags)
+        client.set_registered_model_alias(name, alias, version.version)
+        return name, int(version.version)

@@ -1,0 +1,86 @@
+"""Try adapters: one frozen base in memory, adapters cached in RAM (LRU), switched per request.
+
+Switching is free by construction: every cached adapter is attached to the same `MultiLoraModel`, and a
+request only changes which row segment points at which adapter. Loading an adapter the first time reads
+its PEFT files once; beyond `capacity` the least recently used one is detached. Requests for different
+adapters are answered in one batched `generate`, each row through its own adapter.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from workers.checkpoint import read_adapter
+from workers.model import load_base
+from workers.multilora import MultiLoraModel
+from workers.plan import Device, DType, Quantization
+
+
+class AdapterServer:
+    def __init__(
+        self,
+        base_model: str,
+        *,
+        capacity: int = 8,
+        tokenizer: str | None = None,
+        quantization: Quantization = "none",
+        dtype: DType = "float32",
+        device: Device = "auto",
+    ) -> None:
+        loaded = load_base(base_model, tokenizer=tokenizer, quantization=quantization, dtype=dtype, device=device)
+        self.model = MultiLoraModel(loaded.model)
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._serial = 0
+
+    def load(self, adapter_dir: str | Path) -> str:
+        """Attach the adapter (once; later calls are a dictionary lookup) and return its slot name."""
+        path = Path(adapter_dir).resolve()
+        key = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        files = read_adapter(path)
+        self._serial += 1
+        name = f"cached-{self._serial}"
+        self.model.add_adapter(name, r=files.r, alpha=files.alpha, dropout=0.0, seed=0,
+                               target_modules=sorted(files.weights), init=files.weights)
+        self._cache[key] = name
+        while len(self._cache) > self.capacity:
+            _, evicted = self._cache.popitem(last=False)
+            self.model.remove_adapter(evicted)
+        return name
+
+    @property
+    def cached(self) -> list[str]:
+        return [path for path, _ in self._cache]
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[tuple[str | Path | None, str]], max_new_tokens: int = 16) -> list[str]:
+        """Greedy completions for (adapter dir or None for the bare base, prompt) pairs, in one batch."""
+        slots = [self.load(adapter) if adapter is not None else None for adapter, _ in requests]
+        order = sorted(range(len(requests)), key=lambda i: (slots[i] or ""))  # contiguous rows per adapter
+        segments: list[tuple[str | None, int, int]] = []
+        for row, i in enumerate(order):
+            if segments and segments[-1][0] == slots[i]:
+                segments[-1] = (slots[i], segments[-1][1], row + 1)
+            else:
+                segments.append((slots[i], row, row + 1))
+        tok = self.tokenizer
+        tok.padding_side = "left"  # new tokens line up at the right edge for every row
+        batch = tok([requests[i][1] for i in order], return_tensors="pt", padding=True).to(self.device)
+        with self.model.routed(segments, training=False):
+            out = self.model.base.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = [""] * len(requests)
+        for row, i in enumerate(order):
+            answers[i] = texts[row]
+        return answers

@@ -453,8 +453,8 @@ METHODS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def child_main(spec: RunSpec, results: Any, barrier: Any = None) -> None:
-    """Entry point of every spawned child: quiet libraries, run the method, report numbers or the error."""
+def quiet_libraries() -> None:
+    """No progress bars or deprecation chatter from transformers/PEFT in the benchmark's output."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
@@ -463,6 +463,11 @@ def child_main(spec: RunSpec, results: Any, barrier: Any = None) -> None:
     warnings.filterwarnings("ignore")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def child_main(spec: RunSpec, results: Any, barrier: Any = None) -> None:
+    """Entry point of every spawned child: quiet libraries, run the method, report numbers or the error."""
+    quiet_libraries()
     torch.set_num_threads(spec.threads)
     if spec.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -547,7 +552,7 @@ def run_single(spec: RunSpec, peak_flops: float) -> dict[str, Any]:
     return finish_row(spec, out, peak_flops)
 
 
-def merge_procs(children: list[dict[str, Any]], specs: list[RunSpec]) -> dict[str, Any]:
+def merge_procs(children: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate the K single-adapter children over their common (barrier-aligned) steady window."""
     errors = [c["error"] for c in children if "error" in c]
     if errors:
@@ -559,9 +564,7 @@ def merge_procs(children: list[dict[str, Any]], specs: list[RunSpec]) -> dict[st
     cuda = [c["cuda_max_allocated_mb"] for c in children]
     out.update(
         steady_s=end - start,
-        final_losses={
-            s.names[0]: c["final_losses"][s.names[0]] for s, c in zip(specs, children, strict=True)
-        },
+        final_losses={name: loss for c in children for name, loss in c["final_losses"].items()},
         threads_per_process=children[0]["threads"],
         cuda_max_allocated_mb=sum(cuda) if all(x is not None for x in cuda) else None,
         tokens_match_plan=all(c["tokens_match_plan"] for c in children),
@@ -599,7 +602,7 @@ def run_procs(spec: RunSpec, peak_flops: float, skip: str | None) -> dict[str, A
         children = spawn(specs, with_barrier=True)
     finally:
         shutil.rmtree(spec.out_dir, ignore_errors=True)
-    return finish_row(spec, merge_procs(children, specs), peak_flops)
+    return finish_row(spec, merge_procs(children), peak_flops)
 
 
 # ---- the sweep ----
@@ -880,6 +883,7 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    quiet_libraries()
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     peak_n = args.peak_n or (8192 if device == "cuda" else 2048)

@@ -122,6 +122,18 @@ def _wait_with_progress(job: Job) -> JobView:
         return job.wait(progress=update)
 
 
+def _show_job(client: Client, job: Job, wait: bool, as_json: bool) -> None:
+    """Print a submitted job (after waiting for it, if asked); a job that did not succeed exits 1."""
+    view = (job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(_adapters_table(view, view.adapters))
+    client.close()
+    if wait and view.state != "succeeded":
+        raise typer.Exit(1)
+
+
 # ---- jobs ----
 
 
@@ -141,16 +153,7 @@ def submit(
     """Submit a job spec."""
     client = _client(url, token)
     job = _run(lambda: client.submit(spec, idempotency_key=idempotency_key))
-    view = job.view
-    if wait:
-        view = job.wait() if as_json else _wait_with_progress(job)
-    if as_json:
-        _emit_json(view)
-    else:
-        out.print(_adapters_table(view, view.adapters))
-    client.close()
-    if wait and view.state != "succeeded":
-        raise typer.Exit(1)
+    _show_job(client, job, wait, as_json)
 
 
 @app.command()
@@ -253,14 +256,7 @@ def branch(
     client = _client(url, token, project)
     train = {"steps": steps} if steps is not None else None
     job = _run(lambda: client.branch(parent, name, data, train=train))
-    view = (job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
-    if as_json:
-        _emit_json(view)
-    else:
-        out.print(_adapters_table(view, view.adapters))
-    client.close()
-    if wait and view.state != "succeeded":
-        raise typer.Exit(1)
+    _show_job(client, job, wait, as_json)
 
 
 @app.command()

@@ -122,12 +122,14 @@ class Service:
         return views
 
     def cancel(self, job_id: str, controller: Any = None) -> JobView:
-        """Queued adapters are cancelled here; training ones by the controller between two steps."""
-        for adapter in self.store.list_adapters(job_id=job_id):
-            if adapter.state == AdapterState.QUEUED.value:
-                self.store.update_adapter(adapter.id, state=AdapterState.CANCELLED.value)
+        """Cancel a job's unfinished adapters. With a running controller it does it under its lock (it may
+        be placing those very adapters); without one, only queued adapters exist to cancel."""
+        self.store.get_job(job_id)  # 404 for an unknown job
         if controller is not None:
             controller.cancel_job(job_id)
+        else:
+            for adapter in self.store.list_adapters(job_id=job_id, states=[AdapterState.QUEUED.value]):
+                self.store.update_adapter(adapter.id, state=AdapterState.CANCELLED.value)
         return self.job(job_id)
 
     # ---- adapters ----

@@ -174,25 +174,23 @@ class Controller:
         return [event for batch in batches for event in EVENTS.validate_json(batch)]
 
     def _apply_events(self, events: list[Event]) -> None:
+        """Record every event in one batch; fold them into the adapters' rows, one step update per adapter."""
         if not events:
             return
+        last_step = {(e.pack_id, e.adapter): i for i, e in enumerate(events) if isinstance(e, StepEvent)}
         rows: list[NewEvent] = []
-        for event in events:
+        job_of: dict[str, str] = {}
+        for i, event in enumerate(events):
             pack = self.running.get(event.pack_id)
             adapter_id = pack.members.get(event.adapter) if pack else None
             if adapter_id is None:
                 continue
-            adapter = self.store.get_adapter_by_id(adapter_id)
-            rows.append(
-                NewEvent(
-                    job_id=adapter.job_id,
-                    adapter_id=adapter_id,
-                    kind=event.kind,
-                    step=event.step,
-                    payload=event.model_dump(mode="json"),
-                )
-            )
-            self._apply_event(adapter, event)
+            if adapter_id not in job_of:
+                job_of[adapter_id] = self.store.get_adapter_by_id(adapter_id).job_id
+            payload = event.model_dump(mode="json")
+            rows.append(NewEvent(job_of[adapter_id], event.kind, adapter_id, event.step, payload))
+            if not isinstance(event, StepEvent) or last_step[(event.pack_id, event.adapter)] == i:
+                self._apply_event(self.store.get_adapter_by_id(adapter_id), event)
         self.store.record_events(rows)
         if self.on_events is not None:
             self.on_events(events)

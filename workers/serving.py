@@ -31,7 +31,9 @@ class AdapterServer:
         dtype: DType = "float32",
         device: Device = "auto",
     ) -> None:
-        loaded = load_base(base_model, tokenizer=tokenizer, quantization=quantization, dtype=dtype, device=device)
+        loaded = load_base(
+            base_model, tokenizer=tokenizer, quantization=quantization, dtype=dtype, device=device
+        )
         self.model = MultiLoraModel(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -49,8 +51,15 @@ class AdapterServer:
         files = read_adapter(path)
         self._serial += 1
         name = f"cached-{self._serial}"
-        self.model.add_adapter(name, r=files.r, alpha=files.alpha, dropout=0.0, seed=0,
-                               target_modules=sorted(files.weights), init=files.weights)
+        self.model.add_adapter(
+            name,
+            r=files.r,
+            alpha=files.alpha,
+            dropout=0.0,
+            seed=0,
+            target_modules=sorted(files.weights),
+            init=files.weights,
+        )
         self._cache[key] = name
         while len(self._cache) > self.capacity:
             _, evicted = self._cache.popitem(last=False)
@@ -62,10 +71,12 @@ class AdapterServer:
         return [path for path, _ in self._cache]
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[tuple[str | Path | None, str]], max_new_tokens: int = 16) -> list[str]:
+    def generate(
+        self, requests: Sequence[tuple[str | Path | None, str]], max_new_tokens: int = 16
+    ) -> list[str]:
         """Greedy completions for (adapter dir or None for the bare base, prompt) pairs, in one batch."""
         slots = [self.load(adapter) if adapter is not None else None for adapter, _ in requests]
-        order = sorted(range(len(requests)), key=lambda i: (slots[i] or ""))  # contiguous rows per adapter
+        order = sorted(range(len(requests)), key=lambda i: slots[i] or "")  # contiguous rows per adapter
         segments: list[tuple[str | None, int, int]] = []
         for row, i in enumerate(order):
             if segments and segments[-1][0] == slots[i]:

@@ -59,6 +59,31 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+def length_groups(parts: list[list[Example]], min_saving: float = 0.15) -> list[list[list[Example]]]:
+    """Split a pack's rows into a short and a long forward pass when that saves padding.
+
+    One forward pads every row to the longest of the whole pack, which wastes more the more adapters
+    share it. Two passes (rows up to a length threshold, then the rest; each adapter keeps its rows in
+    order) are used when they compute at least `min_saving` fewer padded tokens. The gradients are the
+    same sums either way.
+    """
+    lengths = sorted(len(ex.input_ids) for part in parts for ex in part)
+    if len(lengths) < 2:
+        return [parts]
+    single = len(lengths) * lengths[-1]
+    best_cost, threshold = single, None
+    for i in range(1, len(lengths)):
+        if lengths[i] != lengths[i - 1]:
+            cost = i * lengths[i - 1] + (len(lengths) - i) * lengths[-1]
+            if cost < best_cost:
+                best_cost, threshold = cost, lengths[i - 1]
+    if threshold is None or best_cost > (1.0 - min_saving) * single:
+        return [parts]
+    short = [[ex for ex in part if len(ex.input_ids) <= threshold] for part in parts]
+    long = [[ex for ex in part if len(ex.input_ids) > threshold] for part in parts]
+    return [short, long]
+
+
 @dataclass
 class AdapterRun:
     """One adapter's training state inside a pack; nothing here is shared with its neighbours."""
@@ -223,31 +248,41 @@ class PackTrainer:
         active = self.active
         if not active:
             return
-        rows: list[Example] = []
-        segments: list[tuple[str | None, int, int]] = []
+        parts: list[list[Example]] = []
         for run in active:
             if run.micro == 0:
                 run.begin_window()
-            mine = run.window[run.micro][self.rank :: self.world]
-            segments.append((run.name, len(rows), len(rows) + len(mine)))
-            rows.extend(mine)
+            parts.append(run.window[run.micro][self.rank :: self.world])
             window_tokens = sum(len(ex.input_ids) for ex in run.window[run.micro])
             run.tokens += window_tokens
             run.session_tokens += window_tokens
-        if rows:
-            row_loss = self._row_losses(rows, segments, training=True)
-            total = row_loss.new_zeros(())
-            for run, (_, start, end) in zip(active, segments, strict=True):
-                seg = row_loss[start:end].sum()
-                total = total + seg / run.window_targets
-                run.window_loss = seg.detach() if run.window_loss is None else run.window_loss + seg.detach()
-            total.backward()
+        # Dropout masks are drawn row by row, so rows are only regrouped when no adapter draws any.
+        splittable = not any(run.adapter.dropout > 0 for run in active)
+        for group in length_groups(parts) if splittable else [parts]:
+            self._forward_backward(active, group)
         for run in active:
             run.micro += 1
         completing = [run for run in active if run.micro == run.cfg.grad_accum_steps]
         self._sync_gradients(completing)
         stepped = [run for run in completing if self._optimizer_step(run)]
         self._after_steps(stepped)
+
+    def _forward_backward(self, active: list[AdapterRun], parts: list[list[Example]]) -> None:
+        """One batched forward/backward; each adapter's loss is normalised by its own window's targets."""
+        rows: list[Example] = []
+        segments: list[tuple[str | None, int, int]] = []
+        for run, mine in zip(active, parts, strict=True):
+            segments.append((run.name, len(rows), len(rows) + len(mine)))
+            rows.extend(mine)
+        if not rows:
+            return
+        row_loss = self._row_losses(rows, segments, training=True)
+        total = row_loss.new_zeros(())
+        for run, (_, start, end) in zip(active, segments, strict=True):
+            seg = row_loss[start:end].sum()
+            total = total + seg / run.window_targets
+            run.window_loss = seg.detach() if run.window_loss is None else run.window_loss + seg.detach()
+        total.backward()
 
     def _row_losses(
         self, rows: Sequence[Example], segments: list[tuple[str | None, int, int]], training: bool

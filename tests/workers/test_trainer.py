@@ -265,3 +265,38 @@ def test_a_cancelled_adapter_leaves_between_steps(tiny_base: Path, make_task: Ta
         not (tasks[0].output_dir / "final").exists()
         and (tasks[0].output_dir / "checkpoint-00000002").is_dir()
     )
+
+
+def test_length_groups_split_only_when_it_saves_padding() -> None:
+    from workers.data import Example
+    from workers.trainer import length_groups
+
+    def ex(n: int) -> Example:
+        return Example(tuple(range(n)), tuple(range(n)))
+
+    even = [[ex(10), ex(11)], [ex(10), ex(12)]]
+    assert length_groups(even) == [even]  # nothing to save
+    mixed = [[ex(10), ex(40), ex(11)], [ex(39), ex(12)]]
+    short, long = length_groups(mixed)
+    assert short == [[ex(10), ex(11)], [ex(12)]] and long == [[ex(40)], [ex(39)]]
+
+
+def test_pack_split_by_length_still_equals_each_adapter_alone(
+    tiny_base: Path, make_task: TaskFactory, tmp_path: Path
+) -> None:
+    import json
+
+    mixed = tmp_path / "mixed.jsonl"  # very different lengths, so the pack's rows are regrouped
+    records = [{"text": " ".join(["red green blue"] * (1 + 5 * (i % 3)))} for i in range(60)]
+    mixed.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    alone = make_task(
+        "mixed", skill="colors", out="alone", data={"path": mixed, "eval_fraction": 0.0}, steps=8
+    )
+    _train(tiny_base, alone)
+    pack = [
+        make_task("mixed", skill="colors", out="pack", data={"path": mixed, "eval_fraction": 0.0}, steps=8),
+        make_task("colors", out="pack", steps=8),
+        make_task("animals", out="pack", steps=8, batch_size=6),
+    ]
+    _train(tiny_base, *pack)
+    assert max_weight_diff(final_weights(alone), final_weights(pack[0])) <= 1e-5

@@ -62,6 +62,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RAM_FRACTION = 0.70
 CUDA_CONTEXT_MB = 600.0  # a CUDA context per process, on top of what torch allocates
 CHILD_TIMEOUT_S = 3600.0
+IDLE_LOAD = 0.5
 SKILL_EXAMPLES = 256
 
 
@@ -156,12 +157,30 @@ def machine_info(device: str) -> dict[str, Any]:
         "peft": peft.__version__,
         "device": device,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 2))
     return info
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def wait_for_idle(max_wait_s: float) -> float:
+    """Wait (up to `max_wait_s`) for the 1-minute load average to drop below IDLE_LOAD; return it.
+
+    Two CPU-bound torch processes on the same cores slow each other down by 10-100x, so a benchmark
+    started beside another job measures the contention, not the code.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while load_average() >= IDLE_LOAD and time.monotonic() < deadline:
+        time.sleep(5)
+    load = load_average()
+    if load >= IDLE_LOAD:
+        print(f"WARNING: load average {load:.2f} >= {IDLE_LOAD}: other jobs are running, timings will suffer")
+    return load
 
 
 def measure_matmul_peak(device: str, n: int, repeats: int = 5) -> float:
@@ -260,8 +279,8 @@ def draw_batches(spec: RunSpec, tokenizer: Any) -> dict[str, list[list[Any]]]:
 def steady_work(spec: RunSpec, batches: dict[str, list[list[Any]]], packed: bool) -> dict[str, float]:
     """Non-pad tokens, padded tokens and FLOPs of the steps after warm-up.
 
-    `packed`: all adapters' rows of a step are padded to one width (the pack), else each adapter's batch
-    to its own width.
+    `packed`: all adapters' rows of a step are padded to one width (one pass per pack step; the pack's
+    own count from `EngineProbe` replaces this when available), else each adapter's batch to its own.
     """
     tokens = padded = flops = 0.0
     for step in range(spec.warmup, spec.steps):
@@ -345,20 +364,73 @@ def steady_window(trace: StepTrace, spec: RunSpec, start: float | None = None) -
     return start, end, tokens
 
 
+@dataclass
+class EngineProbe:
+    """What the engine actually computed, counted inside a benchmark child (engine files untouched).
+
+    Wraps, in this process only, `workers.trainer.collate` (the padded shape of every batch the engine
+    forwards; it may split a pack step into several passes) and `MultiLoraLinear._can_bmm` (which LoRA
+    kernel path each wrapped linear took). The wrappers cost one Python call each.
+    """
+
+    batches: list[tuple[float, int, int]] = field(default_factory=list)  # (time, padded, non-pad)
+    kernel_calls: dict[str, int] = field(default_factory=lambda: {"bmm": 0, "loop": 0})
+
+    def install(self) -> EngineProbe:
+        import workers.trainer as trainer
+        from workers.multilora import MultiLoraLinear
+
+        collate, can_bmm = getattr(trainer, "collate", None), getattr(MultiLoraLinear, "_can_bmm", None)
+        if collate is not None:
+
+            def counting_collate(rows: list[Any], pad_id: int) -> Any:
+                out = collate(rows, pad_id)
+                self.batches.append((time.monotonic(), out[2].numel(), int(out[2].sum())))
+                return out
+
+            trainer.collate = counting_collate
+        if can_bmm is not None:
+
+            def counting_can_bmm(layer: Any, segments: Any) -> bool:
+                ok = can_bmm(layer, segments)
+                self.kernel_calls["bmm" if ok else "loop"] += 1
+                return ok
+
+            MultiLoraLinear._can_bmm = counting_can_bmm
+        return self
+
+    def steady(self, start: float) -> dict[str, Any]:
+        """Padded and non-pad positions forwarded after `start`, passes per run, share of bmm calls."""
+        after = [(padded, real) for t, padded, real in self.batches if t > start]
+        calls = sum(self.kernel_calls.values())
+        return {
+            "probe_padded_tokens": sum(p for p, _ in after) if after else None,
+            "probe_tokens": sum(r for _, r in after) if after else None,
+            "forward_passes": len(after) if after else None,
+            "bmm_share": self.kernel_calls["bmm"] / calls if calls else None,
+        }
+
+
 def run_pack_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    probe = EngineProbe().install()
     on_warm = (lambda: barrier.wait(timeout=CHILD_TIMEOUT_S)) if barrier is not None else None
     trace, marks, wall = train_pack(spec, on_warm)
     start, end, event_tokens = steady_window(trace, spec, marks["warm_at"])
     work = steady_work(spec, draw_batches(spec, AutoTokenizer.from_pretrained(spec.base_dir)), packed=True)
+    measured = probe.steady(start)
+    if measured["probe_padded_tokens"] is not None:
+        work["steady_padded_tokens"] = measured["probe_padded_tokens"]
     return {
         **work,
+        **measured,
         "t_start": start,
         "t_end": end,
         "steady_s": end - start,
         "event_tokens": event_tokens,
-        "tokens_match_plan": event_tokens == work["steady_tokens"],
+        "tokens_match_plan": event_tokens == work["steady_tokens"]
+        and measured["probe_tokens"] in (None, work["steady_tokens"]),
         "final_losses": {n: trace.losses[(n, spec.steps)] for n in spec.names},
         "wall_s": wall,
     }
@@ -538,6 +610,8 @@ def finish_row(spec: RunSpec, out: dict[str, Any], peak_flops: float) -> dict[st
     row["flops_per_s"] = out["steady_flops"] / seconds
     row["fraction_of_peak"] = row["flops_per_s"] / peak_flops
     row["pad_fraction"] = 1 - out["steady_tokens"] / out["steady_padded_tokens"]
+    if out.get("forward_passes") is not None:
+        row["passes_per_step"] = out["forward_passes"] / (spec.steps - spec.warmup)
     row["mean_final_loss"] = sum(out["final_losses"].values()) / len(out["final_losses"])
     return row
 
@@ -559,8 +633,11 @@ def merge_procs(children: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": errors[0]}
     start = min(c["t_start"] for c in children)
     end = max(c["t_end"] for c in children)
-    summed = ("steady_tokens", "steady_padded_tokens", "steady_flops", "peak_rss_mb")
-    out: dict[str, Any] = {key: sum(c[key] for c in children) for key in summed}
+    summed = ("steady_tokens", "steady_padded_tokens", "steady_flops", "peak_rss_mb", "forward_passes")
+    out: dict[str, Any] = {
+        key: sum(c[key] for c in children) if all(c.get(key) is not None for c in children) else None
+        for key in summed
+    }
     cuda = [c["cuda_max_allocated_mb"] for c in children]
     out.update(
         steady_s=end - start,
@@ -574,9 +651,13 @@ def merge_procs(children: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def procs_skip_reason(k: int, pack1: dict[str, Any] | None, device: str) -> str | None:
-    """Why K separate processes would not fit (or None): K x measured pack-of-1 peak vs 70% of memory."""
-    if pack1 is None or pack1.get("status") != "ok":
-        return "no pack-of-1 measurement to estimate per-process memory"
+    """Why K separate processes would not fit (or None): K x measured pack peak vs 70% of memory.
+
+    `pack1` is the smallest pack measured at this size (a pack of 1 unless --ks has no 1, in which case
+    the estimate is an upper bound).
+    """
+    if pack1 is None:
+        return "no successful pack run at this size to estimate per-process memory"
     ram_mb = psutil.virtual_memory().total / 2**20
     need = k * pack1["peak_rss_mb"]
     if need > RAM_FRACTION * ram_mb:
@@ -662,16 +743,23 @@ def sweep_size(
     for method in ("pack", "peft"):
         for k in plan.ks:
             rows.append(log_row(run_single(spec(method, k), peak)))
-    for kernel in ("loop", "bmm"):
-        if not args.no_kernel_rows:
+    if kernel_rows_wanted(plan, args):
+        for kernel in ("loop", "bmm"):
             rows.append(log_row(run_single(spec("pack", extra_k, kernel), peak)))
-    pack_rows = [r for r in rows if r["method"] == "pack" and r.get("kernel") == "auto"]
+    pack_rows = [
+        r for r in rows if r["method"] == "pack" and r.get("kernel") == "auto" and r["status"] == "ok"
+    ]
     pack1 = min(pack_rows, key=lambda r: r["k"], default=None)
-    if pack1 is not None and pack1["k"] != 1:
-        pack1 = None  # memory estimate needs a real pack of 1
     for k in plan.ks:
         rows.append(log_row(run_procs(spec("procs", k), peak, procs_skip_reason(k, pack1, device))))
     return rows
+
+
+def kernel_rows_wanted(plan: SizePlan, args: argparse.Namespace) -> bool:
+    """Loop-vs-bmm rows: every size but --big-size (costly there) unless asked for."""
+    if args.no_kernel_rows:
+        return False
+    return plan.size != args.big_size or args.big_kernel_rows
 
 
 def log_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -693,7 +781,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     peft = {(r["size"], r["k"]): r for r in rows if r["method"] == "peft" and r["status"] == "ok"}
     for row in rows:
         ref = peft.get((row["size"], row["k"]))
-        if row["status"] == "ok" and ref is not None:
+        if row["status"] == "ok" and ref is not None and row is not ref:
             row["speedup_vs_peft"] = row["tokens_per_s"] / ref["tokens_per_s"]
             losses = row["final_losses"]
             row["max_final_loss_diff_vs_peft"] = max(
@@ -735,6 +823,7 @@ def fmt(value: Any, spec: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     info, cfg = report["machine"], report["config"]
+    busy = info["load_average_at_start"] >= IDLE_LOAD
     lines = [
         f"# Multi-LoRA benchmark ({info['device']})",
         "",
@@ -747,16 +836,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{cfg['max_seq_len']}, LoRA r={cfg['r']} alpha={cfg['alpha']} on {cfg['targets']}; first "
         f"{cfg['warmup']} steps per adapter excluded.{' SMOKE RUN (--quick).' if cfg['quick'] else ''}",
         "",
+        f"1-minute load average: {info['load_average_at_start']:.2f} at start, "
+        f"{info['load_average_at_end']:.2f} at end (includes this benchmark's own processes)"
+        + (" — **the machine was busy: timings are not trustworthy**." if busy else "."),
+        "",
         "| size | K | method | kernel | steps | tokens/s | vs peft | steady s | peak RSS MB | CUDA MB "
-        "| GFLOP/s | % peak | pad % | final loss | Δloss vs peft |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GFLOP/s | % peak | pad % | passes/step | bmm % | final loss | Δloss vs peft |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         if r["status"] != "ok":
             why = r.get("note") or (r.get("error") or "?").strip().splitlines()[-1]
             lines.append(
                 f"| {r['size']} | {r['k']} | {r['method']} | {r.get('kernel') or ''} | "
-                f"| {r['status']}: {why} | | | | | | | | | |"
+                f"| {r['status']}: {why} | | | | | | | | | | | |"
             )
             continue
         lines.append(
@@ -764,6 +857,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['tokens_per_s']:.0f} | {fmt(r.get('speedup_vs_peft'), '.2f')} | {r['steady_s']:.2f} "
             f"| {r['peak_rss_mb']:.0f} | {fmt(r.get('cuda_max_allocated_mb'), '.0f')} "
             f"| {r['flops_per_s'] / 1e9:.2f} | {r['fraction_of_peak']:.1%} | {r['pad_fraction']:.1%} "
+            f"| {fmt(r.get('passes_per_step'), '.2f')} | {fmt(r.get('bmm_share'), '.0%')} "
             f"| {r['mean_final_loss']:.4f} | {fmt(r.get('max_final_loss_diff_vs_peft'), '.1e')} |"
         )
     lines += [
@@ -827,10 +921,12 @@ def notes(args: argparse.Namespace) -> list[str]:
         "procs = K spawned processes, each a 1-adapter run_pack with cores//K threads; children wait on a"
         " barrier after warm-up; RSS is the sum of the children's peaks. Skipped when K × pack-of-1 RSS"
         f" > {RAM_FRACTION:.0%} of RAM.",
-        f"kernel rows: pack at K={args.extra_k} with the loop and bmm kernels forced; 'auto' takes the bmm"
-        " path whenever segments have equal length and rank and no dropout (always the case here).",
-        "pad % = share of padded positions: the pack pads all K·b rows to one width, peft each adapter's"
-        " batch to its own.",
+        f"kernel rows: pack at K={args.extra_k} with the loop and bmm kernels forced ('bmm' falls back to"
+        " the loop when segments differ in length or rank). bmm % = share of LoRA layer calls that took the"
+        " batched-matmul path, passes/step = forward passes the engine made per pack step (it may split a"
+        " step's rows by length); both counted by wrapping engine functions inside the benchmark process.",
+        "pad % = share of padded positions forwarded (pack: as the engine collated them; peft: each"
+        " adapter's batch padded to its own longest row).",
     ]
 
 
@@ -855,6 +951,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--all-linear", action="store_true", help="LoRA on every linear but the head")
     p.add_argument("--extra-k", type=int, default=8, help="K of the loop-vs-bmm rows and memory check")
     p.add_argument("--no-kernel-rows", action="store_true", help="skip the loop/bmm kernel rows")
+    p.add_argument("--big-kernel-rows", action="store_true", help="loop/bmm rows for --big-size too")
+    p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for load avg < 0.5")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (0: 2048 cpu, 8192 cuda)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench")
@@ -884,6 +982,7 @@ def parse_ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet_libraries()
+    load_at_start = wait_for_idle(args.wait_idle)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     peak_n = args.peak_n or (8192 if device == "cuda" else 2048)
@@ -896,6 +995,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = [row for plan in size_plans(args) for row in sweep_size(plan, args, args.workdir, device, peak)]
     add_ratios(rows)
+    info["load_average_at_start"], info["load_average_at_end"] = load_at_start, load_average()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(
         peak_n=peak_n,

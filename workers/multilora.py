@@ -96,19 +96,25 @@ class MultiLoraLinear(nn.Module):
             return out
         if self._can_bmm(segments):
             return out + self._bmm_delta(x, segments).to(out.dtype)
-        deltas = [self._segment_delta(x, name, start, end, out) for name, start, end in segments]
+        # `split`, not one slice per segment: a slice's backward allocates a zero tensor the size of the
+        # whole batch, which for K segments costs K full-size fills and adds per layer.
+        chunks = x.split([end - start for _, start, end in segments])
+        deltas = [
+            self._segment_delta(chunk, name, start, end, out)
+            for chunk, (name, start, end) in zip(chunks, segments, strict=True)
+        ]
         return out + torch.cat(deltas, dim=0)
 
     def _segment_delta(self, x: torch.Tensor, name: str | None, start: int, end: int, out: torch.Tensor):
+        """(alpha/r)·B·A·dropout(x) for one segment; the scaling is applied to the thin r-wide product."""
         adapter = self.adapters.get(name) if name is not None else None
         if adapter is None or end == start:
             return out.new_zeros((end - start, *out.shape[1:]))
         weights = adapter.modules[self.path]
-        x = x[start:end].to(weights.lora_A.dtype)
+        x = x.to(weights.lora_A.dtype)
         if self.routing.training and adapter.dropout > 0:
             x = x * self._dropout_mask(x, adapter, start, end)
-        delta = (x @ weights.lora_A.t()) @ weights.lora_B.t()
-        return (delta * adapter.scaling).to(out.dtype)
+        return ((x @ weights.lora_A.t()) * adapter.scaling @ weights.lora_B.t()).to(out.dtype)
 
     def _dropout_mask(self, x: torch.Tensor, adapter: Adapter, start: int, end: int) -> torch.Tensor:
         """Inverted-dropout mask drawn for real tokens only, so the RNG stream (and so the adapter's
@@ -145,7 +151,7 @@ class MultiLoraLinear(nn.Module):
         scaling = a.new_tensor([ad.scaling for ad in adapters]).view(-1, 1, 1)
         k = len(adapters)
         xk = x.to(a.dtype).reshape(k, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(xk, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+        delta = torch.bmm(torch.bmm(xk, a.transpose(1, 2)) * scaling, b.transpose(1, 2))
         return delta.reshape(*x.shape[:-1], b.shape[1])
 
 

@@ -59,7 +59,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def length_groups(parts: list[list[Example]], min_saving: float = 0.15) -> list[list[list[Example]]]:
+def length_groups(parts: list[list[Example]], min_saving: float = 0.10) -> list[list[list[Example]]]:
     """Split a pack's rows into a short and a long forward pass when that saves padding.
 
     One forward pads every row to the longest of the whole pack, which wastes more the more adapters

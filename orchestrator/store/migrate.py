@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from alembic.command import downgrade as alembic_downgrade
@@ -37,14 +38,14 @@ _MIGRATION_LOCK_KEY = 0x6C66_6D69_6772  # "lfmigr": a PostgreSQL advisory lock i
 
 
 def script_location() -> Path:
-    """The repository's `alembic/` directory (next to the `orchestrator` package)."""
-    path = SCRIPT_LOCATION
-    if not (path / "env.py").is_file():
-        raise StoreError(
-            f"lorafleet's migrations are missing: expected the Alembic directory at {path} (with env.py). "
-            "They ship in the source tree; install lorafleet from a checkout (`pip install -e .`)."
-        )
-    return path
+    """The `alembic/` directory: next to the package in a checkout, or where a wheel put its data files."""
+    for path in (SCRIPT_LOCATION, Path(sys.prefix) / "share" / "lorafleet" / "alembic"):
+        if (path / "env.py").is_file():
+            return path
+    raise StoreError(
+        f"lorafleet's migrations are missing: expected the Alembic directory at {SCRIPT_LOCATION} (with "
+        "env.py) or under the environment's share/lorafleet; reinstall lorafleet (`pip install -e .`)."
+    )
 
 
 def default_url() -> str:

@@ -274,7 +274,7 @@ def test_length_groups_split_only_when_it_saves_padding() -> None:
     def ex(n: int) -> Example:
         return Example(tuple(range(n)), tuple(range(n)))
 
-    even = [[ex(10), ex(11)], [ex(10), ex(12)]]
+    even = [[ex(10), ex(11)], [ex(10), ex(11)]]
     assert length_groups(even) == [even]  # nothing to save
     mixed = [[ex(10), ex(40), ex(11)], [ex(39), ex(12)]]
     short, long = length_groups(mixed)

@@ -203,6 +203,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def current_rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark (VmHWM); ru_maxrss would include the pre-exec parent's."""
     try:
@@ -374,6 +378,7 @@ class EngineProbe:
     """
 
     batches: list[tuple[float, int, int]] = field(default_factory=list)  # (time, padded, non-pad)
+    rss_at_first_forward_mb: float | None = None  # base, data and adapters loaded; no activations yet
     kernel_calls: dict[str, int] = field(default_factory=lambda: {"bmm": 0, "loop": 0})
 
     def install(self) -> EngineProbe:
@@ -384,6 +389,8 @@ class EngineProbe:
         if collate is not None:
 
             def counting_collate(rows: list[Any], pad_id: int) -> Any:
+                if self.rss_at_first_forward_mb is None:
+                    self.rss_at_first_forward_mb = current_rss_mb()
                 out = collate(rows, pad_id)
                 self.batches.append((time.monotonic(), out[2].numel(), int(out[2].sum())))
                 return out
@@ -408,6 +415,7 @@ class EngineProbe:
             "probe_tokens": sum(r for _, r in after) if after else None,
             "forward_passes": len(after) if after else None,
             "bmm_share": self.kernel_calls["bmm"] / calls if calls else None,
+            "rss_at_first_forward_mb": self.rss_at_first_forward_mb,
         }
 
 
@@ -739,19 +747,20 @@ def sweep_size(
             kernel=kernel,
         )
 
+    methods = args.methods.split(",")
     rows: list[dict] = []
     for method in ("pack", "peft"):
-        for k in plan.ks:
-            rows.append(log_row(run_single(spec(method, k), peak)))
-    if kernel_rows_wanted(plan, args):
-        for kernel in ("loop", "bmm"):
-            rows.append(log_row(run_single(spec("pack", extra_k, kernel), peak)))
+        if method in methods:
+            rows += [log_row(run_single(spec(method, k), peak)) for k in plan.ks]
+    if "pack" in methods and kernel_rows_wanted(plan, args):
+        rows += [log_row(run_single(spec("pack", extra_k, kernel), peak)) for kernel in ("loop", "bmm")]
     pack_rows = [
         r for r in rows if r["method"] == "pack" and r.get("kernel") == "auto" and r["status"] == "ok"
     ]
     pack1 = min(pack_rows, key=lambda r: r["k"], default=None)
-    for k in plan.ks:
-        rows.append(log_row(run_procs(spec("procs", k), peak, procs_skip_reason(k, pack1, device))))
+    if "procs" in methods:
+        for k in plan.ks:
+            rows.append(log_row(run_procs(spec("procs", k), peak, procs_skip_reason(k, pack1, device))))
     return rows
 
 
@@ -807,7 +816,17 @@ def memory_checks(rows: list[dict[str, Any]], k_big: int) -> list[dict[str, Any]
             "rss_pack1_mb": one["peak_rss_mb"],
             "rss_packk_mb": big["peak_rss_mb"],
             "rss_ratio": big["peak_rss_mb"] / one["peak_rss_mb"],
+            "rss_per_extra_adapter_mb": (big["peak_rss_mb"] - one["peak_rss_mb"]) / (k_big - 1),
         }
+        static_one, static_big = one.get("rss_at_first_forward_mb"), big.get("rss_at_first_forward_mb")
+        if static_one and static_big:
+            check.update(
+                static_pack1_mb=static_one,
+                static_packk_mb=static_big,
+                static_ratio=static_big / static_one,
+                training_extra_pack1_mb=one["peak_rss_mb"] - static_one,
+                training_extra_packk_mb=big["peak_rss_mb"] - static_big,
+            )
         if one.get("cuda_max_allocated_mb"):
             check["cuda_ratio"] = big["cuda_max_allocated_mb"] / one["cuda_max_allocated_mb"]
         checks.append(check)
@@ -862,15 +881,22 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## Memory: pack of K vs pack of 1 (peak RSS)",
+        "## Memory: pack of K vs pack of 1",
         "",
-        "| size | K | pack-1 MB | pack-K MB | ratio |",
-        "|---|---:|---:|---:|---:|",
+        "Peak RSS, and its split into *static* (RSS at the first forward: runtime, base, data, adapters)"
+        " and *training* (peak minus static: activations, gradients, AdamW state, allocator slack).",
+        "",
+        "| size | K | peak pack-1 MB | peak pack-K MB | peak ratio | MB per extra adapter "
+        "| static pack-1 MB | static pack-K MB | static ratio | training pack-1 MB | training pack-K MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report["memory_checks"]:
         lines.append(
             f"| {c['size']} | {c['k']} | {c['rss_pack1_mb']:.0f} | {c['rss_packk_mb']:.0f} "
-            f"| {c['rss_ratio']:.2f} |"
+            f"| {c['rss_ratio']:.2f} | {c['rss_per_extra_adapter_mb']:.0f} "
+            f"| {fmt(c.get('static_pack1_mb'), '.0f')} | {fmt(c.get('static_packk_mb'), '.0f')} "
+            f"| {fmt(c.get('static_ratio'), '.2f')} | {fmt(c.get('training_extra_pack1_mb'), '.0f')} "
+            f"| {fmt(c.get('training_extra_packk_mb'), '.0f')} |"
         )
     lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
@@ -953,12 +979,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-kernel-rows", action="store_true", help="skip the loop/bmm kernel rows")
     p.add_argument("--big-kernel-rows", action="store_true", help="loop/bmm rows for --big-size too")
     p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for load avg < 0.5")
+    p.add_argument("--methods", default="pack,peft,procs", help="any of pack,peft,procs (procs needs pack)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (0: 2048 cpu, 8192 cuda)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny, K=1,4, 6 steps, kernels at K=4")
     args = p.parse_args(argv)
+    unknown = set(args.methods.split(",")) - {"pack", "peft", "procs"}
+    if unknown:
+        p.error(f"unknown --methods {sorted(unknown)}; choose from pack, peft, procs")
     if args.quick:
         args.sizes, args.ks, args.steps, args.extra_k = "tiny", "1,4", 6, 4
     if args.warmup < 1 or args.steps <= args.warmup or args.big_steps <= args.warmup:
@@ -1022,7 +1052,8 @@ def write_outputs(report: dict[str, Any], out_dir: Path, device: str) -> None:
     stem.with_suffix(".md").write_text(markdown(report))
     plot(report, stem.with_suffix(".png"))
     for c in report["memory_checks"]:
-        print(f"memory: {c['size']} pack of {c['k']} / pack of 1 peak RSS = {c['rss_ratio']:.2f}")
+        static = f", static (at first forward) {c['static_ratio']:.2f}" if "static_ratio" in c else ""
+        print(f"memory: {c['size']} pack of {c['k']} / pack of 1: peak RSS {c['rss_ratio']:.2f}{static}")
     print(f"wrote {stem}.json, .md, .png")
 
 

@@ -300,3 +300,19 @@ def test_pack_split_by_length_still_equals_each_adapter_alone(
     ]
     _train(tiny_base, *pack)
     assert max_weight_diff(final_weights(alone), final_weights(pack[0])) <= 1e-5
+
+
+def test_a_bfloat16_base_trains_with_float32_adapters(tiny_base: Path, make_task: TaskFactory) -> None:
+    plan = PackPlan(
+        base_model=str(tiny_base),
+        device="cpu",
+        dtype="bfloat16",
+        adapters=[make_task("colors", steps=4, learning_rate=1e-2)],
+    )
+    events: list[Event] = []
+    result = run_pack(plan, emit=events.append)
+    assert result.adapters["colors"].status == "trained"
+    losses = [e.loss for e in events if isinstance(e, StepEvent)]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    weights = read_adapter(plan.adapters[0].output_dir / "final").weights
+    assert all(w.lora_A.dtype == torch.float32 for w in weights.values())  # PEFT keeps adapters in fp32

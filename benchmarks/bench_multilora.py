@@ -33,7 +33,7 @@ that backward (activation and weight gradients), and attention scores QK^T, AV c
 and layer forward, twice that backward. It is reported as a fraction of the machine's fp32 matmul peak,
 measured at start as the best of a few square matmuls.
 
-Outputs `benchmarks/results/multilora-<device>.{json,md,png}`.
+Outputs `benchmarks/results/multilora-<device>.{json,md,png}` (`multilora-<device>-quick.*` for --quick).
 """
 
 from __future__ import annotations
@@ -893,7 +893,7 @@ def markdown(report: dict[str, Any]) -> str:
     for c in report["memory_checks"]:
         lines.append(
             f"| {c['size']} | {c['k']} | {c['rss_pack1_mb']:.0f} | {c['rss_packk_mb']:.0f} "
-            f"| {c['rss_ratio']:.2f} | {c['rss_per_extra_adapter_mb']:.0f} "
+            f"| {c['rss_ratio']:.2f} | {fmt(c.get('rss_per_extra_adapter_mb'), '.0f')} "
             f"| {fmt(c.get('static_pack1_mb'), '.0f')} | {fmt(c.get('static_packk_mb'), '.0f')} "
             f"| {fmt(c.get('static_ratio'), '.2f')} | {fmt(c.get('training_extra_pack1_mb'), '.0f')} "
             f"| {fmt(c.get('training_extra_packk_mb'), '.0f')} |"
@@ -928,6 +928,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.set(title=size, xlabel="K adapters", ylabel="tokens/s (steady state)")
         ax.set_xscale("log", base=2)
+        ks = sorted({r["k"] for r in report["rows"] if r["size"] == size})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(f"Multi-LoRA training throughput ({report['machine']['device']})")
@@ -984,6 +988,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (0: 2048 cpu, 8192 cuda)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--render", type=Path, help="only re-write the .md and .png of this results .json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny, K=1,4, 6 steps, kernels at K=4")
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - {"pack", "peft", "procs"}
@@ -1011,6 +1016,8 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render is not None:
+        return render(args.render)
     quiet_libraries()
     load_at_start = wait_for_idle(args.wait_idle)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -1041,13 +1048,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory_checks": memory_checks(rows, args.extra_k),
         "notes": notes(args),
     }
-    write_outputs(report, args.out, device)
+    write_outputs(report, args.out, f"{device}-quick" if args.quick else device)
     return report
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path, device: str) -> None:
+def render(json_path: Path) -> dict[str, Any]:
+    """Re-write the markdown table and the plot of an earlier run from its JSON (nothing re-measured)."""
+    report = json.loads(json_path.read_text())
+    json_path.with_suffix(".md").write_text(markdown(report))
+    plot(report, json_path.with_suffix(".png"))
+    print(f"rendered {json_path.with_suffix('.md')}, {json_path.with_suffix('.png')}")
+    return report
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path, tag: str) -> None:
+    """multilora-<tag>.{json,md,png}; a --quick run is tagged apart so it never overwrites a sweep."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"multilora-{device}"
+    stem = out_dir / f"multilora-{tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     plot(report, stem.with_suffix(".png"))

@@ -18,6 +18,7 @@ from rich.tree import Tree
 
 from orchestrator.client import ApiError, Client, Job
 from orchestrator.spec import SpecError, json_schema
+from orchestrator.states import ADAPTER_ACTIVE
 from orchestrator.views import EventView, JobView, LineageNode
 
 app = typer.Typer(
@@ -25,6 +26,11 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+service_app = typer.Typer(
+    help="The local service: the background server every command of a LORAFLEET_HOME talks to.",
+    no_args_is_help=True,
+)
+app.add_typer(service_app, name="service")
 out = Console()
 err = Console(stderr=True)
 
@@ -33,7 +39,8 @@ ProjectOpt = Annotated[
     str, typer.Option("--project", "-p", help="Project of the adapters addressed by name.")
 ]
 UrlOpt = Annotated[
-    str | None, typer.Option("--url", envvar="LORAFLEET_URL", help="Remote server; default: embedded.")
+    str | None,
+    typer.Option("--url", envvar="LORAFLEET_URL", help="Remote server; default: this home's local service."),
 ]
 TokenOpt = Annotated[
     str | None, typer.Option("--token", envvar="LORAFLEET_TOKEN", help="API token (remote).")
@@ -62,20 +69,26 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _run(fn: Any) -> Any:
     """Turn the errors users cause into a message and an exit code, never a traceback."""
-    from orchestrator.store import StoreError
+    import httpx
+
+    from orchestrator.localservice import ServiceError
 
     try:
         return fn()
     except SpecError as exc:
         raise _fail(str(exc), 2) from None
-    except (ApiError, StoreError, ValueError) as exc:
+    except (ApiError, ValueError) as exc:
         raise _fail(str(exc), 2) from None
+    except ServiceError as exc:
+        raise _fail(str(exc), 3) from None
+    except httpx.TransportError as exc:
+        raise _fail(f"cannot reach the lorafleet server: {exc}", 3) from None
 
 
 def _jobs_table(jobs: list[JobView]) -> Table:
-    table = Table("job", "project", "name", "state", "adapters", "created")
+    table = Table("job", "project", "name", "state", "adapters", "created", "error")
     for job in jobs:
-        done = sum(a.state not in ("queued", "training") for a in job.adapters)
+        done = sum(a.state not in ADAPTER_ACTIVE for a in job.adapters)
         table.add_row(
             job.id,
             job.project,
@@ -83,17 +96,26 @@ def _jobs_table(jobs: list[JobView]) -> Table:
             job.state,
             f"{done}/{len(job.adapters)}",
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _short(job.error),
         )
     return table
 
 
+def _short(text: str | None, width: int = 160) -> str:
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
-    table = Table(
-        "adapter", "state", "step", "eval loss", "parent", title=f"job {job.id}: {job.state}" if job else None
-    )
+    title = None
+    if job is not None:
+        title = f"job {job.id}: {job.state}" + (f" ({_short(job.error, 120)})" if job.error else "")
+    table = Table("adapter", "state", "step", "eval loss", "parent", "error", title=title)
     for a in adapters:
         eval_loss = f"{a.eval_loss:.4f}" if a.eval_loss is not None else "-"
-        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-")
+        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-", _short(a.error))
     return table
 
 
@@ -123,8 +145,16 @@ def _wait_with_progress(job: Job) -> JobView:
 
 
 def _show_job(client: Client, job: Job, wait: bool, as_json: bool) -> None:
-    """Print a submitted job (after waiting for it, if asked); a job that did not succeed exits 1."""
-    view = (job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
+    """Print a submitted job (after waiting for it, if asked); a job that did not succeed exits 1.
+    Ctrl-C while waiting stops the watching only: the job goes on in the service."""
+    try:
+        view = (job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
+    except KeyboardInterrupt:
+        err.print(
+            f"stopped watching; job {job.id} goes on "
+            f"(`lorafleet status {job.id}`, `lorafleet cancel {job.id}`)"
+        )
+        raise typer.Exit(130) from None
     if as_json:
         _emit_json(view)
     else:
@@ -243,6 +273,10 @@ def branch(
     parent: str,
     name: Annotated[str, typer.Option("--name", help="Name of the child adapter.")],
     data: Annotated[Path, typer.Option("--data", help="The child's training data.")],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option("--eval-data", help="The child's eval data (the parent is measured on it too)."),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option("--steps", help="Training steps (0: the parent's weights).")
     ] = None,
@@ -255,7 +289,7 @@ def branch(
     """Branch a child adapter from PARENT's trained weights and train it on its own data."""
     client = _client(url, token, project)
     train = {"steps": steps} if steps is not None else None
-    job = _run(lambda: client.branch(parent, name, data, train=train))
+    job = _run(lambda: client.branch(parent, name, data, train=train, eval_data=eval_data))
     _show_job(client, job, wait, as_json)
 
 
@@ -299,9 +333,11 @@ def export(
     token: TokenOpt = None,
 ) -> None:
     """Export NAME as a PEFT adapter directory, or merged into its base (--merged)."""
-    path = _run(lambda: _client(url, token, project).export(name, out_dir, merged=merged))
+    owner, _, short = name.rpartition("/")
+    owner = owner or project
+    path = _run(lambda: _client(url, token, owner).export(short, out_dir, merged=merged))
     if as_json:
-        _emit_json({"adapter": name, "project": project, "merged": merged, "path": str(path)})
+        _emit_json({"adapter": short, "project": owner, "merged": merged, "path": str(path)})
     else:
         out.print(f"wrote {path}")
 
@@ -317,9 +353,12 @@ def generate(
     token: TokenOpt = None,
 ) -> None:
     """Complete PROMPT with adapter NAME (greedy)."""
-    text = _run(lambda: _client(url, token, project).generate(name, prompt, max_new_tokens=max_new_tokens))
+    owner, _, short = name.rpartition("/")  # `project/name` names the adapter's own project
+    owner = owner or project
+    client = _client(url, token, owner)
+    text = _run(lambda: client.generate(short, prompt, max_new_tokens=max_new_tokens))
     if as_json:
-        _emit_json({"adapter": name, "project": project, "prompt": prompt, "text": text})
+        _emit_json({"adapter": short, "project": owner, "prompt": prompt, "text": text})
     else:
         out.print(text, highlight=False)
 
@@ -351,8 +390,12 @@ def server(host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     from orchestrator.api import create_app
+    from orchestrator.controller import connect_ray
+    from orchestrator.settings import Settings
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    settings = Settings()
+    connect_ray(settings)  # before uvicorn: its SIGTERM handler must be the one installed
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
 @app.command()
@@ -377,6 +420,78 @@ def ui(port: int = 5000) -> None:
         ],
         check=False,
     )
+
+
+# ---- the local service ----
+
+
+def _home() -> Path:
+    from orchestrator.settings import Settings
+
+    return Settings().home
+
+
+@service_app.command("status")
+def service_status(as_json: JsonFlag = False) -> None:
+    """Is this home's service running, where, and where its log is. Exit 1 if it is not running."""
+    from orchestrator.localservice import status
+
+    home = _home()
+    now = status(home)
+    doc = {
+        "home": str(home),
+        "running": now.running,
+        "healthy": now.healthy,
+        "url": now.info.url if now.info else None,
+        "pid": now.info.pid if now.info else None,
+        "log": now.log,
+    }
+    if as_json:
+        _emit_json(doc)
+    elif now.running and now.info is not None:
+        state = "running" if now.healthy else "running, not answering yet"
+        out.print(f"service {state} on {now.info.url} (pid {now.info.pid}) for {home}; log {now.log}")
+    else:
+        out.print(f"no service runs for {home}; the next command starts one (log {now.log})")
+    if not now.running:
+        raise typer.Exit(1)
+
+
+@service_app.command("start")
+def service_start() -> None:
+    """Start this home's service now (any command that needs it starts it anyway)."""
+    from orchestrator.localservice import ensure_service
+
+    url, _ = _run(lambda: ensure_service(_home()))
+    err.print(f"service running on {url}")
+
+
+@service_app.command("stop")
+def service_stop() -> None:
+    """Stop this home's service. Training jobs pause; the next command restarts it and they resume from
+    their last checkpoints."""
+    from orchestrator.localservice import stop_service
+
+    home = _home()
+    err.print(f"service for {home} stopped" if stop_service(home) else f"no service was running for {home}")
+
+
+@service_app.command("logs")
+def service_logs(
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines from the end.")] = 50,
+) -> None:
+    """The end of this home's service log."""
+    from orchestrator.localservice import tail
+
+    sys.stdout.write(tail(_home(), lines))
+
+
+@service_app.command("run", hidden=True)
+def service_run() -> None:
+    """The service process itself (started in the background by other commands)."""
+    from orchestrator.localservice import run_service
+
+    raise typer.Exit(run_service(_home()))
 
 
 @app.command()

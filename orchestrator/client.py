@@ -1,5 +1,9 @@
-"""`Client()`: the Python way in. Embedded (SQLite + local Ray under LORAFLEET_HOME, nothing to start) or
-remote (`Client(url, token)` over the HTTP API); both have the same methods and return the same views.
+"""`Client()`: the Python way in. Local (`Client()`: the home's background service, started on first use)
+or remote (`Client(url, token)`: a team's `lorafleet server`); both speak the same HTTP API, have the same
+methods and return the same views.
+
+A local client never runs the controller itself: jobs train in the service whether or not any client is
+attached, `wait()` only watches, and interrupting it stops the watching, never the job.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import JobSpec, SpecError, load_source
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
 
 ProgressFn = Callable[["JobView", list[EventView]], None]
@@ -51,8 +55,7 @@ class Job:
     def wait(
         self, timeout: float | None = None, progress: ProgressFn | None = None, poll: float = 0.5
     ) -> JobView:
-        """Block until the job ends; `progress(view, new_events)` is called on every poll."""
-        self._client._ensure_running()
+        """Watch until the job ends; `progress(view, new_events)` is called on every poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last_event = 0
         while True:
@@ -73,7 +76,7 @@ class Job:
 
 
 class Client:
-    """`Client()` embedded, or `Client("http://host:8000", token)` remote; the same methods either way."""
+    """`Client()` local, or `Client("http://host:8000", token)` remote; the same methods either way."""
 
     def __init__(
         self,
@@ -85,14 +88,17 @@ class Client:
     ) -> None:
         self.project = project
         if url is None:
-            from orchestrator.embedded import EmbeddedBackend
+            from orchestrator.localservice import ensure_service
+            from orchestrator.settings import Settings
 
-            self._backend: Any = EmbeddedBackend(home)
+            where = Path(home) if home is not None else Settings().home
+
+            def connect() -> tuple[str, str]:
+                return ensure_service(where)
+
+            self._backend = RemoteBackend(*connect(), reconnect=connect)
         else:
             self._backend = RemoteBackend(url, token)
-
-    def _ensure_running(self) -> None:
-        self._backend.ensure_running()
 
     def _ref(self, name: str, project: str | None) -> tuple[str, str]:
         if "/" in name:
@@ -101,9 +107,8 @@ class Client:
         return project or self.project, name
 
     def submit(self, spec: JobSpec | dict[str, Any] | str | Path, idempotency_key: str | None = None) -> Job:
-        if not isinstance(spec, JobSpec):
-            spec = JobSpec.parse(spec)  # data paths are checked where the job runs: by the service
-        return Job(self, self._backend.submit(spec, idempotency_key))
+        raw = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else load_source(spec)
+        return Job(self, self._backend.submit(raw, idempotency_key))  # the service checks it all at once
 
     def job(self, job_id: str) -> Job:
         return Job(self, self._backend.job(job_id))
@@ -128,9 +133,13 @@ class Client:
         lora: dict[str, Any] | None = None,
         train: dict[str, Any] | None = None,
         project: str | None = None,
+        eval_data: str | Path | None = None,
     ) -> Job:
-        """Start `name` from `parent`'s final weights and train it on `data` (a path or a data config)."""
-        data_cfg = {"path": str(Path(data).resolve())} if isinstance(data, str | Path) else data
+        """Start `name` from `parent`'s final weights and train it on `data` (a path or a data config),
+        evaluated on `eval_data` if given (the parent is measured on the same data, for the gate)."""
+        data_cfg = {"path": str(Path(data).resolve())} if isinstance(data, str | Path) else dict(data)
+        if eval_data is not None:
+            data_cfg["eval_path"] = str(Path(eval_data).resolve())
         proj, parent_name = self._ref(parent, project)
         return Job(self, self._backend.branch(proj, parent_name, name, data_cfg, lora, train))
 
@@ -166,14 +175,32 @@ class Client:
 class RemoteBackend:
     """The HTTP API, spoken with httpx; errors come back as `ApiError` or `SpecError` with their fields."""
 
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(
+        self, url: str, token: str | None, reconnect: Callable[[], tuple[str, str]] | None = None
+    ) -> None:
+        self._reconnect = reconnect  # the local service: restart it if it died, then retry once
+        self._connect(url, token)
+
+    def _connect(self, url: str, token: str | None) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60.0)
 
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError:
+            if self._reconnect is None:
+                raise
+            self._http.close()
+            self._connect(*self._reconnect())
+            return self._http.request(method, path, **kwargs)
+
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
+        response = self._request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", {})
@@ -187,13 +214,9 @@ class RemoteBackend:
             raise ApiError(response.status_code, detail.get("message", response.text), problems)
         return response.json()
 
-    def ensure_running(self) -> None:
-        pass  # the server runs its own controller
-
-    def submit(self, spec: JobSpec, idempotency_key: str | None) -> JobView:
+    def submit(self, raw: dict[str, Any], idempotency_key: str | None) -> JobView:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        body = spec.model_dump(mode="json", exclude_unset=True)
-        return JobView.model_validate(self._call("POST", "/v1/jobs", json=body, headers=headers))
+        return JobView.model_validate(self._call("POST", "/v1/jobs", json=raw, headers=headers))
 
     def job(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
@@ -246,7 +269,7 @@ class RemoteBackend:
 
         if out_dir.exists() and any(out_dir.iterdir()):
             raise ValueError(f"`out_dir` {str(out_dir)!r} exists and is not empty; choose a new directory")
-        response = self._http.get(f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
+        response = self._request("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
         if response.status_code >= 400:
             self._call("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})  # raises
         with zipfile.ZipFile(io.BytesIO(response.content)) as archive:

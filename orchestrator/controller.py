@@ -5,6 +5,11 @@ tick it (1) drains progress events from running packs into SQL in one batch, (2)
 runs, (3) asks the pure scheduler where queued adapters go, and launches new packs or offers refills to
 running ones. On start it reconciles: whatever SQL says was running belonged to a dead controller, so
 those adapters go back to the queue and resume from their last checkpoints.
+
+What should change is decided by `orchestrator.decisions` (pure); this class gathers the facts, does the
+Ray side, and writes every adapter change through `_apply`. A failure that belongs to one job (a base
+model that does not load, resources the cluster can never give, a placement that cannot launch) fails
+that job's adapters once with the reason; the tick goes on for everyone else.
 """
 
 from __future__ import annotations
@@ -21,30 +26,27 @@ from typing import Any
 import psutil
 import ray
 
+from orchestrator import decisions
 from orchestrator import scheduler as sched
+from orchestrator.decisions import AdapterChange
 from orchestrator.packrun import EVENTS, PackChannel, fit_pack_task
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
-from orchestrator.states import AdapterState, JobState, job_state_from_adapters
+from orchestrator.states import AdapterState, InvalidTransition, JobState
 from orchestrator.store import AdapterRecord, NewEvent, Store
 from workers.plan import (
     AdapterDone,
     AdapterTask,
-    CheckpointEvent,
     DataConfig,
-    EvalEvent,
     Event,
     LoraConfig,
     PackPlan,
-    StartEvent,
     StepEvent,
     TrainConfig,
 )
 
 log = logging.getLogger(__name__)
 
-FINISHED_OK = {AdapterState.TRAINED, AdapterState.EVALUATED, AdapterState.PROMOTED, AdapterState.REJECTED}
-FINISHED = FINISHED_OK | {AdapterState.FAILED, AdapterState.CANCELLED}
 DEFAULT_GPU_BUDGET_GB = 16.0
 
 
@@ -85,6 +87,25 @@ class RunningPack:
     @property
     def used_bytes(self) -> int:
         return self.base_bytes + sum(self.member_bytes.values())
+
+
+def connect_ray(settings: Settings) -> None:
+    """Join `LORAFLEET_RAY_ADDRESS`'s cluster, or start a local Ray (once per process).
+
+    A server calls this before its HTTP loop starts: `ray.init` installs a SIGTERM handler of its own,
+    which must come first so the server's graceful-shutdown handler replaces it, not the other way round.
+    """
+    if ray.is_initialized():
+        return
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, namespace="lorafleet", log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=settings.ray_num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            namespace="lorafleet",
+            log_to_driver=False,
+        )
 
 
 class Controller:
@@ -133,16 +154,7 @@ class Controller:
                 log.exception("controller tick failed")
 
     def _ensure_ray(self) -> None:
-        if not ray.is_initialized():
-            if self.settings.ray_address:
-                ray.init(address=self.settings.ray_address, namespace="lorafleet")
-            else:
-                ray.init(
-                    num_cpus=self.settings.ray_num_cpus or os.cpu_count(),
-                    include_dashboard=False,
-                    namespace="lorafleet",
-                    log_to_driver=False,
-                )
+        connect_ray(self.settings)
         if self._channel is None:
             self._channel = PackChannel.remote()
 
@@ -152,9 +164,9 @@ class Controller:
             for pack in self.store.list_packs(states=["running"]):
                 if pack.id not in self.running:
                     self.store.finish_pack(pack.id, "failed", error="controller restarted")
-            for adapter in self.store.list_adapters(states=[AdapterState.TRAINING.value]):
-                if not any(adapter.id in p.members.values() for p in self.running.values()):
-                    self.store.update_adapter(adapter.id, state=AdapterState.QUEUED.value)
+            held = [a for p in self.running.values() for a in p.members.values()]
+            training = self.store.list_adapters(states=[AdapterState.TRAINING.value])
+            self._apply(decisions.reconcile(training, held))
 
     # ---- one tick ----
 
@@ -167,7 +179,22 @@ class Controller:
             for pack in [p for p in self.running.values() if p.ref in done_refs]:
                 self._reap(pack)
             self._schedule()
+            self._apply(decisions.evaluated(self.store.list_adapters(states=[AdapterState.TRAINED.value])))
             self._settle_jobs()
+
+    def _apply(self, changes: list[AdapterChange]) -> None:
+        """The one place the controller changes adapters. A change the lifecycle no longer allows (the
+        adapter moved on meanwhile, e.g. a cancel raced a finish) is moot, not an error."""
+        for change in changes:
+            try:
+                if change.state is not None or change.fields:
+                    self.store.update_adapter(change.adapter_id, state=change.state, **change.fields)
+                if change.metrics:
+                    self.store.upsert_metrics(change.adapter_id, dict(change.metrics))
+                if change.checkpoint is not None:
+                    self.store.add_checkpoint(change.adapter_id, *change.checkpoint)
+            except InvalidTransition as exc:
+                log.debug("skipped a moot change: %s", exc)
 
     def _drain(self) -> list[Event]:
         batches = ray.get(self._channel.drain.remote())
@@ -183,80 +210,47 @@ class Controller:
         for i, event in enumerate(events):
             pack = self.running.get(event.pack_id)
             adapter_id = pack.members.get(event.adapter) if pack else None
-            if adapter_id is None:
+            if pack is None or adapter_id is None:
                 continue
             if adapter_id not in job_of:
                 job_of[adapter_id] = self.store.get_adapter_by_id(adapter_id).job_id
             payload = event.model_dump(mode="json")
             rows.append(NewEvent(job_of[adapter_id], event.kind, adapter_id, event.step, payload))
-            if not isinstance(event, StepEvent) or last_step[(event.pack_id, event.adapter)] == i:
-                self._apply_event(self.store.get_adapter_by_id(adapter_id), event)
+            if isinstance(event, StepEvent) and last_step[(event.pack_id, event.adapter)] != i:
+                continue
+            change = decisions.on_event(self.store.get_adapter_by_id(adapter_id), event)
+            self._apply([change] if change else [])
+            if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
+                pack.members.pop(event.adapter, None)
+                pack.member_bytes.pop(event.adapter, None)
         self.store.record_events(rows)
         if self.on_events is not None:
             self.on_events(events)
 
-    def _apply_event(self, adapter: AdapterRecord, event: Event) -> None:
-        if isinstance(event, StartEvent):
-            if adapter.state == AdapterState.QUEUED.value:
-                self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
-            self.store.update_adapter(adapter.id, data_fingerprint=event.data_fingerprint)
-        elif isinstance(event, StepEvent):
-            if adapter.state == AdapterState.QUEUED.value:
-                self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
-            self.store.update_adapter(adapter.id, step=event.step)
-            self.store.upsert_metrics(adapter.id, {"train_loss": (event.loss, event.step)})
-        elif isinstance(event, EvalEvent):
-            self.store.update_adapter(adapter.id, eval_loss=event.eval_loss)
-            self.store.upsert_metrics(
-                adapter.id,
-                {"eval_loss": (event.eval_loss, event.step), "perplexity": (event.perplexity, event.step)},
-            )
-        elif isinstance(event, CheckpointEvent):
-            self.store.add_checkpoint(adapter.id, event.step, str(event.path), event.final)
-        elif isinstance(event, AdapterDone):
-            self._finish_adapter(adapter, event)
-
-    def _finish_adapter(self, adapter: AdapterRecord, done: AdapterDone) -> None:
-        pack = self.running.get(done.pack_id)
-        if pack is not None:  # its slot and memory are free for a refill
-            pack.members.pop(done.adapter, None)
-            pack.member_bytes.pop(done.adapter, None)
-        if adapter.state in {s.value for s in FINISHED}:
-            return
-        if adapter.state == AdapterState.QUEUED.value and done.status != "cancelled":
-            self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
-        fields: dict[str, Any] = {"step": done.step, "error": done.error}
-        if done.final_dir is not None:
-            fields["final_checkpoint"] = str(done.final_dir)
-        if done.eval_loss is not None:
-            fields["eval_loss"] = done.eval_loss
-        if done.baseline_eval_loss is not None:  # the parent on this adapter's eval data, for the gate
-            self.store.upsert_metrics(adapter.id, {"parent_eval_loss": (done.baseline_eval_loss, done.step)})
-        self.store.update_adapter(adapter.id, state=done.status, **fields)
-
     def _reap(self, pack: RunningPack) -> None:
-        error = ray.get(pack.ref)
         self.running.pop(pack.pack_id, None)
-        for task_json in ray.get(self._channel.withdraw.remote(pack.pack_id)):
-            name = AdapterTask.model_validate_json(task_json).name
-            adapter_id = pack.members.pop(name, None)
-            if adapter_id is not None:
-                self.store.update_adapter(adapter_id, state=AdapterState.QUEUED.value)
-        for adapter_id in pack.members.values():  # in the pack but never reported done: the run died
-            adapter = self.store.get_adapter_by_id(adapter_id)
-            if adapter.state not in {s.value for s in FINISHED}:
-                reason = error or "the pack ended without reporting this adapter"
-                self.store.update_adapter(adapter_id, state=AdapterState.FAILED.value, error=reason)
+        try:
+            error = ray.get(pack.ref)
+        except Exception as exc:  # the Ray task itself died (not the training inside it)
+            error = f"{type(exc).__name__}: {exc}"[:4000]
+        withdrawn = [
+            AdapterTask.model_validate_json(t).name
+            for t in ray.get(self._channel.withdraw.remote(pack.pack_id))
+        ]
+        members = {name: self.store.get_adapter_by_id(i) for name, i in pack.members.items()}
+        self._apply(decisions.on_pack_exit(members, withdrawn, error))
         self.store.finish_pack(pack.pack_id, "failed" if error else "succeeded", error=error)
 
     # ---- scheduling ----
 
     def _schedule(self) -> None:
-        ready = self._ready_adapters()
-        if not ready:
-            return
+        queued = self.store.list_adapters(states=[AdapterState.QUEUED.value])
+        parent_ids = {a.parent_id for a in queued if a.parent_id}
+        parents = {i: self.store.get_adapter_by_id(i) for i in parent_ids}
+        ready, orphans = decisions.ready(queued, parents)
+        self._apply(orphans)
         by_shape: dict[PackShape, list[AdapterRecord]] = {}
-        for adapter in ready:
+        for adapter in self._placeable(ready):
             by_shape.setdefault(PackShape.of(self._spec(adapter.job_id)), []).append(adapter)
         free_slots = self._free_slots()
         for shape, adapters in by_shape.items():
@@ -267,29 +261,60 @@ class Controller:
             infos = {d.base: self._info(d.base) for d in demands}
             for placement in sched.schedule(demands, workers, infos):
                 chosen = self._unique_names([records[i] for i in placement.adapter_ids])
-                if placement.refill:
-                    self._offer(self.running[placement.worker_id], chosen)
-                else:
-                    free_slots -= 1
-                    self._launch(placement, shape, chosen)
+                try:
+                    if placement.refill:
+                        self._offer(self.running[placement.worker_id], chosen)
+                    else:
+                        free_slots -= 1
+                        self._launch(placement, shape, chosen)
+                except Exception as exc:  # this placement's jobs fail; the others go on
+                    log.exception("could not start a pack for %s", [a.qualified_name for a in chosen])
+                    self._fail_jobs(chosen, f"could not start a pack: {type(exc).__name__}: {exc}")
 
-    def _ready_adapters(self) -> list[AdapterRecord]:
-        """Queued adapters whose parent (if any) has finished training; children of failures fail."""
-        ready = []
-        for adapter in self.store.list_adapters(states=[AdapterState.QUEUED.value]):
-            if adapter.parent_id is None:
-                ready.append(adapter)
+    def _placeable(self, ready: list[AdapterRecord]) -> list[AdapterRecord]:
+        """Ready adapters whose job can run at all. A job whose stored spec, base model or resources
+        cannot work fails here, once, with the reason, and the rest are scheduled as if it were not."""
+        placeable = []
+        failed_jobs: set[str] = set()
+        capacity = self._capacity()
+        for adapter in ready:
+            if adapter.job_id in failed_jobs:
                 continue
-            parent = self.store.get_adapter_by_id(adapter.parent_id)
-            if parent.state in {s.value for s in FINISHED_OK} and parent.final_checkpoint:
-                ready.append(adapter)
-            elif parent.state in (AdapterState.FAILED.value, AdapterState.CANCELLED.value):
-                self.store.update_adapter(
-                    adapter.id,
-                    state=AdapterState.FAILED.value,
-                    error=f"parent {parent.project}/{parent.name} is {parent.state}; nothing to branch from",
-                )
-        return ready
+            reason = self._job_problem(adapter, capacity)
+            if reason is None:
+                placeable.append(adapter)
+            else:
+                failed_jobs.add(adapter.job_id)
+                self._apply(decisions.fail_all(self.store.list_adapters(job_id=adapter.job_id), reason))
+        return placeable
+
+    def _job_problem(self, adapter: AdapterRecord, capacity: decisions.Capacity) -> str | None:
+        try:
+            spec = self._spec(adapter.job_id)
+        except Exception as exc:
+            return f"the stored job spec cannot be read: {exc}"
+        r = spec.resources
+        reason = decisions.infeasible(
+            decisions.Ask(r.workers, r.cpus_per_worker, r.gpus_per_worker), capacity
+        )
+        if reason is not None:
+            return reason
+        try:
+            self._info(self._base_key(adapter))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            return f"`base_model` {adapter.base_model!r} cannot be loaded: {first}"
+        return None
+
+    def _fail_jobs(self, adapters: list[AdapterRecord], reason: str) -> None:
+        for job_id in {a.job_id for a in adapters}:
+            self._apply(decisions.fail_all(self.store.list_adapters(job_id=job_id), reason))
+
+    def _capacity(self) -> decisions.Capacity:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+        gpus = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+        return decisions.Capacity(cpus, gpus, len(nodes), fixed=self.settings.ray_address is None)
 
     def _unique_names(self, adapters: list[AdapterRecord]) -> list[AdapterRecord]:
         """Same-named adapters of different projects cannot share a pack; the rest wait a tick."""
@@ -363,13 +388,19 @@ class Controller:
         return sched.BaseKey(adapter.base_model, adapter.quantization, adapter.dtype)
 
     def _info(self, base: sched.BaseKey) -> sched.BaseModelInfo:
+        """The base's shape, from its config (loaded once; a failure is remembered, not retried each tick)."""
         if base not in self._infos:
             from transformers import AutoConfig
 
-            self._infos[base] = sched.model_info_from_config(
-                AutoConfig.from_pretrained(base.base_model).to_dict()
-            )
-        return self._infos[base]
+            try:
+                config = AutoConfig.from_pretrained(base.base_model, trust_remote_code=False)
+                self._infos[base] = sched.model_info_from_config(config.to_dict())
+            except Exception as exc:
+                self._infos[base] = exc  # type: ignore[assignment]
+        found = self._infos[base]
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     def _spec(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
@@ -443,25 +474,39 @@ class Controller:
             pack.members[adapter.name] = adapter.id
             pack.member_bytes[adapter.name] = sched.adapter_memory_bytes(self._demand(adapter), info)
             self.store.add_pack_member(pack.pack_id, adapter.id)
-            self.store.update_adapter(adapter.id, state=AdapterState.TRAINING.value)
+            self._apply([AdapterChange(adapter.id, AdapterState.TRAINING)])
 
     # ---- jobs ----
 
     def _settle_jobs(self) -> None:
         for job in self.store.list_jobs(states=[JobState.PENDING.value, JobState.RUNNING.value]):
-            states = [a.state for a in self.store.list_adapters(job_id=job.id)]
-            if all(s in {x.value for x in FINISHED} for s in states):
-                self.store.set_job_state(job.id, job_state_from_adapters(states).value)
-            elif job.state == JobState.PENDING.value and any(s != AdapterState.QUEUED.value for s in states):
-                self.store.set_job_state(job.id, JobState.RUNNING.value)
+            adapters = self.store.list_adapters(job_id=job.id)
+            try:
+                auto = self._spec(job.id).promotion.auto
+            except Exception:
+                auto = False
+            outcome = decisions.job_outcome([a.state for a in adapters], auto)
+            if outcome is None or outcome == job.state:
+                continue
+            if outcome == JobState.PENDING:
+                continue  # never back from running
+            failures = [
+                f"{a.name}: {a.error}" for a in adapters if a.state == AdapterState.FAILED and a.error
+            ]
+            error = "; ".join(failures)[:4000] if failures else None
+            self.store.set_job_state(job.id, outcome.value, error=error)
 
     def cancel_job(self, job_id: str) -> None:
         """Queued adapters are cancelled now; running ones leave their pack between two steps."""
         with self._lock:
-            for adapter in self.store.list_adapters(job_id=job_id):
-                if adapter.state == AdapterState.QUEUED.value:
-                    self.store.update_adapter(adapter.id, state=AdapterState.CANCELLED.value)
-                elif adapter.state == AdapterState.TRAINING.value:
-                    for pack in self.running.values():
-                        if pack.members.get(adapter.name) == adapter.id:
-                            ray.get(self._channel.cancel.remote(pack.pack_id, [adapter.name]))
+            in_pack = {i: p.pack_id for p in self.running.values() for i in p.members.values()}
+            now, in_flight = decisions.cancel(self.store.list_adapters(job_id=job_id), in_pack)
+            self._apply(now)
+            for adapter_id in in_flight:
+                pack = self.running[in_pack[adapter_id]]
+                name = next(n for n, i in pack.members.items() if i == adapter_id)
+                withdrawn = ray.get(self._channel.cancel.remote(pack.pack_id, [name]))
+                if name in withdrawn:  # only offered, never taken: it never started in that pack
+                    pack.members.pop(name, None)
+                    pack.member_bytes.pop(name, None)
+                    self._apply([AdapterChange(adapter_id, AdapterState.CANCELLED)])

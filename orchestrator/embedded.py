@@ -1,7 +1,7 @@
-"""The embedded backend: the service, the SQLite store and a controller on local Ray, all in this process.
+"""The in-process backend: the service layer, the store, the MLflow mirror and the controller together.
 
-Nothing is started until it is needed: listing jobs opens only SQLite; submitting (or waiting on an
-unfinished job) starts the controller, which starts a local Ray.
+`lorafleet server` (a team's server, or a home's local service) runs exactly one of these behind the HTTP
+API; tests use it directly to drive the controller. Clients never do: they talk to a server.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class EmbeddedBackend:
             self.tracker.start()
             self._started = True
 
-    def submit(self, spec: JobSpec, idempotency_key: str | None) -> JobView:
+    def submit(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None) -> JobView:
         view = self.service.submit(spec, idempotency_key)
         self.ensure_running()
         return view

@@ -54,8 +54,14 @@ class PackChannel:
         self._cancelled.pop(pack_id, None)
         return self._offers.pop(pack_id, [])
 
-    def cancel(self, pack_id: str, names: list[str]) -> None:
+    def cancel(self, pack_id: str, names: list[str]) -> list[str]:
+        """Ask the pack to drop `names`; offers it has not taken yet are withdrawn at once (returned)."""
         self._cancelled.setdefault(pack_id, set()).update(names)
+        offered = self._offers.get(pack_id, [])
+        keep = [t for t in offered if AdapterTask.model_validate_json(t).name not in names]
+        withdrawn = [AdapterTask.model_validate_json(t).name for t in offered if t not in keep]
+        self._offers[pack_id] = keep
+        return withdrawn
 
     def cancelled(self, pack_id: str) -> list[str]:
         return sorted(self._cancelled.get(pack_id, ()))

@@ -82,10 +82,13 @@ class Registry:
         return JobSpec.model_validate(self.store.get_job(adapter.job_id).spec).promotion
 
     def settle(self) -> None:
-        """Trained adapters become `evaluated` (their final eval ran in the pack); auto-promote if asked."""
-        for adapter in self.store.list_adapters(states=[AdapterState.TRAINED.value]):
-            self.store.update_adapter(adapter.id, state=AdapterState.EVALUATED.value)
-            if self._policy(adapter).auto:
+        """Auto-promotion: evaluated adapters of jobs that ask for it are judged by the gate, once the
+        mirror has synced (the run and its artifacts must exist before a model version points at them)."""
+        policies: dict[str, PromotionPolicy] = {}
+        for adapter in self.store.list_adapters(states=[AdapterState.EVALUATED.value]):
+            if adapter.job_id not in policies:
+                policies[adapter.job_id] = self._policy(adapter)
+            if policies[adapter.job_id].auto:
                 self.promote(adapter.id)
 
     def promote(self, adapter_id: str, alias: str | None = None, force: bool = False) -> RegistryRecord:

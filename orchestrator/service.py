@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import lineage
+from orchestrator import lineage, preflight
 from orchestrator.settings import Settings
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import JobSpec, SpecError, load_source
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
@@ -27,9 +27,9 @@ class Service:
 
     # ---- jobs ----
 
-    def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobView:
-        spec.validate_paths()
-        parents = self._resolve_parents(spec)
+    def submit(self, source: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> JobView:
+        """Check everything that can be checked now, report every problem at once, then store the job."""
+        spec, parents = self.check(source)
         new = []
         for i, adapter in enumerate(spec.adapters):
             lora, train = spec.adapter_lora(i), spec.adapter_train(i)
@@ -53,6 +53,49 @@ class Service:
         )
         return self.job(job.id)
 
+    def check(self, source: JobSpec | dict[str, Any]) -> tuple[JobSpec, dict[int, str]]:
+        """Schema, base model, data files and parents, all checked; one `SpecError` lists every problem.
+        Returns the spec and the ids of the parents outside the job, by adapter index."""
+        raw = source.model_dump(mode="json") if isinstance(source, JobSpec) else load_source(source)
+        problems: list[tuple[str, str]] = []
+        spec: JobSpec | None = None
+        parents: dict[int, str] = {}
+        try:
+            spec = JobSpec.parse(raw)
+        except SpecError as exc:
+            problems += exc.problems
+        problems += preflight.outside_world_problems(raw)
+        if spec is not None:
+            try:
+                parents = self._resolve_parents(spec)
+            except SpecError as exc:
+                problems += exc.problems
+        else:
+            problems += self._missing_parents(raw)
+        if problems or spec is None:
+            raise SpecError(problems)
+        return spec, parents
+
+    def _missing_parents(self, raw: dict[str, Any]) -> list[tuple[str, str]]:
+        """Parents named by a spec that failed validation: at least say which do not exist."""
+        adapters = raw.get("adapters") if isinstance(raw.get("adapters"), list) else []
+        project = raw.get("project") if isinstance(raw.get("project"), str) else "default"
+        in_job = {a.get("name") for a in adapters if isinstance(a, dict)}
+        problems = []
+        for i, adapter in enumerate(adapters):
+            parent = adapter.get("parent") if isinstance(adapter, dict) else None
+            missing = isinstance(parent, str) and parent not in in_job
+            if missing and self._find_parent(parent, project) is None:
+                problems.append((f"adapters.{i}.parent", _no_parent(parent, project)))
+        return problems
+
+    def _find_parent(self, parent: str, project: str) -> AdapterRecord | None:
+        owner, _, name = parent.rpartition("/")
+        try:
+            return self.store.get_adapter(owner or project, name)
+        except NotFound:
+            return None
+
     def _resolve_parents(self, spec: JobSpec) -> dict[int, str]:
         """Parents outside the job must exist and be compatible; parents inside are checked by config."""
         in_job = {a.name: i for i, a in enumerate(spec.adapters)}
@@ -66,17 +109,9 @@ class Service:
                 j = in_job[adapter.parent]
                 problems += _compatibility(field, spec.adapter_lora(j), spec.adapter_lora(i), None)
                 continue
-            project, _, name = adapter.parent.rpartition("/")
-            try:
-                parent = self.store.get_adapter(project or spec.project, name)
-            except NotFound:
-                problems.append(
-                    (
-                        field,
-                        f"no adapter {adapter.parent!r} in this job or in project "
-                        f"{project or spec.project!r}; train the parent first or fix the name",
-                    )
-                )
+            parent = self._find_parent(adapter.parent, spec.project)
+            if parent is None:
+                problems.append((field, _no_parent(adapter.parent, spec.project)))
                 continue
             mismatch = [k for k in _PARENT_MUST_MATCH if getattr(parent, k) != getattr(spec, k)]
             if mismatch:
@@ -156,7 +191,7 @@ class Service:
     ) -> JobView:
         """A one-adapter job whose adapter starts from `parent`'s final weights."""
         parent_record = self.store.get_adapter(project, parent)
-        spec = JobSpec.parse(
+        return self.submit(
             {
                 "name": f"branch-{name}",
                 "project": project,
@@ -168,7 +203,6 @@ class Service:
                 "adapters": [{"name": name, "parent": parent, "data": data, "lora": lora}],
             }
         )
-        return self.submit(spec)
 
     # ---- views ----
 
@@ -212,6 +246,14 @@ class Service:
             updated_at=job.updated_at,
             adapters=[self._adapter_view(a) for a in self.store.list_adapters(job_id=job.id)],
         )
+
+
+def _no_parent(parent: str, project: str) -> str:
+    owner, _, _ = parent.rpartition("/")
+    return (
+        f"no adapter {parent!r} in this job or in project {owner or project!r}; "
+        "train the parent first or fix the name"
+    )
 
 
 def _compatibility(

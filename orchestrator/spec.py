@@ -3,7 +3,8 @@
 Job-level `lora`/`train` are defaults; an adapter's own `lora`/`train` override them field by field, and the
 result is validated again as a whole so a bad merged value names the adapter and the field. Unknown fields
 are errors everywhere: a typo must never be silently ignored. Checks that need the outside world (does the
-data file exist, does the parent adapter exist in the store) live in `validate_paths` and the service layer.
+data file exist and parse, does the base model load, does the parent adapter exist in the store) live in
+`preflight` and the service layer, which report them together with these.
 """
 
 from __future__ import annotations
@@ -164,58 +165,64 @@ class JobSpec(_Strict):
     @classmethod
     def parse(cls, source: dict[str, Any] | str | Path, base_dir: Path | None = None) -> JobSpec:
         """Validate a dict, YAML text or YAML file; relative paths resolve against the file's directory."""
-        if isinstance(source, Path) or (
-            isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml", ".json"))
-        ):
-            path = Path(source)
-            if not path.is_file():
-                raise SpecError([("spec", f"file {str(path)!r} not found")])
-            base_dir = base_dir or path.parent.resolve()
-            source = path.read_text(encoding="utf-8")
-        if isinstance(source, str):
-            try:
-                source = yaml.safe_load(source)
-            except yaml.YAMLError as exc:
-                raise SpecError([("spec", f"not valid YAML: {exc}")]) from exc
-        if not isinstance(source, dict):
-            raise SpecError([("spec", f"expected a mapping of fields, got {type(source).__name__}")])
+        raw = load_source(source, base_dir)
         try:
-            spec = cls.model_validate(source)
+            return cls.model_validate(raw)
         except ValidationError as exc:
             raise SpecError(_problems(exc)) from None
-        return spec.resolve_paths(base_dir or Path.cwd())
 
-    def resolve_paths(self, base_dir: Path) -> JobSpec:
-        """Make data paths (and a local base model dir) absolute, so the job does not depend on a cwd."""
 
-        def absolute(p: Path | None) -> Path | None:
-            return None if p is None else (p if p.is_absolute() else (base_dir / p).resolve())
+def load_source(source: dict[str, Any] | str | Path, base_dir: Path | None = None) -> dict[str, Any]:
+    """A spec as a plain mapping, from a dict, YAML text or a YAML file, with relative paths made absolute.
 
-        adapters = [
-            a.model_copy(
-                update={
-                    "data": a.data.model_copy(
-                        update={"path": absolute(a.data.path), "eval_path": absolute(a.data.eval_path)}
-                    )
-                }
-            )
-            for a in self.adapters
-        ]
-        base = self.base_model
-        if not Path(base).is_absolute() and (base.startswith(".") or (base_dir / base).is_dir()):
-            base = str((base_dir / base).resolve())
-        return self.model_copy(update={"adapters": adapters, "base_model": base})
+    Paths are resolved here, before validation, so a spec means the same thing wherever it is checked
+    (the client's directory is not the service's), and so a spec with schema errors can still have its
+    files checked: every problem is reported at once.
+    """
+    if isinstance(source, Path) or (
+        isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml", ".json"))
+    ):
+        path = Path(source)
+        if not path.is_file():
+            raise SpecError([("spec", f"file {str(path)!r} not found")])
+        base_dir = base_dir or path.parent.resolve()
+        source = path.read_text(encoding="utf-8")
+    if isinstance(source, str):
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise SpecError([("spec", f"not valid YAML: {exc}")]) from exc
+    if not isinstance(source, dict):
+        raise SpecError([("spec", f"expected a mapping of fields, got {type(source).__name__}")])
+    return resolve_paths(source, base_dir or Path.cwd())
 
-    def validate_paths(self) -> None:
-        """Data files must exist at submit time, not fail an hour later on a worker."""
-        problems = []
-        for i, adapter in enumerate(self.adapters):
-            for field in ("path", "eval_path"):
-                path = getattr(adapter.data, field)
-                if path is not None and not Path(path).is_file():
-                    problems.append((f"adapters.{i}.data.{field}", f"file {str(path)!r} does not exist"))
-        if problems:
-            raise SpecError(problems)
+
+def resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make data paths (and a local base model dir) absolute, so the job does not depend on a cwd."""
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str | Path) or not str(value):
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+    out = dict(raw)
+    adapters = raw.get("adapters")
+    if isinstance(adapters, list):
+        out["adapters"] = []
+        for adapter in adapters:
+            if isinstance(adapter, dict) and isinstance(adapter.get("data"), dict):
+                data = dict(adapter["data"])
+                for key in ("path", "eval_path"):
+                    if key in data:
+                        data[key] = absolute(data[key])
+                adapter = {**adapter, "data": data}
+            out["adapters"].append(adapter)
+    base = raw.get("base_model")
+    local = isinstance(base, str) and (base.startswith((".", "~")) or (base_dir / base).is_dir())
+    if local and not Path(base).is_absolute():
+        out["base_model"] = absolute(base)
+    return out
 
 
 def _cycle_problems(adapters: list[AdapterSpec]) -> list[tuple[str, str]]:

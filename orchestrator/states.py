@@ -91,7 +91,9 @@ ADAPTER_TERMINAL = frozenset(s for s, nxt in ADAPTER_TRANSITIONS.items() if not 
 ADAPTER_TRAINED = frozenset({_A.TRAINED, _A.EVALUATED, _A.PROMOTED, _A.REJECTED})
 """Training succeeded (whatever the promotion gate later said)."""
 ADAPTER_FINISHED = ADAPTER_TRAINED | ADAPTER_TERMINAL
-"""Not queued or training any more: what a job waits for."""
+"""Not queued or training any more."""
+ADAPTER_ACTIVE = frozenset({_A.QUEUED, _A.TRAINING})
+"""Waiting for or holding a place in a pack."""
 
 
 class InvalidTransition(ValueError):

@@ -19,3 +19,13 @@ def tiny_tokenizer(tiny_base: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_service_left_behind(tmp_path_factory: pytest.TempPathFactory):
+    """Tests that start a home's local service stop it themselves; this catches any one that did not."""
+    yield
+    from orchestrator.localservice import stop_service
+
+    for info in tmp_path_factory.getbasetemp().rglob("service/service.json"):
+        stop_service(info.parent.parent)

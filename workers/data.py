@@ -478,3 +478,92 @@ def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
         labels[i, :length] = torch.tensor(row.labels, dtype=torch.long)
         attention_mask[i, :length] = 1
     return input_ids, labels, attention_mask
+
+
+# ---- checking at submit time ----
+
+
+def check_head(path: Path, records: int = 100) -> str:
+    """Read and validate the first `records` records of a data file; returns the record kind.
+
+    What a job submission checks before anything is stored: the file exists, has a known type and
+    fields, and its first records parse. A bad record further in can only be found by reading it all,
+    which is the worker's job; it then fails that adapter with the same kind of message.
+    """
+    path = Path(path)
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)} "
+            "(JSON Lines, Parquet or CSV)"
+        )
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(f"{path}: data file {what}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; it needs at least one record")
+    if fmt == "json":
+        return _check_json_head(path, records)
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=records), None)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+        arrow = pa.Table.from_batches([batch]) if batch is not None else None
+    else:
+        import pyarrow as pa
+        import pyarrow.csv as pc
+
+        convert = pc.ConvertOptions(
+            column_types={f: pa.string() for f in ("text", "prompt", "completion", "messages")},
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        )
+        try:
+            reader = pc.open_csv(
+                path, parse_options=pc.ParseOptions(newlines_in_values=True), convert_options=convert
+            )
+            batch = next(iter(reader), None)
+        except (OSError, ValueError, StopIteration):
+            _read_csv(path)  # the whole-file reader names the offending row
+            raise
+        arrow = pa.Table.from_batches([batch]).slice(0, records) if batch is not None else None
+    if arrow is None or arrow.num_rows == 0:
+        raise DataError(f"{path}: no records; the file needs at least one")
+    kind = _kind(path, arrow.column_names)
+    if fmt == "csv" and kind == "messages":
+        raise DataError(f"{path}: CSV cannot hold `messages` (a list of objects); use JSON Lines or Parquet")
+    _validate(_Table(path, kind, {field: arrow.column(field).to_pylist() for field in KINDS[kind]}))
+    return kind
+
+
+def _check_json_head(path: Path, records: int) -> str:
+    rows, lines = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno}); "
+                    "fix: write one complete JSON object per line (JSON Lines)"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path}: line {n}: expected a JSON object, got {_type(record)}; "
+                    "fix: write one JSON object per line (JSON Lines), not a JSON array"
+                )
+            rows.append(record)
+            lines.append(n)
+            if len(rows) >= records:
+                break
+    if not rows:
+        raise DataError(f"{path}: no records; the file needs at least one")
+    kind = _kind(path, sorted({key for record in rows for key in record}))
+    _validate(_Table(path, kind, {field: [r.get(field) for r in rows] for field in KINDS[kind]}, lines))
+    return kind

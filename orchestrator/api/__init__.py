@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 
 from orchestrator.embedded import EmbeddedBackend
 from orchestrator.settings import Settings
-from orchestrator.spec import JobSpec, SpecError
+from orchestrator.spec import SpecError
 from orchestrator.store import Conflict, NotFound, StoreError
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
 
@@ -123,8 +123,7 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
         b: Backend,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> JobView:
-        spec = JobSpec.parse(body, base_dir=None)
-        return b.submit(spec, idempotency_key)
+        return b.submit(body, idempotency_key)
 
     @app.get("/v1/jobs", dependencies=guarded)
     def jobs(b: Backend, project: str | None = None) -> list[JobView]:

@@ -19,6 +19,7 @@ import ray
 from orchestrator import Client
 from orchestrator.controller import Controller
 from orchestrator.embedded import EmbeddedBackend
+from orchestrator.localservice import stop_service
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec, SpecError
 from workers.checkpoint import read_adapter
@@ -36,8 +37,11 @@ def local_ray():
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", tick_seconds=0.2)
+def settings(tmp_path: Path):
+    """A home of its own; a local service started for it by a `Client` is stopped afterwards."""
+    home = Settings(home=tmp_path / "home", tick_seconds=0.2)
+    yield home
+    stop_service(home.home)
 
 
 @pytest.fixture(scope="module")
@@ -285,22 +289,30 @@ def _cli(args: list[str], home: Path, **kw) -> subprocess.CompletedProcess:
 
 def test_cli_submit_wait_json_and_bad_spec(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
     home = tmp_path / "cli-home"
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(json.dumps(_spec(tiny_base, data_dir, adapters=[{"name": "Bad", "data": {"path": "x"}}])))
-    refused = _cli(["submit", str(bad), "--json"], home)
-    assert refused.returncode == 2 and "adapters.0.name" in refused.stderr and refused.stdout == ""
-    assert json.loads(_cli(["jobs", "--json"], home).stdout) == []
+    try:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(
+            json.dumps(_spec(tiny_base, data_dir, adapters=[{"name": "Bad", "data": {"path": "x.jsonl"}}]))
+        )
+        refused = _cli(["submit", str(bad), "--json"], home)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert (
+            "adapters.0.name" in refused.stderr and "adapters.0.data.path" in refused.stderr
+        )  # both at once
+        assert json.loads(_cli(["jobs", "--json"], home).stdout) == []
 
-    good = tmp_path / "good.yaml"
-    good.write_text(json.dumps(_spec(tiny_base, data_dir, steps=3)))
-    done = _cli(["submit", str(good), "--wait", "--json"], home)
-    assert done.returncode == 0, done.stderr
-    view = json.loads(done.stdout)
-    assert view["state"] == "succeeded" and {a["state"] for a in view["adapters"]} <= TRAINED
-    listed = json.loads(_cli(["adapters", "--json"], home).stdout)
-    assert sorted(a["name"] for a in listed) == ["colors", "counting"]
-    status = json.loads(_cli(["status", view["id"], "--json"], home).stdout)
-    assert status["id"] == view["id"]
+        good = tmp_path / "good.yaml"
+        good.write_text(json.dumps(_spec(tiny_base, data_dir, steps=3)))
+        done = _cli(["submit", str(good), "--wait", "--json"], home)
+        assert done.returncode == 0, done.stderr
+        view = json.loads(done.stdout)
+        assert view["state"] == "succeeded" and {a["state"] for a in view["adapters"]} <= TRAINED
+        listed = json.loads(_cli(["adapters", "--json"], home).stdout)
+        assert sorted(a["name"] for a in listed) == ["colors", "counting"]
+        status = json.loads(_cli(["status", view["id"], "--json"], home).stdout)
+        assert status["id"] == view["id"]
+    finally:
+        stop_service(home)
 
 
 def test_remote_client_against_a_real_server(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:

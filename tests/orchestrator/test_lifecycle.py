@@ -1,7 +1,7 @@
 """After training: lineage across jobs, branching, promotion to the MLflow registry, export, generate.
 
-One module-scoped home trains a root job (auto-promoted), a child branched from it and a grandchild branched
-with 0 steps: three Ray Train runs in all, shared by the tests below.
+One module-scoped home (and its local service) trains a root job (auto-promoted), a child branched from it
+and a grandchild branched with 0 steps: three Ray Train runs in all, shared by the tests below.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
@@ -19,6 +18,7 @@ from typer.testing import CliRunner
 
 from orchestrator import Client
 from orchestrator.cli import app
+from orchestrator.localservice import stop_service
 from orchestrator.settings import Settings
 from workers.serving import AdapterServer
 from workers.synthetic import write_skill_data
@@ -35,8 +35,6 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="lorafleet")
     root = tmp_path_factory.mktemp("lifecycle")
     data = {s: write_skill_data(root / f"{s}.jsonl", s, 200) for s in ("counting", "colors")}
     settings = Settings(home=root / "home", tick_seconds=0.2)
@@ -68,6 +66,7 @@ def trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     assert grandchild.wait(timeout=300).state == "succeeded"
     yield Trained(client, settings, root)
     client.close()
+    stop_service(settings.home)
 
 
 def test_three_level_tree_across_three_jobs(trained: Trained) -> None:

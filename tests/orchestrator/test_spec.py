@@ -103,10 +103,10 @@ def test_all_problems_are_reported_at_once() -> None:
     assert {"name", "adapters.0.lora.r"} <= set(problems)
 
 
-def test_missing_data_files_are_caught_at_submit(tmp_path: Path) -> None:
+def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
     spec = JobSpec.parse(_minimal(), base_dir=tmp_path)
-    with pytest.raises(SpecError, match=r"adapters\.0\.data\.path.*does not exist"):
-        spec.validate_paths()
+    assert spec.adapters[0].data.path.is_absolute()
+    assert spec.adapters[0].data.path.parent == tmp_path
 
 
 def test_json_schema_describes_the_spec() -> None:

@@ -1,0 +1,229 @@
+"""The controller's decisions as pure functions: what SQL and one tick's events say in, changes out.
+
+Like Ray Train v2's failure policy, deciding is kept apart from doing: the controller gathers facts
+(records from SQL, events drained from packs, which packs exited and why, what the cluster has), asks
+these functions what should change, and applies the answer through one method. So every rule (which
+adapters are ready, which fail and why, what a finished pack means for its members, when a job is
+settled) is tested here without Ray, SQL or MLflow, including the cases that once hurt: a poison job,
+a cancel while a refill is on offer, a controller restart.
+
+The one rule behind the failure cases: a problem that belongs to one job fails that job's adapters
+once, with the reason, and never stops the controller from serving the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.states import (
+    ADAPTER_ACTIVE,
+    ADAPTER_FINISHED,
+    ADAPTER_TERMINAL,
+    ADAPTER_TRAINED,
+    AdapterState,
+    JobState,
+    job_state_from_adapters,
+)
+from orchestrator.store import AdapterRecord
+from workers.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
+
+_A = AdapterState
+
+
+@dataclass(frozen=True)
+class AdapterChange:
+    """One adapter row update: a new state (or None to keep it) and fields to set."""
+
+    adapter_id: str
+    state: AdapterState | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+    checkpoint: tuple[int, str, bool] | None = None  # (step, path, final)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The most a single Ray node offers (a pack's workers each need one node's worth)."""
+
+    cpus_per_node: float
+    gpus_per_node: float
+    nodes: int
+    fixed: bool  # a local Ray never grows; a cluster may autoscale, so waiting can make sense there
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a pack of one job asks of Ray."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+
+# ---- readiness ----
+
+
+def ready(
+    queued: Sequence[AdapterRecord], parents: Mapping[str, AdapterRecord]
+) -> tuple[list[AdapterRecord], list[AdapterChange]]:
+    """Queued adapters that may be placed now, and the failures of children whose parent cannot train.
+
+    A child waits until its parent finished training with a final checkpoint; if the parent failed or
+    was cancelled, the child fails with that reason instead of waiting forever.
+    """
+    placeable, failed = [], []
+    for adapter in queued:
+        if adapter.parent_id is None:
+            placeable.append(adapter)
+            continue
+        parent = parents[adapter.parent_id]
+        if parent.state in ADAPTER_TRAINED and parent.final_checkpoint:
+            placeable.append(adapter)
+        elif parent.state in ADAPTER_TERMINAL:
+            reason = f"parent {parent.qualified_name} is {parent.state}; nothing to branch from"
+            failed.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}))
+    return placeable, failed
+
+
+def infeasible(ask: Ask, capacity: Capacity) -> str | None:
+    """Why a pack can never start on this cluster (None if it can, or might after autoscaling)."""
+    if not capacity.fixed:
+        return None
+    if ask.cpus_per_worker > capacity.cpus_per_node:
+        return (
+            f"`resources.cpus_per_worker` {ask.cpus_per_worker:g} is more than a Ray node has "
+            f"({capacity.cpus_per_node:g} CPUs); lower it"
+        )
+    if ask.gpus_per_worker > capacity.gpus_per_node:
+        return (
+            f"`resources.gpus_per_worker` {ask.gpus_per_worker:g} is more than a Ray node has "
+            f"({capacity.gpus_per_node:g} GPUs); lower it or use a GPU cluster"
+        )
+    total_cpus = capacity.cpus_per_node * capacity.nodes
+    if ask.workers * ask.cpus_per_worker > total_cpus:
+        return (
+            f"`resources.workers` {ask.workers} x `cpus_per_worker` {ask.cpus_per_worker:g} needs "
+            f"{ask.workers * ask.cpus_per_worker:g} CPUs; the cluster has {total_cpus:g}"
+        )
+    return None
+
+
+def fail_all(adapters: Iterable[AdapterRecord], reason: str) -> list[AdapterChange]:
+    """A job-level problem (bad base model, impossible resources): its unfinished adapters fail, once."""
+    return [AdapterChange(a.id, _A.FAILED, {"error": reason}) for a in adapters if a.state in ADAPTER_ACTIVE]
+
+
+# ---- events from packs ----
+
+
+def on_event(adapter: AdapterRecord, event: Event) -> AdapterChange | None:
+    """What one engine event changes on its adapter's row (step events: only the last of a batch)."""
+    if isinstance(event, StartEvent):
+        state = _A.TRAINING if adapter.state == _A.QUEUED else None
+        return AdapterChange(adapter.id, state, {"data_fingerprint": event.data_fingerprint})
+    if isinstance(event, StepEvent):
+        state = _A.TRAINING if adapter.state == _A.QUEUED else None
+        return AdapterChange(
+            adapter.id, state, {"step": event.step}, metrics={"train_loss": (event.loss, event.step)}
+        )
+    if isinstance(event, EvalEvent):
+        return AdapterChange(
+            adapter.id,
+            None,
+            {"eval_loss": event.eval_loss},
+            metrics={
+                "eval_loss": (event.eval_loss, event.step),
+                "perplexity": (event.perplexity, event.step),
+            },
+        )
+    if isinstance(event, CheckpointEvent):
+        return AdapterChange(adapter.id, checkpoint=(event.step, str(event.path), event.final))
+    if isinstance(event, AdapterDone):
+        return on_done(adapter, event)
+    return None
+
+
+def on_done(adapter: AdapterRecord, done: AdapterDone) -> AdapterChange | None:
+    """An adapter left its pack: trained, failed (with the engine's reason) or cancelled."""
+    if adapter.state in ADAPTER_FINISHED:
+        return None  # already settled (e.g. cancelled by the user before the pack noticed)
+    fields: dict[str, Any] = {"step": done.step, "error": done.error}
+    if done.final_dir is not None:
+        fields["final_checkpoint"] = str(done.final_dir)
+    if done.eval_loss is not None:
+        fields["eval_loss"] = done.eval_loss
+    metrics = {}
+    if done.baseline_eval_loss is not None:  # the parent on this adapter's eval data, for the gate
+        metrics["parent_eval_loss"] = (done.baseline_eval_loss, done.step)
+    state = {"trained": _A.TRAINED, "failed": _A.FAILED, "cancelled": _A.CANCELLED}[done.status]
+    return AdapterChange(adapter.id, state, fields, metrics=metrics)
+
+
+def on_pack_exit(
+    members: Mapping[str, AdapterRecord], withdrawn: Iterable[str], error: str | None
+) -> list[AdapterChange]:
+    """A pack's Ray Train run ended. Offers it never took go back to the queue; members it never
+    reported done failed with the run's error (after Ray Train's own restarts were spent)."""
+    withdrawn = set(withdrawn)
+    changes = []
+    for name, adapter in members.items():
+        if adapter.state in ADAPTER_FINISHED:
+            continue
+        if name in withdrawn:
+            changes.append(AdapterChange(adapter.id, _A.QUEUED))
+        else:
+            reason = error or "the pack ended without reporting this adapter"
+            changes.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}))
+    return changes
+
+
+def evaluated(trained: Iterable[AdapterRecord]) -> list[AdapterChange]:
+    """Trained adapters are `evaluated` at once: their final eval ran in the pack (on their own eval
+    data, and the parent's on the same data), so the registry may judge them; it does not wait for the
+    MLflow mirror, which may be down."""
+    return [AdapterChange(a.id, _A.EVALUATED) for a in trained if a.state == _A.TRAINED]
+
+
+# ---- the user, and restarts ----
+
+
+def cancel(
+    adapters: Iterable[AdapterRecord], in_pack: Mapping[str, str]
+) -> tuple[list[AdapterChange], list[str]]:
+    """Cancel a job: queued adapters (and those only offered to a pack) now; adapters training in a
+    pack leave it between two steps. Returns the changes and the ids to ask their packs to drop."""
+    now, in_flight = [], []
+    for adapter in adapters:
+        if adapter.state == _A.QUEUED:
+            now.append(AdapterChange(adapter.id, _A.CANCELLED))
+        elif adapter.state == _A.TRAINING:
+            if adapter.id in in_pack:
+                in_flight.append(adapter.id)
+            else:  # no pack holds it (it was between packs): nothing to wait for
+                now.append(AdapterChange(adapter.id, _A.CANCELLED))
+    return now, in_flight
+
+
+def reconcile(training: Iterable[AdapterRecord], held: Iterable[str]) -> list[AdapterChange]:
+    """After a controller (re)start: adapters SQL says are training but no live pack holds go back to
+    the queue; they resume from their last checkpoints."""
+    held = set(held)
+    return [AdapterChange(a.id, _A.QUEUED) for a in training if a.id not in held]
+
+
+# ---- jobs ----
+
+
+def job_outcome(states: Sequence[str], auto_promote: bool) -> JobState | None:
+    """The state a job should show now, or None to leave it.
+
+    A job is done only once every adapter settled: trained adapters of a job with auto-promotion must
+    first be promoted or rejected, so a user who sees `succeeded` also sees the registry's answer.
+    """
+    waiting = {_A.QUEUED, _A.TRAINING, _A.TRAINED} | ({_A.EVALUATED} if auto_promote else set())
+    found = {AdapterState(s) for s in states}
+    if found & waiting:
+        return JobState.PENDING if found == {_A.QUEUED} else JobState.RUNNING
+    return job_state_from_adapters(states)

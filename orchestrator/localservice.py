@@ -1,0 +1,323 @@
+"""The local service: one `lorafleet server` per `LORAFLEET_HOME`, started by the first command that needs it.
+
+Without it, a job trains only while some client process happens to run the controller: a job submitted
+without `--wait` would never run, and `cancel` from another shell would talk to no one. So every client of
+a home (the CLI, `Client()`) talks HTTP to one background server bound to 127.0.0.1, which owns the
+controller and survives the shell that started it. Under `<home>/service/` (mode 0700):
+
+- `token`: the per-home secret (0600); the service requires it as its admin token, so other local users
+  who can reach the port cannot use it;
+- `service.lock`: an exclusive `flock` the running service holds for its whole life: exactly one per home
+  (a second one started by a race exits at once);
+- `service.json`: pid, process group and URL of the running service (written by the service itself);
+- `service.log`: everything the service prints.
+
+The service runs in a session of its own (its own process group), so the Ray processes it starts belong
+to that group. When a service died without cleaning up (SIGKILL, OOM), the next start first kills what is
+left of its group: an orphaned Ray Train worker must never keep training beside its replacement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ServiceError(RuntimeError):
+    """The local service could not be started or reached; the message says why and where the log is."""
+
+
+@dataclass(frozen=True)
+class ServicePaths:
+    home: Path
+
+    @property
+    def dir(self) -> Path:
+        return self.home / "service"
+
+    @property
+    def token(self) -> Path:
+        return self.dir / "token"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / "service.lock"
+
+    @property
+    def start_lock(self) -> Path:
+        return self.dir / "start.lock"
+
+    @property
+    def info(self) -> Path:
+        return self.dir / "service.json"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "service.log"
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    pid: int
+    pgid: int
+    url: str
+    home: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    running: bool
+    healthy: bool
+    info: ServiceInfo | None
+    log: str
+
+
+def paths(home: Path) -> ServicePaths:
+    service = ServicePaths(Path(home).expanduser().resolve())
+    service.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(service.dir, 0o700)
+    return service
+
+
+def ensure_token(home: Path) -> str:
+    """The home's secret, created on first use readable by this user only."""
+    where = paths(home).token
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return where.read_text().strip()
+
+
+def read_info(home: Path) -> ServiceInfo | None:
+    try:
+        return ServiceInfo(**json.loads(paths(home).info.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def status(home: Path) -> ServiceStatus:
+    info = read_info(home)
+    running = info is not None and _alive(info.pid)
+    healthy = running and info is not None and _healthy(info.url)
+    return ServiceStatus(running, healthy, info if running else None, str(paths(home).log))
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_service(home: Path, timeout: float = START_TIMEOUT_S) -> tuple[str, str]:
+    """The URL and token of the home's running service, starting it (once, whoever asks) if needed."""
+    service = paths(home)
+    current = status(home)
+    if current.healthy and current.info is not None:
+        return current.info.url, ensure_token(home)
+    with _flock(service.start_lock):  # two commands at once start one service, not two
+        current = status(home)
+        if current.running and current.info is not None:
+            _wait_healthy(home, current.info, None, timeout)
+            return current.info.url, ensure_token(home)
+        _reap_dead(home)
+        ensure_token(home)
+        process = _spawn(home)
+        info = _wait_started(home, process, timeout)
+        return info.url, ensure_token(home)
+
+
+def _spawn(home: Path) -> subprocess.Popen:
+    service = paths(home)
+    env = {**os.environ, "LORAFLEET_HOME": str(service.home)}
+    env.pop("LORAFLEET_API_TOKEN", None)  # the local service's token is the home's own
+    env.pop("RAY_ADDRESS", None)  # a Ray this shell started is not the service's (LORAFLEET_RAY_ADDRESS is)
+    with service.log.open("a") as log:
+        log.write(f"\n---- starting lorafleet service for {service.home} at {time.ctime()} ----\n")
+        log.flush()
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "service", "run"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this shell; its own process group for clean kills
+            close_fds=True,
+        )
+
+
+def _wait_started(home: Path, process: subprocess.Popen, timeout: float) -> ServiceInfo:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = read_info(home)
+        if info is not None and info.pid == process.pid and _healthy(info.url):
+            return info
+        if process.poll() is not None:
+            info = read_info(home)  # lost a start race to another service: use that one
+            if info is not None and _alive(info.pid) and _healthy(info.url):
+                return info
+            raise ServiceError(
+                f"the lorafleet service for {home} exited with code {process.returncode} while starting; "
+                f"its log {paths(home).log} ends with:\n{tail(home, 20)}"
+            )
+        time.sleep(0.2)
+    raise ServiceError(
+        f"the lorafleet service for {home} did not answer within {timeout:.0f} s; see {paths(home).log}"
+    )
+
+
+def _wait_healthy(home: Path, info: ServiceInfo, process: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _healthy(info.url):
+        if not _alive(info.pid):
+            raise ServiceError(f"the lorafleet service for {home} died; see {paths(home).log}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the lorafleet service for {home} does not answer; see {paths(home).log}")
+        time.sleep(0.2)
+
+
+def _reap_dead(home: Path) -> None:
+    """A service that died uncleanly may leave Ray processes of its group training on: end them."""
+    info = read_info(home)
+    if info is None or _alive(info.pid):
+        return
+    _kill_group(info.pgid, signal.SIGKILL)
+    paths(home).info.unlink(missing_ok=True)
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    """Signal the service's process group and every descendant of it: Ray's workers start sessions of
+    their own, so the group alone would miss a training worker."""
+    import psutil
+
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(process.pid) == pgid:
+                members.append(process)
+    family = {p.pid: p for p in members}
+    for process in members:
+        with contextlib.suppress(psutil.Error):
+            family.update({c.pid: c for c in process.children(recursive=True)})
+    for process in family.values():
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(sig)
+
+
+def stop_service(home: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the home's service (graceful, then forced, its whole process group); True if one ran."""
+    info = read_info(home)
+    if info is None:
+        return False
+    was_running = _alive(info.pid)
+    if was_running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(info.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    _kill_group(info.pgid, signal.SIGKILL)  # whatever of its Ray is left
+    deadline = time.monotonic() + 10
+    while _group_alive(info.pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    paths(home).info.unlink(missing_ok=True)
+    return was_running
+
+
+def _group_alive(pgid: int) -> bool:
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+def tail(home: Path, lines: int = 50) -> str:
+    try:
+        with paths(home).log.open(encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---- the service process itself ----
+
+
+def run_service(home: Path) -> int:
+    """`lorafleet service run`: hold the home's lock, serve on a free localhost port until SIGTERM."""
+    import socket
+
+    import uvicorn
+
+    from orchestrator.api import create_app
+    from orchestrator.settings import Settings
+
+    service = paths(home)
+    lock: IO[str] = service.lock.open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"a lorafleet service already runs for {service.home}", file=sys.stderr)
+        return 0
+    token = ensure_token(home)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    settings = Settings(home=service.home, api_token=token)
+    info = ServiceInfo(os.getpid(), os.getpgid(0), url, str(service.home), time.time())
+    temp = service.info.with_suffix(".tmp")
+    temp.write_text(json.dumps(asdict(info)))
+    temp.replace(service.info)
+    print(f"lorafleet service for {service.home} on {url} (pid {info.pid})", flush=True)
+    from orchestrator.controller import connect_ray
+
+    connect_ray(settings)  # before uvicorn, so its SIGTERM handler (graceful stop) is the one installed
+    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        current = read_info(home)
+        if current is not None and current.pid == info.pid:
+            service.info.unlink(missing_ok=True)
+        lock.close()
+    return 0

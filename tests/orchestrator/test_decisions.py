@@ -1,0 +1,165 @@
+"""The controller's decisions, without Ray, SQL or MLflow: records and events in, changes out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator import decisions
+from orchestrator.decisions import AdapterChange, Ask, Capacity
+from orchestrator.states import AdapterState, JobState
+from orchestrator.store import AdapterRecord
+from workers.plan import AdapterDone, CheckpointEvent, StartEvent, StepEvent
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+A = AdapterState
+
+
+def adapter(id: str, state: str = "queued", **fields) -> AdapterRecord:
+    values = {
+        "id": id,
+        "project": "p",
+        "name": id,
+        "job_id": "job",
+        "state": state,
+        "priority": 0,
+        "seq": 1,
+        "base_model": "/models/base",
+        "quantization": "none",
+        "dtype": "float32",
+        "lora": {},
+        "train": {},
+        "data": {},
+        "parent_id": None,
+        "root_id": id,
+        "depth": 0,
+        "parent_checkpoint": None,
+        "data_fingerprint": None,
+        "config_hash": "h",
+        "output_dir": None,
+        "final_checkpoint": None,
+        "step": 0,
+        "eval_loss": None,
+        "error": None,
+        "mlflow_run_id": None,
+        "created_at": NOW,
+        "updated_at": NOW,
+        "started_at": None,
+        "finished_at": None,
+    }
+    return AdapterRecord(**(values | fields))
+
+
+def test_a_child_waits_for_its_parent_and_fails_with_it() -> None:
+    training = adapter("parent", "training")
+    trained = adapter("parent2", "evaluated", final_checkpoint="/ckpt")
+    failed = adapter("parent3", "failed")
+    kids = [
+        adapter("root"),
+        adapter("waits", parent_id="parent"),
+        adapter("goes", parent_id="parent2"),
+        adapter("orphan", parent_id="parent3"),
+    ]
+    parents = {p.id: p for p in (training, trained, failed)}
+    ready, failures = decisions.ready(kids, parents)
+    assert [a.id for a in ready] == ["root", "goes"]
+    assert [(c.adapter_id, c.state) for c in failures] == [("orphan", A.FAILED)]
+    assert "p/parent3 is failed" in failures[0].fields["error"]
+
+
+def test_a_poison_job_fails_once_with_its_reason_and_only_its_unfinished_adapters() -> None:
+    job = [adapter("a"), adapter("b", "training"), adapter("c", "evaluated"), adapter("d", "cancelled")]
+    changes = decisions.fail_all(job, "`base_model` 'x/y' cannot be loaded: not found")
+    assert [(c.adapter_id, c.state) for c in changes] == [("a", A.FAILED), ("b", A.FAILED)]
+    assert all("base_model" in c.fields["error"] for c in changes)
+    # once failed, the same rule has nothing more to do: no retry loop
+    again = [adapter("a", "failed"), adapter("b", "failed"), job[2], job[3]]
+    assert decisions.fail_all(again, "same") == []
+
+
+def test_resources_a_local_cluster_can_never_give_are_refused_but_a_cluster_may_autoscale() -> None:
+    local = Capacity(cpus_per_node=2, gpus_per_node=0, nodes=1, fixed=True)
+    assert decisions.infeasible(Ask(1, 1, 0), local) is None
+    assert "`resources.workers` 3" in decisions.infeasible(Ask(3, 1, 0), local)
+    assert "cpus_per_worker" in decisions.infeasible(Ask(1, 64, 0), local)
+    assert "gpus_per_worker" in decisions.infeasible(Ask(1, 1, 1), local)
+    assert decisions.infeasible(Ask(3, 64, 1), Capacity(2, 0, 1, fixed=False)) is None
+
+
+def test_events_become_row_changes() -> None:
+    queued = adapter("a")
+    start = decisions.on_event(
+        queued,
+        StartEvent(pack_id="k", adapter="a", step=0, data_fingerprint="f", train_examples=1, eval_examples=0),
+    )
+    assert start == AdapterChange("a", A.TRAINING, {"data_fingerprint": "f"})
+    step = decisions.on_event(
+        adapter("a", "training"),
+        StepEvent(pack_id="k", adapter="a", step=3, loss=1.5, lr=0.1, grad_norm=1, tokens=9, tokens_per_s=1),
+    )
+    assert step.state is None and step.fields == {"step": 3} and step.metrics == {"train_loss": (1.5, 3)}
+    ckpt = decisions.on_event(
+        adapter("a", "training"), CheckpointEvent(pack_id="k", adapter="a", step=3, path=Path("/c/3"))
+    )
+    assert ckpt.checkpoint == (3, "/c/3", False)
+
+
+def test_done_trains_fails_or_cancels_and_a_settled_adapter_is_left_alone() -> None:
+    def done(status: str, **kw) -> AdapterDone:
+        return AdapterDone(pack_id="k", adapter="a", step=5, status=status, **kw)
+
+    trained = decisions.on_done(
+        adapter("a", "training"), done("trained", final_dir=Path("/f"), eval_loss=0.5, baseline_eval_loss=0.7)
+    )
+    assert trained.state == A.TRAINED and trained.fields["final_checkpoint"] == "/f"
+    assert trained.metrics == {"parent_eval_loss": (0.7, 5)}
+    failed = decisions.on_done(adapter("a", "training"), done("failed", error="line 9: bad JSON"))
+    assert failed.state == A.FAILED and failed.fields["error"] == "line 9: bad JSON"
+    # the user cancelled it while the pack was finishing: the cancel stands
+    assert decisions.on_done(adapter("a", "cancelled"), done("trained")) is None
+    assert decisions.evaluated([adapter("a", "trained"), adapter("b", "failed")]) == [
+        AdapterChange("a", A.EVALUATED)
+    ]
+
+
+def test_a_pack_that_exits_requeues_untaken_offers_and_fails_silent_members() -> None:
+    members = {
+        "done": adapter("done", "evaluated"),
+        "offered": adapter("offered", "training"),
+        "lost": adapter("lost", "training"),
+    }
+    changes = decisions.on_pack_exit(members, withdrawn=["offered"], error="RayTaskError: OOM")
+    assert [(c.adapter_id, c.state) for c in changes] == [("offered", A.QUEUED), ("lost", A.FAILED)]
+    assert changes[1].fields["error"] == "RayTaskError: OOM"
+
+
+def test_cancel_during_refill_cancels_queued_now_and_asks_packs_for_the_rest() -> None:
+    job = [
+        adapter("q"),
+        adapter("in-pack", "training"),
+        adapter("between", "training"),
+        adapter("x", "evaluated"),
+    ]
+    now, in_flight = decisions.cancel(job, in_pack={"in-pack": "pack1"})
+    assert [(c.adapter_id, c.state) for c in now] == [("q", A.CANCELLED), ("between", A.CANCELLED)]
+    assert in_flight == ["in-pack"]
+
+
+def test_controller_restart_requeues_what_no_live_pack_holds() -> None:
+    training = [adapter("a", "training"), adapter("b", "training")]
+    assert decisions.reconcile(training, held=["b"]) == [AdapterChange("a", A.QUEUED)]
+    assert decisions.reconcile(training, held=[]) == [
+        AdapterChange("a", A.QUEUED),
+        AdapterChange("b", A.QUEUED),
+    ]
+
+
+def test_a_job_settles_only_when_its_adapters_have() -> None:
+    assert decisions.job_outcome(["queued", "queued"], False) == JobState.PENDING
+    assert decisions.job_outcome(["training", "queued"], False) == JobState.RUNNING
+    assert decisions.job_outcome(["trained", "evaluated"], False) == JobState.RUNNING  # not yet evaluated
+    assert decisions.job_outcome(["evaluated", "evaluated"], False) == JobState.SUCCEEDED
+    assert decisions.job_outcome(["evaluated", "promoted"], True) == JobState.RUNNING  # gate still to run
+    assert decisions.job_outcome(["rejected", "promoted"], True) == JobState.SUCCEEDED
+    assert decisions.job_outcome(["failed", "evaluated"], False) == JobState.PARTIAL
+    assert decisions.job_outcome(["failed", "cancelled"], False) == JobState.FAILED

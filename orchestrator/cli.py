@@ -187,13 +187,19 @@ def submit(
 
 
 @app.command()
-def status(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """One job and its adapters."""
-    view = _run(lambda: _client(url, token).job(job_id).view)
-    if as_json:
-        _emit_json(view)
-    else:
-        out.print(_adapters_table(view, view.adapters))
+def status(
+    job_id: str,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Watch until the job ends (Ctrl-C stops watching, not the job).")
+    ] = False,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """One job and its adapters (with any failure's reason)."""
+    client = _client(url, token)
+    job = _run(lambda: client.job(job_id))
+    _show_job(client, job, wait, as_json)
 
 
 @app.command()
@@ -399,14 +405,39 @@ def server(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 @app.command()
-def ui(port: int = 5000) -> None:
-    """Open the MLflow UI on the embedded tracking store."""
+def ui(
+    job_id: Annotated[str | None, typer.Argument(help="Open on this job's runs.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+    project: Annotated[
+        str, typer.Option("--project", "-p", help="Project to open (without JOB_ID).")
+    ] = "default",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Serve the MLflow UI on this home's tracking store and print the URL of the job's runs (the
+    model-training runs table: a parent run per job, a child run per adapter)."""
     import subprocess
 
+    from mlflow import MlflowClient
+
     from orchestrator.settings import Settings
+    from orchestrator.tracking import experiment_name, runs_url
 
     settings = Settings()
-    err.print(f"MLflow UI on http://127.0.0.1:{port} (store {settings.mlflow_uri})")
+    if job_id is not None:
+        project = _run(lambda: _client(url, token).job(job_id).view.project)
+    experiment = MlflowClient(str(settings.mlflow_uri)).get_experiment_by_name(experiment_name(project))
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    if experiment is None:
+        err.print(f"no runs for project {project!r} yet (they appear once a job trains); MLflow UI: {base}")
+        target = base
+    else:
+        target = runs_url(base, experiment.experiment_id, job_id)
+        err.print(f"MLflow UI, {'job ' + job_id if job_id else 'project ' + project}: {target}")
+    sys.stdout.write(target + "\n")
+    sys.stdout.flush()
     subprocess.run(
         [
             sys.executable,
@@ -415,6 +446,8 @@ def ui(port: int = 5000) -> None:
             "ui",
             "--backend-store-uri",
             str(settings.mlflow_uri),
+            "--host",
+            host,
             "--port",
             str(port),
         ],

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import JobSpec, SpecError, load_source
+from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
 
 ProgressFn = Callable[["JobView", list[EventView]], None]
@@ -141,7 +141,8 @@ class Client:
         if eval_data is not None:
             data_cfg["eval_path"] = str(Path(eval_data).resolve())
         proj, parent_name = self._ref(parent, project)
-        return Job(self, self._backend.branch(proj, parent_name, name, data_cfg, lora, train))
+        child = BranchSpec(name=name, data=data_cfg, lora=lora, train=train)
+        return Job(self, self._backend.branch(proj, parent_name, child))
 
     def cancel(self, job_id: str) -> JobView:
         return self._backend.cancel(job_id)
@@ -239,16 +240,8 @@ class RemoteBackend:
     def lineage(self, project: str, name: str) -> LineageNode:
         return LineageNode.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}/lineage"))
 
-    def branch(
-        self,
-        project: str,
-        parent: str,
-        name: str,
-        data: dict[str, Any],
-        lora: dict[str, Any] | None,
-        train: dict[str, Any] | None,
-    ) -> JobView:
-        body = {"name": name, "data": data, "lora": lora, "train": train}
+    def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
+        body = child.model_dump(mode="json")
         return JobView.model_validate(
             self._call("POST", f"/v1/adapters/{project}/{parent}/branch", json=body)
         )

@@ -37,12 +37,9 @@ from orchestrator.store import AdapterRecord, NewEvent, Store
 from workers.plan import (
     AdapterDone,
     AdapterTask,
-    DataConfig,
     Event,
-    LoraConfig,
     PackPlan,
     StepEvent,
-    TrainConfig,
 )
 
 log = logging.getLogger(__name__)
@@ -197,8 +194,13 @@ class Controller:
                 log.debug("skipped a moot change: %s", exc)
 
     def _drain(self) -> list[Event]:
-        batches = ray.get(self._channel.drain.remote())
-        return [event for batch in batches for event in EVENTS.validate_json(batch)]
+        events: list[Event] = []
+        for batch in ray.get(self._channel.drain.remote()):
+            try:
+                events += EVENTS.validate_json(batch)
+            except ValueError:  # a worker of another version: drop its batch, keep the tick
+                log.exception("dropped a batch of events the controller cannot read")
+        return events
 
     def _apply_events(self, events: list[Event]) -> None:
         """Record every event in one batch; fold them into the adapters' rows, one step update per adapter."""
@@ -368,7 +370,7 @@ class Controller:
 
     def _demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
         spec = self._spec(adapter.job_id)
-        lora, train = LoraConfig.model_validate(adapter.lora), TrainConfig.model_validate(adapter.train)
+        lora, train = adapter.lora, adapter.train
         targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
         return sched.AdapterDemand(
             adapter_id=adapter.id,
@@ -404,7 +406,7 @@ class Controller:
 
     def _spec(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
-            self._specs[job_id] = JobSpec.model_validate(self.store.get_job(job_id).spec)
+            self._specs[job_id] = self.store.get_job(job_id).job_spec
         return self._specs[job_id]
 
     def _task(self, adapter: AdapterRecord) -> AdapterTask:
@@ -415,9 +417,9 @@ class Controller:
             self.store.update_adapter(adapter.id, parent_checkpoint=str(init_from))
         return AdapterTask(
             name=adapter.name,
-            lora=LoraConfig.model_validate(adapter.lora),
-            train=TrainConfig.model_validate(adapter.train),
-            data=DataConfig.model_validate(adapter.data),
+            lora=adapter.lora,
+            train=adapter.train,
+            data=adapter.data,
             output_dir=Path(adapter.output_dir),
             init_from=init_from,
             baseline_from=init_from,

@@ -14,7 +14,7 @@ from orchestrator.export import export_adapter
 from orchestrator.registry import Registry
 from orchestrator.service import Service
 from orchestrator.settings import Settings
-from orchestrator.spec import JobSpec
+from orchestrator.spec import BranchSpec, JobSpec
 from orchestrator.store import Store
 from orchestrator.tracking import Tracker
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
@@ -62,16 +62,8 @@ class EmbeddedBackend:
     def lineage(self, project: str, name: str) -> LineageNode:
         return self.service.lineage(project, name)
 
-    def branch(
-        self,
-        project: str,
-        parent: str,
-        name: str,
-        data: dict[str, Any],
-        lora: dict[str, Any] | None,
-        train: dict[str, Any] | None,
-    ) -> JobView:
-        view = self.service.branch(project, parent, name, data, lora, train)
+    def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
+        view = self.service.branch(project, parent, child)
         self.ensure_running()
         return view
 

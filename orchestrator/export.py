@@ -12,6 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from orchestrator.lineage import lineage_path
 from orchestrator.store import AdapterRecord, Store
 from workers.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META
 
@@ -19,7 +20,7 @@ PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META)
 
 
 def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
-    path = [a.qualified_name for a in store.ancestors(adapter.id)] + [adapter.qualified_name]
+    path = lineage_path(store, adapter, qualified=True).split("/")
     metrics = {m.key: m.last_value for m in store.get_metrics(adapter.id)}
     kind = "the base model with this LoRA adapter merged in" if merged else "a PEFT LoRA adapter"
     base = f"AutoModelForCausalLM.from_pretrained({adapter.base_model!r})"
@@ -40,8 +41,8 @@ def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
         f"- data fingerprint: `{adapter.data_fingerprint or '-'}`",
         f"- config hash: `{adapter.config_hash}`",
         f"- metrics: {json.dumps(metrics, sort_keys=True)}",
-        f"- LoRA: `{json.dumps(adapter.lora, sort_keys=True)}`",
-        f"- train: `{json.dumps(adapter.train, sort_keys=True)}`",
+        f"- LoRA: `{adapter.lora.model_dump_json()}`",
+        f"- train: `{adapter.train.model_dump_json()}`",
         "",
         f"Load it with `{load}`.",
         "",

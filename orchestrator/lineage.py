@@ -24,6 +24,11 @@ def path_from_root(store: Store, adapter: AdapterRecord) -> list[AdapterRecord]:
     return [*store.ancestors(adapter.id), adapter]
 
 
+def lineage_path(store: Store, adapter: AdapterRecord, qualified: bool = False) -> str:
+    """`root/child/adapter`: the tag MLflow runs and model versions carry, and the export card's line."""
+    return "/".join(a.qualified_name if qualified else a.name for a in path_from_root(store, adapter))
+
+
 def descendants(nodes: list[AdapterRecord], adapter_id: str) -> list[AdapterRecord]:
     """All nodes below `adapter_id` in `nodes` (one tree), parents before children."""
     children = _children(nodes)

@@ -14,10 +14,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from orchestrator.spec import JobSpec, PromotionPolicy
+from orchestrator.lineage import lineage_path
+from orchestrator.spec import PromotionPolicy
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, RegistryRecord, Store
 from orchestrator.tracking import Tracker
+from workers.plan import perplexity
 
 BASELINE_METRIC = "parent_eval_loss"
 
@@ -57,7 +59,7 @@ def decide(
             return GateDecision(
                 False, metric, value, "the parent was not evaluated on this adapter's eval data"
             )
-        parent_metric = parent_value if metric == "eval_loss" else math.exp(min(parent_value, 700.0))
+        parent_metric = parent_value if metric == "eval_loss" else perplexity(parent_value)
         if value >= parent_metric:
             return GateDecision(
                 False,
@@ -79,7 +81,7 @@ class Registry:
         self.tracker = tracker
 
     def _policy(self, adapter: AdapterRecord) -> PromotionPolicy:
-        return JobSpec.model_validate(self.store.get_job(adapter.job_id).spec).promotion
+        return self.store.get_job(adapter.job_id).job_spec.promotion
 
     def settle(self) -> None:
         """Auto-promotion: evaluated adapters of jobs that ask for it are judged by the gate, once the
@@ -142,7 +144,7 @@ class Registry:
             client.create_registered_model(
                 name, tags={"lorafleet.project": adapter.project, "lorafleet.base_model": adapter.base_model}
             )
-        lineage = "/".join([a.name for a in self.store.ancestors(adapter.id)] + [adapter.name])
+        lineage = lineage_path(self.store, adapter)
         tags = {
             "lorafleet.base_model": adapter.base_model,
             "lorafleet.lineage_path": lineage,

@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator import lineage, preflight
 from orchestrator.settings import Settings
-from orchestrator.spec import JobSpec, SpecError, load_source
+from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
@@ -40,9 +40,9 @@ class Service:
                     base_model=spec.base_model,
                     quantization=spec.quantization,
                     dtype=spec.dtype,
-                    lora=lora.model_dump(mode="json"),
-                    train=train.model_dump(mode="json"),
-                    data=adapter.data.model_dump(mode="json"),
+                    lora=lora,
+                    train=train,
+                    data=adapter.data,
                     parent_id=parents.get(i),
                     parent_name=adapter.parent if i not in parents else None,
                     output_dir=str(self.settings.adapter_dir(spec.project, adapter.name)),
@@ -122,9 +122,7 @@ class Service:
                         f"({getattr(parent, mismatch[0])!r}); a child keeps its parent's base",
                     )
                 )
-            problems += _compatibility(
-                field, LoraConfig.model_validate(parent.lora), spec.adapter_lora(i), adapter.parent
-            )
+            problems += _compatibility(field, parent.lora, spec.adapter_lora(i), adapter.parent)
             resolved[i] = parent.id
         if problems:
             raise SpecError(problems)
@@ -180,27 +178,19 @@ class Service:
         adapter = self.store.get_adapter(project, name)
         return lineage.nested(lineage.tree_of(self.store, adapter), adapter.root_id, self._metrics)
 
-    def branch(
-        self,
-        project: str,
-        parent: str,
-        name: str,
-        data: dict[str, Any],
-        lora: dict[str, Any] | None = None,
-        train: dict[str, Any] | None = None,
-    ) -> JobView:
+    def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
         """A one-adapter job whose adapter starts from `parent`'s final weights."""
         parent_record = self.store.get_adapter(project, parent)
         return self.submit(
             {
-                "name": f"branch-{name}",
+                "name": f"branch-{child.name}"[:100],
                 "project": project,
                 "base_model": parent_record.base_model,
                 "quantization": parent_record.quantization,
                 "dtype": parent_record.dtype,
-                "lora": parent_record.lora,
-                "train": {**parent_record.train, **(train or {})},
-                "adapters": [{"name": name, "parent": parent, "data": data, "lora": lora}],
+                "lora": parent_record.lora.model_dump(mode="json"),
+                "train": {**parent_record.train.model_dump(mode="json"), **(child.train or {})},
+                "adapters": [{"name": child.name, "parent": parent, "data": child.data, "lora": child.lora}],
             }
         )
 
@@ -223,7 +213,7 @@ class Service:
             depth=a.depth,
             base_model=a.base_model,
             step=a.step or 0,
-            steps=int(a.train.get("steps", 0)),
+            steps=a.train.steps,
             eval_loss=a.eval_loss,
             final_checkpoint=a.final_checkpoint,
             parent_checkpoint=a.parent_checkpoint,

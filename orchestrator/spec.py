@@ -9,7 +9,6 @@ data file exist and parse, does the base model load, does the parent adapter exi
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,9 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from workers.plan import ADAPTER_NAME_PATTERN, DataConfig, DType, LoraConfig, Quantization, TrainConfig
-
-NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+from workers.plan import DataConfig, DType, LoraConfig, Quantization, TrainConfig, check_name
 
 
 class SpecError(ValueError):
@@ -53,15 +50,6 @@ LoraOverride = _partial(LoraConfig)
 TrainOverride = _partial(TrainConfig)
 
 
-def _check_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value):
-        raise ValueError(
-            f"{what} {value!r} is invalid: use lowercase letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit"
-        )
-    return value
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -81,7 +69,7 @@ class AdapterSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check_name(value, "adapter name")
+        return check_name(value, "adapter name")
 
 
 class PromotionPolicy(_Strict):
@@ -102,6 +90,17 @@ class Resources(_Strict):
     max_failures: Annotated[int, Field(ge=0, description="Worker restarts Ray Train may do per pack.")] = 2
 
 
+class BranchSpec(_Strict):
+    """A child adapter started from an existing adapter's final weights: what `lorafleet branch`,
+    `Client.branch` and `POST /v1/adapters/{project}/{name}/branch` carry, one type through all layers.
+    It becomes a one-adapter job, validated (and its files checked) like any job spec."""
+
+    name: str
+    data: dict[str, Any] = Field(description="The child's data config: path, eval_path, eval_fraction...")
+    lora: dict[str, Any] | None = Field(default=None, description="LoRA overrides (rank must match).")
+    train: dict[str, Any] | None = Field(default=None, description="Train overrides, e.g. steps.")
+
+
 class JobSpec(_Strict):
     """What a user submits: adapters + defaults + promotion policy + resources."""
 
@@ -120,7 +119,7 @@ class JobSpec(_Strict):
     @field_validator("name", "project")
     @classmethod
     def _names(cls, value: str, info: Any) -> str:
-        return _check_name(value, f"job {info.field_name}")
+        return check_name(value, f"job {info.field_name}")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

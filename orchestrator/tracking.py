@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.lineage import lineage_path
 from orchestrator.states import ADAPTER_FINISHED, JOB_TERMINAL
 from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
 
@@ -38,6 +38,23 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 def experiment_name(project: str) -> str:
     return f"lorafleet/{project}"
+
+
+def runs_url(base: str, experiment_id: str, job_id: str | None = None) -> str:
+    """The MLflow UI's model-training runs table of an experiment, filtered to one job's runs (its parent
+    run and the adapters' child runs all carry the `lorafleet.job` tag)."""
+    from urllib.parse import quote
+
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if job_id:
+        url += "&searchFilter=" + quote(f"tags.`lorafleet.job` = '{job_id}'", safe="")
+    return url
+
+
+def _millis(event: EventRecord) -> int:
+    """When the engine emitted the event (its `at`), else when SQL recorded it."""
+    at = event.payload.get("at")
+    return int(float(at) * 1000) if at is not None else int(event.created_at.timestamp() * 1000)
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -128,8 +145,8 @@ class Tracker:
             if event.adapter_id is None:
                 continue
             adapter = self.store.get_adapter_by_id(event.adapter_id)
-            run_id = self._adapter_run(adapter)
-            stamp = int(event.created_at.timestamp() * 1000)
+            stamp = _millis(event)
+            run_id = self._adapter_run(adapter, start_ms=stamp)
             names = METRICS_BY_KIND.get(event.kind, {})
             for key, metric in names.items():
                 value = event.payload.get(key)
@@ -164,6 +181,7 @@ class Tracker:
         spec = job.spec
         run = self.client.create_run(
             self._experiment(job.project),
+            start_time=int(job.created_at.timestamp() * 1000),
             run_name=job.name,
             tags={"lorafleet.job": job.id, "lorafleet.project": job.project, "lorafleet.kind": "job"},
         )
@@ -179,16 +197,19 @@ class Tracker:
         self.store.update_job(job.id, mlflow_run_id=run.info.run_id)
         return run.info.run_id
 
-    def _adapter_run(self, adapter: AdapterRecord) -> str:
+    def _adapter_run(self, adapter: AdapterRecord, start_ms: int | None = None) -> str:
+        """The adapter's child run, created at its first mirrored event (its start, when the engine
+        began it), so the run's duration is the training's, not the mirror's."""
         if adapter.mlflow_run_id:
             return adapter.mlflow_run_id
         job = self.store.get_job(adapter.job_id)
         parent_run = self._job_run(job)
-        path = [a.name for a in self.store.ancestors(adapter.id)] + [adapter.name]
+        path = lineage_path(self.store, adapter)
         parent = self.store.get_adapter_by_id(adapter.parent_id) if adapter.parent_id else None
         root = self.store.get_adapter_by_id(adapter.root_id) if adapter.root_id != adapter.id else adapter
         run = self.client.create_run(
             self._experiment(adapter.project),
+            start_time=start_ms,
             run_name=adapter.name,
             tags={
                 "mlflow.parentRunId": parent_run,
@@ -197,7 +218,7 @@ class Tracker:
                 "lorafleet.adapter": adapter.qualified_name,
                 "lorafleet.parent": parent.qualified_name if parent else "",
                 "lorafleet.root": root.qualified_name,
-                "lorafleet.lineage_path": "/".join(path),
+                "lorafleet.lineage_path": path,
                 "lorafleet.depth": str(adapter.depth),
             },
         )
@@ -205,9 +226,9 @@ class Tracker:
             "base_model": adapter.base_model,
             "quantization": adapter.quantization,
             "dtype": adapter.dtype,
-            **_flatten("lora", adapter.lora),
-            **_flatten("train", adapter.train),
-            **_flatten("data", adapter.data),
+            **_flatten("lora", adapter.lora.model_dump(mode="json")),
+            **_flatten("train", adapter.train.model_dump(mode="json")),
+            **_flatten("data", adapter.data.model_dump(mode="json")),
             "config_hash": adapter.config_hash,
             "parent_checkpoint": adapter.parent_checkpoint or "",
         }
@@ -243,9 +264,7 @@ class Tracker:
                 adapter.mlflow_run_id or self._adapter_run(adapter), final_dir, "adapter"
             )
         run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
-        self.client.set_terminated(
-            self._adapter_run(adapter), status=run_status, end_time=int(time.time() * 1000)
-        )
+        self.client.set_terminated(self._adapter_run(adapter), status=run_status, end_time=_millis(event))
 
     def _close_finished_jobs(self) -> None:
         for job in self.store.list_jobs(states=sorted(JOB_TERMINAL)):
@@ -254,5 +273,7 @@ class Tracker:
             if all(a.state in ADAPTER_FINISHED for a in self.store.list_adapters(job_id=job.id)):
                 if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
                     status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
-                    self.client.set_terminated(job.mlflow_run_id, status=status)
+                    self.client.set_terminated(
+                        job.mlflow_run_id, status=status, end_time=int(job.updated_at.timestamp() * 1000)
+                    )
                 self._closed_jobs.add(job.id)

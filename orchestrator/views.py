@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled", "partial"})
+from orchestrator.states import JOB_TERMINAL
 
 
 class _View(BaseModel):
@@ -57,7 +57,7 @@ class JobView(_View):
 
     @property
     def done(self) -> bool:
-        return self.state in TERMINAL_JOB_STATES
+        return self.state in JOB_TERMINAL
 
 
 class EventView(_View):

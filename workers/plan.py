@@ -7,13 +7,36 @@ can cross a process boundary (Ray) as JSON.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
+NAME_MAX = 100
+
+
+def check_name(value: str, what: str = "adapter `name`") -> str:
+    """Names become directories and MLflow names: lowercase letters, digits, '.', '_', '-', at most
+    NAME_MAX characters, the whole string (a trailing newline is not a name character)."""
+    if len(value) > NAME_MAX:
+        raise ValueError(f"{what} is {len(value)} characters long; use at most {NAME_MAX}")
+    if not re.fullmatch(ADAPTER_NAME_PATTERN, value) or value in (".", ".."):
+        raise ValueError(
+            f"{what} {value!r} is invalid: use lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged adapter reports a huge number rather than an overflow."""
+    return math.exp(min(loss, 700.0))
+
+
 Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -114,12 +137,7 @@ class AdapterTask(_Strict):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        if not re.match(ADAPTER_NAME_PATTERN, value):
-            raise ValueError(
-                f"adapter `name` {value!r} is invalid: use lowercase letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
-        return value
+        return check_name(value)
 
 
 class PackPlan(_Strict):
@@ -156,6 +174,9 @@ class _Event(_Strict):
     pack_id: str
     adapter: str
     step: int
+    at: float = Field(
+        default_factory=time.time, description="When the engine emitted it (Unix seconds): MLflow's times."
+    )
 
 
 class StartEvent(_Event):

@@ -42,6 +42,7 @@ from workers.plan import (
     StartEvent,
     StepEvent,
     TrainConfig,
+    perplexity,
 )
 
 EmitFn = Callable[[Event], None]
@@ -414,7 +415,7 @@ class PackTrainer:
                     adapter=run.name,
                     step=run.step,
                     eval_loss=loss,
-                    perplexity=math.exp(min(loss, 700.0)),
+                    perplexity=perplexity(loss),
                     eval_tokens=count,
                 )
             )

@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 
 from orchestrator.embedded import EmbeddedBackend
 from orchestrator.settings import Settings
-from orchestrator.spec import SpecError
+from orchestrator.spec import BranchSpec, SpecError
 from orchestrator.store import Conflict, NotFound, StoreError
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
 
@@ -37,14 +37,6 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     max_new_tokens: int = Field(default=16, gt=0, le=1024)
-
-
-class BranchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    data: dict[str, Any]
-    lora: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
 
 
 def _backend(request: Request) -> EmbeddedBackend:
@@ -154,8 +146,8 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
         return b.lineage(project, name)
 
     @app.post("/v1/adapters/{project}/{name}/branch", status_code=201, dependencies=guarded)
-    def branch(project: str, name: str, body: BranchRequest, b: Backend) -> JobView:
-        return b.branch(project, name, body.name, body.data, body.lora, body.train)
+    def branch(project: str, name: str, body: BranchSpec, b: Backend) -> JobView:
+        return b.branch(project, name, body)
 
     @app.post("/v1/adapters/{project}/{name}/promote", dependencies=guarded)
     def promote(project: str, name: str, body: PromoteRequest, b: Backend) -> RegistryView:

@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from orchestrator.store import records as r
+from workers.plan import DataConfig, LoraConfig, TrainConfig
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -155,9 +156,9 @@ class AdapterRow(Base):
             base_model=self.base_model,
             quantization=self.quantization,
             dtype=self.dtype,
-            lora=self.lora,
-            train=self.train,
-            data=self.data,
+            lora=LoraConfig.model_validate(self.lora),
+            train=TrainConfig.model_validate(self.train),
+            data=DataConfig.model_validate(self.data),
             parent_id=self.parent_id,
             root_id=self.root_id,
             depth=self.depth,

@@ -11,7 +11,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from workers.plan import DataConfig, LoraConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
 
 
 def utc(value: datetime) -> datetime:
@@ -27,9 +33,9 @@ def config_hash(
     base_model: str,
     quantization: str,
     dtype: str,
-    lora: dict[str, Any],
-    train: dict[str, Any],
-    data: dict[str, Any],
+    lora: LoraConfig,
+    train: TrainConfig,
+    data: DataConfig,
 ) -> str:
     """sha256 of the canonical JSON of everything an adapter is trained with (equal hash, equal inputs)."""
     canonical = json.dumps(
@@ -37,9 +43,9 @@ def config_hash(
             "base_model": base_model,
             "quantization": quantization,
             "dtype": dtype,
-            "lora": lora,
-            "train": train,
-            "data": data,
+            "lora": lora.model_dump(mode="json"),
+            "train": train.model_dump(mode="json"),
+            "data": data.model_dump(mode="json"),
         },
         sort_keys=True,
     )
@@ -57,9 +63,9 @@ class NewAdapter:
 
     name: str
     base_model: str
-    data: dict[str, Any]
-    lora: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     quantization: str = "none"
     dtype: str = "float32"
     priority: int = 0
@@ -67,6 +73,13 @@ class NewAdapter:
     parent_name: str | None = None
     config_hash: str | None = None  # default: `config_hash(...)` of the fields above
     output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Plain mappings are accepted and validated here, once, into the typed configs."""
+        for name, model in (("data", DataConfig), ("lora", LoraConfig), ("train", TrainConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, model):
+                object.__setattr__(self, name, model.model_validate(value))
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,14 @@ class JobRecord:
     created_at: datetime
     updated_at: datetime
 
+    @cached_property
+    def job_spec(self) -> JobSpec:
+        """The stored spec as the typed `JobSpec` (raises `pydantic.ValidationError` if it cannot be one:
+        the raw `spec` stays readable so a bad row never breaks a listing)."""
+        from orchestrator.spec import JobSpec
+
+        return JobSpec.model_validate(self.spec)
+
 
 @dataclass(frozen=True)
 class AdapterRecord:
@@ -107,9 +128,9 @@ class AdapterRecord:
     base_model: str
     quantization: str
     dtype: str
-    lora: dict[str, Any]
-    train: dict[str, Any]
-    data: dict[str, Any]
+    lora: LoraConfig
+    train: TrainConfig
+    data: DataConfig
     parent_id: str | None
     root_id: str
     depth: int

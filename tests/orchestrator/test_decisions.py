@@ -9,7 +9,15 @@ from orchestrator import decisions
 from orchestrator.decisions import AdapterChange, Ask, Capacity
 from orchestrator.states import AdapterState, JobState
 from orchestrator.store import AdapterRecord
-from workers.plan import AdapterDone, CheckpointEvent, StartEvent, StepEvent
+from workers.plan import (
+    AdapterDone,
+    CheckpointEvent,
+    DataConfig,
+    LoraConfig,
+    StartEvent,
+    StepEvent,
+    TrainConfig,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 A = AdapterState
@@ -27,9 +35,9 @@ def adapter(id: str, state: str = "queued", **fields) -> AdapterRecord:
         "base_model": "/models/base",
         "quantization": "none",
         "dtype": "float32",
-        "lora": {},
-        "train": {},
-        "data": {},
+        "lora": LoraConfig(),
+        "train": TrainConfig(),
+        "data": DataConfig(path=Path("/data/a.jsonl")),
         "parent_id": None,
         "root_id": id,
         "depth": 0,

@@ -130,9 +130,18 @@ def _assert_mirrored_in_mlflow(settings: Settings, view) -> None:
     from transformers import AutoModelForCausalLM
 
     client = MlflowClient(str(settings.mlflow_uri))
-    experiment = client.get_experiment_by_name("lorafleet/default")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+    def all_runs_finished() -> dict:
+        """The service mirrors SQL's events to MLflow about once a second: the runs may trail the job."""
+        experiment = client.get_experiment_by_name("lorafleet/default")
+        found = client.search_runs([experiment.experiment_id]) if experiment else []
+        return {r.info.run_name: r for r in found if r.info.status != "RUNNING"}
+
+    _wait_until(lambda: len(all_runs_finished()) == 4, timeout=60)
+    runs = all_runs_finished()
     assert set(runs) == {"job", "counting", "counting-more", "colors"}
+    for run in runs.values():  # times come from the engine's events: a run lasts as long as its training
+        assert run.info.end_time > run.info.start_time
     job_run = runs["job"].info.run_id
     assert runs["job"].info.status == "FINISHED"
     for name in ("counting", "counting-more", "colors"):

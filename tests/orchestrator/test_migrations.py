@@ -90,7 +90,7 @@ def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
     upgrade(db_url)
     with Store(db_url) as store:
         assert store.list_jobs() == []
-        _, (a,), _ = store.create_job("p", "j", {}, [NewAdapter("a", "tiny", {})])
+        _, (a,), _ = store.create_job("p", "j", {}, [NewAdapter("a", "tiny", {"path": "a.jsonl"})])
         assert a.seq == 1  # the counter was seeded again
 
 
@@ -138,5 +138,5 @@ def test_missing_migrations_are_a_clear_error(tmp_path: Path, monkeypatch: pytes
 
 def test_an_in_memory_store_migrates_its_own_connection() -> None:
     with Store.open("sqlite://") as store:  # a second engine would see a different, empty database
-        _, (a,), _ = store.create_job("p", "j", {}, [NewAdapter("a", "tiny", {})])
+        _, (a,), _ = store.create_job("p", "j", {}, [NewAdapter("a", "tiny", {"path": "a.jsonl"})])
         assert store.get_adapter("p", "a") == a

@@ -113,3 +113,9 @@ def test_json_schema_describes_the_spec() -> None:
     schema = json_schema()
     assert schema["title"] == "JobSpec" and "adapters" in schema["properties"]
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("name", ["ok\n", "a" * 101, "..", "Upper", "sp ace"])
+def test_names_are_whole_safe_and_short(name: str) -> None:
+    problems = _problems(_minimal(adapters=[{"name": name, "data": {"path": "a.jsonl"}}]))
+    assert "adapters.0.name" in problems

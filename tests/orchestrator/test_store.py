@@ -28,6 +28,7 @@ from orchestrator.store import (
     config_hash,
 )
 from orchestrator.store.models import AdapterRow, JobRow, ProjectRow
+from workers.plan import DataConfig, LoraConfig, TrainConfig
 
 A = AdapterState
 
@@ -58,7 +59,8 @@ def test_create_get_and_list_jobs(store: Store) -> None:
     assert a == adapters[0] and store.get_adapter_by_id(a.id) == a
     assert (a.state, a.job_id, a.step) == ("queued", job.id, 0)
     assert (a.depth, a.root_id, a.parent_id) == (0, a.id, None)
-    assert a.config_hash == config_hash("tiny", "none", "float32", {"r": 8}, {}, {"path": "a.jsonl"})
+    assert a.lora == LoraConfig(r=8) and a.data == DataConfig(path="a.jsonl")  # typed, validated once
+    assert a.config_hash == config_hash("tiny", "none", "float32", a.lora, TrainConfig(), a.data)
     second, _, _ = store.create_job("q", "second", {}, [new("a")])  # names are unique per project only
     assert [j.id for j in store.list_jobs()] == [second.id, job.id]  # newest first
     assert [j.id for j in store.list_jobs(project="p")] == [job.id]

@@ -86,6 +86,15 @@ class RunningPack:
         return self.base_bytes + sum(self.member_bytes.values())
 
 
+def _done_event(adapter: AdapterRecord) -> NewEvent:
+    """The `done` event of an adapter the controller settled (failed before or outside its pack, or
+    cancelled while queued): the event log, its watchers and the MLflow mirror learn it like any other."""
+    done = AdapterDone(
+        pack_id="", adapter=adapter.name, step=adapter.step, status=adapter.state, error=adapter.error
+    )
+    return NewEvent(adapter.job_id, "done", adapter.id, adapter.step, done.model_dump(mode="json"))
+
+
 def connect_ray(settings: Settings) -> None:
     """Join `LORAFLEET_RAY_ADDRESS`'s cluster, or start a local Ray (once per process).
 
@@ -182,16 +191,21 @@ class Controller:
     def _apply(self, changes: list[AdapterChange]) -> None:
         """The one place the controller changes adapters. A change the lifecycle no longer allows (the
         adapter moved on meanwhile, e.g. a cancel raced a finish) is moot, not an error."""
+        announced: list[NewEvent] = []
         for change in changes:
             try:
                 if change.state is not None or change.fields:
-                    self.store.update_adapter(change.adapter_id, state=change.state, **change.fields)
+                    record = self.store.update_adapter(change.adapter_id, state=change.state, **change.fields)
+                    if change.announce:
+                        announced.append(_done_event(record))
                 if change.metrics:
                     self.store.upsert_metrics(change.adapter_id, dict(change.metrics))
                 if change.checkpoint is not None:
                     self.store.add_checkpoint(change.adapter_id, *change.checkpoint)
             except InvalidTransition as exc:
                 log.debug("skipped a moot change: %s", exc)
+        if announced:
+            self.store.record_events(announced)
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
@@ -507,8 +521,9 @@ class Controller:
             for adapter_id in in_flight:
                 pack = self.running[in_pack[adapter_id]]
                 name = next(n for n, i in pack.members.items() if i == adapter_id)
+                self._ensure_ray()
                 withdrawn = ray.get(self._channel.cancel.remote(pack.pack_id, [name]))
                 if name in withdrawn:  # only offered, never taken: it never started in that pack
                     pack.members.pop(name, None)
                     pack.member_bytes.pop(name, None)
-                    self._apply([AdapterChange(adapter_id, AdapterState.CANCELLED)])
+                    self._apply([AdapterChange(adapter_id, AdapterState.CANCELLED, announce=True)])

@@ -41,6 +41,7 @@ class AdapterChange:
     fields: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, tuple[float, int]] = field(default_factory=dict)
     checkpoint: tuple[int, str, bool] | None = None  # (step, path, final)
+    announce: bool = False  # the controller decided it (no engine event says so): log a `done` event
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def ready(
             placeable.append(adapter)
         elif parent.state in ADAPTER_TERMINAL:
             reason = f"parent {parent.qualified_name} is {parent.state}; nothing to branch from"
-            failed.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}))
+            failed.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}, announce=True))
     return placeable, failed
 
 
@@ -112,7 +113,11 @@ def infeasible(ask: Ask, capacity: Capacity) -> str | None:
 
 def fail_all(adapters: Iterable[AdapterRecord], reason: str) -> list[AdapterChange]:
     """A job-level problem (bad base model, impossible resources): its unfinished adapters fail, once."""
-    return [AdapterChange(a.id, _A.FAILED, {"error": reason}) for a in adapters if a.state in ADAPTER_ACTIVE]
+    return [
+        AdapterChange(a.id, _A.FAILED, {"error": reason}, announce=True)
+        for a in adapters
+        if a.state in ADAPTER_ACTIVE
+    ]
 
 
 # ---- events from packs ----
@@ -175,7 +180,7 @@ def on_pack_exit(
             changes.append(AdapterChange(adapter.id, _A.QUEUED))
         else:
             reason = error or "the pack ended without reporting this adapter"
-            changes.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}))
+            changes.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}, announce=True))
     return changes
 
 
@@ -197,12 +202,12 @@ def cancel(
     now, in_flight = [], []
     for adapter in adapters:
         if adapter.state == _A.QUEUED:
-            now.append(AdapterChange(adapter.id, _A.CANCELLED))
+            now.append(AdapterChange(adapter.id, _A.CANCELLED, announce=True))
         elif adapter.state == _A.TRAINING:
             if adapter.id in in_pack:
                 in_flight.append(adapter.id)
             else:  # no pack holds it (it was between packs): nothing to wait for
-                now.append(AdapterChange(adapter.id, _A.CANCELLED))
+                now.append(AdapterChange(adapter.id, _A.CANCELLED, announce=True))
     return now, in_flight
 
 

@@ -92,7 +92,7 @@ class EmbeddedBackend:
         return self._servers[key].generate([(adapter.final_checkpoint, prompt)], max_new_tokens)[0]
 
     def cancel(self, job_id: str) -> JobView:
-        return self.service.cancel(job_id, self.controller if self._started else None)
+        return self.service.cancel(job_id, self.controller)
 
     def close(self) -> None:
         if self._started:

@@ -7,15 +7,17 @@ controller picks up what SQL says.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import lineage, preflight
 from orchestrator.settings import Settings
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
-from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
 from workers.plan import LoraConfig
+
+if TYPE_CHECKING:
+    from orchestrator.controller import Controller
 
 _PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
 
@@ -154,15 +156,11 @@ class Service:
             )
         return views
 
-    def cancel(self, job_id: str, controller: Any = None) -> JobView:
-        """Cancel a job's unfinished adapters. With a running controller it does it under its lock (it may
-        be placing those very adapters); without one, only queued adapters exist to cancel."""
+    def cancel(self, job_id: str, controller: Controller) -> JobView:
+        """Cancel a job's unfinished adapters, through the controller: it changes adapters' states (under
+        its lock: it may be placing those very adapters) and tells the packs that hold them."""
         self.store.get_job(job_id)  # 404 for an unknown job
-        if controller is not None:
-            controller.cancel_job(job_id)
-        else:
-            for adapter in self.store.list_adapters(job_id=job_id, states=[AdapterState.QUEUED.value]):
-                self.store.update_adapter(adapter.id, state=AdapterState.CANCELLED.value)
+        controller.cancel_job(job_id)
         return self.job(job_id)
 
     # ---- adapters ----

@@ -140,7 +140,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         metrics: dict[str, list[Metric]] = defaultdict(list)
-        finished: list[tuple[AdapterRecord, EventRecord]] = []
+        finished: list[tuple[str, EventRecord]] = []
         for event in events:
             if event.adapter_id is None:
                 continue
@@ -155,12 +155,12 @@ class Tracker:
             if event.kind == "start":
                 self._log_start(run_id, event)
             elif event.kind == "done":
-                finished.append((adapter, event))
+                finished.append((run_id, event))
         for run_id, points in metrics.items():
             for i in range(0, len(points), MAX_METRICS_PER_CALL):
                 self.client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_CALL])
-        for adapter, event in finished:
-            self._finish_adapter_run(adapter, event)
+        for run_id, event in finished:
+            self._finish_adapter_run(run_id, event)
 
     def _experiment(self, project: str) -> str:
         if project not in self._experiments:
@@ -256,15 +256,15 @@ class Tracker:
         ]
         self.client.log_batch(run_id, tags=tags)
 
-    def _finish_adapter_run(self, adapter: AdapterRecord, event: EventRecord) -> None:
+    def _finish_adapter_run(self, run_id: str, event: EventRecord) -> None:
         status = event.payload.get("status")
         final_dir = event.payload.get("final_dir")
         if status == "trained" and final_dir and Path(final_dir).is_dir():
-            self.client.log_artifacts(
-                adapter.mlflow_run_id or self._adapter_run(adapter), final_dir, "adapter"
-            )
+            self.client.log_artifacts(run_id, final_dir, "adapter")
         run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
-        self.client.set_terminated(self._adapter_run(adapter), status=run_status, end_time=_millis(event))
+        if event.payload.get("error"):
+            self.client.set_tag(run_id, "lorafleet.error", str(event.payload["error"])[:5000])
+        self.client.set_terminated(run_id, status=run_status, end_time=_millis(event))
 
     def _close_finished_jobs(self) -> None:
         for job in self.store.list_jobs(states=sorted(JOB_TERMINAL)):

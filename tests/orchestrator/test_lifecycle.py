@@ -56,10 +56,7 @@ def trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     }
     assert client.submit(spec).wait(timeout=300).state == "succeeded"
     child = client.branch(
-        "counting",
-        "counting-v2",
-        data={"path": str(data["counting"]), "eval_fraction": 0.1},
-        train={"steps": 5},
+        "counting", "counting-v2", data=data["counting"], eval_data=data["counting"], train={"steps": 5}
     )
     assert child.wait(timeout=300).state == "succeeded"
     grandchild = client.branch("counting-v2", "counting-v3", data=data["counting"], train={"steps": 0})
@@ -73,6 +70,8 @@ def test_three_level_tree_across_three_jobs(trained: Trained) -> None:
     client = trained.client
     v3 = client.adapter("counting-v3")
     assert (v3.parent, v3.root, v3.depth) == ("default/counting-v2", "default/counting", 2)
+    v2 = client.adapter("counting-v2")  # branched with --eval-data: it and its parent measured on it
+    assert v2.eval_loss is not None and "parent_eval_loss" in v2.metrics
     assert len({client.adapter(n).job_id for n in ("counting", "counting-v2", "counting-v3")}) == 3
     tree = client.lineage("counting-v2")
     assert tree.name == "default/counting" and tree.parent is None

@@ -124,6 +124,60 @@ def test_a_job_submitted_without_wait_trains_with_no_client_attached(
     assert all(a["step"] == 6 for a in view["adapters"])
     running = cli(home, "service", "status", "--json")
     assert running.returncode == 0 and json.loads(running.stdout)["healthy"] is True
+    quiet = cli(home, "jobs", "--json")
+    assert quiet.returncode == 0 and quiet.stderr == ""  # no Ray warnings, no tracebacks
+
+
+def test_ui_prints_the_url_of_the_jobs_runs_and_serves_it(
+    home: Path, tiny_base: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    import httpx
+
+    job = submit(home, spec_file(tmp_path, str(tiny_base), data_dir, "shown", "ui", steps=2))
+    until(home, job["id"], lambda v: v["state"] == "succeeded")
+    port = _free_port()
+    env = {**os.environ, "LORAFLEET_HOME": str(home)}
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "ui", job["id"], "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        url = ui.stdout.readline().strip()
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/")
+        assert "/runs?workflowType=machine_learning&searchFilter=" in url and job["id"] in url
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the MLflow UI did not come up"
+            time.sleep(0.5)
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_example_job_runs_as_is(home: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "job.yaml"
+    job = submit(home, example)
+    view = until(home, job["id"], lambda v: v["state"] not in ("pending", "running"))
+    assert view["state"] == "succeeded", view
+    assert {a["name"]: a["state"] for a in view["adapters"]} == dict.fromkeys(
+        ("counting", "colors", "colors-more"), "evaluated"
+    )
 
 
 def test_cancel_from_another_process_stops_a_running_job(
@@ -157,6 +211,42 @@ def test_a_job_whose_base_model_cannot_load_fails_alone_and_later_jobs_run(
     # failed once, not retried every tick: the log did not fill with tracebacks
     log = (home / "service" / "service.log").read_text()[log_before:]
     assert log.count("Traceback") <= 1, log[-3000:]
+    # and MLflow says so too: the adapters' runs failed, with the reason as a tag
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+    def failed_runs() -> list:
+        experiment = mlflow.get_experiment_by_name("lorafleet/poison")
+        runs = mlflow.search_runs([experiment.experiment_id]) if experiment else []
+        return [
+            r for r in runs if r.data.tags.get("lorafleet.kind") == "adapter" and r.info.status == "FAILED"
+        ]
+
+    deadline = time.monotonic() + 30
+    while len(failed_runs()) < 2:
+        assert time.monotonic() < deadline, "the failure never reached MLflow"
+        time.sleep(0.5)
+    assert all("base_model" in r.data.tags["lorafleet.error"] for r in failed_runs())
+
+
+def test_a_bad_record_deep_in_a_file_fails_that_adapter_alone(
+    home: Path, tiny_base: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    lines = (data_dir / "animals.jsonl").read_text().splitlines()
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("\n".join([*lines, *lines[:40], '{"prompt": "x", "completion": 7}', *lines[:5]]) + "\n")
+    spec = json.loads(spec_file(tmp_path, str(tiny_base), data_dir, "deep", "deep").read_text())
+    spec["adapters"][1]["data"]["path"] = str(deep)  # passes submit: its first 100 records are fine
+    path = tmp_path / "deep.yaml"
+    path.write_text(json.dumps(spec))
+    job = submit(home, path)
+    view = until(home, job["id"], lambda v: v["state"] not in ("pending", "running"))
+    states = {a["name"]: a for a in view["adapters"]}
+    assert view["state"] == "partial"
+    assert states["counting"]["state"] == "evaluated"
+    assert states["colors"]["state"] == "failed" and "line 121" in states["colors"]["error"]
+    assert "completion" in states["colors"]["error"]
 
 
 def test_ctrl_c_stops_watching_and_the_job_goes_on(

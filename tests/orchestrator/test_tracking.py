@@ -145,3 +145,24 @@ def test_embedded_store_mirrors_in_process(tmp_path: Path) -> None:
     experiment = client.get_experiment_by_name(experiment_name("proj"))
     assert experiment.artifact_location.startswith((tmp_path / "mlflow-artifacts").as_uri())
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_an_adapter_that_fails_before_training_gets_one_failed_run_with_its_reason(tmp_path: Path) -> None:
+    """A controller-decided failure (e.g. a base model that does not load) has no start event: its
+    `done` event is the adapter's first, and still makes exactly one run, failed, with the reason, and
+    times taken from the event."""
+    store = Store.open(f"sqlite:///{tmp_path / 'lf.db'}")
+    job, (adapter,), _ = store.create_job(
+        "proj", "job", {}, [NewAdapter(name="a", base_model="x/y", data={"path": "/d.jsonl"})]
+    )
+    at = 1_700_000_000.0
+    done = {"status": "failed", "error": "`base_model` 'x/y' cannot be loaded", "at": at}
+    store.record_events([NewEvent(job.id, "done", adapter.id, 0, done)])
+    Tracker(store, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts").sync()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name("proj")).experiment_id])
+    adapter_runs = [r for r in runs if r.data.tags["lorafleet.kind"] == "adapter"]
+    assert len(adapter_runs) == 1
+    run = adapter_runs[0]
+    assert run.info.status == "FAILED" and "base_model" in run.data.tags["lorafleet.error"]
+    assert run.info.start_time == run.info.end_time == int(at * 1000)

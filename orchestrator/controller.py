@@ -114,6 +114,14 @@ def connect_ray(settings: Settings) -> None:
         )
 
 
+def ray_session_dir() -> str | None:
+    """The session directory of the Ray this process started or joined (None if none)."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
 class Controller:
     def __init__(
         self, settings: Settings, store: Store, on_events: Callable[[list[Event]], None] | None = None

@@ -77,6 +77,7 @@ class ServiceInfo:
     url: str
     home: str
     started_at: float
+    ray_session: str | None = None  # a local Ray's session dir: its orphans hold files there
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,25 @@ def _reap_dead(home: Path) -> None:
     if info is None or _alive(info.pid):
         return
     _kill_group(info.pgid, signal.SIGKILL)
+    if info.ray_session:
+        kill_ray_session(info.ray_session)
     paths(home).info.unlink(missing_ok=True)
+
+
+def kill_ray_session(session_dir: str) -> int:
+    """SIGKILL every process still holding a file of a local Ray session (workers and actors that
+    outlived their raylet, reparented to init, out of any group we know). Returns how many."""
+    import psutil
+
+    killed = 0
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid == os.getpid():
+                continue
+            if any(f.path.startswith(session_dir) for f in process.open_files()):
+                process.kill()
+                killed += 1
+    return killed
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:
@@ -254,6 +273,8 @@ def stop_service(home: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
         while _alive(info.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
     _kill_group(info.pgid, signal.SIGKILL)  # whatever of its Ray is left
+    if info.ray_session:
+        kill_ray_session(info.ray_session)
     deadline = time.monotonic() + 10
     while _group_alive(info.pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -304,14 +325,15 @@ def run_service(home: Path) -> int:
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = Settings(home=service.home, api_token=token)
-    info = ServiceInfo(os.getpid(), os.getpgid(0), url, str(service.home), time.time())
+    from orchestrator.controller import connect_ray, ray_session_dir
+
+    connect_ray(settings)  # before uvicorn, so its SIGTERM handler (graceful stop) is the one installed
+    session = ray_session_dir() if settings.ray_address is None else None
+    info = ServiceInfo(os.getpid(), os.getpgid(0), url, str(service.home), time.time(), session)
     temp = service.info.with_suffix(".tmp")
     temp.write_text(json.dumps(asdict(info)))
     temp.replace(service.info)
     print(f"lorafleet service for {service.home} on {url} (pid {info.pid})", flush=True)
-    from orchestrator.controller import connect_ray
-
-    connect_ray(settings)  # before uvicorn, so its SIGTERM handler (graceful stop) is the one installed
     config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.localservice import _group_alive, read_info, stop_service
+from orchestrator.localservice import _group_alive, kill_ray_session, read_info, stop_service
 from workers.synthetic import write_skill_data
 
 pytestmark = pytest.mark.slow
@@ -289,6 +289,7 @@ def test_a_killed_service_is_restarted_by_the_next_command_and_the_job_resumes(
         view = status(home, job["id"])  # this command restarts the service
         restarted = read_info(home)
         assert restarted.pid != dead.pid and not _group_alive(dead.pgid)  # no orphan trains on
+        assert dead.ray_session and kill_ray_session(dead.ray_session) == 0  # not even outside its group
         assert view["state"] == "running"
         view = until(home, job["id"], lambda v: v["state"] == "succeeded")
         assert all(a["step"] == 400 for a in view["adapters"])

@@ -31,6 +31,10 @@ service_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(service_app, name="service")
+token_app = typer.Typer(
+    help="Project tokens (admin token only): each sees and changes one project.", no_args_is_help=True
+)
+app.add_typer(token_app, name="token")
 out = Console()
 err = Console(stderr=True)
 
@@ -453,6 +457,62 @@ def ui(
         ],
         check=False,
     )
+
+
+# ---- tokens ----
+
+
+@token_app.command("create")
+def token_create(
+    project: Annotated[str, typer.Option("--project", "-p", help="The one project this token may use.")],
+    role: Annotated[
+        str, typer.Option("--role", help="member: read and change the project; reader: read only.")
+    ] = "member",
+    name: Annotated[str | None, typer.Option("--name", help="A note: who or what holds it.")] = None,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a project token and print it once (only its hash is kept)."""
+    created = _run(lambda: _client(url, token).create_token(project, role, name))
+    if as_json:
+        _emit_json(created)
+    else:
+        err.print(f"token {created['id']} for project {project} ({role}); shown once, keep it safe:")
+        out.print(created["token"], highlight=False)
+
+
+@token_app.command("list")
+def token_list(
+    project: Annotated[str | None, typer.Option("--project", "-p")] = None,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Tokens (never their secrets): id, project, role, name, created, revoked."""
+    views = _run(lambda: _client(url, token).tokens(project))
+    if as_json:
+        _emit_json(views)
+        return
+    table = Table("id", "project", "role", "name", "created", "revoked")
+    for t in views:
+        revoked = t.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if t.revoked_at else ""
+        table.add_row(
+            t.id, t.project, t.role, t.name or "", t.created_at.strftime("%Y-%m-%d %H:%M:%S"), revoked
+        )
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None
+) -> None:
+    """Revoke a token: it stops working at once."""
+    view = _run(lambda: _client(url, token).revoke_token(token_id))
+    if as_json:
+        _emit_json(view)
+    else:
+        err.print(f"token {view.id} of project {view.project} revoked")
 
 
 # ---- the local service ----

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 
 ProgressFn = Callable[["JobView", list[EventView]], None]
 
@@ -163,6 +163,19 @@ class Client:
         """Greedy completion of `prompt` through the adapter (cached in RAM over one shared base)."""
         return self._backend.generate(*self._ref(name, project), prompt, max_new_tokens)
 
+    # ---- tokens (the admin token only) ----
+
+    def create_token(self, project: str, role: str = "member", name: str | None = None) -> dict[str, Any]:
+        """A new token for `project` (`member`: read and change; `reader`: read only). The returned
+        `token` is shown this once: only its hash is kept."""
+        return self._backend.create_token(project, role, name)
+
+    def tokens(self, project: str | None = None) -> list[TokenView]:
+        return self._backend.tokens(project)
+
+    def revoke_token(self, token_id: str) -> TokenView:
+        return self._backend.revoke_token(token_id)
+
     def close(self) -> None:
         self._backend.close()
 
@@ -272,6 +285,16 @@ class RemoteBackend:
     def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
         body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
         return self._call("POST", f"/v1/adapters/{project}/{name}/generate", json=body)["text"]
+
+    def create_token(self, project: str, role: str, name: str | None) -> dict[str, Any]:
+        return self._call("POST", "/v1/tokens", json={"project": project, "role": role, "name": name})
+
+    def tokens(self, project: str | None) -> list[TokenView]:
+        params = {"project": project} if project else {}
+        return [TokenView.model_validate(t) for t in self._call("GET", "/v1/tokens", params=params)]
+
+    def revoke_token(self, token_id: str) -> TokenView:
+        return TokenView.model_validate(self._call("DELETE", f"/v1/tokens/{token_id}"))
 
     def close(self) -> None:
         self._http.close()

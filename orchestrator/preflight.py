@@ -10,7 +10,10 @@ record deep in a large file, running out of memory.
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +24,46 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-
 Problems = list[tuple[str, str]]
 
 
-def outside_world_problems(raw: dict[str, Any]) -> Problems:
+@dataclass(frozen=True)
+class Allowed:
+    """What a server lets a spec read. None everywhere (the local default): anything this user can."""
+
+    data_roots: Sequence[Path] | None = None
+    model_roots: Sequence[Path] | None = None
+    models: Sequence[str] | None = None  # hub id patterns
+
+
+ANYTHING = Allowed()
+
+
+def within(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether `path`, with every symlink followed, lies inside one of `roots`."""
+    real = path.expanduser().resolve()
+    return any(real == root or root in real.parents for root in (r.resolve() for r in roots))
+
+
+def outside_world_problems(raw: dict[str, Any], allowed: Allowed = ANYTHING) -> Problems:
     """The base model (and tokenizer) and every data file of a raw spec whose paths are absolute."""
     return [
-        *model_problems("base_model", raw.get("base_model")),
-        *model_problems("tokenizer", raw.get("tokenizer")),
-        *data_problems(raw.get("adapters")),
+        *model_problems("base_model", raw.get("base_model"), allowed),
+        *model_problems("tokenizer", raw.get("tokenizer"), allowed),
+        *data_problems(raw.get("adapters"), allowed),
     ]
 
 
-def model_problems(field: str, value: Any) -> Problems:
+def model_problems(field: str, value: Any, allowed: Allowed = ANYTHING) -> Problems:
     """A local directory must hold a loadable config; anything else must look like a hub id."""
     if not isinstance(value, str) or not value:
         return []  # missing or mistyped: the schema reports it
     path = Path(value).expanduser()
     if path.is_absolute() or value.startswith((".", "~")):
+        if allowed.model_roots is not None and not within(path, allowed.model_roots):
+            return [
+                (
+                    field,
+                    f"local models must be inside the server's model roots ({_roots(allowed.model_roots)})",
+                )
+            ]
         if not path.is_dir():
             return [
                 (
@@ -51,10 +79,22 @@ def model_problems(field: str, value: Any) -> Problems:
         return [
             (
                 field,
-                f"{value!r} is neither an existing local directory nor a hub id like 'Qwen/Qwen2.5-0.5B'",
+                f"{value[:200]!r} is neither an existing local directory nor a hub id like "
+                "'Qwen/Qwen2.5-0.5B'",
+            )
+        ]
+    if allowed.models is not None and not any(fnmatch.fnmatchcase(value, p) for p in allowed.models):
+        return [
+            (
+                field,
+                f"hub id {value!r} is not among the models this server allows ({', '.join(allowed.models)})",
             )
         ]
     return []
+
+
+def _roots(roots: Sequence[Path]) -> str:
+    return ", ".join(str(r) for r in roots) or "none"
 
 
 def _config_problems(field: str, path: Path) -> Problems:
@@ -74,8 +114,10 @@ def _config_problems(field: str, path: Path) -> Problems:
     return []
 
 
-def data_problems(adapters: Any) -> Problems:
-    """Each data file exists and its first records parse (type, fields, values)."""
+def data_problems(adapters: Any, allowed: Allowed = ANYTHING) -> Problems:
+    """Each data file exists and its first records parse (type, fields, values). On a server with data
+    roots, a path outside them is refused before anything is read, with the same answer whether or not
+    the file exists: a token must not be a way to probe the server's disk."""
     if not isinstance(adapters, list):
         return []
     problems: Problems = []
@@ -86,6 +128,14 @@ def data_problems(adapters: Any) -> Problems:
         for key in ("path", "eval_path"):
             value = data.get(key)
             if not isinstance(value, str) or not value:
+                continue
+            if allowed.data_roots is not None and not within(Path(value), allowed.data_roots):
+                problems.append(
+                    (
+                        f"adapters.{i}.data.{key}",
+                        f"data files must be inside the server's data roots ({_roots(allowed.data_roots)})",
+                    )
+                )
                 continue
             try:
                 check_head(Path(value))

@@ -26,6 +26,7 @@ class Service:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.allowed = preflight.Allowed(settings.data_roots, settings.model_roots, settings.allowed_models)
 
     # ---- jobs ----
 
@@ -66,7 +67,7 @@ class Service:
             spec = JobSpec.parse(raw)
         except SpecError as exc:
             problems += exc.problems
-        problems += preflight.outside_world_problems(raw)
+        problems += preflight.outside_world_problems(raw, self.allowed)
         if spec is not None:
             try:
                 parents = self._resolve_parents(spec)

@@ -9,9 +9,12 @@ mounts). Several homes can live side by side: everything derives from the one va
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PathList = Annotated[list[Path] | None, NoDecode]
 
 
 class Settings(BaseSettings):
@@ -27,6 +30,32 @@ class Settings(BaseSettings):
     api_token: str | None = Field(default=None, description="Bearer token the API server requires.")
     ray_num_cpus: int | None = Field(default=None, description="CPUs of the embedded local Ray.")
     tick_seconds: float = Field(default=0.5, description="Controller loop period.")
+    data_roots: PathList = Field(
+        default=None,
+        description="Directories (':'-separated) data paths must resolve into, symlinks followed; "
+        "unset: any path the server can read (fine for one user, not for a shared server).",
+    )
+    model_roots: PathList = Field(
+        default=None, description="Directories (':'-separated) a local `base_model`/`tokenizer` must be in."
+    )
+    allowed_models: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="Hub ids (','-separated, shell patterns like 'Qwen/*') a spec may name; unset: any.",
+    )
+
+    @field_validator("data_roots", "model_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [Path(p).expanduser().resolve() for p in value.split(":") if p.strip()]
+        return value
+
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

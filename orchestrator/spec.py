@@ -9,6 +9,7 @@ data file exist and parse, does the base model load, does the parent adapter exi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,12 +65,27 @@ class AdapterSpec(_Strict):
     )
     lora: LoraOverride | None = None  # type: ignore[valid-type]
     train: TrainOverride | None = None  # type: ignore[valid-type]
-    priority: int = 0
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000, description="Higher runs first.")] = 0
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value, "adapter name")
+
+
+# MLflow's alias rules: letters, digits, '_' and '-'; not `latest`, not `v<digits>` (version references).
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
+def check_alias(value: str) -> str:
+    if len(value) > 63 or not re.fullmatch(ALIAS_PATTERN, value):
+        raise ValueError(
+            f"alias {value[:80]!r} is invalid: use at most 63 letters, digits, '_' or '-', starting with a "
+            "letter or '_'"
+        )
+    if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+        raise ValueError(f"alias {value!r} is reserved by MLflow (`latest`, `v<number>`); choose another")
+    return value
 
 
 class PromotionPolicy(_Strict):
@@ -79,6 +95,11 @@ class PromotionPolicy(_Strict):
     better_than_parent: bool = Field(default=False, description="Also beat the parent on the same eval data.")
     alias: str = "champion"
     auto: bool = Field(default=False, description="Promote when training ends, if the gate passes.")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        return check_alias(value)
 
 
 class Resources(_Strict):

@@ -94,3 +94,18 @@ class RegistryView(_View):
     @classmethod
     def of(cls, record: Any) -> RegistryView:
         return cls.model_validate(record, from_attributes=True)
+
+
+class TokenView(_View):
+    """A project token without its secret: what `lorafleet token list` shows."""
+
+    id: str
+    project: str
+    role: str
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, record: Any) -> TokenView:
+        return cls.model_validate(record, from_attributes=True)

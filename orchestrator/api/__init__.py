@@ -1,55 +1,95 @@
 """The HTTP API (FastAPI): a thin skin over the service layer, plus the controller when run as a server.
 
 Errors users cause are 4xx JSON: `{"detail": {"message": ..., "problems": [{"field": ..., "message": ...}]}}`,
-never a 500. When `LORAFLEET_API_TOKEN` is set, every route but the health check wants `Bearer <token>`.
+never a 500. Every route but the health check and the OpenAPI document wants `Bearer <token>`: the admin
+token (`LORAFLEET_API_TOKEN`) or a project token (`orchestrator.auth` says what each may do). The token
+is checked, and the body's size bounded, before the body is read.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
+from orchestrator.auth import ADMIN, Forbidden, Principal, require_admin, require_change
 from orchestrator.embedded import EmbeddedBackend
 from orchestrator.settings import Settings
-from orchestrator.spec import BranchSpec, SpecError
+from orchestrator.spec import ALIAS_PATTERN, BranchSpec, SpecError, check_alias
 from orchestrator.store import Conflict, NotFound, StoreError
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # a job spec of a thousand adapters is ~300 KB
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+MAX_EVENT_ID = 2**62
 
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    alias: str | None = None
+    alias: Annotated[str | None, Field(pattern=ALIAS_PATTERN, max_length=63)] = None
     force: bool = False
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str
+    prompt: Annotated[str, Field(max_length=100_000)]
     max_new_tokens: int = Field(default=16, gt=0, le=1024)
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: Annotated[str, Field(min_length=1, max_length=100)]
+    role: Annotated[str, Field(pattern="^(reader|member)$")] = "member"
+    name: Annotated[str | None, Field(max_length=200)] = None
+
+
+class NewToken(TokenView):
+    token: str = Field(description="The token itself: shown this once, kept only as a hash.")
 
 
 def _backend(request: Request) -> EmbeddedBackend:
     return request.app.state.backend
 
 
+def _caller(request: Request) -> Principal:
+    return request.state.principal
+
+
 # Module level, not inside create_app: FastAPI resolves these string annotations in the module namespace.
 Backend = Annotated[EmbeddedBackend, Depends(_backend)]
+Caller = Annotated[Principal, Depends(_caller)]
 
 
 def _problem(status: int, message: str, problems: list[tuple[str, str]] | None = None) -> JSONResponse:
     body = {"message": message, "problems": [{"field": f, "message": m} for f, m in problems or []]}
     return JSONResponse(status_code=status, content={"detail": body})
+
+
+def _job_for(b: EmbeddedBackend, caller: Principal, job_id: str) -> JobView:
+    """The job, or the very 404 an unknown id gets if it belongs to a project the caller cannot see."""
+    view = b.job(job_id)
+    if not caller.sees(view.project):
+        raise NotFound(f"job {job_id!r} not found")
+    return view
+
+
+def _visible(caller: Principal, project: str, name: str) -> None:
+    if not caller.sees(project):
+        raise NotFound(f"adapter {project}/{name} not found")
 
 
 def create_app(settings: Settings | None = None, start_controller: bool = True) -> FastAPI:
@@ -59,6 +99,8 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = EmbeddedBackend(settings=settings)
         app.state.backend = backend
+        if not settings.api_token:
+            log.warning("LORAFLEET_API_TOKEN is not set: this server is open to anyone who reaches it")
         if start_controller:
             backend.ensure_running()
         yield
@@ -66,17 +108,35 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
 
     app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan)
 
-    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        if settings.api_token and not (
-            authorization and secrets.compare_digest(authorization, f"Bearer {settings.api_token}")
-        ):
-            raise HTTPException(
-                401,
-                {
-                    "message": "missing or wrong API token: send `Authorization: Bearer <token>`",
-                    "problems": [],
-                },
-            )
+    def principal_of(authorization: str | None, request: Request) -> Principal | None:
+        if not settings.api_token:
+            return ADMIN
+        scheme, _, secret = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            return None
+        if secrets.compare_digest(secret, settings.api_token):
+            return ADMIN
+        token = request.app.state.backend.store.find_token(secret)
+        if token is None:
+            return None
+        return Principal(token.role, token.project, token.id)  # type: ignore[arg-type]
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Before any body is read: bound its size, then know the caller (401 if unknown)."""
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None:
+                return _problem(411, "send a Content-Length header (chunked bodies are not accepted)")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                return _problem(413, f"request body over {MAX_BODY_BYTES} bytes; split the job")
+        principal = await run_in_threadpool(principal_of, request.headers.get("authorization"), request)
+        if principal is None:
+            return _problem(401, "missing or wrong API token: send `Authorization: Bearer <token>`")
+        request.state.principal = principal
+        return await call_next(request)
 
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, exc: SpecError) -> JSONResponse:
@@ -84,85 +144,137 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [(".".join(str(p) for p in e["loc"] if p != "body"), e["msg"]) for e in exc.errors()]
+        problems = [
+            (".".join(str(p) for p in e["loc"] if p != "body"), str(e["msg"])[:500]) for e in exc.errors()
+        ]
         return _problem(422, "invalid request", problems)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return _problem(404, str(exc))
+        return _problem(404, str(exc)[:1000])
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return _problem(403, str(exc))
 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
-        return _problem(409, str(exc))
+        return _problem(409, str(exc)[:1000])
 
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return _problem(400, str(exc))
+        return _problem(400, str(exc)[:1000])
 
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
-        return _problem(400, str(exc))
+        return _problem(400, str(exc)[:1000])
+
+    from mlflow.exceptions import MlflowException
+
+    @app.exception_handler(MlflowException)
+    async def _mlflow_error(_: Request, exc: MlflowException) -> JSONResponse:
+        return _problem(502, f"the MLflow tracking server refused: {str(exc)[:500]}")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    guarded = [Depends(authorize)]
-
-    @app.post("/v1/jobs", status_code=201, dependencies=guarded)
+    @app.post("/v1/jobs", status_code=201)
     def submit(
         body: dict[str, Any],
         b: Backend,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+        caller: Caller,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
     ) -> JobView:
+        project = body.get("project", "default")
+        if isinstance(project, str):
+            require_change(caller, project)
+        elif not caller.admin:  # not a name: the spec check reports it, but never into another project
+            raise Forbidden(f"this token can only submit into project {caller.project!r}")
         return b.submit(body, idempotency_key)
 
-    @app.get("/v1/jobs", dependencies=guarded)
-    def jobs(b: Backend, project: str | None = None) -> list[JobView]:
-        return b.jobs(project)
+    @app.get("/v1/jobs")
+    def jobs(
+        b: Backend, caller: Caller, project: Annotated[str | None, Query(max_length=100)] = None
+    ) -> list[JobView]:
+        if project is not None and not caller.sees(project):
+            return []
+        return b.jobs(caller.scope(project))
 
-    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
-    def job(job_id: str, b: Backend) -> JobView:
-        return b.job(job_id)
+    @app.get("/v1/jobs/{job_id}")
+    def job(job_id: str, b: Backend, caller: Caller) -> JobView:
+        return _job_for(b, caller, job_id)
 
-    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
-    def events(job_id: str, b: Backend, after: int = 0) -> list[EventView]:
+    @app.get("/v1/jobs/{job_id}/events")
+    def events(
+        job_id: str,
+        b: Backend,
+        caller: Caller,
+        after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+    ) -> list[EventView]:
+        _job_for(b, caller, job_id)
         return b.events(job_id, after)
 
-    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
-    def cancel(job_id: str, b: Backend) -> JobView:
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str, b: Backend, caller: Caller) -> JobView:
+        require_change(caller, _job_for(b, caller, job_id).project)
         return b.cancel(job_id)
 
-    @app.get("/v1/adapters", dependencies=guarded)
-    def adapters(b: Backend, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
-        return b.adapters(project, job_id)
+    @app.get("/v1/adapters")
+    def adapters(
+        b: Backend,
+        caller: Caller,
+        project: Annotated[str | None, Query(max_length=100)] = None,
+        job_id: Annotated[str | None, Query(max_length=100)] = None,
+    ) -> list[AdapterView]:
+        if project is not None and not caller.sees(project):
+            return []
+        return [a for a in b.adapters(caller.scope(project), job_id) if caller.sees(a.project)]
 
-    @app.get("/v1/adapters/{project}/{name}", dependencies=guarded)
-    def adapter(project: str, name: str, b: Backend) -> AdapterView:
+    @app.get("/v1/adapters/{project}/{name}")
+    def adapter(project: str, name: str, b: Backend, caller: Caller) -> AdapterView:
+        _visible(caller, project, name)
         return b.adapter(project, name)
 
-    @app.get("/v1/adapters/{project}/{name}/lineage", dependencies=guarded)
-    def lineage(project: str, name: str, b: Backend) -> LineageNode:
-        return b.lineage(project, name)
+    @app.get("/v1/adapters/{project}/{name}/lineage")
+    def lineage(project: str, name: str, b: Backend, caller: Caller) -> LineageNode:
+        _visible(caller, project, name)
+        return _visible_tree(b.lineage(project, name), caller, f"{project}/{name}")
 
-    @app.post("/v1/adapters/{project}/{name}/branch", status_code=201, dependencies=guarded)
-    def branch(project: str, name: str, body: BranchSpec, b: Backend) -> JobView:
+    @app.post("/v1/adapters/{project}/{name}/branch", status_code=201)
+    def branch(project: str, name: str, body: BranchSpec, b: Backend, caller: Caller) -> JobView:
+        _visible(caller, project, name)
+        require_change(caller, project)
         return b.branch(project, name, body)
 
-    @app.post("/v1/adapters/{project}/{name}/promote", dependencies=guarded)
-    def promote(project: str, name: str, body: PromoteRequest, b: Backend) -> RegistryView:
+    @app.post("/v1/adapters/{project}/{name}/promote")
+    def promote(project: str, name: str, body: PromoteRequest, b: Backend, caller: Caller) -> RegistryView:
+        _visible(caller, project, name)
+        require_change(caller, project)
+        if body.alias is not None:
+            check_alias(body.alias)
         return b.promote(project, name, body.alias, body.force)
 
-    @app.post("/v1/adapters/{project}/{name}/generate", dependencies=guarded)
-    def generate(project: str, name: str, body: GenerateRequest, b: Backend) -> dict[str, str]:
+    @app.post("/v1/adapters/{project}/{name}/generate")
+    def generate(
+        project: str, name: str, body: GenerateRequest, b: Backend, caller: Caller
+    ) -> dict[str, str]:
+        _visible(caller, project, name)
         return {"text": b.generate(project, name, body.prompt, body.max_new_tokens)}
 
-    @app.get("/v1/adapters/{project}/{name}/export", dependencies=guarded)
-    def export(project: str, name: str, b: Backend, merged: bool = False) -> FileResponse:
+    @app.get("/v1/adapters/{project}/{name}/export")
+    def export(project: str, name: str, b: Backend, caller: Caller, merged: bool = False) -> FileResponse:
         """The export as a zip: the PEFT adapter directory, or the merged model (`?merged=true`)."""
-        work = Path(tempfile.mkdtemp(prefix="lorafleet-export-"))
-        out = b.export(project, name, work / name, merged)
-        archive = shutil.make_archive(str(work / name), "zip", root_dir=out)
+        _visible(caller, project, name)
+        exports = settings.storage_dir / "exports"  # written only under storage, removed once sent
+        exports.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="export-", dir=exports))
+        try:
+            out = b.export(project, name, work / name, merged)
+            archive = shutil.make_archive(str(work / name), "zip", root_dir=out)
+        except BaseException:  # nothing of a failed export is left behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         suffix = "-merged" if merged else ""
         return FileResponse(
             archive,
@@ -171,4 +283,47 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
             background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
         )
 
+    @app.post("/v1/tokens", status_code=201)
+    def create_token(body: TokenRequest, b: Backend, caller: Caller) -> NewToken:
+        require_admin(caller)
+        record, secret = b.store.create_token(body.project, body.role, body.name)
+        return NewToken(**TokenView.of(record).model_dump(), token=secret)
+
+    @app.get("/v1/tokens")
+    def tokens(
+        b: Backend, caller: Caller, project: Annotated[str | None, Query(max_length=100)] = None
+    ) -> list[TokenView]:
+        require_admin(caller)
+        return [TokenView.of(t) for t in b.store.list_tokens(project)]
+
+    @app.delete("/v1/tokens/{token_id}")
+    def revoke_token(token_id: str, b: Backend, caller: Caller) -> TokenView:
+        require_admin(caller)
+        return TokenView.of(b.store.revoke_token(token_id))
+
     return app
+
+
+def _visible_tree(root: LineageNode, caller: Principal, target: str) -> LineageNode:
+    """A tree can span projects (a child may branch from another project's adapter): show the caller
+    only its own part, from the highest node it may see above `target`."""
+
+    def sees(node: LineageNode) -> bool:
+        return caller.sees(node.name.partition("/")[0])
+
+    def prune(node: LineageNode) -> LineageNode:
+        children = [prune(c) for c in node.children if sees(c)]
+        parent = node.parent if node.parent is None or caller.sees(node.parent.partition("/")[0]) else None
+        return node.model_copy(update={"children": children, "parent": parent})
+
+    def path_to(node: LineageNode) -> list[LineageNode] | None:
+        if node.name == target:
+            return [node]
+        for child in node.children:
+            found = path_to(child)
+            if found is not None:
+                return [node, *found]
+        return None
+
+    path = path_to(root) or [root]
+    return prune(next(node for node in path if sees(node)))

@@ -20,6 +20,7 @@ from orchestrator.store.records import (
     PackMemberRecord,
     PackRecord,
     RegistryRecord,
+    TokenRecord,
     config_hash,
 )
 from orchestrator.store.repository import Store
@@ -42,6 +43,7 @@ __all__ = [
     "SchemaOutOfDate",
     "Store",
     "StoreError",
+    "TokenRecord",
     "config_hash",
     "downgrade",
     "upgrade",

@@ -328,3 +328,28 @@ class EventRow(Base):
             payload=self.payload,
             created_at=r.utc(self.created_at),
         )
+
+
+class TokenRow(Base):
+    """An API token bound to one project: only its sha256 is kept, the token itself is shown once."""
+
+    __tablename__ = "lf_tokens"
+    __table_args__ = (UniqueConstraint("token_hash"), Index(None, "project"))
+
+    id: Mapped[str] = mapped_column(Id, primary_key=True)
+    project: Mapped[str] = mapped_column(Name)
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Time)
+    revoked_at: Mapped[datetime | None] = mapped_column(Time)
+
+    def to_entity(self) -> r.TokenRecord:
+        return r.TokenRecord(
+            id=self.id,
+            project=self.project,
+            role=self.role,
+            name=self.name,
+            created_at=r.utc(self.created_at),
+            revoked_at=r.utc_or_none(self.revoked_at),
+        )

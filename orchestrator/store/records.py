@@ -222,3 +222,19 @@ class EventRecord:
     step: int | None
     payload: dict[str, Any]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A project token as the store hands it out: never its secret, never its hash."""
+
+    id: str
+    project: str
+    role: str  # "reader" | "member"
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None

@@ -12,7 +12,9 @@ number. On SQLite writes take the database lock at BEGIN (see engine.py), which 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +41,7 @@ from orchestrator.store.models import (
     ProjectRow,
     RegistryEntryRow,
     SequenceRow,
+    TokenRow,
 )
 from orchestrator.store.records import (
     AdapterRecord,
@@ -51,6 +54,7 @@ from orchestrator.store.records import (
     PackMemberRecord,
     PackRecord,
     RegistryRecord,
+    TokenRecord,
     config_hash,
 )
 
@@ -759,6 +763,60 @@ class Store:
                 .order_by(RegistryEntryRow.id)
             )
             return [row.to_entity() for row in rows]
+
+    # ---- tokens ----
+
+    def create_token(
+        self, project: str, role: str = "member", name: str | None = None
+    ) -> tuple[TokenRecord, str]:
+        """A new project token; returns its record and the token itself, which is not kept (only its
+        sha256 is), so this is the one time anyone sees it."""
+        if role not in TOKEN_ROLES:
+            raise ValueError(f"token `role` must be one of {TOKEN_ROLES}; got {role!r}")
+        secret = "lft_" + secrets.token_urlsafe(32)
+        with self._session(f"create a token for project {project!r}", write=True) as s:
+            row = TokenRow(
+                id=_new_id(),
+                project=project,
+                role=role,
+                name=name,
+                token_hash=token_hash(secret),
+                created_at=_now(),
+                revoked_at=None,
+            )
+            s.add(row)
+            s.flush()
+            return row.to_entity(), secret
+
+    def find_token(self, secret: str) -> TokenRecord | None:
+        """The active token whose secret this is, or None."""
+        with self._session("look up a token") as s:
+            row = s.scalars(select(TokenRow).where(TokenRow.token_hash == token_hash(secret))).one_or_none()
+            return row.to_entity() if row is not None and row.revoked_at is None else None
+
+    def list_tokens(self, project: str | None = None) -> list[TokenRecord]:
+        with self._session("list tokens") as s:
+            query = select(TokenRow).order_by(TokenRow.created_at)
+            if project is not None:
+                query = query.where(TokenRow.project == project)
+            return [row.to_entity() for row in s.scalars(query)]
+
+    def revoke_token(self, token_id: str) -> TokenRecord:
+        with self._session(f"revoke token {token_id!r}", write=True) as s:
+            row = s.get(TokenRow, token_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no token {token_id!r}; `lorafleet token list` shows the ids")
+            if row.revoked_at is None:
+                row.revoked_at = _now()
+            s.flush()
+            return row.to_entity()
+
+
+TOKEN_ROLES = ("reader", "member")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _check_fields(kind: str, fields: Mapping[str, Any], allowed: frozenset[str]) -> None:

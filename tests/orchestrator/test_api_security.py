@@ -1,0 +1,185 @@
+"""The server as an attacker and a careless user meet it: project tokens and what they may see, paths
+outside the server's roots, oversized or malformed requests, values that once caused 500s.
+
+The app runs in-process (FastAPI's TestClient over the real ASGI app, real SQLite store, no controller):
+nothing here needs training, only the API's answers and what it stored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from orchestrator.api import create_app
+from orchestrator.settings import Settings
+
+ADMIN = "admin-secret"
+
+
+@pytest.fixture
+def roots(tmp_path: Path, tiny_base: Path) -> dict[str, Path]:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwords.csv").write_text("text\nhunter2\n")
+    (data / "sneaky.jsonl").symlink_to(secret / "passwords.csv")
+    return {"data": data, "secret": secret, "models": tiny_base.parent}
+
+
+@pytest.fixture
+def api(tmp_path: Path, roots: dict[str, Path]):
+    settings = Settings(
+        home=tmp_path / "home",
+        api_token=ADMIN,
+        data_roots=str(roots["data"]),
+        model_roots=str(roots["models"]),
+        allowed_models="Qwen/*",
+    )
+    settings.home.mkdir()
+    with TestClient(create_app(settings, start_controller=False)) as client:
+        yield client
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def spec(project: str, base: Path, data: Path, name: str = "job", adapter: str = "a") -> dict:
+    return {
+        "name": name,
+        "project": project,
+        "base_model": str(base),
+        "adapters": [{"name": adapter, "data": {"path": str(data)}}],
+    }
+
+
+def token(api: TestClient, project: str, role: str = "member") -> str:
+    made = api.post("/v1/tokens", json={"project": project, "role": role}, headers=auth(ADMIN))
+    assert made.status_code == 201, made.text
+    return made.json()["token"]
+
+
+def test_project_tokens_see_and_change_only_their_project(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path]
+) -> None:
+    data = roots["data"] / "a.jsonl"
+    alice, bob = token(api, "alice"), token(api, "bob")
+    mine = api.post("/v1/jobs", json=spec("alice", tiny_base, data), headers=auth(alice))
+    theirs = api.post("/v1/jobs", json=spec("bob", tiny_base, data), headers=auth(bob))
+    assert mine.status_code == theirs.status_code == 201
+    job, other = mine.json()["id"], theirs.json()["id"]
+
+    assert [j["id"] for j in api.get("/v1/jobs", headers=auth(alice)).json()] == [job]
+    assert api.get("/v1/jobs", params={"project": "bob"}, headers=auth(alice)).json() == []
+    assert {a["project"] for a in api.get("/v1/adapters", headers=auth(alice)).json()} == {"alice"}
+    # another project's things answer exactly as if they did not exist
+    missing = api.get("/v1/jobs/no-such-job", headers=auth(alice))
+    hidden = api.get(f"/v1/jobs/{other}", headers=auth(alice))
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["detail"]["message"] == f"job {other!r} not found"
+    for path in ("", "/lineage", "/export"):
+        assert api.get(f"/v1/adapters/bob/a{path}", headers=auth(alice)).status_code == 404
+    assert api.get(f"/v1/jobs/{other}/events", headers=auth(alice)).status_code == 404
+    assert api.post(f"/v1/jobs/{other}/cancel", headers=auth(alice)).status_code == 404
+    assert api.post("/v1/adapters/bob/a/promote", json={}, headers=auth(alice)).status_code == 404
+    # submitting into another project is refused, and stores nothing
+    refused = api.post("/v1/jobs", json=spec("bob", tiny_base, data, "x", "b"), headers=auth(alice))
+    assert refused.status_code == 403 and "alice" in refused.json()["detail"]["message"]
+    assert len(api.get("/v1/jobs", headers=auth(ADMIN)).json()) == 2
+    # the admin sees everything; project tokens cannot manage tokens
+    assert {j["project"] for j in api.get("/v1/jobs", headers=auth(ADMIN)).json()} == {"alice", "bob"}
+    assert api.get("/v1/tokens", headers=auth(alice)).status_code == 403
+
+
+def test_readers_read_and_revoked_or_wrong_tokens_get_401(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path]
+) -> None:
+    data = roots["data"] / "a.jsonl"
+    member, reader = token(api, "team"), token(api, "team", "reader")
+    job = api.post("/v1/jobs", json=spec("team", tiny_base, data), headers=auth(member)).json()["id"]
+    assert api.get(f"/v1/jobs/{job}", headers=auth(reader)).status_code == 200
+    assert api.post(f"/v1/jobs/{job}/cancel", headers=auth(reader)).status_code == 403
+    assert (
+        api.post("/v1/jobs", json=spec("team", tiny_base, data, "j2", "b"), headers=auth(reader)).status_code
+        == 403
+    )
+    listed = api.get("/v1/tokens", headers=auth(ADMIN)).json()
+    assert {t["role"] for t in listed} == {"member", "reader"} and all("token" not in t for t in listed)
+    reader_id = next(t["id"] for t in listed if t["role"] == "reader")
+    assert api.delete(f"/v1/tokens/{reader_id}", headers=auth(ADMIN)).status_code == 200
+    assert api.get(f"/v1/jobs/{job}", headers=auth(reader)).status_code == 401
+    assert api.get("/v1/jobs").status_code == 401
+    assert api.get("/v1/jobs", headers=auth("lft_guess")).status_code == 401
+    assert api.get("/healthz").status_code == 200
+
+
+def test_paths_outside_the_roots_are_refused_alike_whether_or_not_they_exist(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path], tmp_path: Path
+) -> None:
+    answers = {}
+    for label, path in {
+        "exists": roots["secret"] / "passwords.csv",
+        "missing": roots["secret"] / "nothing.csv",
+        "dotdot": roots["data"] / ".." / "secret" / "passwords.csv",
+        "symlink": roots["data"] / "sneaky.jsonl",
+    }.items():
+        refused = api.post("/v1/jobs", json=spec("p", tiny_base, path), headers=auth(ADMIN))
+        assert refused.status_code == 422
+        problems = {p["field"]: p["message"] for p in refused.json()["detail"]["problems"]}
+        answers[label] = problems["adapters.0.data.path"]
+        assert "hunter2" not in refused.text
+    assert len(set(answers.values())) == 1 and "data roots" in answers["exists"]
+    # the base model: a directory outside the model roots, a hub id outside the allow-list
+    outside = api.post("/v1/jobs", json=spec("p", tmp_path, roots["data"] / "a.jsonl"), headers=auth(ADMIN))
+    assert "model roots" in json.dumps(outside.json())
+    hub = spec("p", tiny_base, roots["data"] / "a.jsonl") | {"base_model": "evil/model"}
+    assert "allows" in json.dumps(api.post("/v1/jobs", json=hub, headers=auth(ADMIN)).json())
+    allowed = spec("p", tiny_base, roots["data"] / "a.jsonl") | {"base_model": "Qwen/Qwen2.5-0.5B"}
+    assert api.post("/v1/jobs", json=allowed, headers=auth(ADMIN)).status_code == 201
+
+
+def test_bad_requests_are_4xx_never_500(api: TestClient, tiny_base: Path, roots: dict[str, Path]) -> None:
+    data = roots["data"] / "a.jsonl"
+    # malformed JSON without a token: 401 before the body is read
+    assert (
+        api.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}).status_code
+        == 401
+    )
+    # huge numbers
+    assert api.get("/v1/jobs/x/events", params={"after": 10**20}, headers=auth(ADMIN)).status_code in (
+        404,
+        422,
+    )
+    big = spec("p", tiny_base, data)
+    big["adapters"][0]["priority"] = 10**30
+    assert api.post("/v1/jobs", json=big, headers=auth(ADMIN)).status_code == 422
+    # oversized bodies and names
+    huge = api.post(
+        "/v1/jobs", content=b"x" * (2 << 20), headers=auth(ADMIN) | {"Content-Type": "application/json"}
+    )
+    assert huge.status_code == 413
+    long_name = spec("p", tiny_base, data, name="a" * 5000)
+    refused = api.post("/v1/jobs", json=long_name, headers=auth(ADMIN))
+    assert refused.status_code == 422 and len(refused.text) < 2000  # the name is not echoed whole
+    newline = spec("p", tiny_base, data, adapter="bad\n")
+    assert api.post("/v1/jobs", json=newline, headers=auth(ADMIN)).status_code == 422
+    # promotion aliases MLflow would refuse, checked before anything is registered
+    api.post("/v1/jobs", json=spec("p", tiny_base, data), headers=auth(ADMIN))
+    for alias in ("../../x", "v1", "latest", "a" * 300):
+        answer = api.post("/v1/adapters/p/a/promote", json={"alias": alias}, headers=auth(ADMIN))
+        assert answer.status_code in (400, 422), (alias, answer.text)
+
+
+def test_a_failed_export_leaves_nothing_behind(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path], tmp_path: Path
+) -> None:
+    api.post("/v1/jobs", json=spec("p", tiny_base, roots["data"] / "a.jsonl"), headers=auth(ADMIN))
+    for _ in range(3):  # the adapter has not trained: nothing to export
+        assert api.get("/v1/adapters/p/a/export", headers=auth(ADMIN)).status_code == 400
+    exports = tmp_path / "home" / "artifacts" / "exports"
+    assert not exports.exists() or list(exports.iterdir()) == []

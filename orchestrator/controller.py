@@ -29,7 +29,7 @@ import ray
 from orchestrator import decisions
 from orchestrator import scheduler as sched
 from orchestrator.decisions import AdapterChange
-from orchestrator.packrun import EVENTS, PackChannel, fit_pack_task
+from orchestrator.packrun import EVENTS, PackChannel, events_log, fit_pack_task, read_events_log
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
@@ -177,6 +177,7 @@ class Controller:
         with self._lock:
             for pack in self.store.list_packs(states=["running"]):
                 if pack.id not in self.running:
+                    self._replay(pack.id)
                     self.store.finish_pack(pack.id, "failed", error="controller restarted")
             held = [a for p in self.running.values() for a in p.members.values()]
             training = self.store.list_adapters(states=[AdapterState.TRAINING.value])
@@ -225,31 +226,51 @@ class Controller:
         return events
 
     def _apply_events(self, events: list[Event]) -> None:
-        """Record every event in one batch; fold them into the adapters' rows, one step update per adapter."""
-        if not events:
-            return
-        last_step = {(e.pack_id, e.adapter): i for i, e in enumerate(events) if isinstance(e, StepEvent)}
-        rows: list[NewEvent] = []
-        job_of: dict[str, str] = {}
-        for i, event in enumerate(events):
+        """Events from running packs: record them, fold them into their adapters' rows."""
+        placed = []
+        for event in events:
             pack = self.running.get(event.pack_id)
             adapter_id = pack.members.get(event.adapter) if pack else None
-            if pack is None or adapter_id is None:
-                continue
+            if pack is not None and adapter_id is not None:
+                placed.append((event, adapter_id))
+                if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
+                    pack.members.pop(event.adapter, None)
+                    pack.member_bytes.pop(event.adapter, None)
+        self._record(placed)
+        if self.on_events is not None and events:
+            self.on_events(events)
+
+    def _record(self, placed: list[tuple[Event, str]]) -> None:
+        """Record events (each engine event once, by its id) and apply the new ones to their adapters:
+        one row update per adapter for a run of step events (the last one carries the state)."""
+        if not placed:
+            return
+        fresh = self.store.unrecorded([e.id for e, _ in placed])
+        placed = [(e, a) for e, a in placed if e.id in fresh]
+        last_step = {a: i for i, (e, a) in enumerate(placed) if isinstance(e, StepEvent)}
+        job_of: dict[str, str] = {}
+        rows: list[NewEvent] = []
+        for i, (event, adapter_id) in enumerate(placed):
             if adapter_id not in job_of:
                 job_of[adapter_id] = self.store.get_adapter_by_id(adapter_id).job_id
             payload = event.model_dump(mode="json")
-            rows.append(NewEvent(job_of[adapter_id], event.kind, adapter_id, event.step, payload))
-            if isinstance(event, StepEvent) and last_step[(event.pack_id, event.adapter)] != i:
+            rows.append(NewEvent(job_of[adapter_id], event.kind, adapter_id, event.step, payload, event.id))
+            if isinstance(event, StepEvent) and last_step[adapter_id] != i:
                 continue
             change = decisions.on_event(self.store.get_adapter_by_id(adapter_id), event)
             self._apply([change] if change else [])
-            if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
-                pack.members.pop(event.adapter, None)
-                pack.member_bytes.pop(event.adapter, None)
         self.store.record_events(rows)
-        if self.on_events is not None:
-            self.on_events(events)
+
+    def _replay(self, pack_id: str) -> None:
+        """Record what a dead controller's pack logged but the controller never heard (its last
+        events, often its last checkpoints and completions), so nothing the engine reported is lost."""
+        names = {}
+        for member in self.store.list_pack_members(pack_id):
+            names[self.store.get_adapter_by_id(member.adapter_id).name] = member.adapter_id
+        events = read_events_log(events_log(self.settings.storage_dir, pack_id))
+        placed = [(e, names[e.adapter]) for e in events if e.adapter in names]
+        for i in range(0, len(placed), 500):
+            self._record(placed[i : i + 500])
 
     def _reap(self, pack: RunningPack) -> None:
         self.running.pop(pack.pack_id, None)

@@ -11,6 +11,7 @@ events to it in batches and take refills and cancellations from it; the controll
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,33 @@ class PackChannel:
         return sorted(self._cancelled.get(pack_id, ()))
 
 
-class _Reporter:
-    """Batches events to the channel, so a pack of K adapters costs one remote call per half second."""
+def events_log(storage: str | Path, pack_id: str) -> Path:
+    """Where a pack's engine appends every event it emits (JSON Lines), before the controller hears of
+    it: a controller that starts after another died replays what the dead one never recorded."""
+    return Path(storage) / "events" / f"{pack_id}.jsonl"
 
-    def __init__(self, channel: Any, pack_id: str) -> None:
-        self.channel, self.pack_id = channel, pack_id
+
+def read_events_log(path: Path) -> list[Event]:
+    """The events of a pack's log; a line torn by a crash mid-write ends the log."""
+    events: list[Event] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return events
+    for line in text.splitlines():
+        try:
+            events += EVENTS.validate_json(line)
+        except ValueError:
+            break
+    return events
+
+
+class _Reporter:
+    """Batches events to the channel, so a pack of K adapters costs one remote call per half second.
+    Each batch is first appended (and fsynced) to the pack's event log under storage."""
+
+    def __init__(self, channel: Any, pack_id: str, log: Path | None = None) -> None:
+        self.channel, self.pack_id, self.log = channel, pack_id, log
         self.buffer: list[Event] = []
         self.last_flush = time.monotonic()
         self.last_poll = 0.0
@@ -85,7 +108,14 @@ class _Reporter:
 
     def flush(self) -> None:
         if self.buffer:
-            ray.get(self.channel.post.remote(EVENTS.dump_json(self.buffer).decode()))
+            batch = EVENTS.dump_json(self.buffer).decode()
+            if self.log is not None:
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                with self.log.open("a", encoding="utf-8") as f:
+                    f.write(batch + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            ray.get(self.channel.post.remote(batch))
             self.buffer = []
         self.last_flush = time.monotonic()
 
@@ -110,7 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     plan = PackPlan.model_validate_json(config["plan"])
-    reporter = _Reporter(config["channel"], plan.pack_id)
+    log = events_log(config["storage_path"], plan.pack_id) if config.get("storage_path") else None
+    reporter = _Reporter(config["channel"], plan.pack_id, log)
     try:
         run_pack(plan, emit=reporter.emit, refill=reporter.refill, cancelled=reporter.cancelled)
     finally:
@@ -136,7 +167,12 @@ def fit_pack(
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan_json, "channel": channel, "num_threads": num_threads},
+        train_loop_config={
+            "plan": plan_json,
+            "channel": channel,
+            "num_threads": num_threads,
+            "storage_path": storage_path,
+        },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
         ),

@@ -4,8 +4,8 @@ It is a projection of SQL's event log, not a second source of truth: `sync()` re
 kept in SQL, creates the runs it needs, logs each run's metrics with one `log_batch` per batch of events,
 uploads finished adapters as artifacts, and only then moves the cursor. If MLflow is unreachable the
 cursor stays put and the same events are mirrored on a later sync, so training never waits for MLflow and
-nothing is lost, even across a controller restart. (A sync that fails halfway may log some points twice;
-MLflow shows them as repeated steps.)
+nothing is lost, even across a controller restart. Each metric is logged once per step: steps an adapter
+redoes after a worker restart (exactly, from its checkpoint) are not logged again.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._experiments: dict[str, str] = {}
         self._closed_jobs: set[str] = set()
+        self._last_step: dict[tuple[str, str], int] = {}
+        self._new_runs: set[str] = set()  # created by this process: nothing logged to them before
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -137,6 +139,18 @@ class Tracker:
         return total
 
     def _mirror(self, events: list[EventRecord]) -> None:
+
+        pending: dict[tuple[str, str], int] = {}
+        try:
+            self._mirror_events(events, pending)
+        except BaseException:  # some batches may have reached MLflow: ask it again next time
+            for key in pending:
+                self._last_step.pop(key, None)
+                self._new_runs.discard(key[0])
+            raise
+        self._last_step.update(pending)
+
+    def _mirror_events(self, events: list[EventRecord], pending: dict[tuple[str, str], int]) -> None:
         from mlflow.entities import Metric
 
         metrics: dict[str, list[Metric]] = defaultdict(list)
@@ -148,10 +162,11 @@ class Tracker:
             stamp = _millis(event)
             run_id = self._adapter_run(adapter, start_ms=stamp)
             names = METRICS_BY_KIND.get(event.kind, {})
+            step = int(event.step or 0)
             for key, metric in names.items():
                 value = event.payload.get(key)
-                if value is not None:
-                    metrics[run_id].append(Metric(metric, float(value), stamp, int(event.step or 0)))
+                if value is not None and self._first_at(run_id, metric, step, pending):
+                    metrics[run_id].append(Metric(metric, float(value), stamp, step))
             if event.kind == "start":
                 self._log_start(run_id, event)
             elif event.kind == "done":
@@ -161,6 +176,23 @@ class Tracker:
                 self.client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_CALL])
         for run_id, event in finished:
             self._finish_adapter_run(run_id, event)
+
+    def _first_at(self, run_id: str, metric: str, step: int, pending: dict[tuple[str, str], int]) -> bool:
+        """Whether this is the first point of `metric` at `step` or later. After a worker restart the
+        engine redoes the steps since its last checkpoint, exactly (same data, same RNG, same values), so
+        the repeats are skipped: each step appears once in MLflow, none missing. (`pending` holds this
+        sync's steps until MLflow has them all.)"""
+        key = (run_id, metric)
+        if key not in pending and key not in self._last_step:
+            if run_id in self._new_runs:
+                self._last_step[key] = -1
+            else:  # first touch in this process: ask MLflow what it already has
+                history = self.client.get_metric_history(run_id, metric)
+                self._last_step[key] = max((m.step for m in history), default=-1)
+        if step <= pending.get(key, self._last_step.get(key, -1)):
+            return False
+        pending[key] = step
+        return True
 
     def _experiment(self, project: str) -> str:
         if project not in self._experiments:
@@ -234,6 +266,7 @@ class Tracker:
         }
         self._log_params(run.info.run_id, params)
         self.store.update_adapter(adapter.id, mlflow_run_id=run.info.run_id)
+        self._new_runs.add(run.info.run_id)
         return run.info.run_id
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:

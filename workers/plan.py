@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -176,6 +177,10 @@ class _Event(_Strict):
     step: int
     at: float = Field(
         default_factory=time.time, description="When the engine emitted it (Unix seconds): MLflow's times."
+    )
+    id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        description="Unique per emitted event: a replayed event log is recorded once.",
     )
 
 

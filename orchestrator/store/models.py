@@ -308,7 +308,7 @@ class RegistryEntryRow(Base):
 
 class EventRow(Base):
     __tablename__ = "lf_events"
-    __table_args__ = (Index(None, "job_id", "id"),)
+    __table_args__ = (Index(None, "job_id", "id"), UniqueConstraint("event_id"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("lf_jobs.id"))
@@ -317,6 +317,7 @@ class EventRow(Base):
     step: Mapped[int | None] = mapped_column(Integer)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Time)
+    event_id: Mapped[str | None] = mapped_column(String(32))
 
     def to_entity(self) -> r.EventRecord:
         return r.EventRecord(

@@ -89,6 +89,7 @@ class NewEvent:
     adapter_id: str | None = None
     step: int | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+    event_id: str | None = None  # the engine's id: an event replayed from its log is recorded once
 
 
 # ---- entities ----

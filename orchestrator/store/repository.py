@@ -610,6 +610,8 @@ class Store:
     def record_events(self, events: Sequence[NewEvent]) -> int:
         """Insert a batch of progress events in one statement and one transaction; returns how many.
 
+        An event whose `event_id` is already recorded (or repeated in the batch) is skipped: the engine's
+        durable event log may be replayed after a controller died, and what was recorded stays once.
         Non-finite floats in payloads (NaN, inf) are stored as null: JSON cannot spell them and
         PostgreSQL refuses them.
         """
@@ -621,9 +623,14 @@ class Store:
             missing = job_ids - set(s.scalars(select(JobRow.id).where(JobRow.id.in_(job_ids))))
             if missing:
                 raise NotFound(f"events name unknown jobs: {sorted(missing)}")
-            s.execute(
-                insert(EventRow),
-                [
+            seen = self._recorded_ids(s, [e.event_id for e in events if e.event_id])
+            rows = []
+            for e in events:
+                if e.event_id is not None:
+                    if e.event_id in seen:
+                        continue
+                    seen.add(e.event_id)
+                rows.append(
                     {
                         "job_id": e.job_id,
                         "adapter_id": e.adapter_id,
@@ -631,11 +638,26 @@ class Store:
                         "step": e.step,
                         "payload": _finite(e.payload),
                         "created_at": now,
+                        "event_id": e.event_id,
                     }
-                    for e in events
-                ],
-            )
-        return len(events)
+                )
+            if rows:
+                s.execute(insert(EventRow), rows)
+        return len(rows)
+
+    def unrecorded(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of these engine event ids are not in the event log yet."""
+        with self._session("look up event ids") as s:
+            return set(event_ids) - self._recorded_ids(s, event_ids)
+
+    @staticmethod
+    def _recorded_ids(s: Session, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(dict.fromkeys(event_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            found |= set(s.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(chunk))))
+        return found
 
     def list_events(self, job_id: str | None, after_id: int = 0, limit: int = 1000) -> list[EventRecord]:
         """Events with id > `after_id` (of one job, or of all with None), oldest first, at most `limit`.

@@ -286,6 +286,16 @@ def test_events_are_batched_and_paged(store: Store) -> None:
         store.record_events([NewEvent("nope", "step")])
 
 
+def test_an_engine_event_is_recorded_once_however_often_it_is_replayed(store: Store) -> None:
+    job, (a,), _ = store.create_job("p", "j", {}, [new("a")])
+    batch = [NewEvent(job.id, "step", a.id, step=i, event_id=f"e{i}") for i in range(5)]
+    assert store.record_events(batch[:3]) == 3
+    assert store.unrecorded(["e1", "e3", "e4"]) == {"e3", "e4"}
+    assert store.record_events([*batch, batch[4]]) == 2  # the first three are known, e4 repeats
+    assert store.record_events([NewEvent(job.id, "done", a.id, 5), NewEvent(job.id, "done", a.id, 5)]) == 2
+    assert [e.step for e in store.list_events(job.id)] == [0, 1, 2, 3, 4, 5, 5]
+
+
 def test_metric_summaries_keep_last_and_best(store: Store) -> None:
     _, (a,), _ = store.create_job("p", "j", {}, [new("a")])
     store.upsert_metrics(a.id, {"train_loss": (2.0, 1), "accuracy": (0.5, 1)})

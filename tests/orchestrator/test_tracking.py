@@ -166,3 +166,27 @@ def test_an_adapter_that_fails_before_training_gets_one_failed_run_with_its_reas
     run = adapter_runs[0]
     assert run.info.status == "FAILED" and "base_model" in run.data.tags["lorafleet.error"]
     assert run.info.start_time == run.info.end_time == int(at * 1000)
+
+
+def test_steps_redone_after_a_worker_restart_are_logged_once(tmp_path: Path) -> None:
+    """A worker died after step 5 (last checkpoint at 3) and its replacement redid 4 and 5 exactly: MLflow
+    keeps one point per step, none missing, even when the mirror restarts in between."""
+    store = Store.open(f"sqlite:///{tmp_path / 'lf.db'}")
+    job, (adapter,), _ = store.create_job(
+        "proj", "job", {}, [NewAdapter(name="a", base_model="b", data={"path": "/d.jsonl"})]
+    )
+
+    def steps(first: int, last: int) -> list[NewEvent]:
+        return [
+            NewEvent(job.id, "step", adapter.id, s, {"loss": 1.0 / s, "lr": 0.1, "grad_norm": 1.0})
+            for s in range(first, last + 1)
+        ]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store.record_events(steps(1, 5))
+    Tracker(store, uri, tmp_path / "artifacts").sync()
+    store.record_events([NewEvent(job.id, "start", adapter.id, 3, {"resumed": True}), *steps(4, 8)])
+    Tracker(store, uri, tmp_path / "artifacts").sync()  # a new mirror process: it asks MLflow
+    run_id = store.get_adapter_by_id(adapter.id).mlflow_run_id
+    history = MlflowClient(uri).get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))

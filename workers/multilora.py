@@ -20,12 +20,21 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-LoraKernel = Literal["auto", "loop", "bmm"]
+from workers.data import IGNORE_INDEX
+from workers.grouped import GroupIndex, grouped_lora
+from workers.head import linear_cross_entropy, plain_linear_head
+
+if TYPE_CHECKING:
+    from workers.layout import Batch
+    from workers.recompute import LayerCheckpointing
+
+LoraKernel = Literal["auto", "loop", "grouped"]
 
 
 def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
@@ -62,15 +71,45 @@ class Adapter:
     def parameters(self) -> list[torch.Tensor]:
         return [t for w in self.modules.values() for t in (w.lora_A, w.lora_B)]
 
+    def draw_keep(self, n_tokens: int, features: int, device: torch.device) -> torch.Tensor:
+        """A [n_tokens, features] bool dropout keep-mask from this adapter's own generator.
+
+        Both kernels draw through here, in segment order, so they consume the stream identically.
+        """
+        drawn = torch.empty((n_tokens, features), dtype=torch.float32, device=device)
+        return drawn.bernoulli_(1.0 - self.dropout, generator=self.dropout_generator).bool()
+
+    def keep_scale(self, device: torch.device) -> torch.Tensor:
+        return torch.ones((), dtype=torch.float32, device=device) / (1.0 - self.dropout)
+
 
 @dataclass
 class Routing:
-    """Which rows belong to which adapter for the current forward; shared by every wrapped layer."""
+    """Which rows belong to which adapter for the current forward; shared by every wrapped layer.
+
+    `segments` are row ranges of the batch; a layer whose input is [rows, seq, features] turns them into
+    token ranges. `valid` marks real tokens (not padding): dropout masks are drawn for those only.
+    """
 
     segments: list[tuple[str | None, int, int]] = field(default_factory=list)
     training: bool = False
     kernel: LoraKernel = "auto"
     valid: torch.Tensor | None = None  # [rows, seq] bool: real tokens, not padding
+    _indices: dict[tuple[object, ...], GroupIndex] = field(default_factory=dict)
+
+    def snapshot(self) -> tuple[list[tuple[str | None, int, int]], bool, torch.Tensor | None]:
+        return self.segments, self.training, self.valid
+
+    def restore(self, state: tuple[list[tuple[str | None, int, int]], bool, torch.Tensor | None]) -> None:
+        self.segments, self.training, self.valid = state
+        self._indices = {}
+
+    def group_index(self, ranges: list[tuple[int, int]], n_tokens: int, device: torch.device) -> GroupIndex:
+        """The grouped kernel's index for these token ranges, built once per forward and shared."""
+        key = (tuple(ranges), n_tokens, device)
+        if key not in self._indices:
+            self._indices[key] = GroupIndex.build(ranges, n_tokens, device)
+        return self._indices[key]
 
 
 class MultiLoraLinear(nn.Module):
@@ -94,8 +133,8 @@ class MultiLoraLinear(nn.Module):
         segments = self.routing.segments
         if not segments or not any(name in self.adapters for name, _, _ in segments):
             return out
-        if self._can_bmm(segments):
-            return out + self._bmm_delta(x, segments).to(out.dtype)
+        if self._use_grouped(segments):
+            return out + self._grouped_delta(x, segments).view(out.shape)
         # `split`, not one slice per segment: a slice's backward allocates a zero tensor the size of the
         # whole batch, which for K segments costs K full-size fills and adds per layer.
         chunks = x.split([end - start for _, start, end in segments])
@@ -113,46 +152,64 @@ class MultiLoraLinear(nn.Module):
         weights = adapter.modules[self.path]
         x = x.to(weights.lora_A.dtype)
         if self.routing.training and adapter.dropout > 0:
-            x = x * self._dropout_mask(x, adapter, start, end)
+            keep = self._keep_mask(adapter, x.numel() // x.shape[-1], start, end, x.device)
+            x = x * keep.view(x.shape) * adapter.keep_scale(x.device)
         return ((x @ weights.lora_A.t()) * adapter.scaling @ weights.lora_B.t()).to(out.dtype)
 
-    def _dropout_mask(self, x: torch.Tensor, adapter: Adapter, start: int, end: int) -> torch.Tensor:
-        """Inverted-dropout mask drawn for real tokens only, so the RNG stream (and so the adapter's
-        result) does not depend on how far its rows were padded to match their neighbours'."""
-        p = adapter.dropout
+    def _keep_mask(
+        self, adapter: Adapter, n_tokens: int, start: int, end: int, device: torch.device
+    ) -> torch.Tensor:
+        """[n_tokens, in] bool keep-mask for rows start:end, drawn for real tokens only, so the RNG stream
+        (and so the adapter's result) does not depend on how its rows were laid out or padded."""
         valid = self.routing.valid
-        if valid is None or x.dim() != 3:
-            return torch.empty_like(x).bernoulli_(1.0 - p, generator=adapter.dropout_generator) / (1.0 - p)
-        rows = valid[start:end]
-        mask = x.new_zeros(x.shape)
-        drawn = x.new_empty((int(rows.sum()), x.shape[-1])).bernoulli_(
-            1.0 - p, generator=adapter.dropout_generator
-        )
-        mask[rows] = drawn / (1.0 - p)
-        return mask
+        if valid is None or n_tokens != valid[start:end].numel():
+            return adapter.draw_keep(n_tokens, self.in_features, device)
+        rows = valid[start:end].reshape(-1)
+        keep = torch.zeros((n_tokens, self.in_features), dtype=torch.bool, device=device)
+        keep[rows] = adapter.draw_keep(int(rows.sum()), self.in_features, device)
+        return keep
 
-    def _can_bmm(self, segments: Sequence[tuple[str | None, int, int]]) -> bool:
-        """One batched matmul needs equal segment lengths, equal ranks, and no dropout masks to draw."""
+    def _use_grouped(self, segments: Sequence[tuple[str | None, int, int]]) -> bool:
+        """The grouped kernel, unless the loop is forced or only one segment goes through this layer."""
         kernel = self.routing.kernel
-        if kernel == "loop" or len(segments) < 2:
+        if kernel == "loop":
             return False
-        adapters = [self.adapters.get(name) if name else None for name, _, _ in segments]
-        if any(a is None for a in adapters):
-            return False
-        lengths = {end - start for _, start, end in segments}
-        ranks = {a.r for a in adapters}
-        dropping = self.routing.training and any(a.dropout > 0 for a in adapters)
-        return len(lengths) == 1 and len(ranks) == 1 and not dropping
+        taking = sum(1 for name, start, end in segments if name in self.adapters and end > start)
+        return kernel == "grouped" or taking > 1
 
-    def _bmm_delta(self, x: torch.Tensor, segments: Sequence[tuple[str | None, int, int]]) -> torch.Tensor:
-        adapters = [self.adapters[name] for name, _, _ in segments]  # type: ignore[index]
-        a = torch.stack([ad.modules[self.path].lora_A for ad in adapters])  # [K, r, in]
-        b = torch.stack([ad.modules[self.path].lora_B for ad in adapters])  # [K, out, r]
-        scaling = a.new_tensor([ad.scaling for ad in adapters]).view(-1, 1, 1)
-        k = len(adapters)
-        xk = x.to(a.dtype).reshape(k, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(xk, a.transpose(1, 2)) * scaling, b.transpose(1, 2))
-        return delta.reshape(*x.shape[:-1], b.shape[1])
+    def _grouped_delta(
+        self, x: torch.Tensor, segments: Sequence[tuple[str | None, int, int]]
+    ) -> torch.Tensor:
+        per_row = x.shape[1] if x.dim() == 3 else 1
+        flat = x.reshape(-1, x.shape[-1])
+        taking = [
+            (self.adapters[name], start, end)
+            for name, start, end in segments
+            if name in self.adapters and end > start  # type: ignore[operator]
+        ]
+        ranges = [(start * per_row, end * per_row) for _, start, end in taking]
+        index = self.routing.group_index(ranges, flat.shape[0], x.device)
+        keep = keep_scale = None
+        if self.routing.training and any(adapter.dropout > 0 for adapter, _, _ in taking):
+            keep = torch.ones((index.k, index.max_len, self.in_features), dtype=torch.bool, device=x.device)
+            one = torch.ones((), dtype=torch.float32, device=x.device)
+            for k, (adapter, start, end) in enumerate(taking):  # in segment order, as the loop draws
+                if adapter.dropout > 0:
+                    n = (end - start) * per_row
+                    keep[k, :n] = self._keep_mask(adapter, n, start, end, x.device)
+            keep_scale = torch.stack(
+                [adapter.keep_scale(x.device) if adapter.dropout > 0 else one for adapter, _, _ in taking]
+            )
+        weights = [adapter.modules[self.path] for adapter, _, _ in taking]
+        return grouped_lora(
+            flat,
+            [w.lora_A for w in weights],
+            [w.lora_B for w in weights],
+            [adapter.scaling for adapter, _, _ in taking],
+            index,
+            keep,
+            keep_scale,
+        )
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -197,6 +254,8 @@ class MultiLoraModel(nn.Module):
         self.routing = Routing(kernel=kernel)
         self.adapters: dict[str, Adapter] = {}
         self._wrapped: dict[str, MultiLoraLinear] = {}
+        self._checkpointing: LayerCheckpointing | None = None
+        self.head_chunk: int | None = None  # tokens per head chunk; None: from the vocabulary size
         base.requires_grad_(False)
         base.eval()  # the base never trains: its own dropout stays off, LoRA dropout is ours
 
@@ -282,11 +341,11 @@ class MultiLoraModel(nn.Module):
         self, segments: list[tuple[str | None, int, int]], training: bool, valid: torch.Tensor | None = None
     ) -> Iterator[None]:
         routing = self.routing
-        routing.segments, routing.training, routing.valid = segments, training, valid
+        routing.restore((segments, training, valid))
         try:
             yield
         finally:
-            routing.segments, routing.training, routing.valid = [], False, None
+            routing.restore(([], False, None))
 
     def forward(
         self,
@@ -295,10 +354,55 @@ class MultiLoraModel(nn.Module):
         segments: list[tuple[str | None, int, int]],
         training: bool = False,
     ) -> torch.Tensor:
-        """Logits for rows routed to adapters; `segments` must cover the rows in order."""
+        """Full logits for rows routed to adapters; `segments` must cover the rows in order."""
         valid = attention_mask.bool() if attention_mask is not None else None
         with self.routed(segments, training, valid):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer in backward (see `workers.recompute`) from the next forward on."""
+        if enabled and self._checkpointing is None:
+            from workers.recompute import LayerCheckpointing
+
+            self._checkpointing = LayerCheckpointing(self.base, self.routing, self.adapters)
+        if self._checkpointing is not None:
+            self._checkpointing.enabled = enabled
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._checkpointing is not None and self._checkpointing.enabled
+
+    def segment_losses(self, batch: Batch, training: bool) -> torch.Tensor:
+        """Summed next-token loss (fp32) per segment of `batch`; padding and non-targets add nothing.
+
+        Only target positions reach the head, in chunks recomputed in backward (`workers.head`), so no
+        full-vocabulary logits tensor exists; heads that are more than a linear layer take the full path.
+        """
+        flat_targets = batch.targets.reshape(-1)
+        where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat_targets.index_select(0, where)
+        with self.routed(batch.segments, training, batch.valid):
+            inputs = {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids,
+                "use_cache": False,
+            }
+            head = plain_linear_head(self.base)
+            if head is not None:
+                hidden = self.base.get_decoder()(**inputs).last_hidden_state
+                picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
+                losses = linear_cross_entropy(picked, head, targets, self.head_chunk)
+            else:
+                logits = self.base(**inputs).logits
+                picked = logits.reshape(-1, logits.shape[-1]).index_select(0, where).float()
+                losses = F.cross_entropy(picked, targets, reduction="none")
+        segment_of_row = torch.empty(batch.input_ids.shape[0], dtype=torch.long)
+        for i, (_, start, end) in enumerate(batch.segments):
+            segment_of_row[start:end] = i
+        owner = segment_of_row.to(where.device)[where // batch.width]
+        sums = losses.new_zeros(len(batch.segments))
+        return sums.index_add(0, owner, losses)
 
     def merge_adapter(self, name: str) -> None:
         """Fold W += (alpha/r)·B·A into the base linears in place (plain float bases only)."""

@@ -41,6 +41,11 @@ class GroupIndex:
     src: torch.Tensor | None
     dest: torch.Tensor | None
 
+    @property
+    def is_view(self) -> bool:
+        """The block is the batch itself (no copy): equal contiguous segments covering every token."""
+        return self.src is None and self.dest is None
+
     @classmethod
     def build(cls, ranges: list[tuple[int, int]], n_tokens: int, device: torch.device) -> GroupIndex:
         lengths = [end - start for start, end in ranges]

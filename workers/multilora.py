@@ -133,8 +133,10 @@ class MultiLoraLinear(nn.Module):
         segments = self.routing.segments
         if not segments or not any(name in self.adapters for name, _, _ in segments):
             return out
-        if self._use_grouped(segments):
-            return out + self._grouped_delta(x, segments).view(out.shape)
+        taking = self._taking(segments)
+        index = self._group_index(x, taking)
+        if self._use_grouped(x, taking, index):
+            return out + self._grouped_delta(x, taking, index).view(out.shape)
         # `split`, not one slice per segment: a slice's backward allocates a zero tensor the size of the
         # whole batch, which for K segments costs K full-size fills and adds per layer.
         chunks = x.split([end - start for _, start, end in segments])
@@ -143,6 +145,35 @@ class MultiLoraLinear(nn.Module):
             for chunk, (name, start, end) in zip(chunks, segments, strict=True)
         ]
         return out + torch.cat(deltas, dim=0)
+
+    def _taking(self, segments: Sequence[tuple[str | None, int, int]]) -> list[tuple[Adapter, int, int]]:
+        """The non-empty segments whose adapter has weights in this layer, in order."""
+        return [
+            (self.adapters[name], start, end)
+            for name, start, end in segments
+            if name is not None and name in self.adapters and end > start
+        ]
+
+    def _group_index(self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]]) -> GroupIndex:
+        per_row = x.shape[1] if x.dim() == 3 else 1
+        ranges = [(start * per_row, end * per_row) for _, start, end in taking]
+        return self.routing.group_index(ranges, x.numel() // x.shape[-1], x.device)
+
+    def _use_grouped(
+        self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
+    ) -> bool:
+        """Which kernel runs (`Routing.kernel`): forced, or for "auto" the grouped one wherever it wins.
+
+        That is on CUDA with two segments or more (2K small matmul launches become two), and on CPU when
+        the segments tile the batch in equal lengths, so the padded block is a view of the input. On CPU
+        a ragged block costs more in copies than the loop's per-segment matmuls (see docs/architecture.md).
+        """
+        kernel = self.routing.kernel
+        if kernel != "auto":
+            return kernel == "grouped"
+        if len(taking) < 2:
+            return False
+        return x.is_cuda or index.is_view
 
     def _segment_delta(self, x: torch.Tensor, name: str | None, start: int, end: int, out: torch.Tensor):
         """(alpha/r)·B·A·dropout(x) for one segment; the scaling is applied to the thin r-wide product."""
@@ -169,26 +200,11 @@ class MultiLoraLinear(nn.Module):
         keep[rows] = adapter.draw_keep(int(rows.sum()), self.in_features, device)
         return keep
 
-    def _use_grouped(self, segments: Sequence[tuple[str | None, int, int]]) -> bool:
-        """The grouped kernel, unless the loop is forced or only one segment goes through this layer."""
-        kernel = self.routing.kernel
-        if kernel == "loop":
-            return False
-        taking = sum(1 for name, start, end in segments if name in self.adapters and end > start)
-        return kernel == "grouped" or taking > 1
-
     def _grouped_delta(
-        self, x: torch.Tensor, segments: Sequence[tuple[str | None, int, int]]
+        self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
     ) -> torch.Tensor:
         per_row = x.shape[1] if x.dim() == 3 else 1
         flat = x.reshape(-1, x.shape[-1])
-        taking = [
-            (self.adapters[name], start, end)
-            for name, start, end in segments
-            if name in self.adapters and end > start  # type: ignore[operator]
-        ]
-        ranges = [(start * per_row, end * per_row) for _, start, end in taking]
-        index = self.routing.group_index(ranges, flat.shape[0], x.device)
         keep = keep_scale = None
         if self.routing.training and any(adapter.dropout > 0 for adapter, _, _ in taking):
             keep = torch.ones((index.k, index.max_len, self.in_features), dtype=torch.bool, device=x.device)
@@ -353,11 +369,18 @@ class MultiLoraModel(nn.Module):
         attention_mask: torch.Tensor | None,
         segments: list[tuple[str | None, int, int]],
         training: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Full logits for rows routed to adapters; `segments` must cover the rows in order."""
+        """Full logits for rows routed to adapters; `segments` must cover the rows in order.
+
+        Packed rows (several documents per row) pass `position_ids` restarting at 0 per document and no
+        `attention_mask`: transformers then masks attention block-diagonally.
+        """
         valid = attention_mask.bool() if attention_mask is not None else None
         with self.routed(segments, training, valid):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.base(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
 
     def set_checkpointing(self, enabled: bool) -> None:
         """Recompute each decoder layer in backward (see `workers.recompute`) from the next forward on."""

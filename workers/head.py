@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# fp32 logits held at once per chunk; the chunk's token count follows from the vocabulary size.
-HEAD_CHUNK_BYTES = 128 * 2**20
+from workers.memory import HEAD_CHUNK_BYTES  # fp32 logits per chunk; the memory model counts the same
+
 # Configs whose head is more than a linear layer (soft-capping, scaled logits): they take the full path.
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

@@ -327,25 +327,29 @@ class PackTrainer:
             return self.checkpointing == "on"
         if self.memory_budget_bytes is None:
             return False
-        lora_params = sum(p.numel() for run in active for p in run.adapter.parameters())
-        need = memory.pack_peak_bytes(
+        lora = memory.LoraInputs()
+        for run in active:
+            lora = lora | memory.LoraInputs.of(list(run.adapter.modules))
+        need = self._static_bytes() + memory.pass_bytes(
             self._dims,
             self._dtype,
             tokens=batch.padded_tokens,
             width=batch.width,
-            lora_params=lora_params,
             checkpointing=False,
-            static_bytes=self._used_bytes(),
+            lora=lora,
+            lora_params=sum(p.numel() for run in active for p in run.adapter.parameters()),
+            cpu=self.device.type == "cpu",
         )
         return need > self.memory_budget_bytes
 
-    def _used_bytes(self) -> int:
-        """What this worker holds now: CUDA memory allocated by torch, or the process's resident set."""
+    def _static_bytes(self) -> int:
+        """The base and the runtime: measured on CUDA (torch's live allocations), estimated elsewhere
+        (a CPU process's resident set keeps freed memory, so it would count the last pass twice)."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        import psutil
-
-        return psutil.Process().memory_info().rss
+        base = self.model.base
+        weights = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
+        return weights + memory.RUNTIME_OVERHEAD_BYTES
 
     def _sync_gradients(self, runs: list[AdapterRun]) -> None:
         """Sum LoRA gradients and window losses over workers with one flat all-reduce."""

@@ -1,17 +1,21 @@
 """Lay one forward pass's documents out as rows: padding-free packing by default.
 
-Each part (one adapter's micro-batch, or an eval request) owns a contiguous range of rows, so the LoRA
-layers route by row ranges. A packing part puts its documents into rows one after the other with no padding
-between them (next-fit, in the part's own order); position ids restart at 0 for every document, and
-transformers turns such position ids into a block-diagonal causal mask, so attention never crosses a
-document boundary and every document's logits are those of the document alone. A part that does not pack
-puts one document per row, as a padded batch does.
+The parts of a pass (each adapter's micro-batch, or an eval request) are laid out one after the other as
+a stream of documents cut into rows of one width. A packing part's documents follow each other with no
+padding between them (next-fit, in the part's own order: a row is closed when the next document does not
+fit), and documents of the next part continue in the same row, so a row may hold several adapters'
+documents. Position ids restart at 0 for every document, and transformers turns such position ids into a
+block-diagonal causal mask, so attention never crosses a document boundary and every document's logits
+are those of the document alone. A part that does not pack puts each document in a row of its own.
 
-All rows of a pass share one width. It is chosen from the documents by a cost model (padded tokens for
-the linear layers, plus attention, which without a variable-length kernel costs width x width per row),
-so short documents are not padded to the longest one of the pack. The order of an adapter's real tokens
-is its documents' order whatever the width, so dropout masks drawn over real tokens (and so an adapter's
-result) never depend on its neighbours.
+Each part owns one contiguous range of the flattened [rows x width] tokens (the LoRA layers route by
+token ranges), from its first document up to the next part's first document: the padding at the end of
+a row goes to the part before it.
+
+The width is chosen from the documents by a cost model: padded tokens through the linear layers, plus
+attention, which without a variable-length kernel costs width x width per row. The order of an adapter's
+real tokens is its documents' order whatever the width and whoever shares its rows, so dropout masks drawn
+over real tokens (and so an adapter's result) never depend on its neighbours.
 
 Targets are shifted within each document (position t predicts token t+1 of the same document), so no
 position predicts across a document boundary and padding never carries loss.
@@ -43,14 +47,14 @@ class Part:
 
 @dataclass
 class Batch:
-    """Token tensors of one forward pass, [rows, width] each, and which rows belong to whom."""
+    """Token tensors of one forward pass, [rows, width] each, and which tokens belong to whom."""
 
     input_ids: torch.Tensor  # long
     targets: torch.Tensor  # long: the next token of the same document, IGNORE_INDEX where no loss
     valid: torch.Tensor  # bool: real tokens (not padding)
     position_ids: torch.Tensor | None  # long, restarting per document; None: 0..width-1 in every row
     attention_mask: torch.Tensor | None  # long padding mask (one document per row); None when packed
-    segments: list[Segment]  # (name, first row, end row) per part, in order
+    segments: list[Segment]  # (name, start, end) per part, in order: ranges of the flattened tokens
 
     @property
     def width(self) -> int:
@@ -78,23 +82,25 @@ class Batch:
         )
 
 
-def next_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
-    """Document indices per row, in order: a row is closed when the next document does not fit."""
-    rows: list[list[int]] = []
+def lay_out(parts: Sequence[tuple[Sequence[int], bool]], width: int) -> list[list[tuple[int, int]]]:
+    """Rows of (part, document) indices, in stream order, for parts given as (lengths, packing)."""
+    rows: list[list[tuple[int, int]]] = []
     used = width
-    for i, n in enumerate(lengths):
-        if n > width:
-            raise ValueError(f"a document of {n} tokens does not fit a row of {width}")
-        if used + n > width:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
+    for p, (lengths, packing) in enumerate(parts):
+        for d, n in enumerate(lengths):
+            if n > width:
+                raise ValueError(f"a document of {n} tokens does not fit a row of {width}")
+            if not packing or used + n > width:
+                rows.append([])
+                used = 0
+            rows[-1].append((p, d))
+            used = used + n if packing else width  # an unpacked document keeps its row to itself
     return rows
 
 
-def _row_count(lengths: Sequence[int], width: int, packing: bool) -> int:
-    return len(next_fit(lengths, width)) if packing else len(lengths)
+def next_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """One packing part's document indices per row."""
+    return [[d for _, d in row] for row in lay_out([(lengths, True)], width)]
 
 
 def choose_width(
@@ -105,24 +111,23 @@ def choose_width(
     Cost of a width W: rows(W) * W * (1 + attention_weight * W), i.e. padded tokens through the linear
     layers plus attention over the whole row. `attention_weight` is the cost of one query-key pair
     relative to one token through the linears (0 with a variable-length attention kernel, whose cost does
-    not depend on the row). Candidates run from the longest document up to the longest part, and no
-    further than `max_width` (rows are never wider than the longest document or `max_width`).
+    not depend on the row). Candidates run from the longest document up to all documents in one row
+    (or `max_width`, if given and longer than the longest document).
     """
     longest = max((n for lengths, _ in parts for n in lengths), default=1)
-    totals = [sum(lengths) for lengths, packing in parts if packing]
-    top = max(totals, default=longest)
+    if not any(packing for _, packing in parts):
+        return longest
+    top = sum(n for lengths, _ in parts for n in lengths)
     if max_width is not None:
         top = max(longest, min(top, max_width))
-        totals = [t for t in totals if t <= top]
-    candidates = {longest, *(t for t in totals if t >= longest)}
+    candidates = {longest, top}
     w = float(longest)
     while w < top:
         w *= WIDTH_STEP
         candidates.add(min(top, math.ceil(w)))
 
     def cost(width: int) -> float:
-        rows = sum(_row_count(lengths, width, packing) for lengths, packing in parts)
-        return rows * width * (1.0 + attention_weight * width)
+        return len(lay_out(parts, width)) * width * (1.0 + attention_weight * width)
 
     return min(sorted(candidates), key=cost)
 
@@ -134,51 +139,46 @@ def _shifted(example: Example) -> list[int]:
 def build_batch(
     parts: Sequence[Part], pad_id: int, attention_weight: float = 0.0, max_width: int | None = None
 ) -> Batch:
-    """Rows for `parts` (see the module docstring); a part with no examples gets an empty row range.
-
-    Packed rows are at most `max_width` tokens wide (or the longest document, if that is longer).
+    """Rows for `parts` (see the module docstring); a part with no examples gets an empty token range.
 
     When no part packs, this is the classic padded batch: one document per row, right-padded to the
     longest, with a 2D padding mask and default position ids.
     """
     if not any(part.examples for part in parts):
         raise ValueError("build_batch needs at least one example")
-    lengths = [[len(ex.input_ids) for ex in part.examples] for part in parts]
+    shapes = [([len(ex.input_ids) for ex in part.examples], part.packing) for part in parts]
     packed = any(part.packing for part in parts)
+    width = choose_width(shapes, attention_weight, max_width)
+    ids: list[int] = []
+    targets: list[int] = []
+    positions: list[int] = []
+    real: list[bool] = []
+    first: dict[int, int] = {}  # part -> flat position of its first document
+    for row in lay_out(shapes, width):
+        for p, d in row:
+            example = parts[p].examples[d]
+            first.setdefault(p, len(ids))
+            ids.extend(example.input_ids)
+            targets.extend(_shifted(example))
+            positions.extend(range(len(example.input_ids)))
+            real.extend([True] * len(example.input_ids))
+        pad = width - len(ids) % width if len(ids) % width else 0
+        ids.extend([pad_id] * pad)
+        targets.extend([IGNORE_INDEX] * pad)
+        positions.extend(range(pad))  # padding restarts: a block of its own
+        real.extend([False] * pad)
+    total = len(ids)
+    bounds = [0] * (len(parts) + 1)
+    bounds[-1] = total
+    for p in range(len(parts) - 1, 0, -1):
+        bounds[p] = first.get(p, bounds[p + 1])
+    segments = [(part.name, bounds[p], bounds[p + 1]) for p, part in enumerate(parts)]
+    shape = (total // width, width)
+    input_ids = torch.tensor(ids, dtype=torch.long).view(shape)
+    target_ids = torch.tensor(targets, dtype=torch.long).view(shape)
+    valid = torch.tensor(real, dtype=torch.bool).view(shape)
     if packed:
-        width = choose_width(
-            [(ls, part.packing) for ls, part in zip(lengths, parts, strict=True)], attention_weight, max_width
-        )
-    else:
-        width = max(n for ls in lengths for n in ls)
-    ids: list[list[int]] = []
-    targets: list[list[int]] = []
-    positions: list[list[int]] = []
-    used: list[int] = []
-    segments: list[Segment] = []
-    for part, part_lengths in zip(parts, lengths, strict=True):
-        start = len(ids)
-        rows = next_fit(part_lengths, width) if part.packing else [[i] for i in range(len(part_lengths))]
-        for row in rows:
-            row_ids: list[int] = []
-            row_targets: list[int] = []
-            row_positions: list[int] = []
-            for i in row:
-                example = part.examples[i]
-                row_ids.extend(example.input_ids)
-                row_targets.extend(_shifted(example))
-                row_positions.extend(range(len(example.input_ids)))
-            pad = width - len(row_ids)
-            used.append(len(row_ids))
-            ids.append(row_ids + [pad_id] * pad)
-            targets.append(row_targets + [IGNORE_INDEX] * pad)
-            positions.append(row_positions + list(range(pad)))  # padding restarts: a block of its own
-        segments.append((part.name, start, len(ids)))
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    valid = torch.arange(width).unsqueeze(0) < torch.tensor(used).unsqueeze(1)
-    target_ids = torch.tensor(targets, dtype=torch.long)
-    if packed:
-        position_ids = torch.tensor(positions, dtype=torch.long)
+        position_ids = torch.tensor(positions, dtype=torch.long).view(shape)
         return Batch(input_ids, target_ids, valid, position_ids, None, segments)
     return Batch(input_ids, target_ids, valid, None, valid.long(), segments)
 

@@ -83,26 +83,40 @@ class Adapter:
         return torch.ones((), dtype=torch.float32, device=device) / (1.0 - self.dropout)
 
 
+Segment = tuple[str | None, int, int]
+RoutingState = tuple[list[Segment], bool, torch.Tensor | None, bool]
+
+
 @dataclass
 class Routing:
-    """Which rows belong to which adapter for the current forward; shared by every wrapped layer.
+    """Which part of the batch belongs to which adapter for the current forward; shared by every layer.
 
-    `segments` are row ranges of the batch; a layer whose input is [rows, seq, features] turns them into
-    token ranges. `valid` marks real tokens (not padding): dropout masks are drawn for those only.
+    `segments` cover the batch in order, as row ranges (`by_token` False: a plain padded batch, and
+    generation, where the sequence length changes between calls) or as ranges of the flattened
+    [rows x width] tokens (`by_token` True: packed rows, where documents of several adapters may share a
+    row). `valid` marks real tokens (not padding): dropout masks are drawn for those only.
     """
 
-    segments: list[tuple[str | None, int, int]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
     training: bool = False
     kernel: LoraKernel = "auto"
     valid: torch.Tensor | None = None  # [rows, seq] bool: real tokens, not padding
+    by_token: bool = False
     _indices: dict[tuple[object, ...], GroupIndex] = field(default_factory=dict)
 
-    def snapshot(self) -> tuple[list[tuple[str | None, int, int]], bool, torch.Tensor | None]:
-        return self.segments, self.training, self.valid
+    def snapshot(self) -> RoutingState:
+        return self.segments, self.training, self.valid, self.by_token
 
-    def restore(self, state: tuple[list[tuple[str | None, int, int]], bool, torch.Tensor | None]) -> None:
-        self.segments, self.training, self.valid = state
+    def restore(self, state: RoutingState) -> None:
+        self.segments, self.training, self.valid, self.by_token = state
         self._indices = {}
+
+    def token_ranges(self, x: torch.Tensor) -> list[Segment]:
+        """`segments` as ranges of x's flattened tokens (x: [rows, seq, features] or [tokens, features])."""
+        if self.by_token:
+            return self.segments
+        per_row = x.shape[1] if x.dim() == 3 else 1
+        return [(name, start * per_row, end * per_row) for name, start, end in self.segments]
 
     def group_index(self, ranges: list[tuple[int, int]], n_tokens: int, device: torch.device) -> GroupIndex:
         """The grouped kernel's index for these token ranges, built once per forward and shared."""
@@ -133,31 +147,54 @@ class MultiLoraLinear(nn.Module):
         segments = self.routing.segments
         if not segments or not any(name in self.adapters for name, _, _ in segments):
             return out
-        taking = self._taking(segments)
-        index = self._group_index(x, taking)
+        ranges = self.routing.token_ranges(x)
+        taking = self._taking(ranges)
+        flat = x.reshape(-1, x.shape[-1])
+        index = self.routing.group_index([(s, e) for _, s, e in taking], flat.shape[0], x.device)
         if self._use_grouped(x, taking, index):
-            return out + self._grouped_delta(x, taking, index).view(out.shape)
+            return out + self._grouped_delta(flat, taking, index).view(out.shape)
         # `split`, not one slice per segment: a slice's backward allocates a zero tensor the size of the
         # whole batch, which for K segments costs K full-size fills and adds per layer.
-        chunks = x.split([end - start for _, start, end in segments])
+        chunks = flat.split([end - start for _, start, end in ranges])
         deltas = [
-            self._segment_delta(chunk, name, start, end, out)
-            for chunk, (name, start, end) in zip(chunks, segments, strict=True)
+            self._segment_delta(chunk, name, start, end, out.dtype)
+            for chunk, (name, start, end) in zip(chunks, ranges, strict=True)
         ]
-        return out + torch.cat(deltas, dim=0)
+        return out + torch.cat(deltas, dim=0).view(out.shape)
 
-    def _taking(self, segments: Sequence[tuple[str | None, int, int]]) -> list[tuple[Adapter, int, int]]:
-        """The non-empty segments whose adapter has weights in this layer, in order."""
+    def _taking(self, ranges: Sequence[Segment]) -> list[tuple[Adapter, int, int]]:
+        """The non-empty token ranges whose adapter has weights in this layer, in order."""
         return [
             (self.adapters[name], start, end)
-            for name, start, end in segments
+            for name, start, end in ranges
             if name is not None and name in self.adapters and end > start
         ]
 
-    def _group_index(self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]]) -> GroupIndex:
-        per_row = x.shape[1] if x.dim() == 3 else 1
-        ranges = [(start * per_row, end * per_row) for _, start, end in taking]
-        return self.routing.group_index(ranges, x.numel() // x.shape[-1], x.device)
+    def _segment_delta(
+        self, x: torch.Tensor, name: str | None, start: int, end: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(alpha/r)·B·A·dropout(x) for one segment's tokens; the scaling is applied to the thin r-wide
+        product."""
+        adapter = self.adapters.get(name) if name is not None else None
+        if adapter is None or end == start:
+            return x.new_zeros((end - start, self.out_features), dtype=dtype)
+        weights = adapter.modules[self.path]
+        x = x.to(weights.lora_A.dtype)
+        if self.routing.training and adapter.dropout > 0:
+            x = x * self._keep_mask(adapter, start, end, x.device) * adapter.keep_scale(x.device)
+        return ((x @ weights.lora_A.t()) * adapter.scaling @ weights.lora_B.t()).to(dtype)
+
+    def _keep_mask(self, adapter: Adapter, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """[end - start, in] bool keep-mask for tokens start:end, drawn for real tokens only, so the RNG
+        stream (and so the adapter's result) does not depend on how its tokens were laid out or padded."""
+        n_tokens = end - start
+        valid = self.routing.valid
+        if valid is None or valid.numel() < end:
+            return adapter.draw_keep(n_tokens, self.in_features, device)
+        real = valid.reshape(-1)[start:end]
+        keep = torch.zeros((n_tokens, self.in_features), dtype=torch.bool, device=device)
+        keep[real] = adapter.draw_keep(int(real.sum()), self.in_features, device)
+        return keep
 
     def _use_grouped(
         self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
@@ -175,46 +212,19 @@ class MultiLoraLinear(nn.Module):
             return False
         return x.is_cuda or index.is_view
 
-    def _segment_delta(self, x: torch.Tensor, name: str | None, start: int, end: int, out: torch.Tensor):
-        """(alpha/r)·B·A·dropout(x) for one segment; the scaling is applied to the thin r-wide product."""
-        adapter = self.adapters.get(name) if name is not None else None
-        if adapter is None or end == start:
-            return out.new_zeros((end - start, *out.shape[1:]))
-        weights = adapter.modules[self.path]
-        x = x.to(weights.lora_A.dtype)
-        if self.routing.training and adapter.dropout > 0:
-            keep = self._keep_mask(adapter, x.numel() // x.shape[-1], start, end, x.device)
-            x = x * keep.view(x.shape) * adapter.keep_scale(x.device)
-        return ((x @ weights.lora_A.t()) * adapter.scaling @ weights.lora_B.t()).to(out.dtype)
-
-    def _keep_mask(
-        self, adapter: Adapter, n_tokens: int, start: int, end: int, device: torch.device
-    ) -> torch.Tensor:
-        """[n_tokens, in] bool keep-mask for rows start:end, drawn for real tokens only, so the RNG stream
-        (and so the adapter's result) does not depend on how its rows were laid out or padded."""
-        valid = self.routing.valid
-        if valid is None or n_tokens != valid[start:end].numel():
-            return adapter.draw_keep(n_tokens, self.in_features, device)
-        rows = valid[start:end].reshape(-1)
-        keep = torch.zeros((n_tokens, self.in_features), dtype=torch.bool, device=device)
-        keep[rows] = adapter.draw_keep(int(rows.sum()), self.in_features, device)
-        return keep
-
     def _grouped_delta(
-        self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
+        self, flat: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
     ) -> torch.Tensor:
-        per_row = x.shape[1] if x.dim() == 3 else 1
-        flat = x.reshape(-1, x.shape[-1])
         keep = keep_scale = None
         if self.routing.training and any(adapter.dropout > 0 for adapter, _, _ in taking):
-            keep = torch.ones((index.k, index.max_len, self.in_features), dtype=torch.bool, device=x.device)
-            one = torch.ones((), dtype=torch.float32, device=x.device)
+            device = flat.device
+            keep = torch.ones((index.k, index.max_len, self.in_features), dtype=torch.bool, device=device)
+            one = torch.ones((), dtype=torch.float32, device=device)
             for k, (adapter, start, end) in enumerate(taking):  # in segment order, as the loop draws
                 if adapter.dropout > 0:
-                    n = (end - start) * per_row
-                    keep[k, :n] = self._keep_mask(adapter, n, start, end, x.device)
+                    keep[k, : end - start] = self._keep_mask(adapter, start, end, flat.device)
             keep_scale = torch.stack(
-                [adapter.keep_scale(x.device) if adapter.dropout > 0 else one for adapter, _, _ in taking]
+                [adapter.keep_scale(flat.device) if adapter.dropout > 0 else one for adapter, _, _ in taking]
             )
         weights = [adapter.modules[self.path] for adapter, _, _ in taking]
         return grouped_lora(
@@ -354,14 +364,18 @@ class MultiLoraModel(nn.Module):
 
     @contextmanager
     def routed(
-        self, segments: list[tuple[str | None, int, int]], training: bool, valid: torch.Tensor | None = None
+        self,
+        segments: list[Segment],
+        training: bool,
+        valid: torch.Tensor | None = None,
+        by_token: bool = False,
     ) -> Iterator[None]:
         routing = self.routing
-        routing.restore((segments, training, valid))
+        routing.restore((segments, training, valid, by_token))
         try:
             yield
         finally:
-            routing.restore(([], False, None))
+            routing.restore(([], False, None, False))
 
     def forward(
         self,
@@ -370,14 +384,16 @@ class MultiLoraModel(nn.Module):
         segments: list[tuple[str | None, int, int]],
         training: bool = False,
         position_ids: torch.Tensor | None = None,
+        by_token: bool = False,
     ) -> torch.Tensor:
         """Full logits for rows routed to adapters; `segments` must cover the rows in order.
 
-        Packed rows (several documents per row) pass `position_ids` restarting at 0 per document and no
-        `attention_mask`: transformers then masks attention block-diagonally.
+        Packed rows (a `workers.layout.Batch`) pass `position_ids` restarting at 0 per document, no
+        `attention_mask` (transformers then masks attention block-diagonally) and their token-range
+        segments with `by_token=True`.
         """
         valid = attention_mask.bool() if attention_mask is not None else None
-        with self.routed(segments, training, valid):
+        with self.routed(segments, training, valid, by_token):
             return self.base(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).logits
@@ -404,7 +420,7 @@ class MultiLoraModel(nn.Module):
         flat_targets = batch.targets.reshape(-1)
         where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat_targets.index_select(0, where)
-        with self.routed(batch.segments, training, batch.valid):
+        with self.routed(batch.segments, training, batch.valid, by_token=True):
             inputs = {
                 "input_ids": batch.input_ids,
                 "attention_mask": batch.attention_mask,
@@ -420,10 +436,8 @@ class MultiLoraModel(nn.Module):
                 logits = self.base(**inputs).logits
                 picked = logits.reshape(-1, logits.shape[-1]).index_select(0, where).float()
                 losses = F.cross_entropy(picked, targets, reduction="none")
-        segment_of_row = torch.empty(batch.input_ids.shape[0], dtype=torch.long)
-        for i, (_, start, end) in enumerate(batch.segments):
-            segment_of_row[start:end] = i
-        owner = segment_of_row.to(where.device)[where // batch.width]
+        starts = torch.tensor([start for _, start, _ in batch.segments], device=where.device)
+        owner = torch.searchsorted(starts, where, right=True) - 1  # the segment of each target token
         sums = losses.new_zeros(len(batch.segments))
         return sums.index_add(0, owner, losses)
 

@@ -154,7 +154,8 @@ def build_base(
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(out_dir, int(config["vocab_size"]))
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    skip = ("model_type", "architectures", "torch_dtype")
+    fields = {k: v for k, v in config.items() if k not in skip and not k.startswith("_")}
     fields.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -306,7 +306,7 @@ class PackTrainer:
         if not any(parts):
             return
         layout = [Part(run.name, mine, run.cfg.packing) for run, mine in zip(active, parts, strict=True)]
-        batch = self._batch(layout, max(run.cfg.max_seq_len for run in active))
+        batch = self._batch(layout)
         self.last_batch = batch
         self.model.set_checkpointing(self._checkpoint_this(batch, active))
         sums = self.model.segment_losses(batch.to(self.device), training=True)
@@ -317,8 +317,8 @@ class PackTrainer:
             run.window_loss = seg if run.window_loss is None else run.window_loss + seg
         total.backward()
 
-    def _batch(self, parts: list[Part], max_width: int) -> Batch:
-        return build_batch(parts, self.tokenizer.pad_token_id, self._attention_weight, max_width)
+    def _batch(self, parts: list[Part]) -> Batch:
+        return build_batch(parts, self.tokenizer.pad_token_id, self._attention_weight)
 
     def _checkpoint_this(self, batch: Batch, active: list[AdapterRun]) -> bool:
         """Checkpointing for this pass: forced on/off, or (auto) on when the memory model says the pass
@@ -436,7 +436,6 @@ class PackTrainer:
         mine = owned[self.rank :: self.world]
         sums = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
         counts = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
-        max_width = max((len(ex.input_ids) for _, ex in mine), default=1)
         for chunk in _token_chunks(mine, EVAL_TOKENS_PER_FORWARD):
             runs: list[tuple[int, list[Example]]] = []  # consecutive examples of one request
             for owner, example in chunk:
@@ -445,7 +444,7 @@ class PackTrainer:
                 runs[-1][1].append(example)
             owners = [owner for owner, _ in runs]
             parts = [Part(requests[owner][0], examples) for owner, examples in runs]
-            batch = self._batch(parts, max_width)
+            batch = self._batch(parts)
             self.model.set_checkpointing(False)
             losses = self.model.segment_losses(batch.to(self.device), training=False)
             for owner, part, loss in zip(owners, parts, losses, strict=True):

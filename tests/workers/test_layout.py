@@ -54,27 +54,39 @@ def test_the_row_width_trades_padding_against_attention() -> None:
 
 def test_packed_rows_hold_documents_back_to_back() -> None:
     batch = build_batch(PARTS, pad_id=0, max_width=20)
-    assert batch.width == 20 and batch.attention_mask is None
-    assert [s for s in batch.segments] == [("a", 0, 2), (None, 2, 3), ("b", 3, 4)]
-    assert batch.position_ids[0].tolist() == [*range(9), *range(3), *range(8)]  # 9+3 tokens, then padding
-    assert batch.valid[0].sum() == 12 and batch.real_tokens == 57
-    assert batch.padded_tokens == 80  # unpacked: 8 rows padded to the longest (14) = 112
-    first = PARTS[0].examples[0]
-    assert batch.targets[0, :9].tolist() == [*first.labels[1:], IGNORE_INDEX]  # never across documents
+    assert batch.attention_mask is None and batch.real_tokens == 57
+    assert batch.padded_tokens == 70  # 5 rows of 14; unpacked: 8 rows padded to the longest = 112
+    flat_ids, flat_valid = batch.input_ids.reshape(-1), batch.valid.reshape(-1)
+    flat_pos, flat_targets = batch.position_ids.reshape(-1), batch.targets.reshape(-1)
+    assert batch.segments[0][1] == 0 and batch.segments[-1][2] == batch.padded_tokens
+    for (_, _, end), (_, next_start, _) in zip(batch.segments, batch.segments[1:], strict=False):
+        assert end == next_start  # contiguous token ranges, in part order
+    for part, (name, start, end) in zip(PARTS, batch.segments, strict=True):
+        assert part.name == name
+        real = flat_valid[start:end]
+        ids = flat_ids[start:end][real].tolist()
+        assert ids == [t for ex in part.examples for t in ex.input_ids]  # documents whole, in order
+        positions = flat_pos[start:end][real].tolist()
+        assert positions == [i for ex in part.examples for i in range(len(ex.input_ids))]
+        shifted = [t for ex in part.examples for t in (*ex.labels[1:], IGNORE_INDEX)]
+        assert flat_targets[start:end][real].tolist() == shifted  # never across documents
+    rows_of = [{r for r in range(start // 14, (end - 1) // 14 + 1)} for _, start, end in batch.segments]
+    assert rows_of[0] & rows_of[1] and rows_of[1] & rows_of[2]  # parts share rows
     unpacked = build_batch([Part(p.name, p.examples, packing=False) for p in PARTS], pad_id=0)
     assert unpacked.padded_tokens == 8 * 14 and unpacked.position_ids is None
-    assert unpacked.attention_mask is not None
+    assert unpacked.attention_mask is not None and unpacked.segments[1] == (None, 4 * 14, 5 * 14)
 
 
 def test_a_packed_forward_gives_each_document_its_logits_alone(tiny_base: Path) -> None:
     model = _model(tiny_base)
     batch = build_batch(PARTS, pad_id=0, max_width=20)
     with torch.no_grad():
-        packed = model(batch.input_ids, None, batch.segments, position_ids=batch.position_ids)
+        packed = model(batch.input_ids, None, batch.segments, position_ids=batch.position_ids, by_token=True)
         worst = 0.0
+        logits = packed.reshape(-1, packed.shape[-1])
         for name, start, end in batch.segments:
             part = next(p for p in PARTS if p.name == name)
-            flat = packed[start:end].reshape(-1, packed.shape[-1])[batch.valid[start:end].reshape(-1)]
+            flat = logits[start:end][batch.valid.reshape(-1)[start:end]]
             offset = 0
             for example in part.examples:
                 alone = model(torch.tensor([example.input_ids]), None, [(name, 0, 1)])[0]

@@ -104,8 +104,9 @@ def test_auto_takes_the_grouped_kernel_where_it_wins(tiny_base: Path) -> None:
     def grouped(segments: list[tuple[str | None, int, int]], kernel: str = "auto") -> bool:
         model.routing.kernel = kernel
         with model.routed(segments, training=False):
-            taking = layer._taking(segments)
-            return layer._use_grouped(x, taking, layer._group_index(x, taking))
+            taking = layer._taking(model.routing.token_ranges(x))
+            index = model.routing.group_index([(s, e) for _, s, e in taking], 8 * 12, x.device)
+            return layer._use_grouped(x, taking, index)
 
     equal = [("a", 0, 2), ("b", 2, 4), ("c", 4, 6), ("d", 6, 8)]
     assert grouped(equal)  # equal segments tiling the batch: the block is a view, grouped wins

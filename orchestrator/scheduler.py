@@ -32,18 +32,22 @@ The rules, in one place:
   "Best fit" = the pack or idle worker with the least free memory that still fits (ties: input order),
   which keeps big workers for big demands.
 
-Memory model (an estimate meant to err high; the worker measures the truth):
+Memory model (an estimate meant to err high; the engine's own model of itself, `workers.memory`, which
+`tests/workers/test_memory.py` checks against a real run's peak RSS):
 
-- base = frozen weights + `RUNTIME_OVERHEAD_BYTES`. Unquantized: `n_params * dtype bytes`. 8bit / 4bit
-  (bitsandbytes): the decoder-layer linears at ~1.02 / ~0.52 bytes per weight, the rest (embeddings,
-  norms, output head) in `dtype`.
+- base = frozen weights + `RUNTIME_OVERHEAD_BYTES` + one output-head chunk. Unquantized: `n_params *
+  dtype bytes`. 8bit / 4bit (bitsandbytes): the decoder-layer linears at ~1.02 / ~0.52 bytes per weight,
+  the rest (embeddings, norms, output head) in `dtype`. The engine computes the head and the loss a chunk
+  of target tokens at a time, so logits cost one chunk per pack, never tokens x vocabulary.
 - adapter = `16 * P` for P LoRA parameters (fp32 weights, fp32 grads, two fp32 AdamW moments) plus
-  activations for its rows: `batch_size * max_seq_len` tokens, each saving per decoder layer
-  `SAVED_HIDDEN * hidden_size + SAVED_INTERMEDIATE * intermediate_size` values in the compute dtype
-  (norm inputs/outputs and their fp32 upcasts, q/k/v, attention output, the MLP's gate, up, act and
-  product), plus `vocab_size * (dtype bytes + 8)` for the logits, their fp32 copy for the loss and its
-  fp32 gradient. Attention is assumed to use SDPA's fused kernels, which save no seq x seq matrix.
-  The base GEMM runs over the pack's concatenated rows, so activations add up per adapter.
+  activations for its rows: at most `batch_size * max_seq_len` tokens (packed rows carry no padding
+  between documents), each keeping per decoder layer about `SAVED_HIDDEN * hidden_size +
+  SAVED_INTERMEDIATE * intermediate_size` values in the compute dtype plus the norms' fp32 upcasts
+  (`workers.memory` has the measured numbers, the inputs LoRA on o_proj/down_proj keeps, the backward's
+  one layer of gradients, and glibc's fragmentation on CPU workers). Without activation checkpointing:
+  the engine turns it on by itself only when a pass would not fit the budget in the plan.
+  Attention uses SDPA's fused kernels, which save no seq x seq matrix. The base GEMM runs over the pack's
+  concatenated rows, so activations add up per adapter.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from workers import memory as engine_memory
 
 __all__ = [
     "DTYPE_BYTES",
@@ -83,13 +89,11 @@ DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_BYTES: Mapping[str, float] = {"8bit": 1.0 + 1 / 64, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 _QUANTIZATIONS = ("none", *QUANT_BYTES)
 # Framework, allocator slack and (on a GPU) the CUDA context: present once per worker whatever the model.
-RUNTIME_OVERHEAD_BYTES = 256 * 2**20
-# Values saved for backward per token per decoder layer, in units of hidden_size / intermediate_size.
-SAVED_HIDDEN = 12
-SAVED_INTERMEDIATE = 4
-# Per logit: fp32 copy for the loss + its fp32 gradient (the lm_head output itself is in the compute dtype).
-_LOGIT_EXTRA_BYTES = 8
-LORA_STATE_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+RUNTIME_OVERHEAD_BYTES = engine_memory.RUNTIME_OVERHEAD_BYTES
+# Values kept for backward per token per decoder layer, in units of hidden_size / intermediate_size.
+SAVED_HIDDEN = engine_memory.SAVED_HIDDEN
+SAVED_INTERMEDIATE = engine_memory.SAVED_INTERMEDIATE
+LORA_STATE_BYTES_PER_PARAM = engine_memory.LORA_STATE_BYTES_PER_PARAM
 
 _MEMORY_FIX = "give workers more memory (`resources.memory_gb_per_worker`)"
 
@@ -202,7 +206,7 @@ class Placement:
 
 
 def base_memory_bytes(base: BaseKey, info: BaseModelInfo) -> int:
-    """Frozen weights in their stored precision, plus the per-worker runtime overhead."""
+    """Frozen weights in their stored precision, the per-worker runtime overhead, one head chunk."""
     dtype_bytes = DTYPE_BYTES[base.dtype]
     if base.quantization == "none":
         weights = info.n_params * dtype_bytes
@@ -210,7 +214,7 @@ def base_memory_bytes(base: BaseKey, info: BaseModelInfo) -> int:
         quantized = info.num_layers * sum(i * o for _, i, o in info.linear_shapes)
         rest = max(0, info.n_params - quantized)
         weights = math.ceil(quantized * QUANT_BYTES[base.quantization]) + rest * dtype_bytes
-    return weights + RUNTIME_OVERHEAD_BYTES
+    return weights + RUNTIME_OVERHEAD_BYTES + engine_memory.head_bytes(base.dtype)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -228,19 +232,28 @@ def lora_param_count(info: BaseModelInfo, r: int, target_modules: tuple[str, ...
     return r * info.num_layers * sum(i + o for _, i, o in shapes)
 
 
-def _activation_bytes(info: BaseModelInfo, dtype: str, batch_size: int, max_seq_len: int) -> int:
-    act = DTYPE_BYTES[dtype]
-    per_layer = SAVED_HIDDEN * info.hidden_size + SAVED_INTERMEDIATE * info.intermediate_size
-    per_token = info.num_layers * per_layer * act + info.vocab_size * (act + _LOGIT_EXTRA_BYTES)
-    return batch_size * max_seq_len * per_token
-
-
-def adapter_memory_bytes(demand: AdapterDemand, info: BaseModelInfo) -> int:
-    """What one adapter adds to a pack: LoRA state (16 bytes/param) + activations of its rows (module doc)."""
-    params = lora_param_count(info, demand.r, demand.target_modules)
-    return LORA_STATE_BYTES_PER_PARAM * params + _activation_bytes(
-        info, demand.base.dtype, demand.batch_size, demand.max_seq_len
+def _activation_bytes(info: BaseModelInfo, demand: AdapterDemand, checkpointing: bool = False) -> int:
+    """Activations of the demand's rows: `batch_size * max_seq_len` tokens (`workers.memory`)."""
+    dims = engine_memory.ModelDims(info.hidden_size, info.intermediate_size, info.num_layers, info.vocab_size)
+    per_token = engine_memory.activation_bytes_per_token(
+        dims,
+        demand.base.dtype,
+        width=demand.max_seq_len,
+        checkpointing=checkpointing,
+        lora=engine_memory.LoraInputs.of(demand.target_modules),
+        cpu=not demand.needs_gpu,
     )
+    return math.ceil(demand.batch_size * demand.max_seq_len * per_token)
+
+
+def adapter_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointing: bool = False) -> int:
+    """What one adapter adds to a pack: LoRA state (16 bytes/param) + activations of its rows (module doc).
+
+    `checkpointing`: with activation checkpointing on (the engine's `activation_checkpointing: on`, or
+    `auto` under a budget the pack would not fit otherwise), activations are much smaller.
+    """
+    params = lora_param_count(info, demand.r, demand.target_modules)
+    return LORA_STATE_BYTES_PER_PARAM * params + _activation_bytes(info, demand, checkpointing)
 
 
 def model_info_from_config(config: Mapping[str, Any]) -> BaseModelInfo:
@@ -385,7 +398,7 @@ def _adapter_sizer(infos: Mapping[BaseKey, BaseModelInfo]) -> Callable[[AdapterD
         key = (d.base, d.target_modules)
         if key not in per_rank:
             per_rank[key] = lora_param_count(infos[d.base], 1, d.target_modules)
-        act = _activation_bytes(infos[d.base], d.base.dtype, d.batch_size, d.max_seq_len)
+        act = _activation_bytes(infos[d.base], d)
         return LORA_STATE_BYTES_PER_PARAM * d.r * per_rank[key] + act
 
     return size
@@ -515,7 +528,7 @@ def unplaceable(
             quantize = "" if d.base.quantization == "4bit" else quantize
             fix = f"the base alone does not fit: {quantize}use a smaller base, or {_MEMORY_FIX}"
         else:
-            act = _activation_bytes(infos[d.base], d.base.dtype, d.batch_size, d.max_seq_len)
+            act = _activation_bytes(infos[d.base], d)
             fix = (
                 f"activations are {_gib(act)} of it: lower `train.batch_size` (now {d.batch_size}) or "
                 f"`train.max_seq_len` (now {d.max_seq_len}), or `lora.r` (now {d.r}), or {_MEMORY_FIX}"

@@ -63,6 +63,17 @@ def quantization_config(quantization: Quantization, dtype: DType, device: torch.
     )
 
 
+def attention_implementation(device: torch.device, dtype: DType) -> str | None:
+    """`flash_attention_2` on CUDA for half-precision bases when flash-attn is installed, else None
+    (transformers' default, SDPA). Packed rows then take flash-attn's variable-length path: attention
+    costs per document, not per row (transformers reads the restarting position ids)."""
+    import importlib.util
+
+    if device.type == "cuda" and dtype != "float32" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_base(
     base_model: str,
     *,
@@ -77,6 +88,9 @@ def load_base(
     target = resolve_device(device)
     bnb_config = quantization_config(quantization, dtype, target)
     kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype]}
+    attention = attention_implementation(target, dtype)
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if bnb_config is not None:
         kwargs["quantization_config"] = bnb_config
         kwargs["device_map"] = {"": target}

@@ -20,12 +20,21 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-LoraKernel = Literal["auto", "loop", "bmm"]
+from workers.data import IGNORE_INDEX
+from workers.grouped import GroupIndex, grouped_lora
+from workers.head import linear_cross_entropy, plain_linear_head
+
+if TYPE_CHECKING:
+    from workers.layout import Batch
+    from workers.recompute import LayerCheckpointing
+
+LoraKernel = Literal["auto", "loop", "grouped"]
 
 
 def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
@@ -62,15 +71,59 @@ class Adapter:
     def parameters(self) -> list[torch.Tensor]:
         return [t for w in self.modules.values() for t in (w.lora_A, w.lora_B)]
 
+    def draw_keep(self, n_tokens: int, features: int, device: torch.device) -> torch.Tensor:
+        """A [n_tokens, features] bool dropout keep-mask from this adapter's own generator.
+
+        Both kernels draw through here, in segment order, so they consume the stream identically.
+        """
+        drawn = torch.empty((n_tokens, features), dtype=torch.float32, device=device)
+        return drawn.bernoulli_(1.0 - self.dropout, generator=self.dropout_generator).bool()
+
+    def keep_scale(self, device: torch.device) -> torch.Tensor:
+        return torch.ones((), dtype=torch.float32, device=device) / (1.0 - self.dropout)
+
+
+Segment = tuple[str | None, int, int]
+RoutingState = tuple[list[Segment], bool, torch.Tensor | None, bool]
+
 
 @dataclass
 class Routing:
-    """Which rows belong to which adapter for the current forward; shared by every wrapped layer."""
+    """Which part of the batch belongs to which adapter for the current forward; shared by every layer.
 
-    segments: list[tuple[str | None, int, int]] = field(default_factory=list)
+    `segments` cover the batch in order, as row ranges (`by_token` False: a plain padded batch, and
+    generation, where the sequence length changes between calls) or as ranges of the flattened
+    [rows x width] tokens (`by_token` True: packed rows, where documents of several adapters may share a
+    row). `valid` marks real tokens (not padding): dropout masks are drawn for those only.
+    """
+
+    segments: list[Segment] = field(default_factory=list)
     training: bool = False
     kernel: LoraKernel = "auto"
     valid: torch.Tensor | None = None  # [rows, seq] bool: real tokens, not padding
+    by_token: bool = False
+    _indices: dict[tuple[object, ...], GroupIndex] = field(default_factory=dict)
+
+    def snapshot(self) -> RoutingState:
+        return self.segments, self.training, self.valid, self.by_token
+
+    def restore(self, state: RoutingState) -> None:
+        self.segments, self.training, self.valid, self.by_token = state
+        self._indices = {}
+
+    def token_ranges(self, x: torch.Tensor) -> list[Segment]:
+        """`segments` as ranges of x's flattened tokens (x: [rows, seq, features] or [tokens, features])."""
+        if self.by_token:
+            return self.segments
+        per_row = x.shape[1] if x.dim() == 3 else 1
+        return [(name, start * per_row, end * per_row) for name, start, end in self.segments]
+
+    def group_index(self, ranges: list[tuple[int, int]], n_tokens: int, device: torch.device) -> GroupIndex:
+        """The grouped kernel's index for these token ranges, built once per forward and shared."""
+        key = (tuple(ranges), n_tokens, device)
+        if key not in self._indices:
+            self._indices[key] = GroupIndex.build(ranges, n_tokens, device)
+        return self._indices[key]
 
 
 class MultiLoraLinear(nn.Module):
@@ -94,65 +147,95 @@ class MultiLoraLinear(nn.Module):
         segments = self.routing.segments
         if not segments or not any(name in self.adapters for name, _, _ in segments):
             return out
-        if self._can_bmm(segments):
-            return out + self._bmm_delta(x, segments).to(out.dtype)
+        ranges = self.routing.token_ranges(x)
+        taking = self._taking(ranges)
+        flat = x.reshape(-1, x.shape[-1])
+        index = self.routing.group_index([(s, e) for _, s, e in taking], flat.shape[0], x.device)
+        if self._use_grouped(x, taking, index):
+            return out + self._grouped_delta(flat, taking, index).view(out.shape)
         # `split`, not one slice per segment: a slice's backward allocates a zero tensor the size of the
         # whole batch, which for K segments costs K full-size fills and adds per layer.
-        chunks = x.split([end - start for _, start, end in segments])
+        chunks = flat.split([end - start for _, start, end in ranges])
         deltas = [
-            self._segment_delta(chunk, name, start, end, out)
-            for chunk, (name, start, end) in zip(chunks, segments, strict=True)
+            self._segment_delta(chunk, name, start, end, out.dtype)
+            for chunk, (name, start, end) in zip(chunks, ranges, strict=True)
         ]
-        return out + torch.cat(deltas, dim=0)
+        return out + torch.cat(deltas, dim=0).view(out.shape)
 
-    def _segment_delta(self, x: torch.Tensor, name: str | None, start: int, end: int, out: torch.Tensor):
-        """(alpha/r)·B·A·dropout(x) for one segment; the scaling is applied to the thin r-wide product."""
+    def _taking(self, ranges: Sequence[Segment]) -> list[tuple[Adapter, int, int]]:
+        """The non-empty token ranges whose adapter has weights in this layer, in order."""
+        return [
+            (self.adapters[name], start, end)
+            for name, start, end in ranges
+            if name is not None and name in self.adapters and end > start
+        ]
+
+    def _segment_delta(
+        self, x: torch.Tensor, name: str | None, start: int, end: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(alpha/r)·B·A·dropout(x) for one segment's tokens; the scaling is applied to the thin r-wide
+        product."""
         adapter = self.adapters.get(name) if name is not None else None
         if adapter is None or end == start:
-            return out.new_zeros((end - start, *out.shape[1:]))
+            return x.new_zeros((end - start, self.out_features), dtype=dtype)
         weights = adapter.modules[self.path]
         x = x.to(weights.lora_A.dtype)
         if self.routing.training and adapter.dropout > 0:
-            x = x * self._dropout_mask(x, adapter, start, end)
-        return ((x @ weights.lora_A.t()) * adapter.scaling @ weights.lora_B.t()).to(out.dtype)
+            x = x * self._keep_mask(adapter, start, end, x.device) * adapter.keep_scale(x.device)
+        return ((x @ weights.lora_A.t()) * adapter.scaling @ weights.lora_B.t()).to(dtype)
 
-    def _dropout_mask(self, x: torch.Tensor, adapter: Adapter, start: int, end: int) -> torch.Tensor:
-        """Inverted-dropout mask drawn for real tokens only, so the RNG stream (and so the adapter's
-        result) does not depend on how far its rows were padded to match their neighbours'."""
-        p = adapter.dropout
+    def _keep_mask(self, adapter: Adapter, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """[end - start, in] bool keep-mask for tokens start:end, drawn for real tokens only, so the RNG
+        stream (and so the adapter's result) does not depend on how its tokens were laid out or padded."""
+        n_tokens = end - start
         valid = self.routing.valid
-        if valid is None or x.dim() != 3:
-            return torch.empty_like(x).bernoulli_(1.0 - p, generator=adapter.dropout_generator) / (1.0 - p)
-        rows = valid[start:end]
-        mask = x.new_zeros(x.shape)
-        drawn = x.new_empty((int(rows.sum()), x.shape[-1])).bernoulli_(
-            1.0 - p, generator=adapter.dropout_generator
-        )
-        mask[rows] = drawn / (1.0 - p)
-        return mask
+        if valid is None or valid.numel() < end:
+            return adapter.draw_keep(n_tokens, self.in_features, device)
+        real = valid.reshape(-1)[start:end]
+        keep = torch.zeros((n_tokens, self.in_features), dtype=torch.bool, device=device)
+        keep[real] = adapter.draw_keep(int(real.sum()), self.in_features, device)
+        return keep
 
-    def _can_bmm(self, segments: Sequence[tuple[str | None, int, int]]) -> bool:
-        """One batched matmul needs equal segment lengths, equal ranks, and no dropout masks to draw."""
+    def _use_grouped(
+        self, x: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
+    ) -> bool:
+        """Which kernel runs (`Routing.kernel`): forced, or for "auto" the grouped one wherever it wins.
+
+        That is on CUDA with two segments or more (2K small matmul launches become two), and on CPU when
+        the segments tile the batch in equal lengths, so the padded block is a view of the input. On CPU
+        a ragged block costs more in copies than the loop's per-segment matmuls (see docs/architecture.md).
+        """
         kernel = self.routing.kernel
-        if kernel == "loop" or len(segments) < 2:
+        if kernel != "auto":
+            return kernel == "grouped"
+        if len(taking) < 2:
             return False
-        adapters = [self.adapters.get(name) if name else None for name, _, _ in segments]
-        if any(a is None for a in adapters):
-            return False
-        lengths = {end - start for _, start, end in segments}
-        ranks = {a.r for a in adapters}
-        dropping = self.routing.training and any(a.dropout > 0 for a in adapters)
-        return len(lengths) == 1 and len(ranks) == 1 and not dropping
+        return x.is_cuda or index.is_view
 
-    def _bmm_delta(self, x: torch.Tensor, segments: Sequence[tuple[str | None, int, int]]) -> torch.Tensor:
-        adapters = [self.adapters[name] for name, _, _ in segments]  # type: ignore[index]
-        a = torch.stack([ad.modules[self.path].lora_A for ad in adapters])  # [K, r, in]
-        b = torch.stack([ad.modules[self.path].lora_B for ad in adapters])  # [K, out, r]
-        scaling = a.new_tensor([ad.scaling for ad in adapters]).view(-1, 1, 1)
-        k = len(adapters)
-        xk = x.to(a.dtype).reshape(k, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(xk, a.transpose(1, 2)) * scaling, b.transpose(1, 2))
-        return delta.reshape(*x.shape[:-1], b.shape[1])
+    def _grouped_delta(
+        self, flat: torch.Tensor, taking: list[tuple[Adapter, int, int]], index: GroupIndex
+    ) -> torch.Tensor:
+        keep = keep_scale = None
+        if self.routing.training and any(adapter.dropout > 0 for adapter, _, _ in taking):
+            device = flat.device
+            keep = torch.ones((index.k, index.max_len, self.in_features), dtype=torch.bool, device=device)
+            one = torch.ones((), dtype=torch.float32, device=device)
+            for k, (adapter, start, end) in enumerate(taking):  # in segment order, as the loop draws
+                if adapter.dropout > 0:
+                    keep[k, : end - start] = self._keep_mask(adapter, start, end, flat.device)
+            keep_scale = torch.stack(
+                [adapter.keep_scale(flat.device) if adapter.dropout > 0 else one for adapter, _, _ in taking]
+            )
+        weights = [adapter.modules[self.path] for adapter, _, _ in taking]
+        return grouped_lora(
+            flat,
+            [w.lora_A for w in weights],
+            [w.lora_B for w in weights],
+            [adapter.scaling for adapter, _, _ in taking],
+            index,
+            keep,
+            keep_scale,
+        )
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -197,6 +280,8 @@ class MultiLoraModel(nn.Module):
         self.routing = Routing(kernel=kernel)
         self.adapters: dict[str, Adapter] = {}
         self._wrapped: dict[str, MultiLoraLinear] = {}
+        self._checkpointing: LayerCheckpointing | None = None
+        self.head_chunk: int | None = None  # tokens per head chunk; None: from the vocabulary size
         base.requires_grad_(False)
         base.eval()  # the base never trains: its own dropout stays off, LoRA dropout is ours
 
@@ -279,14 +364,18 @@ class MultiLoraModel(nn.Module):
 
     @contextmanager
     def routed(
-        self, segments: list[tuple[str | None, int, int]], training: bool, valid: torch.Tensor | None = None
+        self,
+        segments: list[Segment],
+        training: bool,
+        valid: torch.Tensor | None = None,
+        by_token: bool = False,
     ) -> Iterator[None]:
         routing = self.routing
-        routing.segments, routing.training, routing.valid = segments, training, valid
+        routing.restore((segments, training, valid, by_token))
         try:
             yield
         finally:
-            routing.segments, routing.training, routing.valid = [], False, None
+            routing.restore(([], False, None, False))
 
     def forward(
         self,
@@ -294,11 +383,63 @@ class MultiLoraModel(nn.Module):
         attention_mask: torch.Tensor | None,
         segments: list[tuple[str | None, int, int]],
         training: bool = False,
+        position_ids: torch.Tensor | None = None,
+        by_token: bool = False,
     ) -> torch.Tensor:
-        """Logits for rows routed to adapters; `segments` must cover the rows in order."""
+        """Full logits for rows routed to adapters; `segments` must cover the rows in order.
+
+        Packed rows (a `workers.layout.Batch`) pass `position_ids` restarting at 0 per document, no
+        `attention_mask` (transformers then masks attention block-diagonally) and their token-range
+        segments with `by_token=True`.
+        """
         valid = attention_mask.bool() if attention_mask is not None else None
-        with self.routed(segments, training, valid):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with self.routed(segments, training, valid, by_token):
+            return self.base(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer in backward (see `workers.recompute`) from the next forward on."""
+        if enabled and self._checkpointing is None:
+            from workers.recompute import LayerCheckpointing
+
+            self._checkpointing = LayerCheckpointing(self.base, self.routing, self.adapters)
+        if self._checkpointing is not None:
+            self._checkpointing.enabled = enabled
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._checkpointing is not None and self._checkpointing.enabled
+
+    def segment_losses(self, batch: Batch, training: bool) -> torch.Tensor:
+        """Summed next-token loss (fp32) per segment of `batch`; padding and non-targets add nothing.
+
+        Only target positions reach the head, in chunks recomputed in backward (`workers.head`), so no
+        full-vocabulary logits tensor exists; heads that are more than a linear layer take the full path.
+        """
+        flat_targets = batch.targets.reshape(-1)
+        where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat_targets.index_select(0, where)
+        with self.routed(batch.segments, training, batch.valid, by_token=True):
+            inputs = {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids,
+                "use_cache": False,
+            }
+            head = plain_linear_head(self.base)
+            if head is not None:
+                hidden = self.base.get_decoder()(**inputs).last_hidden_state
+                picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
+                losses = linear_cross_entropy(picked, head, targets, self.head_chunk)
+            else:
+                logits = self.base(**inputs).logits
+                picked = logits.reshape(-1, logits.shape[-1]).index_select(0, where).float()
+                losses = F.cross_entropy(picked, targets, reduction="none")
+        starts = torch.tensor([start for _, start, _ in batch.segments], device=where.device)
+        owner = torch.searchsorted(starts, where, right=True) - 1  # the segment of each target token
+        sums = losses.new_zeros(len(batch.segments))
+        return sums.index_add(0, owner, losses)
 
     def merge_adapter(self, name: str) -> None:
         """Fold W += (alpha/r)·B·A into the base linears in place (plain float bases only)."""

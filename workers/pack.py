@@ -56,7 +56,15 @@ def run_pack(
         dtype=plan.dtype,
         device=plan.device,
     )
-    trainer = PackTrainer(base, plan.base_model, emit, plan.pack_id, kernel=kernel)
+    trainer = PackTrainer(
+        base,
+        plan.base_model,
+        emit,
+        plan.pack_id,
+        kernel=kernel,
+        checkpointing=plan.activation_checkpointing,
+        memory_budget_bytes=plan.memory_budget_bytes,
+    )
     capacity = plan.capacity
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for task in plan.adapters:

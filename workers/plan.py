@@ -42,6 +42,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 LrSchedule = Literal["cosine", "linear", "constant"]
+Checkpointing = Literal["auto", "on", "off"]
 
 
 class _Strict(BaseModel):
@@ -89,6 +90,11 @@ class TrainConfig(_Strict):
         50
     )
     keep_checkpoints: Annotated[int, Field(gt=0, description="Intermediate checkpoints kept on disk.")] = 2
+    packing: bool = Field(
+        default=True,
+        description="Pack this adapter's examples into rows with no padding between documents (attention "
+        "never crosses a document boundary); false: one example per row, padded.",
+    )
 
 
 class ShardConfig(_Strict):
@@ -154,6 +160,15 @@ class PackPlan(_Strict):
     max_adapters: Annotated[
         int | None, Field(gt=0, description="Slots, for refill; default: len(adapters).")
     ] = None
+    memory_budget_bytes: Annotated[
+        int | None,
+        Field(gt=0, description="The worker's memory budget (GPU memory, or its share of RAM); null: none."),
+    ] = None
+    activation_checkpointing: Checkpointing = Field(
+        default="auto",
+        description="Recompute each decoder layer in backward instead of keeping its activations. auto: on "
+        "for a step whose estimated peak would exceed `memory_budget_bytes` without it (off if no budget).",
+    )
 
     @property
     def capacity(self) -> int:

@@ -1,17 +1,24 @@
-"""Build small LLaMA-style base models and a local tokenizer, with no download.
+"""Build base models and local tokenizers from configs, with no download.
 
 Tests, benchmarks and `lorafleet quickstart` need a real transformers checkpoint but may not fetch weights,
 so we make one from a config (random init), save it with `save_pretrained`, and every caller loads it back
-through the same `from_pretrained` path a user's checkpoint takes.
+through the same `from_pretrained` path a user's checkpoint takes. Small LLaMA-style sizes come with a BPE
+trained on the shipped corpus; a real model's config (`build_base`, e.g. `benchmarks/configs/*.json`)
+comes with a word-level tokenizer of exactly the config's vocabulary, whose word `t<i>` is token id i, so
+data can be written with token ids drawn anywhere in the vocabulary and lengths known exactly.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+FIRST_WORD_ID = len(SPECIAL_TOKENS)  # word-level tokenizers: ids below are special tokens
 
 # `{% generation %}` marks assistant text so `apply_chat_template(return_assistant_tokens_mask=True)`
 # can tell us which tokens carry the loss.
@@ -104,4 +111,60 @@ def build_tiny_base(out_dir: str | Path, size: str = "tiny", vocab_size: int = 5
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 1.5 / dims.hidden_size**0.5)
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def word_text(ids: list[int] | tuple[int, ...]) -> str:
+    """The text `build_word_tokenizer`'s tokenizer encodes to exactly `ids` (no special tokens added)."""
+    return " ".join(f"t{i}" for i in ids)
+
+
+def build_word_tokenizer(out_dir: Path, vocab_size: int):
+    """A tokenizer of exactly `vocab_size` ids: the special tokens first, then word `t<i>` = id i."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    word = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|pad|>"))
+    word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def build_base(
+    out_dir: str | Path, config: Mapping[str, Any], seed: int = 0, save_dtype: str = "bfloat16"
+) -> Path:
+    """Write a random-init causal LM of `config` (a `config.json` dict) + a word-level tokenizer of its
+    vocabulary to `out_dir`; idempotent. Weights are stored in `save_dtype` (bf16 halves the disk and the
+    load; `from_pretrained(dtype=...)` casts on load)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(out_dir, int(config["vocab_size"]))
+    skip = ("model_type", "architectures", "torch_dtype")
+    fields = {k: v for k, v in config.items() if k not in skip and not k.startswith("_")}
+    fields.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_config = AutoConfig.for_model(config["model_type"], **fields)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, save_dtype))
+    model.save_pretrained(out_dir)
+    (out_dir / "lorafleet-source.json").write_text(json.dumps(dict(config), indent=2) + "\n")
     return out_dir

@@ -26,17 +26,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from workers import checkpoint as ckpt
-from workers.data import IGNORE_INDEX, AdapterData, Example, SampleStream, collate, load_adapter_data
+from workers import memory
+from workers.data import AdapterData, Example, SampleStream, load_adapter_data
+from workers.layout import Batch, Part, attention_weight_of, build_batch
 from workers.model import LoadedBase
 from workers.multilora import Adapter, LoraKernel, MultiLoraModel, linear_module_names
 from workers.plan import (
     AdapterDone,
     AdapterTask,
     CheckpointEvent,
+    Checkpointing,
     EvalEvent,
     Event,
     StartEvent,
@@ -46,7 +48,7 @@ from workers.plan import (
 )
 
 EmitFn = Callable[[Event], None]
-EVAL_ROWS_PER_FORWARD = 32
+EVAL_TOKENS_PER_FORWARD = 16_384
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -61,11 +63,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def length_groups(parts: list[list[Example]], min_saving: float = 0.10) -> list[list[list[Example]]]:
-    """Split a pack's rows into a short and a long forward pass when that saves padding.
+    """Unpacked mode: split a pack's rows into a short and a long forward pass when that saves padding.
 
-    One forward pads every row to the longest of the whole pack, which wastes more the more adapters
-    share it. Two passes (rows up to a length threshold, then the rest; each adapter keeps its rows in
-    order) are used when they compute at least `min_saving` fewer padded tokens. The gradients are the
+    One padded forward pads every row to the longest of the whole pack, which wastes more the more
+    adapters share it. Two passes (rows up to a length threshold, then the rest; each adapter keeps its
+    rows in order) are used when they compute at least `min_saving` fewer padded tokens. The gradients are the
     same sums either way.
     """
     lengths = sorted(len(ex.input_ids) for part in parts for ex in part)
@@ -141,6 +143,20 @@ class AdapterRun:
         self.adapter.dropout_generator.set_state(state["dropout_rng"])
 
 
+def _token_chunks(items: list[tuple[int, Example]], tokens: int) -> list[list[tuple[int, Example]]]:
+    """Consecutive runs of `items` with at most `tokens` tokens each (at least one item per run)."""
+    chunks: list[list[tuple[int, Example]]] = []
+    size = tokens
+    for item in items:
+        n = len(item[1].input_ids)
+        if size + n > tokens:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -151,7 +167,14 @@ class PackTrainer:
     """Owns the shared base and the per-adapter runs; `step()` advances every active adapter once."""
 
     def __init__(
-        self, base: LoadedBase, base_model: str, emit: EmitFn, pack_id: str, kernel: LoraKernel = "auto"
+        self,
+        base: LoadedBase,
+        base_model: str,
+        emit: EmitFn,
+        pack_id: str,
+        kernel: LoraKernel = "auto",
+        checkpointing: Checkpointing = "auto",
+        memory_budget_bytes: int | None = None,
     ):
         self.model = MultiLoraModel(base.model, kernel=kernel)
         self.tokenizer = base.tokenizer
@@ -163,6 +186,14 @@ class PackTrainer:
         self.done: dict[str, AdapterDone] = {}
         self.rank, self.world = _world()
         self._all_linear = linear_module_names(base.model)
+        self.checkpointing = checkpointing
+        self.memory_budget_bytes = memory_budget_bytes
+        config = base.model.config
+        self._dims = memory.ModelDims.from_config(config.to_dict())
+        self._dtype = str(base.model.dtype).removeprefix("torch.")
+        varlen = getattr(config, "_attn_implementation", None) == "flash_attention_2"
+        self._attention_weight = attention_weight_of(config, varlen)
+        self.last_batch: Batch | None = None  # the last training pass's layout (benchmarks read it)
 
     # ---- setup ----
 
@@ -257,9 +288,12 @@ class PackTrainer:
             window_tokens = sum(len(ex.input_ids) for ex in run.window[run.micro])
             run.tokens += window_tokens
             run.session_tokens += window_tokens
-        # Dropout masks are drawn row by row, so rows are only regrouped when no adapter draws any.
-        splittable = not any(run.adapter.dropout > 0 for run in active)
-        for group in length_groups(parts) if splittable else [parts]:
+        if any(run.cfg.packing for run in active):
+            groups = [parts]
+        else:  # unpacked: padded rows, regrouped by length only when no adapter draws dropout masks
+            splittable = not any(run.adapter.dropout > 0 for run in active)
+            groups = length_groups(parts) if splittable else [parts]
+        for group in groups:
             self._forward_backward(active, group)
         for run in active:
             run.micro += 1
@@ -270,37 +304,53 @@ class PackTrainer:
 
     def _forward_backward(self, active: list[AdapterRun], parts: list[list[Example]]) -> None:
         """One batched forward/backward; each adapter's loss is normalised by its own window's targets."""
-        rows: list[Example] = []
-        segments: list[tuple[str | None, int, int]] = []
-        for run, mine in zip(active, parts, strict=True):
-            segments.append((run.name, len(rows), len(rows) + len(mine)))
-            rows.extend(mine)
-        if not rows:
+        if not any(parts):
             return
-        row_loss = self._row_losses(rows, segments, training=True)
-        total = row_loss.new_zeros(())
-        for run, (_, start, end) in zip(active, segments, strict=True):
-            seg = row_loss[start:end].sum()
-            total = total + seg / run.window_targets
-            run.window_loss = seg.detach() if run.window_loss is None else run.window_loss + seg.detach()
+        layout = [Part(run.name, mine, run.cfg.packing) for run, mine in zip(active, parts, strict=True)]
+        batch = self._batch(layout)
+        self.last_batch = batch
+        self.model.set_checkpointing(self._checkpoint_this(batch, active))
+        sums = self.model.segment_losses(batch.to(self.device), training=True)
+        total = sums.new_zeros(())
+        for i, run in enumerate(active):
+            total = total + sums[i] / run.window_targets
+            seg = sums[i].detach()
+            run.window_loss = seg if run.window_loss is None else run.window_loss + seg
         total.backward()
 
-    def _row_losses(
-        self, rows: Sequence[Example], segments: list[tuple[str | None, int, int]], training: bool
-    ) -> torch.Tensor:
-        """Summed next-token loss per row (padding and non-target tokens contribute 0)."""
-        input_ids, labels, mask = (
-            t.to(self.device) for t in collate(list(rows), self.tokenizer.pad_token_id)
+    def _batch(self, parts: list[Part]) -> Batch:
+        return build_batch(parts, self.tokenizer.pad_token_id, self._attention_weight)
+
+    def _checkpoint_this(self, batch: Batch, active: list[AdapterRun]) -> bool:
+        """Checkpointing for this pass: forced on/off, or (auto) on when the memory model says the pass
+        would not fit `memory_budget_bytes` without it."""
+        if self.checkpointing != "auto":
+            return self.checkpointing == "on"
+        if self.memory_budget_bytes is None:
+            return False
+        lora = memory.LoraInputs()
+        for run in active:
+            lora = lora | memory.LoraInputs.of(list(run.adapter.modules))
+        need = self._static_bytes() + memory.pass_bytes(
+            self._dims,
+            self._dtype,
+            tokens=batch.padded_tokens,
+            width=batch.width,
+            checkpointing=False,
+            lora=lora,
+            lora_params=sum(p.numel() for run in active for p in run.adapter.parameters()),
+            cpu=self.device.type == "cpu",
         )
-        logits = self.model(input_ids, mask, segments, training=training)
-        targets = labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
-        return token_loss.view(targets.shape).sum(dim=1)
+        return need > self.memory_budget_bytes
+
+    def _static_bytes(self) -> int:
+        """The base and the runtime: measured on CUDA (torch's live allocations), estimated elsewhere
+        (a CPU process's resident set keeps freed memory, so it would count the last pass twice)."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        base = self.model.base
+        weights = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
+        return weights + memory.RUNTIME_OVERHEAD_BYTES
 
     def _sync_gradients(self, runs: list[AdapterRun]) -> None:
         """Sum LoRA gradients and window losses over workers with one flat all-reduce."""
@@ -378,26 +428,29 @@ class PackTrainer:
 
     @torch.no_grad()
     def evaluate(self, requests: Sequence[tuple[str | None, Sequence[Example]]]) -> list[tuple[float, int]]:
-        """Mean next-token loss and target-token count per (adapter or None for the base, examples) pair."""
+        """Mean next-token loss and target-token count per (adapter or None for the base, examples) pair.
+
+        Examples are packed (exact: attention never crosses documents), `EVAL_TOKENS_PER_FORWARD` tokens
+        at a time.
+        """
         owned = [(i, ex) for i, (_, examples) in enumerate(requests) for ex in examples]
         mine = owned[self.rank :: self.world]
         sums = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
         counts = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
-        for start in range(0, len(mine), EVAL_ROWS_PER_FORWARD):
-            chunk = mine[start : start + EVAL_ROWS_PER_FORWARD]
-            segments: list[tuple[str | None, int, int]] = []
-            owners: list[int] = []
-            for row, (owner, _) in enumerate(chunk):
-                if owners and owners[-1] == owner:
-                    name, s, _ = segments[-1]
-                    segments[-1] = (name, s, row + 1)
-                else:
-                    segments.append((requests[owner][0], row, row + 1))
-                    owners.append(owner)
-            row_loss = self._row_losses([ex for _, ex in chunk], segments, training=False)
-            for owner, (_, s, e) in zip(owners, segments, strict=True):
-                sums[owner] += row_loss[s:e].sum().double()
-                counts[owner] += sum(ex.n_targets for _, ex in chunk[s:e])
+        for chunk in _token_chunks(mine, EVAL_TOKENS_PER_FORWARD):
+            runs: list[tuple[int, list[Example]]] = []  # consecutive examples of one request
+            for owner, example in chunk:
+                if not runs or runs[-1][0] != owner:
+                    runs.append((owner, []))
+                runs[-1][1].append(example)
+            owners = [owner for owner, _ in runs]
+            parts = [Part(requests[owner][0], examples) for owner, examples in runs]
+            batch = self._batch(parts)
+            self.model.set_checkpointing(False)
+            losses = self.model.segment_losses(batch.to(self.device), training=False)
+            for owner, part, loss in zip(owners, parts, losses, strict=True):
+                sums[owner] += loss.double()
+                counts[owner] += sum(ex.n_targets for ex in part.examples)
         if self.world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(counts)

@@ -37,7 +37,7 @@ def test_fresh_adapter_leaves_logits_identical_to_the_base(tiny_base: Path) -> N
     model = MultiLoraModel(_base(tiny_base))
     _add(model, "a")
     _add(model, "b", r=8, target_modules="all-linear")
-    for kernel in ("loop", "bmm"):
+    for kernel in ("loop", "grouped"):
         model.routing.kernel = kernel
         got = model(ids, None, [("a", 0, 3), ("b", 3, 6)])
         assert torch.equal(got, expected)
@@ -61,19 +61,59 @@ def test_each_segment_sees_only_its_own_adapter(tiny_base: Path) -> None:
     assert (alone_a - model(ids[0:2], None, [])).abs().max() > 1e-3  # the adapter does change outputs
 
 
-def test_bmm_kernel_matches_the_segment_loop(tiny_base: Path) -> None:
-    ids = _batch(rows=8)
+def _mixed_model(tiny_base: Path) -> tuple[MultiLoraModel, list[tuple[str, int, int]], torch.Tensor]:
+    """Four adapters of ranks 2..16, one with dropout, one on other modules; segments of 1-3 rows."""
     model = MultiLoraModel(_base(tiny_base))
-    segments = []
+    _add(model, "a", r=2, alpha=4.0)
+    _add(model, "b", r=16, alpha=8.0, dropout=0.3, target_modules="all-linear")
+    _add(model, "c", r=8, alpha=8.0, target_modules=["q_proj", "o_proj"])
+    _add(model, "d", r=4, alpha=2.0, dropout=0.1)
     for k, name in enumerate("abcd"):
-        _add(model, name, alpha=4.0 + k)
         _randomize_b(model, name, k)
-        segments.append((name, 2 * k, 2 * k + 2))
-    model.routing.kernel = "loop"
-    loop = model(ids, None, segments)
-    model.routing.kernel = "bmm"
-    bmm = model(ids, None, segments)
-    torch.testing.assert_close(bmm, loop, atol=1e-5, rtol=0)
+    segments = [("a", 0, 1), ("b", 1, 4), (None, 4, 5), ("c", 5, 7), ("d", 7, 8)]
+    valid = torch.ones(8, 12, dtype=torch.bool)
+    valid[2, 9:] = False  # some padding: dropout masks are drawn for real tokens only
+    return model, segments, valid
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_grouped_kernel_matches_the_loop_with_mixed_ranks_lengths_and_dropout(
+    tiny_base: Path, training: bool
+) -> None:
+    ids = _batch(rows=8)
+    results = {}
+    for kernel in ("loop", "grouped"):
+        model, segments, valid = _mixed_model(tiny_base)  # fresh: the same dropout streams
+        model.routing.kernel = kernel
+        with model.routed(segments, training, valid):
+            logits = model.base(input_ids=ids, use_cache=False).logits
+        logits.square().mean().backward()
+        grads = {n: [t.grad for t in model.adapters[n].parameters()] for n in "abcd"}
+        results[kernel] = (logits.detach(), grads)
+    torch.testing.assert_close(results["grouped"][0], results["loop"][0], atol=1e-5, rtol=0)
+    for name in "abcd":
+        for g, ref in zip(results["grouped"][1][name], results["loop"][1][name], strict=True):
+            torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_takes_the_grouped_kernel_where_it_wins(tiny_base: Path) -> None:
+    model, _, _ = _mixed_model(tiny_base)
+    layer = model._wrapped["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(8, 12, 64)
+
+    def grouped(segments: list[tuple[str | None, int, int]], kernel: str = "auto") -> bool:
+        model.routing.kernel = kernel
+        with model.routed(segments, training=False):
+            taking = layer._taking(model.routing.token_ranges(x))
+            index = model.routing.group_index([(s, e) for _, s, e in taking], 8 * 12, x.device)
+            return layer._use_grouped(x, taking, index)
+
+    equal = [("a", 0, 2), ("b", 2, 4), ("c", 4, 6), ("d", 6, 8)]
+    assert grouped(equal)  # equal segments tiling the batch: the block is a view, grouped wins
+    assert not grouped([("a", 0, 1), ("b", 1, 8)])  # ragged on CPU: the loop's copies are cheaper
+    assert not grouped([("a", 0, 8)])  # one segment: one matmul either way
+    assert grouped([("a", 0, 1), ("b", 1, 8)], kernel="grouped")
+    assert not grouped(equal, kernel="loop")
 
 
 def test_merge_reproduces_adapter_logits(tiny_base: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,21 @@ def test_adapter_in_a_pack_of_four_equals_the_adapter_alone(tiny_base: Path, mak
     assert max_weight_diff(final_weights(alone), final_weights(pack[0])) <= 1e-5
 
 
-def test_bmm_and_loop_kernels_train_the_same_adapters(tiny_base: Path, make_task: TaskFactory) -> None:
-    loop = [make_task(s, out="loop", steps=10) for s in ("counting", "colors")]
-    bmm = [make_task(s, out="bmm", steps=10) for s in ("counting", "colors")]
+@pytest.mark.parametrize("packing", [True, False])
+def test_grouped_and_loop_kernels_train_the_same_adapters(
+    tiny_base: Path, make_task: TaskFactory, packing: bool
+) -> None:
+    def pack(out: str):  # mixed ranks, targets, dropout and batch sizes: segments of mixed lengths
+        return [
+            make_task("counting", out=out, steps=8, packing=packing, lora={"r": 2, "dropout": 0.1}),
+            make_task("colors", out=out, steps=8, packing=packing, batch_size=7, lora={"r": 16}),
+            make_task("animals", out=out, steps=8, packing=packing, lora={"target_modules": "all-linear"}),
+        ]
+
+    loop, grouped = pack("loop"), pack("grouped")
     _train(tiny_base, *loop, kernel="loop")
-    _train(tiny_base, *bmm, kernel="bmm")
-    for a, b in zip(loop, bmm, strict=True):
+    _train(tiny_base, *grouped, kernel="grouped")
+    for a, b in zip(loop, grouped, strict=True):
         assert max_weight_diff(final_weights(a), final_weights(b)) <= 1e-5
 
 
@@ -281,38 +291,68 @@ def test_length_groups_split_only_when_it_saves_padding() -> None:
     assert short == [[ex(10), ex(11)], [ex(12)]] and long == [[ex(40)], [ex(39)]]
 
 
-def test_pack_split_by_length_still_equals_each_adapter_alone(
-    tiny_base: Path, make_task: TaskFactory, tmp_path: Path
-) -> None:
+def _mixed_lengths(tmp_path: Path) -> Path:
     import json
 
-    mixed = tmp_path / "mixed.jsonl"  # very different lengths, so the pack's rows are regrouped
+    mixed = tmp_path / "mixed.jsonl"  # very different lengths: padding would waste most of a batch
     records = [{"text": " ".join(["red green blue"] * (1 + 5 * (i % 3)))} for i in range(60)]
     mixed.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    alone = make_task(
-        "mixed", skill="colors", out="alone", data={"path": mixed, "eval_fraction": 0.0}, steps=8
-    )
+    return mixed
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_mixed_lengths_in_a_pack_still_equal_each_adapter_alone(
+    tiny_base: Path, make_task: TaskFactory, tmp_path: Path, packing: bool
+) -> None:
+    """Unpacked, the pack's rows are regrouped by length; packed, documents share rows. Both exact."""
+    data = {"path": _mixed_lengths(tmp_path), "eval_fraction": 0.0}
+    kw = {"steps": 8, "packing": packing, "lora": {"dropout": 0.1}}
+    alone = make_task("mixed", skill="colors", out="alone", data=data, **kw)
     _train(tiny_base, alone)
     pack = [
-        make_task("mixed", skill="colors", out="pack", data={"path": mixed, "eval_fraction": 0.0}, steps=8),
-        make_task("colors", out="pack", steps=8),
-        make_task("animals", out="pack", steps=8, batch_size=6),
+        make_task("mixed", skill="colors", out="pack", data=data, **kw),
+        make_task("colors", out="pack", steps=8, packing=packing),
+        make_task("animals", out="pack", steps=8, batch_size=6, packing=packing),
     ]
     _train(tiny_base, *pack)
     assert max_weight_diff(final_weights(alone), final_weights(pack[0])) <= 1e-5
 
 
+def test_packed_rows_no_longer_pad_to_the_longest_of_the_pack(
+    tiny_base: Path, make_task: TaskFactory, tmp_path: Path
+) -> None:
+    data = {"path": _mixed_lengths(tmp_path), "eval_fraction": 0.0}
+    trainer = PackTrainer(load_base(str(tiny_base), device="cpu"), str(tiny_base), lambda e: None, "p")
+    kw = {"batch_size": 8, "max_seq_len": 128}
+    trainer.add(make_task("mixed", skill="colors", data=data, **kw))
+    trainer.add(make_task("colors", **kw))
+    trainer.step()
+    docs = [ex for run in trainer.active for ex in run.window[0]]
+    batch = trainer.last_batch
+    assert batch.real_tokens == sum(len(ex.input_ids) for ex in docs)
+    padded_to_longest = len(docs) * max(len(ex.input_ids) for ex in docs)
+    assert batch.padded_tokens < 0.7 * padded_to_longest
+    assert 1 - batch.real_tokens / batch.padded_tokens < 0.2  # the packed pass's padding share
+
+
 def test_a_bfloat16_base_trains_with_float32_adapters(tiny_base: Path, make_task: TaskFactory) -> None:
-    plan = PackPlan(
-        base_model=str(tiny_base),
-        device="cpu",
-        dtype="bfloat16",
-        adapters=[make_task("colors", steps=4, learning_rate=1e-2)],
-    )
+    loaded = load_base(str(tiny_base), dtype="bfloat16", device="cpu")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
     events: list[Event] = []
-    result = run_pack(plan, emit=events.append)
-    assert result.adapters["colors"].status == "trained"
+    trainer = PackTrainer(loaded, str(tiny_base), events.append, "bf16")
+    lora = {"target_modules": "all-linear"}
+    task = make_task("colors", steps=30, batch_size=8, learning_rate=1e-2, lora=lora)
+    trainer.add(task)
+    run = trainer.runs["colors"]
+    for _ in range(29):
+        trainer.step()
+    params = run.adapter.parameters()
+    assert all(p.dtype == torch.float32 for p in params)
+    state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+    assert state and all(v.dtype == torch.float32 for v in state)  # AdamW moments in fp32
+    trainer.step()  # the last step finishes the adapter and writes it
     losses = [e.loss for e in events if isinstance(e, StepEvent)]
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    weights = read_adapter(plan.adapters[0].output_dir / "final").weights
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])  # it learns
+    weights = read_adapter(task.output_dir / "final").weights
     assert all(w.lora_A.dtype == torch.float32 for w in weights.values())  # PEFT keeps adapters in fp32

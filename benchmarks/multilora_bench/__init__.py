@@ -1,0 +1,1 @@
+"""The multi-LoRA benchmark's modules; `benchmarks/bench_multilora.py` is the entry point."""

@@ -1,0 +1,143 @@
+"""How much memory a pack step takes: the engine's model of itself, in plain numbers (no torch).
+
+Two callers share it: the engine (`activation_checkpointing: auto` turns checkpointing on for a pass that
+would not fit the worker's budget without it) and the scheduler (`orchestrator/scheduler.py` places
+adapters on workers by the same numbers).
+
+Per token, measured on the engine (saved-tensor bytes of a real forward, `tests/workers/test_memory.py`
+checks the total against a real run's peak RSS):
+
+- **A decoder layer keeps** `SAVED_HIDDEN` x hidden values in the compute dtype (q, the repeated k/v of
+  grouped-query attention, the attention output, norm outputs), `SAVED_HIDDEN_FP32` x hidden in fp32 (the
+  RMSNorms' upcast inputs) and `SAVED_INTERMEDIATE` x intermediate in the compute dtype (the MLP's gate,
+  up and activation). LoRA on `o_proj` / `down_proj` also keeps those layers' inputs (one hidden / one
+  intermediate more); LoRA on q/k/v/gate/up reuses the norm output that is kept anyway.
+- **With activation checkpointing** a layer keeps only its input (hidden values), and one layer's full set
+  exists at a time, while it is recomputed.
+- **Backward** holds one layer's gradients at a time: about one layer's kept set.
+- **Outside the layers**: the final norm and the head's input (`SAVED_OUTSIDE_FP32` x hidden, fp32), and
+  the block-diagonal attention mask of packed rows (one byte per query-key pair: `width` per token).
+- **The head** runs in chunks of target tokens (`workers.head`), so logits cost one chunk (fp32 logits,
+  logsumexp's temporary, the head-dtype matmul output), never tokens x vocabulary.
+- **On CPU**, glibc's malloc keeps freed temporaries resident (its mmap threshold grows as large blocks
+  are freed), which measured as about `CPU_FRAGMENTATION` x one layer's kept set per layer and token
+  (half that with checkpointing, where fewer large blocks stay alive between layers).
+- **Once per worker**, `RUNTIME_OVERHEAD_BYTES`: Python, torch, transformers and the tokenizer loaded
+  (390 MiB resident on CPU), data and allocator slack; on a GPU it covers the CUDA context instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_OVERHEAD_BYTES = 512 * 2**20
+SAVED_HIDDEN = 4
+SAVED_HIDDEN_FP32 = 2.25
+SAVED_INTERMEDIATE = 3
+SAVED_OUTSIDE_FP32 = 2
+CPU_FRAGMENTATION = 0.5
+HEAD_CHUNK_BYTES = 128 * 2**20  # fp32 logits per head chunk; workers.head uses the same number
+LORA_STATE_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+# Linears whose input nothing else keeps: LoRA on them keeps it (name suffix -> which width).
+_OWN_INPUT = {"o_proj": "hidden", "down_proj": "intermediate"}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What activations depend on: hidden and MLP widths, depth, vocabulary."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelDims:
+        """From a LLaMA/Mistral/Qwen-style `config.json` dict (or a multimodal one's `text_config`)."""
+        cfg = config
+        if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), Mapping):
+            cfg = cfg["text_config"]
+        hidden = int(cfg["hidden_size"])
+        return cls(
+            hidden=hidden,
+            intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
+            layers=int(cfg["num_hidden_layers"]),
+            vocab=int(cfg["vocab_size"]),
+        )
+
+
+@dataclass(frozen=True)
+class LoraInputs:
+    """Which extra layer inputs LoRA keeps in a pass: those of `o_proj` and of `down_proj`."""
+
+    attention_output: bool = False
+    mlp_product: bool = False
+
+    @classmethod
+    def of(cls, targets: Iterable[str] | str) -> LoraInputs:
+        """From target module names (dotted suffixes) or 'all-linear'; union over a pack's adapters."""
+        if isinstance(targets, str):
+            return cls(True, True) if targets == "all-linear" else cls.of([targets])
+        kinds = {_OWN_INPUT.get(t.rsplit(".", 1)[-1]) for t in targets}
+        return cls("hidden" in kinds, "intermediate" in kinds)
+
+    def __or__(self, other: LoraInputs) -> LoraInputs:
+        return LoraInputs(
+            self.attention_output or other.attention_output, self.mlp_product or other.mlp_product
+        )
+
+
+def layer_bytes_per_token(dims: ModelDims, dtype: str, lora: LoraInputs = LoraInputs()) -> float:
+    """What one decoder layer keeps for backward, per token, without checkpointing."""
+    act = DTYPE_BYTES[dtype]
+    hidden = (SAVED_HIDDEN + lora.attention_output) * act + SAVED_HIDDEN_FP32 * 4
+    intermediate = (SAVED_INTERMEDIATE + lora.mlp_product) * act
+    return hidden * dims.hidden + intermediate * dims.intermediate
+
+
+def activation_bytes_per_token(
+    dims: ModelDims,
+    dtype: str,
+    *,
+    width: int,
+    checkpointing: bool,
+    lora: LoraInputs = LoraInputs(),
+    cpu: bool = False,
+) -> float:
+    """Peak activation bytes per token of a training pass (padding included) in rows of `width`."""
+    layer = layer_bytes_per_token(dims, dtype, lora)
+    # Checkpointed, each layer keeps its input and one layer's set lives while it is recomputed.
+    inputs = dims.layers * dims.hidden * DTYPE_BYTES[dtype]
+    kept = inputs + layer if checkpointing else dims.layers * layer
+    backward = layer  # one layer's gradients at a time
+    outside = SAVED_OUTSIDE_FP32 * dims.hidden * 4 + width  # final norm, head input; the attention mask
+    fragmentation = CPU_FRAGMENTATION * dims.layers * layer / (2 if checkpointing else 1) if cpu else 0.0
+    return kept + backward + outside + fragmentation
+
+
+def head_bytes(dtype: str) -> int:
+    """One head chunk: fp32 logits, logsumexp's fp32 temporary, and (below fp32) the head-dtype matmul
+    output they were upcast from."""
+    act = DTYPE_BYTES[dtype]
+    return HEAD_CHUNK_BYTES * 2 + (HEAD_CHUNK_BYTES * act // 4 if act != 4 else 0)
+
+
+def pass_bytes(
+    dims: ModelDims,
+    dtype: str,
+    *,
+    tokens: int,
+    width: int,
+    checkpointing: bool,
+    lora: LoraInputs = LoraInputs(),
+    lora_params: int = 0,
+    cpu: bool = False,
+) -> int:
+    """What a training pass adds on top of the loaded base: LoRA state, activations, one head chunk."""
+    per_token = activation_bytes_per_token(
+        dims, dtype, width=width, checkpointing=checkpointing, lora=lora, cpu=cpu
+    )
+    return int(LORA_STATE_BYTES_PER_PARAM * lora_params + tokens * per_token + head_bytes(dtype))

@@ -57,6 +57,7 @@ class PackShape:
     max_failures: int
     memory_gb: float | None
     max_adapters: int
+    activation_checkpointing: str = "auto"
 
     @classmethod
     def of(cls, spec: JobSpec) -> PackShape:
@@ -68,6 +69,7 @@ class PackShape:
             r.max_failures,
             r.memory_gb_per_worker,
             r.max_adapters_per_worker,
+            r.activation_checkpointing,
         )
 
 
@@ -483,6 +485,8 @@ class Controller:
             device="cuda" if gpu else "cpu",
             adapters=[self._task(a) for a in adapters],
             max_adapters=shape.max_adapters,
+            memory_budget_bytes=self._budget(shape),  # `auto` checkpointing turns on above it
+            activation_checkpointing=shape.activation_checkpointing,  # type: ignore[arg-type]
         )
         self.store.create_pack(
             pack_id,

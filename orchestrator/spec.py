@@ -24,7 +24,15 @@ from pydantic import (
     model_validator,
 )
 
-from workers.plan import DataConfig, DType, LoraConfig, Quantization, TrainConfig, check_name
+from workers.plan import (
+    Checkpointing,
+    DataConfig,
+    DType,
+    LoraConfig,
+    Quantization,
+    TrainConfig,
+    check_name,
+)
 
 
 class SpecError(ValueError):
@@ -109,6 +117,11 @@ class Resources(_Strict):
     max_adapters_per_worker: Annotated[int, Field(gt=0)] = 8
     memory_gb_per_worker: Annotated[float | None, Field(gt=0)] = None
     max_failures: Annotated[int, Field(ge=0, description="Worker restarts Ray Train may do per pack.")] = 2
+    activation_checkpointing: Checkpointing = Field(
+        default="auto",
+        description="Recompute each decoder layer in backward: `on`, `off`, or `auto` (on when the "
+        "pack's estimated peak memory would not fit the worker's budget without it).",
+    )
 
 
 class BranchSpec(_Strict):

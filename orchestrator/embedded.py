@@ -34,15 +34,14 @@ class EmbeddedBackend:
         self._servers: dict[tuple[str, str, str], Any] = {}
 
     def ensure_running(self) -> None:
+        """Start the controller and the MLflow mirror (the server does, at startup)."""
         if not self._started:
             self.controller.start()
             self.tracker.start()
             self._started = True
 
     def submit(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None) -> JobView:
-        view = self.service.submit(spec, idempotency_key)
-        self.ensure_running()
-        return view
+        return self.service.submit(spec, idempotency_key)
 
     def job(self, job_id: str) -> JobView:
         return self.service.job(job_id)
@@ -63,9 +62,7 @@ class EmbeddedBackend:
         return self.service.lineage(project, name)
 
     def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
-        view = self.service.branch(project, parent, child)
-        self.ensure_running()
-        return view
+        return self.service.branch(project, parent, child)
 
     def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
         adapter = self.store.get_adapter(project, name)

@@ -55,6 +55,13 @@ def model_problems(field: str, value: Any, allowed: Allowed = ANYTHING) -> Probl
     """A local directory must hold a loadable config; anything else must look like a hub id."""
     if not isinstance(value, str) or not value:
         return []  # missing or mistyped: the schema reports it
+    try:
+        return _model_problems(field, value, allowed)
+    except (RuntimeError, OSError, ValueError) as exc:  # `~nobody`, a NUL, a name too long or not encodable
+        return [(field, unusable(value, exc))]
+
+
+def _model_problems(field: str, value: str, allowed: Allowed) -> Problems:
     path = Path(value).expanduser()
     if path.is_absolute() or value.startswith((".", "~")):
         if allowed.model_roots is not None and not within(path, allowed.model_roots):
@@ -129,16 +136,30 @@ def data_problems(adapters: Any, allowed: Allowed = ANYTHING) -> Problems:
             value = data.get(key)
             if not isinstance(value, str) or not value:
                 continue
-            if allowed.data_roots is not None and not within(Path(value), allowed.data_roots):
-                problems.append(
-                    (
-                        f"adapters.{i}.data.{key}",
-                        f"data files must be inside the server's data roots ({_roots(allowed.data_roots)})",
-                    )
-                )
-                continue
             try:
+                if allowed.data_roots is not None and not within(Path(value), allowed.data_roots):
+                    problems.append(
+                        (
+                            f"adapters.{i}.data.{key}",
+                            "data files must be inside the server's data roots "
+                            f"({_roots(allowed.data_roots)})",
+                        )
+                    )
+                    continue
                 check_head(Path(value))
             except DataError as exc:
                 problems.append((f"adapters.{i}.data.{key}", str(exc)))
+            except (RuntimeError, OSError, ValueError) as exc:  # as for models: a path that cannot be used
+                problems.append((f"adapters.{i}.data.{key}", unusable(value, exc)))
     return problems
+
+
+def unusable(value: str, exc: BaseException) -> str:
+    """Why a path the user gave cannot be used at all, without echoing anything but the path itself."""
+    if "\x00" in value:
+        reason = "it contains a NUL character"
+    elif isinstance(exc, RuntimeError):
+        reason = "'~' names a user with no home directory here"
+    else:
+        reason = (getattr(exc, "strerror", None) or str(exc))[:200]
+    return f"{value[:200]!r} is not a usable path: {reason}"

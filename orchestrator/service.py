@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import lineage, preflight
 from orchestrator.settings import Settings
-from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
+from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load_source
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
 from workers.plan import LoraConfig
@@ -83,11 +83,11 @@ class Service:
         """Parents named by a spec that failed validation: at least say which do not exist."""
         adapters = raw.get("adapters") if isinstance(raw.get("adapters"), list) else []
         project = raw.get("project") if isinstance(raw.get("project"), str) else "default"
-        in_job = {a.get("name") for a in adapters if isinstance(a, dict)}
+        in_job = {a["name"] for a in adapters if isinstance(a, dict) and isinstance(a.get("name"), str)}
         problems = []
         for i, adapter in enumerate(adapters):
             parent = adapter.get("parent") if isinstance(adapter, dict) else None
-            missing = isinstance(parent, str) and parent not in in_job
+            missing = isinstance(parent, str) and parent not in in_job and _names_an_adapter(parent, project)
             if missing and self._find_parent(parent, project) is None:
                 problems.append((f"adapters.{i}.parent", _no_parent(parent, project)))
         return problems
@@ -235,6 +235,16 @@ class Service:
             updated_at=job.updated_at,
             adapters=[self._adapter_view(a) for a in self.store.list_adapters(job_id=job.id)],
         )
+
+
+def _names_an_adapter(parent: str, project: str) -> bool:
+    """Whether a parent reference of a spec that failed validation is worth looking up: a malformed one
+    (NUL, lone surrogates, 10 KB) is already reported by the schema, and must not reach a query."""
+    try:
+        check_parent(parent if "/" in parent else f"{project}/{parent}")
+    except ValueError:
+        return False
+    return True
 
 
 def _no_parent(parent: str, project: str) -> str:

@@ -10,6 +10,7 @@ data file exist and parse, does the base model load, does the parent adapter exi
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,6 +80,21 @@ class AdapterSpec(_Strict):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value, "adapter name")
+
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, value: str | None) -> str | None:
+        return None if value is None else check_parent(value)
+
+
+def check_parent(value: str) -> str:
+    """A parent reference is `name` or `project/name`, each part a valid name: anything else could never
+    name an adapter, and is refused before it reaches a query."""
+    project, _, name = value.rpartition("/")
+    if project:
+        check_name(project, "parent's project")
+    check_name(name, "parent adapter name")
+    return value
 
 
 # MLflow's alias rules: letters, digits, '_' and '-'; not `latest`, not `v<digits>` (version references).
@@ -217,14 +233,19 @@ def load_source(source: dict[str, Any] | str | Path, base_dir: Path | None = Non
     ):
         path = Path(source)
         if not path.is_file():
-            raise SpecError([("spec", f"file {str(path)!r} not found")])
+            raise SpecError([("spec", f"file {str(path)[:300]!r} not found")])
         base_dir = base_dir or path.parent.resolve()
-        source = path.read_text(encoding="utf-8")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError([("spec", f"cannot read {str(path)[:300]!r}: {exc}")]) from exc
     if isinstance(source, str):
         try:
             source = yaml.safe_load(source)
         except yaml.YAMLError as exc:
             raise SpecError([("spec", f"not valid YAML: {exc}")]) from exc
+        except (ValueError, RecursionError) as exc:  # a date like 2001-13-45, a 5000-digit number, [[[[...
+            raise SpecError([("spec", f"not valid YAML: {str(exc)[:300] or type(exc).__name__}")]) from exc
     if not isinstance(source, dict):
         raise SpecError([("spec", f"expected a mapping of fields, got {type(source).__name__}")])
     return resolve_paths(source, base_dir or Path.cwd())
@@ -236,8 +257,11 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     def absolute(value: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             return value
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (base_dir / path).resolve())
+        try:
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() else (base_dir / path).resolve())
+        except (RuntimeError, ValueError, OSError):  # `~nobody`, a NUL, a name too long: preflight says so
+            return str(value)
 
     out = dict(raw)
     adapters = raw.get("adapters")
@@ -252,10 +276,17 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
                 adapter = {**adapter, "data": data}
             out["adapters"].append(adapter)
     base = raw.get("base_model")
-    local = isinstance(base, str) and (base.startswith((".", "~")) or (base_dir / base).is_dir())
+    local = isinstance(base, str) and (base.startswith((".", "~")) or _is_dir(base_dir / base))
     if local and not Path(base).is_absolute():
         out["base_model"] = absolute(base)
     return out
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long or not encodable is no directory
+        return False
 
 
 def _cycle_problems(adapters: list[AdapterSpec]) -> list[tuple[str, str]]:
@@ -291,9 +322,21 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         elif error["type"] == "missing":
             message = "required field is missing"
         if "input" in error and error["type"] not in ("missing", "extra_forbidden", "value_error"):
-            message += f" (got {error['input']!r})"
+            message += f" (got {_shown(error['input'])})"
         out.append((loc or "spec", message))
     return out
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 120, 120
+
+
+def _shown(value: Any) -> str:
+    """What the user gave, for a message: bounded, whatever it is (deeply nested, a 5000-digit number)."""
+    try:
+        return _REPR.repr(value)[:300]
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
 
 
 def json_schema() -> dict[str, Any]:

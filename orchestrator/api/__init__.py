@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from orchestrator.auth import ADMIN, Forbidden, Principal, require_admin, require_change
 from orchestrator.embedded import EmbeddedBackend
@@ -61,6 +62,40 @@ class NewToken(TokenView):
     token: str = Field(description="The token itself: shown this once, kept only as a hash.")
 
 
+class FieldProblem(BaseModel):
+    field: str = Field(description="Dotted path of the field at fault, e.g. `adapters.0.data.path`.")
+    message: str
+
+
+class ProblemDetail(BaseModel):
+    message: str
+    problems: list[FieldProblem]
+
+
+class Problem(BaseModel):
+    """The body of every error answer: what went wrong, and each field at fault (possibly none)."""
+
+    detail: ProblemDetail
+
+
+# Declared on the app, so the OpenAPI document describes the errors as they are sent (and FastAPI does not
+# document its own HTTPValidationError shape for 422, which this API never sends).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": description}
+    for status, description in {
+        400: "A value the server cannot use, or a body that is not JSON",
+        401: "Missing or wrong API token",
+        403: "The token may not do this",
+        404: "Not found (or in a project the token may not see)",
+        409: "Conflicts with existing data: a taken name, an idempotency key used for another job",
+        411: "No Content-Length header",
+        413: "Body too large",
+        422: "Invalid request or job spec; every problem is listed",
+        502: "The MLflow tracking server refused",
+    }.items()
+}
+
+
 def _backend(request: Request) -> EmbeddedBackend:
     return request.app.state.backend
 
@@ -75,8 +110,17 @@ Caller = Annotated[Principal, Depends(_caller)]
 
 
 def _problem(status: int, message: str, problems: list[tuple[str, str]] | None = None) -> JSONResponse:
-    body = {"message": message, "problems": [{"field": f, "message": m} for f, m in problems or []]}
+    body = {
+        "message": _utf8(message),
+        "problems": [{"field": _utf8(f), "message": _utf8(m)} for f, m in problems or []],
+    }
     return JSONResponse(status_code=status, content={"detail": body})
+
+
+def _utf8(text: str) -> str:
+    """Text that UTF-8 can carry: a lone surrogate a JSON body smuggled in (`"\\ud800"`) and a message
+    echoes back would otherwise fail to encode the answer itself."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _job_for(b: EmbeddedBackend, caller: Principal, job_id: str) -> JobView:
@@ -106,7 +150,7 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
         yield
         backend.close()
 
-    app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan, responses=ERRORS)
 
     def principal_of(authorization: str | None, request: Request) -> Principal | None:
         if not settings.api_token:
@@ -137,6 +181,14 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
             return _problem(401, "missing or wrong API token: send `Authorization: Bearer <token>`")
         request.state.principal = principal
         return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        """FastAPI's and Starlette's own refusals (a body that is not JSON, an unknown path or method)
+        in the same shape as every other error."""
+        response = _problem(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, exc: SpecError) -> JSONResponse:

@@ -212,6 +212,7 @@ def test_controller_restart_mid_job_resumes_from_checkpoints(
 ) -> None:
     backend = EmbeddedBackend(settings=settings)
     job = backend.submit(JobSpec.parse(_restart_spec(tiny_base, data_dir)), None)
+    backend.ensure_running()
     try:
         _wait_until(lambda: backend.store.latest_checkpoint(job.adapters[0].id) is not None, timeout=180)
         backend.controller.stop(abandon_running=True)  # the controller dies; SQL still says "running"

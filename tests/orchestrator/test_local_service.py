@@ -293,16 +293,46 @@ def test_a_killed_service_is_restarted_by_the_next_command_and_the_job_resumes(
         assert view["state"] == "running"
         view = until(home, job["id"], lambda v: v["state"] == "succeeded")
         assert all(a["step"] == 400 for a in view["adapters"])
-        events = json.loads(cli(home, "status", job["id"], "--json").stdout)
-        assert events["id"] == job["id"]
-        from orchestrator import Client
-
-        with Client(home=home) as client:
-            starts = [e for e in client.job(job["id"]).events() if e.kind == "start"]
-        resumed = [e for e in starts if e.payload.get("resumed")]
-        assert resumed and all(e.step >= 10 and e.step % 10 == 0 for e in resumed), starts
+        _assert_resumed_once(home, job["id"], ("counting", "colors"), steps=400, every=10)
     finally:
         _stopped(home)
+
+
+def _assert_resumed_once(home: Path, job_id: str, adapters: tuple[str, ...], steps: int, every: int) -> None:
+    """Each adapter resumed from a checkpoint (not from scratch), redid at most one checkpoint interval,
+    lost no step the engine reported, and MLflow has every step exactly once."""
+    from mlflow import MlflowClient
+
+    from orchestrator import Client
+
+    with Client(home=home) as client:
+        events = client.job(job_id).events(0)
+        project = client.job(job_id).view.project
+    for adapter in adapters:
+        done = [e.step for e in events if e.kind == "step" and e.adapter == adapter]
+        resumes = [
+            e.step for e in events if e.kind == "start" and e.adapter == adapter and e.payload["resumed"]
+        ]
+        assert resumes and all(r > 0 and r % every == 0 for r in resumes), resumes
+        redone = {s for s in done if done.count(s) > 1}
+        assert all(any(r < s <= r + every for r in resumes) for s in redone), (resumes, sorted(redone))
+        assert set(done) == set(range(1, steps + 1))  # no step lost, even those the dead controller missed
+    mlflow = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name(f"lorafleet/{project}")
+    deadline = time.monotonic() + 60
+    while True:
+        runs = [
+            r
+            for r in mlflow.search_runs([experiment.experiment_id])
+            if r.data.tags.get("lorafleet.kind") == "adapter"
+        ]
+        if len(runs) == len(adapters) and all(r.info.status == "FINISHED" for r in runs):
+            break
+        assert time.monotonic() < deadline, "MLflow did not catch up"
+        time.sleep(1)
+    for run in runs:
+        history = mlflow.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))  # each step once, none missing
 
 
 def test_one_service_per_home_and_stop_leaves_no_process(tmp_path: Path) -> None:
@@ -332,3 +362,41 @@ def test_one_service_per_home_and_stop_leaves_no_process(tmp_path: Path) -> None
     assert cli(home, "service", "stop").returncode == 0
     assert not _group_alive(info.pgid) and read_info(home) is None
     assert service_processes  # it ran; the count across homes is not ours to assert
+
+
+def _train_workers(session: str) -> list:
+    """The Ray Train worker processes of a local service's Ray session."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            title = " ".join(process.info["cmdline"] or [])
+            if "RayTrainWorker" in title and any(f.path.startswith(session) for f in process.open_files()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_killed_train_worker_resumes_from_its_checkpoint_and_mlflow_shows_each_step_once(
+    tiny_base: Path, data_dir: Path, tmp_path: Path
+) -> None:
+
+    home = tmp_path / "home"
+    try:
+        spec = spec_file(
+            tmp_path, str(tiny_base), data_dir, "worker", "worker-kill", steps=200, checkpoint_every=10
+        )
+        job = submit(home, spec)
+        until(home, job["id"], lambda v: min(a["step"] for a in v["adapters"]) >= 25)
+        info = read_info(home)
+        workers = _train_workers(info.ray_session)
+        assert workers, "no Ray Train worker found"
+        for worker in workers:
+            worker.kill()
+        view = until(home, job["id"], lambda v: v["state"] not in ("pending", "running"))
+        assert view["state"] == "succeeded" and all(a["step"] == 200 for a in view["adapters"])
+        _assert_resumed_once(home, job["id"], ("counting", "colors"), steps=200, every=10)
+    finally:
+        _stopped(home)

@@ -5,6 +5,7 @@ exactly one JSON document on stdout; errors go to stderr with a non-zero exit co
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -421,8 +422,6 @@ def ui(
 ) -> None:
     """Serve the MLflow UI on this home's tracking store and print the URL of the job's runs (the
     model-training runs table: a parent run per job, a child run per adapter)."""
-    import subprocess
-
     from mlflow import MlflowClient
 
     from orchestrator.settings import Settings
@@ -442,21 +441,9 @@ def ui(
         err.print(f"MLflow UI, {'job ' + job_id if job_id else 'project ' + project}: {target}")
     sys.stdout.write(target + "\n")
     sys.stdout.flush()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            str(settings.mlflow_uri),
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ],
-        check=False,
-    )
+    # Become the MLflow server (exec, not a child): stopping this command stops the UI, nothing is left.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", str(settings.mlflow_uri)]
+    os.execv(sys.executable, [*command, "--host", host, "--port", str(port)])
 
 
 # ---- tokens ----

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from pydantic import TypeAdapter
 
-from workers.plan import AdapterTask, Event, PackPlan
+from workers.plan import AdapterTask, Event, PackPlan, StartEvent
 
 EVENTS = TypeAdapter(list[Event])
 FLUSH_SECONDS = 0.5
@@ -101,6 +101,8 @@ class _Reporter:
         self.cancelled_names: list[str] = []
 
     def emit(self, event: Event) -> None:
+        if isinstance(event, StartEvent) and event.node is None:  # where it runs, for people and tests
+            event = event.model_copy(update={"node": ray.get_runtime_context().get_node_id()})
         self.buffer.append(event)
         urgent = event.kind in ("done", "checkpoint")
         if urgent or time.monotonic() - self.last_flush >= FLUSH_SECONDS:

@@ -336,7 +336,7 @@ def _shown(value: Any) -> str:
     try:
         return _REPR.repr(value)[:300]
     except (ValueError, RecursionError):
-        return f"a {type(value).__name__}"
+        return f"<{type(value).__name__}>"
 
 
 def json_schema() -> dict[str, Any]:

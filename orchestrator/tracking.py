@@ -283,6 +283,7 @@ class Tracker:
         payload = event.payload
         tags = [
             RunTag("lorafleet.pack_id", str(payload.get("pack_id"))),
+            RunTag("lorafleet.node", str(payload.get("node") or "")),
             RunTag("lorafleet.data_fingerprint", str(payload.get("data_fingerprint"))),
             RunTag("lorafleet.train_examples", str(payload.get("train_examples"))),
             RunTag("lorafleet.eval_examples", str(payload.get("eval_examples"))),

@@ -207,6 +207,7 @@ class StartEvent(_Event):
     train_examples: int
     eval_examples: int
     resumed: bool = False
+    node: str | None = Field(default=None, description="The Ray node the pack runs on (set by the runner).")
 
 
 class StepEvent(_Event):

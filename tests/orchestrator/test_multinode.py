@@ -38,7 +38,7 @@ def _free_port() -> int:
 def _node(args: list[str], temp: Path) -> subprocess.Popen:
     """`ray start --block` in a session of its own: stopping it stops that node and nothing else
     (`ray stop` would stop every Ray on the machine)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
     return subprocess.Popen(
         [str(RAY), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", *args],
         env=env,
@@ -74,9 +74,25 @@ def cluster() -> Iterator[str]:
     finally:
         for node in reversed(nodes):
             _stop(node)
-        left = kill_ray_session(str(temp))
+        deadline = time.monotonic() + 30  # a stopped node's workers exit on their own, soon
+        while _holding(temp) and time.monotonic() < deadline:
+            time.sleep(1)
+        kill_ray_session(str(temp))  # whatever did not
+        time.sleep(1)
+        assert not _holding(temp), "Ray processes outlived their nodes"
         shutil.rmtree(temp, ignore_errors=True)
-        assert left == 0, f"{left} Ray processes outlived their nodes"
+
+
+def _holding(temp: Path) -> list[int]:
+    """Processes still holding files of the cluster's Ray sessions."""
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if any(f.path.startswith(str(temp)) for f in process.open_files()):
+                pids.append(process.pid)
+    return pids
 
 
 def _wait_for_nodes(address: str, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -88,7 +104,11 @@ def _wait_for_nodes(address: str, count: int, process: subprocess.Popen, timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, "ray start exited"
         done = subprocess.run(
-            [sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", probe, address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "token"},  # the nodes run with token authentication
         )
         if done.returncode == 0 and done.stdout.strip().endswith(str(count)):
             return
@@ -107,19 +127,21 @@ def test_packs_of_one_job_land_on_both_nodes(cluster: str, tiny_base: Path, tmp_
         "LORAFLEET_STORAGE": str(tmp_path / "storage"),  # a path every node sees (one machine here)
         "LORAFLEET_API_TOKEN": "cluster-admin",
         "LORAFLEET_TICK_SECONDS": "0.2",
+        "RAY_AUTH_MODE": "token",  # the cluster's nodes run with Ray's token authentication
     }
+    log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "server", "--port", str(port)],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, "the server exited"
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
@@ -146,5 +168,7 @@ def test_packs_of_one_job_land_on_both_nodes(cluster: str, tiny_base: Path, tmp_
             [e.payload for e in starts]
         )
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+        log.close()

@@ -156,7 +156,7 @@ def ensure_service(home: Path, timeout: float = START_TIMEOUT_S) -> tuple[str, s
     with _flock(service.start_lock):  # two commands at once start one service, not two
         current = status(home)
         if current.running and current.info is not None:
-            _wait_healthy(home, current.info, None, timeout)
+            _wait_healthy(home, current.info, timeout)
             return current.info.url, ensure_token(home)
         _reap_dead(home)
         ensure_token(home)
@@ -204,7 +204,7 @@ def _wait_started(home: Path, process: subprocess.Popen, timeout: float) -> Serv
     )
 
 
-def _wait_healthy(home: Path, info: ServiceInfo, process: object, timeout: float) -> None:
+def _wait_healthy(home: Path, info: ServiceInfo, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not _healthy(info.url):
         if not _alive(info.pid):

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,6 +31,7 @@ from orchestrator.settings import Settings
 from orchestrator.spec import ALIAS_PATTERN, BranchSpec, SpecError, check_alias
 from orchestrator.store import Conflict, NotFound, StoreError
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
+from workers.plan import check_name
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class TokenRequest(BaseModel):
     project: Annotated[str, Field(min_length=1, max_length=100)]
     role: Annotated[str, Field(pattern="^(reader|member)$")] = "member"
     name: Annotated[str | None, Field(max_length=200)] = None
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        return check_name(value, "token `project`")
 
 
 class NewToken(TokenView):

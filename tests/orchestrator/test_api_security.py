@@ -94,6 +94,8 @@ def test_project_tokens_see_and_change_only_their_project(
     # the admin sees everything; project tokens cannot manage tokens
     assert {j["project"] for j in api.get("/v1/jobs", headers=auth(ADMIN)).json()} == {"alice", "bob"}
     assert api.get("/v1/tokens", headers=auth(alice)).status_code == 403
+    bad = api.post("/v1/tokens", json={"project": "Bad Name"}, headers=auth(ADMIN))
+    assert bad.status_code == 422 and "project" in bad.text
 
 
 def test_readers_read_and_revoked_or_wrong_tokens_get_401(

@@ -59,7 +59,8 @@ def run_quickstart(steps: int = 60, progress: Callable[[Job], JobView] | None = 
         f"job {view.id} {view.state}; everything is under {settings.home}",
         "  lorafleet jobs                                  # all jobs",
         f"  lorafleet lineage colors --project {PROJECT}   # the adapter tree",
-        "  lorafleet ui                                    # MLflow runs and metrics",
+        f"  lorafleet ui {view.id}                       # MLflow runs and metrics of this job",
+        "the base is a random toy: low losses are memorisation (the README shows a real base)",
     ]
     print("\n" + "\n".join(hints), file=sys.stderr)  # stdout stays free for --json
     return [view]

@@ -132,30 +132,7 @@ def _read_json(path: Path) -> pa.Table:
         return pj.read_json(path)
     except ValueError as e:  # ArrowInvalid: bad JSON, or a field whose type changes between lines
         arrow_error = e
-    records, lines = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno}); "
-                    "fix: write one complete JSON object per line (JSON Lines)"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}: line {n}: expected a JSON object, got {_type(record)}; "
-                    "fix: write one JSON object per line (JSON Lines), not a JSON array"
-                )
-            records.append(record)
-            lines.append(n)
-    if not records:
-        raise DataError(f"{path}: no records; the file needs at least one")
-    kind = _kind(path, sorted({key for record in records for key in record}))
-    columns = {field: [record.get(field) for record in records] for field in KINDS[kind]}
-    _validate(_Table(path, kind, columns, lines))  # raises with the exact line and field
+    _validate_json_lines(path)  # raises with the exact line and field
     raise DataError(
         f"{path}: pyarrow cannot read it ({arrow_error}); the fields lorafleet uses are fine, so another "
         "field changes type between lines: make it consistent or remove it"
@@ -541,7 +518,13 @@ def check_head(path: Path, records: int = 100) -> str:
 
 
 def _check_json_head(path: Path, records: int) -> str:
-    rows, lines = [], []
+    return _validate_json_lines(path, records)
+
+
+def _validate_json_lines(path: Path, limit: int | None = None) -> str:
+    """Parse JSON Lines record by record (the first `limit`, or all) and validate the fields lorafleet
+    uses; a problem raises `DataError` with its line. Returns the record kind."""
+    records, lines = [], []
     with path.open(encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -558,12 +541,13 @@ def _check_json_head(path: Path, records: int) -> str:
                     f"{path}: line {n}: expected a JSON object, got {_type(record)}; "
                     "fix: write one JSON object per line (JSON Lines), not a JSON array"
                 )
-            rows.append(record)
+            records.append(record)
             lines.append(n)
-            if len(rows) >= records:
+            if limit is not None and len(records) >= limit:
                 break
-    if not rows:
+    if not records:
         raise DataError(f"{path}: no records; the file needs at least one")
-    kind = _kind(path, sorted({key for record in rows for key in record}))
-    _validate(_Table(path, kind, {field: [r.get(field) for r in rows] for field in KINDS[kind]}, lines))
+    kind = _kind(path, sorted({key for record in records for key in record}))
+    columns = {field: [record.get(field) for record in records] for field in KINDS[kind]}
+    _validate(_Table(path, kind, columns, lines))
     return kind

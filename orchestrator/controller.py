@@ -20,7 +20,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -29,7 +28,7 @@ import ray
 from orchestrator import decisions
 from orchestrator import scheduler as sched
 from orchestrator.decisions import AdapterChange
-from orchestrator.packrun import EVENTS, PackChannel, events_log, fit_pack_task, read_events_log
+from orchestrator.packrun import EVENTS, EventLog, PackChannel, fit_pack_task
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
@@ -269,7 +268,7 @@ class Controller:
         names = {}
         for member in self.store.list_pack_members(pack_id):
             names[self.store.get_adapter_by_id(member.adapter_id).name] = member.adapter_id
-        events = read_events_log(events_log(self.settings.storage_dir, pack_id))
+        events = EventLog(self.settings.storage_root, pack_id).read()
         placed = [(e, names[e.adapter]) for e in events if e.adapter in names]
         for i in range(0, len(placed), 500):
             self._record(placed[i : i + 500])
@@ -458,14 +457,14 @@ class Controller:
         init_from = None
         if adapter.parent_id is not None:
             parent = self.store.get_adapter_by_id(adapter.parent_id)
-            init_from = Path(parent.final_checkpoint) if parent.final_checkpoint else None
-            self.store.update_adapter(adapter.id, parent_checkpoint=str(init_from))
+            init_from = parent.final_checkpoint
+            self.store.update_adapter(adapter.id, parent_checkpoint=init_from)
         return AdapterTask(
             name=adapter.name,
             lora=adapter.lora,
             train=adapter.train,
             data=adapter.data,
-            output_dir=Path(adapter.output_dir),
+            output_dir=adapter.output_dir,
             init_from=init_from,
             baseline_from=init_from,
         )
@@ -501,7 +500,7 @@ class Controller:
             "cpus_per_worker": shape.cpus_per_worker,
             "gpus_per_worker": shape.gpus_per_worker,
             "max_failures": shape.max_failures,
-            "storage_path": str(self.settings.storage_dir),
+            "storage_path": self.settings.storage_root,
             "num_threads": max(1, int(shape.cpus_per_worker)),
         }
         ref = fit_pack_task.remote(plan.model_dump_json(), self._channel, options)

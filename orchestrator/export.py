@@ -1,6 +1,7 @@
 """`lorafleet export`: a trained adapter as a PEFT directory, or merged into its base as a plain model.
 
-Both are written to a temporary sibling and renamed into place, so a failed export leaves nothing behind,
+The adapter is read from storage (a directory or an object store, copied locally for the duration);
+both are written to a temporary sibling and renamed into place, so a failed export leaves nothing behind,
 and both carry a README card with the adapter's lineage. Merging uses PEFT's own `merge_and_unload`
 (W + (alpha/r)·B·A), and the result loads with plain `AutoModelForCausalLM.from_pretrained`.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from orchestrator.lineage import lineage_path
 from orchestrator.store import AdapterRecord, Store
-from workers.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META
+from workers import storage
+from workers.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, is_complete
 
 PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META)
 
@@ -52,7 +54,7 @@ def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
 
 def export_adapter(store: Store, adapter: AdapterRecord, out_dir: Path, merged: bool = False) -> Path:
     """Write the adapter (or the merged model) to `out_dir`, which must not exist or be empty."""
-    if not adapter.final_checkpoint or not Path(adapter.final_checkpoint).is_dir():
+    if not adapter.final_checkpoint or not is_complete(adapter.final_checkpoint):
         raise ValueError(
             f"adapter {adapter.qualified_name} is {adapter.state} and has no final checkpoint yet; "
             "wait for it to finish training"
@@ -60,24 +62,28 @@ def export_adapter(store: Store, adapter: AdapterRecord, out_dir: Path, merged: 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"`--out` {str(out_dir)!r} exists and is not empty; choose a new directory")
-    source = Path(adapter.final_checkpoint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-export-{out_dir.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if merged:
-            _write_merged(adapter, source, tmp)
-        else:
-            for name in PEFT_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, tmp / name)
-        (tmp / "README.md").write_text(_card(store, adapter, merged), encoding="utf-8")
+        with storage.local_copy(adapter.final_checkpoint) as source:
+            _write(store, adapter, source, tmp, merged)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write(store: Store, adapter: AdapterRecord, source: Path, tmp: Path, merged: bool) -> None:
+    if merged:
+        _write_merged(adapter, source, tmp)
+    else:
+        for name in PEFT_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+    (tmp / "README.md").write_text(_card(store, adapter, merged), encoding="utf-8")
 
 
 def _write_merged(adapter: AdapterRecord, source: Path, dest: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from pydantic import TypeAdapter
 
+from workers import storage
 from workers.plan import AdapterTask, Event, PackPlan, StartEvent
 
 EVENTS = TypeAdapter(list[Event])
@@ -68,32 +69,57 @@ class PackChannel:
         return sorted(self._cancelled.get(pack_id, ()))
 
 
-def events_log(storage: str | Path, pack_id: str) -> Path:
-    """Where a pack's engine appends every event it emits (JSON Lines), before the controller hears of
-    it: a controller that starts after another died replays what the dead one never recorded."""
-    return Path(storage) / "events" / f"{pack_id}.jsonl"
+class EventLog:
+    """Every event a pack's engine emits, written before the controller hears of it: a controller that
+    starts after another died replays what the dead one never recorded (`Controller._replay`).
 
+    Under a filesystem storage it is one JSON Lines file, each batch appended and fsynced; a line torn by
+    a crash mid-write ends the log. An object store has no append, so there each batch is one object,
+    named by time so that listing order is writing order; an object is whole or absent."""
 
-def read_events_log(path: Path) -> list[Event]:
-    """The events of a pack's log; a line torn by a crash mid-write ends the log."""
-    events: list[Event] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+    def __init__(self, storage_root: str, pack_id: str) -> None:
+        self.remote = storage.is_remote(storage_root)
+        self.location = storage.join(storage_root, "events", pack_id if self.remote else f"{pack_id}.jsonl")
+        self._batches = 0
+
+    def append(self, batch_json: str) -> None:
+        if self.remote:
+            self._batches += 1
+            key = f"{time.time_ns():020d}-{os.getpid()}-{self._batches:06d}.json"
+            storage.write_bytes(storage.join(self.location, key), batch_json.encode())
+            return
+        path = Path(self.location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(batch_json + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[Event]:
+        if self.remote:
+            batches = [
+                storage.read_bytes(storage.join(self.location, key)).decode()
+                for key in storage.files(self.location)
+            ]
+        else:
+            try:
+                batches = Path(self.location).read_text(encoding="utf-8").splitlines()
+            except OSError:
+                return []
+        events: list[Event] = []
+        for batch in batches:
+            try:
+                events += EVENTS.validate_json(batch)
+            except ValueError:
+                break
         return events
-    for line in text.splitlines():
-        try:
-            events += EVENTS.validate_json(line)
-        except ValueError:
-            break
-    return events
 
 
 class _Reporter:
     """Batches events to the channel, so a pack of K adapters costs one remote call per half second.
-    Each batch is first appended (and fsynced) to the pack's event log under storage."""
+    Each batch is first written to the pack's event log under storage."""
 
-    def __init__(self, channel: Any, pack_id: str, log: Path | None = None) -> None:
+    def __init__(self, channel: Any, pack_id: str, log: EventLog | None = None) -> None:
         self.channel, self.pack_id, self.log = channel, pack_id, log
         self.buffer: list[Event] = []
         self.last_flush = time.monotonic()
@@ -112,11 +138,7 @@ class _Reporter:
         if self.buffer:
             batch = EVENTS.dump_json(self.buffer).decode()
             if self.log is not None:
-                self.log.parent.mkdir(parents=True, exist_ok=True)
-                with self.log.open("a", encoding="utf-8") as f:
-                    f.write(batch + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                self.log.append(batch)
             ray.get(self.channel.post.remote(batch))
             self.buffer = []
         self.last_flush = time.monotonic()
@@ -142,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("num_threads"):
         torch.set_num_threads(int(config["num_threads"]))
     plan = PackPlan.model_validate_json(config["plan"])
-    log = events_log(config["storage_path"], plan.pack_id) if config.get("storage_path") else None
+    log = EventLog(config["storage_path"], plan.pack_id) if config.get("storage_path") else None
     reporter = _Reporter(config["channel"], plan.pack_id, log)
     try:
         run_pack(plan, emit=reporter.emit, refill=reporter.refill, cancelled=reporter.cancelled)
@@ -180,7 +202,7 @@ def fit_pack(
         ),
         run_config=RunConfig(
             name=f"pack-{plan.pack_id}",
-            storage_path=str(Path(storage_path) / "ray"),
+            storage_path=storage.join(storage_path, "ray"),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )

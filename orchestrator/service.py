@@ -48,7 +48,7 @@ class Service:
                     data=adapter.data,
                     parent_id=parents.get(i),
                     parent_name=adapter.parent if i not in parents else None,
-                    output_dir=str(self.settings.adapter_dir(spec.project, adapter.name)),
+                    output_dir=self.settings.adapter_dir(spec.project, adapter.name),
                 )
             )
         job, _, _ = self.store.create_job(

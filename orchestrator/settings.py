@@ -3,7 +3,8 @@
 Embedded (nothing to start by hand): SQLite `lorafleet.db`, MLflow `mlflow.db` and `artifacts/` under the
 home, and a local Ray started on demand. A cluster sets `LORAFLEET_DB_URL` (PostgreSQL),
 `LORAFLEET_MLFLOW_URI`, `LORAFLEET_RAY_ADDRESS` and `LORAFLEET_STORAGE` (a filesystem path every Ray node
-mounts). Several homes can live side by side: everything derives from the one variable.
+mounts, or an object-store URI such as `s3://bucket/prefix`: see `workers.storage`). Several homes can
+live side by side: everything derives from the one variable.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from workers import storage
 
 PathList = Annotated[list[Path] | None, NoDecode]
 
@@ -26,7 +29,11 @@ class Settings(BaseSettings):
         default=None, description="MLflow tracking URI; default: SQLite under home."
     )
     ray_address: str | None = Field(default=None, description="Ray cluster address; default: local Ray.")
-    storage: Path | None = Field(default=None, description="Adapters, checkpoints and Ray Train runs.")
+    storage: str | None = Field(
+        default=None,
+        description="Adapters, checkpoints, event logs and Ray Train runs: a path every Ray node mounts or "
+        "an object-store URI (`s3://bucket/prefix`, credentials from the standard AWS variables).",
+    )
     api_token: str | None = Field(default=None, description="Bearer token the API server requires.")
     ray_num_cpus: int | None = Field(default=None, description="CPUs of the embedded local Ray.")
     tick_seconds: float = Field(default=0.5, description="Controller loop period.")
@@ -65,7 +72,9 @@ class Settings(BaseSettings):
         if self.mlflow_uri is None:
             self.mlflow_uri = f"sqlite:///{self.home / 'mlflow.db'}"
         if self.storage is None:
-            self.storage = self.home / "artifacts"
+            self.storage = str(self.home / "artifacts")
+        elif not storage.is_remote(self.storage):
+            self.storage = str(Path(self.storage).expanduser().resolve())
         return self
 
     @property
@@ -74,9 +83,17 @@ class Settings(BaseSettings):
         return self.db_url
 
     @property
-    def storage_dir(self) -> Path:
+    def storage_root(self) -> str:
         assert self.storage is not None
         return self.storage
+
+    @property
+    def export_staging(self) -> Path:
+        """Where the server builds an export before sending it: under storage when storage is a
+        filesystem, else under home (an archive must be a local file)."""
+        if storage.is_remote(self.storage_root):
+            return self.home / "exports"
+        return Path(self.storage_root) / "exports"
 
     @property
     def mlflow_artifact_root(self) -> Path | None:
@@ -84,5 +101,5 @@ class Settings(BaseSettings):
         uri = str(self.mlflow_uri)
         return self.home / "mlflow-artifacts" if uri.startswith(("sqlite:", "file:", "/")) else None
 
-    def adapter_dir(self, project: str, name: str) -> Path:
-        return self.storage_dir / "adapters" / project / name
+    def adapter_dir(self, project: str, name: str) -> str:
+        return storage.join(self.storage_root, "adapters", project, name)

@@ -21,6 +21,7 @@ from typing import Any
 from orchestrator.lineage import lineage_path
 from orchestrator.states import ADAPTER_FINISHED, JOB_TERMINAL
 from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
+from workers import storage
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +294,9 @@ class Tracker:
     def _finish_adapter_run(self, run_id: str, event: EventRecord) -> None:
         status = event.payload.get("status")
         final_dir = event.payload.get("final_dir")
-        if status == "trained" and final_dir and Path(final_dir).is_dir():
-            self.client.log_artifacts(run_id, final_dir, "adapter")
+        if status == "trained" and final_dir and storage.exists(final_dir):
+            with storage.local_copy(final_dir) as local:  # MLflow uploads files (object storage: a copy)
+                self.client.log_artifacts(run_id, str(local), "adapter")
         run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
         if event.payload.get("error"):
             self.client.set_tag(run_id, "lorafleet.error", str(event.payload["error"])[:5000])

@@ -38,3 +38,20 @@ def _no_local_service_left_behind(tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
         if session:
             kill_ray_session(session)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3-compatible server (moto, its own process) for the session."""
+    from tests.s3server import s3_server as start
+
+    with start() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket, and this process's environment pointed at the server the standard AWS way."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server.new_bucket()

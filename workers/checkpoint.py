@@ -6,16 +6,17 @@ A checkpoint directory holds:
   training_state.pt            optimizer, scheduler, data position, dropout RNG (absent for exports)
   lorafleet.json               who wrote it: adapter name, step, base model, data fingerprint
 
-`peft.PeftModel.from_pretrained(base, dir)` loads it as is. `peft_key`/`parse_peft_key` are the one key
-mapping, so saving and loading are symmetric by construction.
+`peft.PeftModel.from_pretrained(base, dir)` loads it as is. A checkpoint lives in a directory or under an
+object-store prefix (`workers.storage`); its `lorafleet.json` is written last and marks it complete.
+`peft_key`/`parse_peft_key` are the one key mapping, so saving and loading are symmetric by construction.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers import storage
 from workers.multilora import Adapter, LoraWeights
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -103,47 +105,49 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def write_checkpoint(
-    dest: Path,
+    dest: str | os.PathLike[str],
     adapter: Adapter,
     *,
     base_model: str,
     all_linear_paths: list[str],
     training_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
-) -> Path:
-    """Write a full checkpoint at `dest` atomically: readers see the old one or the new one, never half."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+) -> str:
+    """Write a full checkpoint at `dest` (a path or an object-store URI) all or nothing: readers see the
+    old one or the new one, never half (`storage.publish`, with `lorafleet.json` as the marker)."""
+    stage = storage.staging_dir(dest)
     try:
-        _write_adapter_files(tmp, adapter, base_model, all_linear_paths)
+        _write_adapter_files(stage, adapter, base_model, all_linear_paths)
         if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE)
-        (tmp / META).write_text(json.dumps({"adapter": adapter.name, **(meta or {})}, indent=2, default=str))
-        _fsync_tree(tmp)
-        if dest.exists():
-            old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+            torch.save(training_state, stage / TRAINING_STATE)
+        stamp = {"adapter": adapter.name, **(meta or {})}
+        (stage / META).write_text(json.dumps(stamp, indent=2, default=str))
+        _fsync_tree(stage)
+        storage.publish(stage, dest, marker=META)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+        shutil.rmtree(stage, ignore_errors=True)
+    return os.fspath(dest)
 
 
-def read_adapter(directory: Path) -> AdapterFiles:
-    """Load a PEFT LoRA adapter directory (ours or made by PEFT) into per-module A/B weights."""
+def is_complete(directory: str | os.PathLike[str]) -> bool:
+    """A checkpoint we wrote, whole (its marker is written last)."""
+    return storage.is_file(storage.join(directory, META))
+
+
+def read_adapter(directory: str | os.PathLike[str]) -> AdapterFiles:
+    """Load a PEFT LoRA adapter directory (ours or made by PEFT, local or in object storage) into
+    per-module A/B weights."""
+    with storage.local_copy(directory) as local:
+        return _read_adapter(local, os.fspath(directory))
+
+
+def _read_adapter(local: Path, directory: str) -> AdapterFiles:
     from peft import LoraConfig
 
-    directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"adapter directory {str(directory)!r} has no {name}")
-    config = LoraConfig.from_pretrained(str(directory))
+        if not (local / name).is_file():
+            raise CheckpointError(f"adapter directory {directory!r} has no {name}")
+    config = LoraConfig.from_pretrained(str(local))
     unsupported = {
         "use_dora": config.use_dora,
         "use_rslora": config.use_rslora,
@@ -156,16 +160,16 @@ def read_adapter(directory: Path) -> AdapterFiles:
     used = [field for field, on in unsupported.items() if on]
     if used:
         raise CheckpointError(
-            f"adapter {str(directory)!r} uses PEFT options lorafleet does not train: {used}; "
+            f"adapter {directory!r} uses PEFT options lorafleet does not train: {used}; "
             "re-export it as a plain LoRA (uniform r/alpha, no DoRA/rsLoRA, bias 'none')"
         )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(directory / ADAPTER_WEIGHTS)).items():
+    for key, tensor in load_file(str(local / ADAPTER_WEIGHTS)).items():
         path, matrix = parse_peft_key(key)
         pairs.setdefault(path, {})[matrix] = tensor
     incomplete = [p for p, m in pairs.items() if set(m) != {"lora_A", "lora_B"}]
     if incomplete:
-        raise CheckpointError(f"adapter {str(directory)!r} lacks A or B for modules {incomplete[:3]}")
+        raise CheckpointError(f"adapter {directory!r} lacks A or B for modules {incomplete[:3]}")
     targets = config.target_modules
     return AdapterFiles(
         r=config.r,
@@ -177,38 +181,40 @@ def read_adapter(directory: Path) -> AdapterFiles:
     )
 
 
-def read_training_state(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / TRAINING_STATE
-    if not path.is_file():
+def read_training_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    location = storage.join(directory, TRAINING_STATE)
+    if not storage.is_file(location):
         raise CheckpointError(
-            f"{str(directory)!r} has no {TRAINING_STATE}: it is an export, not a resumable checkpoint"
+            f"{os.fspath(directory)!r} has no {TRAINING_STATE}: it is an export, not a resumable checkpoint"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / META
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    location = storage.join(directory, META)
+    return json.loads(storage.read_bytes(location)) if storage.is_file(location) else {}
 
 
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / f"{_CHECKPOINT_PREFIX}{step:08d}"
+def checkpoint_dir(output_dir: str | os.PathLike[str], step: int) -> str:
+    return storage.join(output_dir, f"{_CHECKPOINT_PREFIX}{step:08d}")
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete intermediate checkpoints, oldest first (temp dirs are dot-prefixed and never listed)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(_CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX) :]))
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[str]:
+    """Complete intermediate checkpoints, oldest first: those with their marker (staging dirs are
+    dot-prefixed, and an upload cut short has no marker, so neither is ever listed)."""
+    steps = []
+    for relative in storage.files(output_dir):
+        top, _, rest = relative.partition("/")
+        if rest == META and top.startswith(_CHECKPOINT_PREFIX) and top[len(_CHECKPOINT_PREFIX) :].isdigit():
+            steps.append(int(top[len(_CHECKPOINT_PREFIX) :]))
+    return [checkpoint_dir(output_dir, step) for step in sorted(steps)]
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
+def prune_checkpoints(output_dir: str | os.PathLike[str], keep: int) -> None:
     for stale in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+        storage.remove(stale)

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.storage import Location
+
 ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
 NAME_MAX = 100
 
@@ -128,14 +130,14 @@ class AdapterTask(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig
-    output_dir: Path
-    init_from: Path | None = Field(
+    output_dir: Location = Field(description="A directory or an object-store URI (`workers.storage`).")
+    init_from: Location | None = Field(
         default=None, description="PEFT adapter dir whose weights start this adapter (branching)."
     )
-    resume_from: Path | None = Field(
+    resume_from: Location | None = Field(
         default=None, description="Our checkpoint dir (adapter + training state) to resume exactly."
     )
-    baseline_from: Path | None = Field(
+    baseline_from: Location | None = Field(
         default=None,
         description="PEFT adapter (e.g. the parent) to evaluate on this adapter's eval data at the end, "
         "so a promotion gate can compare the two on the same data.",
@@ -228,14 +230,14 @@ class EvalEvent(_Event):
 
 class CheckpointEvent(_Event):
     kind: Literal["checkpoint"] = "checkpoint"
-    path: Path
+    path: Location
     final: bool = False
 
 
 class AdapterDone(_Event):
     kind: Literal["done"] = "done"
     status: Literal["trained", "failed", "cancelled"]
-    final_dir: Path | None = None
+    final_dir: Location | None = None
     eval_loss: float | None = None
     baseline_eval_loss: float | None = None
     error: str | None = None

@@ -8,13 +8,15 @@ adapters are answered in one batched `generate`, each row through its own adapte
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from workers.checkpoint import read_adapter
+from workers import storage
+from workers.checkpoint import ADAPTER_WEIGHTS, read_adapter
 from workers.model import load_base
 from workers.multilora import MultiLoraModel
 from workers.plan import Device, DType, Quantization
@@ -42,13 +44,14 @@ class AdapterServer:
         self._serial = 0
 
     def load(self, adapter_dir: str | Path) -> str:
-        """Attach the adapter (once; later calls are a dictionary lookup) and return its slot name."""
-        path = Path(adapter_dir).resolve()
-        key = (str(path), (path / "adapter_model.safetensors").stat().st_mtime_ns)
+        """Attach the adapter (once; later calls are a dictionary lookup) and return its slot name.
+        `adapter_dir` is a directory or an object-store location; a rewritten adapter is loaded anew."""
+        where = os.fspath(adapter_dir) if storage.is_remote(adapter_dir) else str(Path(adapter_dir).resolve())
+        key = (where, storage.modified_ns(storage.join(where, ADAPTER_WEIGHTS)) or 0)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        files = read_adapter(path)
+        files = read_adapter(where)
         self._serial += 1
         name = f"cached-{self._serial}"
         self.model.add_adapter(

@@ -21,7 +21,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from workers import checkpoint as ckpt
-from workers import memory
+from workers import memory, storage
 from workers.data import AdapterData, Example, SampleStream, load_adapter_data
 from workers.layout import Batch, Part, attention_weight_of, build_batch
 from workers.model import LoadedBase
@@ -205,8 +204,8 @@ class PackTrainer:
             self._finish_failed(task, f"{type(exc).__name__}: {exc}")
 
     def _add(self, task: AdapterTask) -> None:
-        final_dir = task.output_dir / ckpt.FINAL_DIR
-        if task.resume_from is None and final_dir.is_dir():
+        final_dir = storage.join(task.output_dir, ckpt.FINAL_DIR)
+        if task.resume_from is None and ckpt.is_complete(final_dir):
             meta = ckpt.read_meta(final_dir)  # finished by an earlier attempt of this pack: nothing to redo
             self._record_done(
                 task,
@@ -480,7 +479,7 @@ class PackTrainer:
 
     # ---- checkpoints and finishing ----
 
-    def _checkpoint(self, run: AdapterRun, dest: Path, final: bool) -> None:
+    def _checkpoint(self, run: AdapterRun, dest: str, final: bool) -> None:
         if self.rank == 0:
             ckpt.write_checkpoint(
                 dest,
@@ -504,7 +503,7 @@ class PackTrainer:
             dist.barrier()
 
     def _finish(self, run: AdapterRun) -> None:
-        final_dir = run.task.output_dir / ckpt.FINAL_DIR
+        final_dir = storage.join(run.task.output_dir, ckpt.FINAL_DIR)
         self._checkpoint(run, final_dir, final=True)
         baseline = self._baseline_loss(run)
         self._detach(run)

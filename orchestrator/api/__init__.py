@@ -324,7 +324,7 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     def export(project: str, name: str, b: Backend, caller: Caller, merged: bool = False) -> FileResponse:
         """The export as a zip: the PEFT adapter directory, or the merged model (`?merged=true`)."""
         _visible(caller, project, name)
-        exports = settings.storage_dir / "exports"  # written only under storage, removed once sent
+        exports = settings.export_staging  # nowhere a request chooses; removed once sent
         exports.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="export-", dir=exports))
         try:

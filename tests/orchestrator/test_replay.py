@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.controller import Controller
-from orchestrator.packrun import EVENTS, events_log
+from orchestrator.packrun import EVENTS, EventLog
 from orchestrator.settings import Settings
 from orchestrator.store import NewAdapter, NewEvent, Store
 from workers.plan import AdapterDone, CheckpointEvent, StartEvent, StepEvent
@@ -49,7 +49,7 @@ def test_reconcile_replays_what_the_dead_controller_never_recorded(tmp_path: Pat
     store.record_events(
         [NewEvent(job.id, e.kind, a.id, e.step, e.model_dump(mode="json"), e.id) for e in heard]
     )
-    log = events_log(settings.storage_dir, "pk")
+    log = Path(EventLog(settings.storage_root, "pk").location)
     log.parent.mkdir(parents=True)
     log.write_text(
         EVENTS.dump_json(heard).decode() + "\n" + EVENTS.dump_json(unheard).decode() + "\n" + '[{"kind": "st'

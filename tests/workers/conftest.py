@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from workers import storage
 from workers.checkpoint import read_adapter
 from workers.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
 from workers.synthetic import SKILLS, write_skill_data
@@ -59,7 +60,7 @@ def plan_of(base: Path, *tasks: AdapterTask) -> PackPlan:
 
 
 def final_weights(task: AdapterTask) -> dict[str, torch.Tensor]:
-    files = read_adapter(task.output_dir / "final")
+    files = read_adapter(storage.join(task.output_dir, "final"))  # a directory or an object store
     return {f"{p}.{m}": getattr(w, m) for p, w in files.weights.items() for m in ("lora_A", "lora_B")}
 
 

@@ -30,13 +30,15 @@ def _trained_looking(model: MultiLoraModel, name: str, **kw) -> None:
             weights.lora_B.copy_(torch.randn(weights.lora_B.shape, generator=generator) * 0.05)
 
 
-def _write(model: MultiLoraModel, name: str, dest: Path, base: Path, **kw) -> Path:
-    return ckpt.write_checkpoint(
-        dest,
-        model.adapters[name],
-        base_model=str(base),
-        all_linear_paths=linear_module_names(model.base),
-        **kw,
+def _write(model: MultiLoraModel, name: str, dest: Path | str, base: Path, **kw) -> Path:
+    return Path(
+        ckpt.write_checkpoint(
+            dest,
+            model.adapters[name],
+            base_model=str(base),
+            all_linear_paths=linear_module_names(model.base),
+            **kw,
+        )
     )
 
 
@@ -115,7 +117,7 @@ def test_checkpoint_listing_and_pruning(tiny_base: Path, tmp_path: Path) -> None
     for step in (5, 10, 15):
         _write(model, "a", ckpt.checkpoint_dir(tmp_path, step), tiny_base, training_state={"step": step})
     (tmp_path / ".tmp-checkpoint-00000020-dead").mkdir()  # a crashed writer's leftovers are never listed
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+    assert [Path(p).name for p in ckpt.list_checkpoints(tmp_path)] == [
         "checkpoint-00000005",
         "checkpoint-00000010",
         "checkpoint-00000015",

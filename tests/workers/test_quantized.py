@@ -52,7 +52,7 @@ def test_kbit_base_trains_a_pack_and_exports_a_peft_adapter(
     base = AutoModelForCausalLM.from_pretrained(
         tiny_base, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}
     )
-    peft_model = PeftModel.from_pretrained(base, tasks[0].output_dir / "final")
+    peft_model = PeftModel.from_pretrained(base, Path(tasks[0].output_dir) / "final")
     ids = torch.randint(10, 500, (2, 16), device="cuda")
     with torch.no_grad():
         logits = peft_model(input_ids=ids).logits

@@ -95,7 +95,7 @@ def test_each_adapter_learns_its_own_skill(tiny_base: Path, make_task: TaskFacto
     loaded = load_base(str(tiny_base), device="cpu")
     trainer = PackTrainer(loaded, str(tiny_base), emit=lambda e: None, pack_id="eval")
     for task in tasks:
-        files = read_adapter(task.output_dir / "final")
+        files = read_adapter(Path(task.output_dir) / "final")
         trainer.model.add_adapter(
             task.name,
             r=files.r,
@@ -131,7 +131,7 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(
 
     with pytest.raises(RuntimeError, match="worker lost"):
         run_pack(plan_of(tiny_base, *crashed), emit=crash_after_step_8)
-    assert not (crashed[0].output_dir / "final").exists()
+    assert not (Path(crashed[0].output_dir) / "final").exists()
     done, events = _train(tiny_base, *crashed)  # the same plan again, as Ray Train's restart does
     first_steps = [e.step for e in events if isinstance(e, StepEvent) and e.adapter == "counting"]
     assert first_steps[0] == 9
@@ -195,7 +195,10 @@ def test_zero_steps_from_a_parent_keeps_its_weights_bit_for_bit(
     parent = make_task("counting", out="parent", steps=6)
     _train(tiny_base, parent)
     child = make_task("child", skill="colors", out="child", steps=0).model_copy(
-        update={"init_from": parent.output_dir / "final", "baseline_from": parent.output_dir / "final"}
+        update={
+            "init_from": Path(parent.output_dir) / "final",
+            "baseline_from": Path(parent.output_dir) / "final",
+        }
     )
     done, _ = _train(tiny_base, child)
     assert done["child"].status == "trained" and done["child"].eval_loss is not None
@@ -208,7 +211,7 @@ def test_a_child_with_another_rank_fails_alone(tiny_base: Path, make_task: TaskF
     parent = make_task("counting", out="parent", steps=2)
     _train(tiny_base, parent)
     child = make_task("child", skill="colors", out="c", steps=2, lora={"r": 8}).model_copy(
-        update={"init_from": parent.output_dir / "final"}
+        update={"init_from": Path(parent.output_dir) / "final"}
     )
     sibling = make_task("animals", out="c", steps=2)
     done, _ = _train(tiny_base, child, sibling)
@@ -239,7 +242,7 @@ def test_bad_inputs_fail_their_adapter_with_a_clear_error(
     assert done["bad-data"].status == "failed"
     assert "broken.jsonl" in done["bad-data"].error and "line 2" in done["bad-data"].error
     assert "text" in done["bad-data"].error
-    assert not (tasks[0].output_dir / "final").exists()
+    assert not (Path(tasks[0].output_dir) / "final").exists()
 
 
 def test_quantization_on_cpu_is_a_clear_error(tiny_base: Path, make_task: TaskFactory) -> None:
@@ -272,8 +275,8 @@ def test_a_cancelled_adapter_leaves_between_steps(tiny_base: Path, make_task: Ta
     assert result.adapters["colors"].status == "cancelled" and result.adapters["colors"].step == 3
     assert result.adapters["animals"].status == "trained"
     assert (
-        not (tasks[0].output_dir / "final").exists()
-        and (tasks[0].output_dir / "checkpoint-00000002").is_dir()
+        not (Path(tasks[0].output_dir) / "final").exists()
+        and (Path(tasks[0].output_dir) / "checkpoint-00000002").is_dir()
     )
 
 
@@ -354,5 +357,5 @@ def test_a_bfloat16_base_trains_with_float32_adapters(tiny_base: Path, make_task
     losses = [e.loss for e in events if isinstance(e, StepEvent)]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])  # it learns
-    weights = read_adapter(task.output_dir / "final").weights
+    weights = read_adapter(Path(task.output_dir) / "final").weights
     assert all(w.lora_A.dtype == torch.float32 for w in weights.values())  # PEFT keeps adapters in fp32

@@ -1,0 +1,188 @@
+"""Where adapters, checkpoints and event logs live: a local directory or an object store.
+
+A location is a string: a filesystem path, or a URI that `pyarrow.fs.FileSystem.from_uri` resolves
+(`s3://bucket/prefix`, `gs://...`), which is how Ray Train resolves its own `storage_path`, so one
+`LORAFLEET_STORAGE` serves both. Credentials and endpoint come from the store's standard environment
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for an S3-compatible server, or the
+node's IAM role), on every process that reads or writes: the server and each Ray node.
+
+Object stores have no rename and no append. So a directory is published file by file with a marker
+file written last (`publish`): readers treat a directory without its marker as absent, which gives the
+same all-or-nothing view that an atomic rename gives on a filesystem. Readers that need real files
+(safetensors, PEFT, transformers) work on a local copy (`local_copy`); local locations are used in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow.fs as pafs
+from pydantic import BeforeValidator
+
+Location = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
+"""A path or an object-store URI, as a string (pydantic fields accept `Path` objects too)."""
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    scheme, sep, _ = os.fspath(location).partition("://")
+    return bool(sep) and scheme != "file"
+
+
+def join(location: str | os.PathLike[str], *parts: str) -> str:
+    """`location/part/...` for a path or a URI (object keys always use '/')."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        return str(Path(text).joinpath(*parts))
+    return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def name(location: str | os.PathLike[str]) -> str:
+    return os.fspath(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(root: str) -> pafs.FileSystem:
+    """One client per bucket and process (creating an S3 client is far costlier than a request)."""
+    return pafs.FileSystem.from_uri(root)[0]
+
+
+def resolve(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path on it (for Ray Train's `storage_filesystem` and for us)."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    scheme, _, rest = text.partition("://")
+    bucket = rest.split("/", 1)[0]
+    return _filesystem(f"{scheme}://{bucket}"), rest.rstrip("/")
+
+
+def exists(location: str | os.PathLike[str]) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | os.PathLike[str]) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def modified_ns(location: str | os.PathLike[str]) -> int | None:
+    """When a file was last written (an object's upload time), None when it is not there."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    return info.mtime_ns if info.type == pafs.FileType.File else None
+
+
+def read_bytes(location: str | os.PathLike[str]) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
+    """One whole object (a local file is written to a temporary sibling and renamed into place)."""
+    if is_remote(location):
+        fs, path = resolve(location)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    target = Path(location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def files(location: str | os.PathLike[str]) -> list[str]:
+    """Relative paths of every file under a directory, sorted ([] when there is none)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(info.path[len(path) :].lstrip("/") for info in found if info.type == pafs.FileType.File)
+
+
+def children(location: str | os.PathLike[str]) -> list[str]:
+    """Names of the immediate subdirectories of a directory, sorted."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(info.base_name for info in found if info.type == pafs.FileType.Directory)
+
+
+def remove(location: str | os.PathLike[str]) -> None:
+    """Delete a directory and everything under it; a missing one is fine."""
+    if not is_remote(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def publish(source: Path, dest: str | os.PathLike[str], marker: str) -> None:
+    """Make the complete directory `source` appear at `dest`, replacing what was there; consumes `source`.
+
+    On a filesystem it is renamed into place (atomic; `source` must be on the same filesystem). On an
+    object store the old `dest` is deleted, then every file is uploaded with `marker` last, so a reader
+    that requires the marker never sees a mix or a half."""
+    if not is_remote(dest):
+        target = Path(dest)
+        if target.exists():
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(source, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, target)
+        return
+    remove(dest)
+    fs, path = resolve(dest)
+    names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    for relative in sorted(names, key=lambda n: n == marker):  # the marker goes last
+        with fs.open_output_stream(f"{path}/{relative}") as stream:
+            stream.write((source / relative).read_bytes())
+    shutil.rmtree(source, ignore_errors=True)
+
+
+def staging_dir(dest: str | os.PathLike[str]) -> Path:
+    """A fresh empty directory to build `dest` in before `publish`: beside it on a filesystem (so the
+    rename is atomic), in the system's temp dir for an object store."""
+    if is_remote(dest):
+        return Path(tempfile.mkdtemp(prefix="lorafleet-stage-"))
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+
+
+def download(location: str | os.PathLike[str], dest: Path) -> Path:
+    """Copy every file of a directory to the local directory `dest` (created)."""
+    fs, path = resolve(location)
+    dest.mkdir(parents=True, exist_ok=True)
+    for relative in files(location):
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{path}/{relative}") as stream:
+            (dest / relative).write_bytes(stream.read())
+    return dest
+
+
+@contextmanager
+def local_copy(location: str | os.PathLike[str]) -> Iterator[Path]:
+    """The directory as local files for the duration of the block: in place when local, else a
+    temporary download removed afterwards."""
+    if not is_remote(location):
+        yield Path(location)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="lorafleet-copy-"))
+    try:
+        yield download(location, tmp / name(location))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

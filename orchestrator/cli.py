@@ -77,6 +77,7 @@ def _run(fn: Any) -> Any:
     import httpx
 
     from orchestrator.localservice import ServiceError
+    from workers.storage import StorageError
 
     try:
         return fn()
@@ -84,7 +85,7 @@ def _run(fn: Any) -> Any:
         raise _fail(str(exc), 2) from None
     except (ApiError, ValueError) as exc:
         raise _fail(str(exc), 2) from None
-    except ServiceError as exc:
+    except (ServiceError, StorageError) as exc:
         raise _fail(str(exc), 3) from None
     except httpx.TransportError as exc:
         raise _fail(f"cannot reach the lorafleet server: {exc}", 3) from None
@@ -403,8 +404,10 @@ def server(host: str = "127.0.0.1", port: int = 8000) -> None:
     from orchestrator.api import create_app
     from orchestrator.controller import connect_ray
     from orchestrator.settings import Settings
+    from workers.storage import check_writable
 
     settings = Settings()
+    _run(lambda: check_writable(settings.storage_root))  # a wrong bucket or key fails now, not mid-pack
     connect_ray(settings)  # before uvicorn: its SIGTERM handler must be the one installed
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 

@@ -326,6 +326,13 @@ def run_service(home: Path) -> int:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = Settings(home=service.home, api_token=token)
     from orchestrator.controller import connect_ray, ray_session_dir
+    from workers.storage import StorageError, check_writable
+
+    try:
+        check_writable(settings.storage_root)
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     connect_ray(settings)  # before uvicorn, so its SIGTERM handler (graceful stop) is the one installed
     session = ray_session_dir() if settings.ray_address is None else None

@@ -30,6 +30,30 @@ Location = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v
 """A path or an object-store URI, as a string (pydantic fields accept `Path` objects too)."""
 
 
+class StorageError(RuntimeError):
+    """Storage cannot be used: named, with the cause and what to set."""
+
+
+def check_writable(location: str | os.PathLike[str], setting: str = "LORAFLEET_STORAGE") -> None:
+    """Write and delete a probe under `location`, so a server with a wrong bucket, endpoint or key fails
+    at start with the reason, not hours later in the first checkpoint of a pack."""
+    probe = join(location, f".lorafleet-probe-{os.getpid()}")
+    try:
+        write_bytes(probe, b"ok")
+        if read_bytes(probe) != b"ok":
+            raise OSError("what was written did not read back")
+        fs, path = resolve(probe)
+        fs.delete_file(path)
+    except (OSError, ValueError) as exc:  # pyarrow raises OSError subclasses for S3 errors
+        hint = (
+            "check the bucket exists and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL "
+            "for an S3-compatible server) are set for this process and every Ray node"
+            if is_remote(location)
+            else "give a directory this user can write, mounted at the same path on every Ray node"
+        )
+        raise StorageError(f"{setting}={os.fspath(location)!r} is not writable: {exc}; {hint}") from exc
+
+
 def is_remote(location: str | os.PathLike[str]) -> bool:
     scheme, sep, _ = os.fspath(location).partition("://")
     return bool(sep) and scheme != "file"

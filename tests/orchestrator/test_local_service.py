@@ -384,11 +384,22 @@ def _train_workers(session: str) -> list:
     return found
 
 
-def test_a_killed_train_worker_resumes_from_its_checkpoint_and_mlflow_shows_each_step_once(
-    tiny_base: Path, data_dir: Path, tmp_path: Path
+def test_a_killed_train_worker_resumes_from_its_s3_checkpoint_and_mlflow_shows_each_step_once(
+    tiny_base: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    s3_bucket: str,
+    s3_server,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With `LORAFLEET_STORAGE=s3://...` on a real S3-compatible server: checkpoints, the packs' event
+    logs and Ray Train's run storage live in the bucket; a killed worker resumes from the S3 checkpoint;
+    the adapter exports and serves from S3; nothing of it lands on the local disk."""
+    from workers.checkpoint import read_adapter
 
     home = tmp_path / "home"
+    prefix = "team/lorafleet"
+    monkeypatch.setenv("LORAFLEET_STORAGE", f"s3://{s3_bucket}/{prefix}")  # the service inherits it
     try:
         spec = spec_file(
             tmp_path, str(tiny_base), data_dir, "worker", "worker-kill", steps=200, checkpoint_every=10
@@ -403,5 +414,24 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint_and_mlflow_shows_each
         view = until(home, job["id"], lambda v: v["state"] not in ("pending", "running"))
         assert view["state"] == "succeeded" and all(a["step"] == 200 for a in view["adapters"])
         _assert_resumed_once(home, job["id"], ("counting", "colors"), steps=200, every=10)
+
+        keys = s3_server.keys(s3_bucket, prefix + "/")
+        final = f"{prefix}/adapters/worker-kill/counting/final/"
+        assert {
+            final + f for f in ("adapter_config.json", "adapter_model.safetensors", "lorafleet.json")
+        } <= set(keys)
+        assert any(k.startswith(f"{prefix}/adapters/worker-kill/counting/checkpoint-") for k in keys)
+        assert any(k.startswith(f"{prefix}/events/") for k in keys)  # the packs' event logs
+        assert any(k.startswith(f"{prefix}/ray/pack-") for k in keys)  # Ray Train's run storage
+        assert not (home / "artifacts").exists()  # nothing of it on the server's disk
+
+        exported = tmp_path / "exported"
+        done = cli(home, "export", "worker-kill/counting", "--out", str(exported), "--json")
+        assert done.returncode == 0, done.stderr
+        ours = read_adapter(exported).weights
+        stored = read_adapter(f"s3://{s3_bucket}/{final}").weights
+        assert ours.keys() == stored.keys() and all((ours[k].lora_B == stored[k].lora_B).all() for k in ours)
+        said = cli(home, "generate", "worker-kill/counting", "count: 1 2 3", "--json")
+        assert said.returncode == 0 and json.loads(said.stdout)["text"], said.stderr
     finally:
         _stopped(home)

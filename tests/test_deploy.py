@@ -297,6 +297,17 @@ def test_helm_existing_claim_and_no_persistence(helm: list[str]) -> None:
     assert volumes["storage"] == {"name": "storage", "emptyDir": {}}
 
 
+def test_helm_object_storage_uri_and_credentials(helm: list[str]) -> None:
+    docs = render(helm, "storage.uri=s3://team-bucket/lorafleet", "storage.credentialsSecret=s3-creds")
+    assert one(docs, "ConfigMap")["data"]["LORAFLEET_STORAGE"] == "s3://team-bucket/lorafleet"
+    sources = server_container(docs)["envFrom"]
+    assert {"secretRef": {"name": "s3-creds"}} in sources
+    assert (
+        render(helm)[0] is not None
+        and {"secretRef": {"name": "s3-creds"}} not in server_container(render(helm))["envFrom"]
+    )
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [

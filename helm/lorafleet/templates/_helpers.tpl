@@ -131,6 +131,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "lorafleet.envFrom" -}}
 - configMapRef:
     name: {{ include "lorafleet.fullname" . }}
+{{- with .Values.storage.credentialsSecret }}
+- secretRef:
+    name: {{ . }}
+{{- end }}
 {{- with .Values.extraEnvFrom }}
 {{ toYaml . }}
 {{- end }}

@@ -186,6 +186,8 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
         if principal is None:
             return _problem(401, "missing or wrong API token: send `Authorization: Bearer <token>`")
         request.state.principal = principal
+        if "\x00" in request.url.path:  # no id or name holds NUL (decoded: %00 arrives as NUL)
+            return _problem(404, "not found: a path with a NUL character names nothing")
         return await call_next(request)
 
     @app.exception_handler(HTTPException)

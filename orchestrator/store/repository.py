@@ -704,7 +704,7 @@ class Store:
         lower = default_lower_is_better if lower_is_better is None else set(lower_is_better).__contains__
         clean = {k: (float(v), int(step)) for k, (v, step) in values.items() if not math.isnan(v)}
         with self._session(f"upsert metrics of adapter {adapter_id!r}", write=True) as s:
-            self._adapter(s, adapter_id)
+            self._adapter(s, adapter_id, lock=True)  # one writer per adapter: two first inserts never race
             existing = {
                 row.key: row
                 for row in s.scalars(

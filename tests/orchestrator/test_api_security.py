@@ -152,6 +152,10 @@ def test_bad_requests_are_4xx_never_500(api: TestClient, tiny_base: Path, roots:
         api.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}).status_code
         == 401
     )
+    # a NUL in an id or a name (PostgreSQL refuses it in a query: once a 400 "database error")
+    for path in ("/v1/jobs/%00", "/v1/adapters/p/%00", "/v1/adapters/p/a%00b/lineage"):
+        answer = api.get(path, headers=auth(ADMIN))
+        assert answer.status_code == 404 and "NUL" in answer.json()["detail"]["message"], (path, answer.text)
     # huge numbers
     assert api.get("/v1/jobs/x/events", params={"after": 10**20}, headers=auth(ADMIN)).status_code in (
         404,

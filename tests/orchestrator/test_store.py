@@ -296,6 +296,30 @@ def test_an_engine_event_is_recorded_once_however_often_it_is_replayed(store: St
     assert [e.step for e in store.list_events(job.id)] == [0, 1, 2, 3, 4, 5, 5]
 
 
+def test_concurrent_first_writes_of_a_new_metric_all_land(store: Store) -> None:
+    """Writers racing to create the same summary row are serialised on the adapter row, not refused
+    (on PostgreSQL two inserts of a new key used to conflict)."""
+    _, (a,), _ = store.create_job("p", "j", {}, [new("a")])
+    errors: list[Exception] = []
+    start = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        start.wait()
+        try:
+            store.upsert_metrics(a.id, {"train_loss": (float(10 - i), i)})
+        except Exception as exc:  # any refusal is the bug
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    (summary,) = store.get_metrics(a.id)
+    assert summary.best_value == 3.0
+
+
 def test_metric_summaries_keep_last_and_best(store: Store) -> None:
     _, (a,), _ = store.create_job("p", "j", {}, [new("a")])
     store.upsert_metrics(a.id, {"train_loss": (2.0, 1), "accuracy": (0.5, 1)})

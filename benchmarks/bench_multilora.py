@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (0: 2048 cpu, 8192 cuda)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the packs' activation checkpointing (auto: only when the memory model says it must)",
+    )
+    p.add_argument("--tag", default="", help="results file suffix: multilora-<device>[-<tag>]")
     p.add_argument("--render", type=Path, help="only re-write the .md and .png of this results .json")
     p.add_argument("--smoke", action="store_true", help="harness check: 1 config, seq 512, K=1,2, 2 steps")
     args = p.parse_args(argv)
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=device,
         workdir=args.workdir,
         memory_bytes=memory,
+        checkpointing=args.checkpointing,
     )
     rows = harness.sweep(plan, peaks)
     harness.add_ratios(rows)
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets="all-linear" if args.all_linear else args.targets,
     )
     out = {"machine": info, "config": config, "peak_flops": peaks, "rows": rows, "notes": report.notes()}
-    report.write_outputs(out, args.out, f"{device}-smoke" if args.smoke else device)
+    tag = "-".join(t for t in (device, "smoke" if args.smoke else "", args.tag) if t)
+    report.write_outputs(out, args.out, tag)
     return out
 
 

@@ -361,6 +361,7 @@ class Sweep:
     device: str
     workdir: Path
     memory_bytes: int  # RAM, or the GPU's memory
+    checkpointing: str = "auto"  # the packs' activation checkpointing (memory rows force it on)
 
     @property
     def budget_bytes(self) -> int:
@@ -415,6 +416,7 @@ def sweep_one(
         out_dir="",
         flops=flops,
         memory_budget_bytes=plan.budget_bytes,
+        checkpointing=plan.checkpointing,
     )
 
     def run(one: RunSpec) -> dict[str, Any]:
@@ -424,7 +426,7 @@ def sweep_one(
             return log_row({**finish_row(one, {"error": skip}, peaks), "status": "skipped", "note": skip})
         row = run_single(one, peaks)
         if one.method == "pack":
-            row["estimate_mb"] = memory_estimate_mb(one)
+            row["estimate_mb"] = memory_estimate_mb(one, checkpointing=row.get("checkpointed") is True)
         return log_row(row)
 
     def spec(method: str, k: int, **kw: Any) -> RunSpec:

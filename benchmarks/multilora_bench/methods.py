@@ -54,6 +54,7 @@ class RunSpec:
     kernel: str = "auto"
     packing: bool = True
     memory_budget_bytes: int | None = None  # the pack's budget: checkpointing turns on if it would not fit
+    checkpointing: str = "auto"  # the pack's activation checkpointing: auto (by budget), on, off
 
     @property
     def k(self) -> int:
@@ -129,7 +130,7 @@ def pack_plan(spec: RunSpec) -> Any:
         device=spec.device,
         dtype=spec.dtype,
         adapters=adapters,
-        activation_checkpointing="auto",
+        activation_checkpointing=spec.checkpointing,
         memory_budget_bytes=spec.memory_budget_bytes,
     )
 

@@ -19,7 +19,8 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def _method(row: dict[str, Any]) -> str:
-    return row["method"] + (" (unpacked)" if row["method"] == "pack" and row.get("packing") is False else "")
+    unpacked = row["method"] == "pack" and row.get("packing") is False
+    return row["method"] + (" (unpacked)" if unpacked else "") + (" +ckpt" if row.get("checkpointed") else "")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -126,7 +127,9 @@ def notes() -> list[str]:
         " kernel.",
         "pad % = padded positions forwarded / all positions (pack: as the engine laid them out).",
         "est. MB = the scheduler's memory estimate for the pack (orchestrator.scheduler: base + K adapters"
-        " at batch × seq tokens each, no checkpointing), beside the measured peak RSS.",
+        " at batch × seq tokens each; with checkpointing where the row used it), beside the measured"
+        " peak RSS. +ckpt = the pack recomputed its decoder layers in backward (activation"
+        " checkpointing: forced by --checkpointing on, or turned on by the memory model).",
     ]
 
 

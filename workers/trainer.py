@@ -45,6 +45,7 @@ from workers.plan import (
     TrainConfig,
     perplexity,
 )
+from workers.varlen import use_varlen_attention
 
 EmitFn = Callable[[Event], None]
 EVAL_TOKENS_PER_FORWARD = 16_384
@@ -190,8 +191,8 @@ class PackTrainer:
         config = base.model.config
         self._dims = memory.ModelDims.from_config(config.to_dict())
         self._dtype = str(base.model.dtype).removeprefix("torch.")
-        varlen = getattr(config, "_attn_implementation", None) == "flash_attention_2"
-        self._attention_weight = attention_weight_of(config, varlen)
+        self._varlen = use_varlen_attention(base.model)
+        self._attention_weight = attention_weight_of(config, self._varlen)
         self.last_batch: Batch | None = None  # the last training pass's layout (benchmarks read it)
 
     # ---- setup ----
@@ -334,7 +335,7 @@ class PackTrainer:
             self._dims,
             self._dtype,
             tokens=batch.padded_tokens,
-            width=batch.width,
+            width=0 if self._varlen else batch.width,  # variable-length attention builds no mask
             checkpointing=False,
             lora=lora,
             lora_params=sum(p.numel() for run in active for p in run.adapter.parameters()),

@@ -57,6 +57,7 @@ class PackShape:
     memory_gb: float | None
     max_adapters: int
     activation_checkpointing: str = "auto"
+    max_tokens_per_pass: int | None = None
 
     @classmethod
     def of(cls, spec: JobSpec) -> PackShape:
@@ -69,6 +70,7 @@ class PackShape:
             r.memory_gb_per_worker,
             r.max_adapters_per_worker,
             r.activation_checkpointing,
+            r.max_tokens_per_pass,
         )
 
 
@@ -486,6 +488,7 @@ class Controller:
             max_adapters=shape.max_adapters,
             memory_budget_bytes=self._budget(shape),  # `auto` checkpointing turns on above it
             activation_checkpointing=shape.activation_checkpointing,  # type: ignore[arg-type]
+            max_tokens_per_pass=shape.max_tokens_per_pass,
         )
         self.store.create_pack(
             pack_id,

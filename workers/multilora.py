@@ -149,6 +149,8 @@ class MultiLoraLinear(nn.Module):
             return out
         ranges = self.routing.token_ranges(x)
         taking = self._taking(ranges)
+        if not taking:  # this layer's adapters have no tokens in this pass
+            return out
         flat = x.reshape(-1, x.shape[-1])
         index = self.routing.group_index([(s, e) for _, s, e in taking], flat.shape[0], x.device)
         if self._use_grouped(x, taking, index):

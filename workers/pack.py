@@ -64,6 +64,7 @@ def run_pack(
         kernel=kernel,
         checkpointing=plan.activation_checkpointing,
         memory_budget_bytes=plan.memory_budget_bytes,
+        max_tokens_per_pass=plan.max_tokens_per_pass,
     )
     capacity = plan.capacity
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -171,6 +171,15 @@ class PackPlan(_Strict):
         description="Recompute each decoder layer in backward instead of keeping its activations. auto: on "
         "for a step whose estimated peak would exceed `memory_budget_bytes` without it (off if no budget).",
     )
+    max_tokens_per_pass: Annotated[
+        int | None,
+        Field(
+            gt=0,
+            description="At most this many tokens in one forward/backward: a step over more runs as several "
+            "passes of whole adapters (same gradients, less activation memory). null: `CPU_PASS_TOKENS` on "
+            "CPU, one pass per step on GPU.",
+        ),
+    ] = None
 
     @property
     def capacity(self) -> int:

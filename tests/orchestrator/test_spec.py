@@ -52,6 +52,7 @@ def test_the_design_example_parses_with_overrides_merged(tmp_path: Path) -> None
     assert spec.adapters[0].data.path == tmp_path / "data" / "billing.jsonl"  # relative to the spec file
     assert spec.base_model == str(tmp_path / "models" / "tiny")
     assert spec.adapters[2].parent == "refunds" and spec.promotion.auto
+    assert spec.resources.max_tokens_per_pass is None  # the engine's default for the device
 
 
 @pytest.mark.parametrize(
@@ -88,6 +89,7 @@ def test_the_design_example_parses_with_overrides_merged(tmp_path: Path) -> None
             "ancestor",
         ),
         ("name: [unclosed", "spec", "YAML"),
+        (_minimal(resources={"max_tokens_per_pass": 0}), "resources.max_tokens_per_pass", "greater than 0"),
     ],
 )
 def test_bad_specs_name_the_field(source, field: str, fragment: str) -> None:

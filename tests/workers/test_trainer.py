@@ -15,7 +15,7 @@ from workers.model import BaseModelError, load_base
 from workers.pack import run_pack
 from workers.plan import AdapterDone, CheckpointEvent, Event, PackPlan, StepEvent
 from workers.synthetic import SKILLS
-from workers.trainer import PackTrainer
+from workers.trainer import PackTrainer, adapter_passes
 
 
 def _train(base: Path, *tasks, **kw) -> tuple[dict[str, AdapterDone], list[Event]]:
@@ -54,6 +54,41 @@ def test_grouped_and_loop_kernels_train_the_same_adapters(
     _train(tiny_base, *grouped, kernel="grouped")
     for a, b in zip(loop, grouped, strict=True):
         assert max_weight_diff(final_weights(a), final_weights(b)) <= 1e-5
+
+
+def test_adapter_passes_take_whole_adapters_up_to_the_token_limit() -> None:
+    from workers.data import Example
+
+    def docs(*lengths: int) -> list[Example]:
+        return [Example(tuple(range(n)), tuple(range(n))) for n in lengths]
+
+    parts = [docs(30, 20), docs(40), [], docs(90), docs(10, 10)]
+    assert adapter_passes(parts, None) == [parts] and adapter_passes(parts, 500) == [parts]
+    passes = adapter_passes(parts, 60)
+    members = [[i for i, part in enumerate(p) if part] for p in passes]
+    assert members == [[0], [1], [3], [4]]  # 50 | 40 | 90 alone (over the limit) | 20
+    assert all(len(p) == len(parts) for p in passes)  # aligned with the pack's adapters
+    assert [passes[k][i] for k, i in ((0, 0), (1, 1), (2, 3), (3, 4))] == [
+        parts[0],
+        parts[1],
+        parts[3],
+        parts[4],
+    ]
+
+
+def test_a_step_split_into_passes_trains_the_same_adapters(tiny_base: Path, make_task: TaskFactory) -> None:
+    def pack(out: str):
+        return [
+            make_task("counting", out=out, steps=6, lora={"dropout": 0.1}),
+            make_task("colors", out=out, steps=6, batch_size=7, lora={"r": 8}),
+            make_task("animals", out=out, steps=6, lora={"target_modules": "all-linear", "dropout": 0.2}),
+        ]
+
+    whole, split = pack("whole"), pack("split")
+    run_pack(plan_of(tiny_base, *whole).model_copy(update={"max_tokens_per_pass": 100_000}))
+    run_pack(plan_of(tiny_base, *split).model_copy(update={"max_tokens_per_pass": 60}))  # ~one adapter a pass
+    for a, b in zip(whole, split, strict=True):
+        assert max_weight_diff(final_weights(a), final_weights(b)) <= 1e-6
 
 
 def test_changing_a_neighbours_data_leaves_an_adapter_unchanged(

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the packs' activation checkpointing (auto: only when the memory model says it must)",
     )
+    p.add_argument(
+        "--max-tokens-per-pass",
+        type=int,
+        default=0,
+        help="the packs' pass size (0: the engine's default, 1024 on CPU; a huge value: one pass a step)",
+    )
     p.add_argument("--tag", default="", help="results file suffix: multilora-<device>[-<tag>]")
     p.add_argument("--render", type=Path, help="only re-write the .md and .png of this results .json")
     p.add_argument("--smoke", action="store_true", help="harness check: 1 config, seq 512, K=1,2, 2 steps")
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workdir=args.workdir,
         memory_bytes=memory,
         checkpointing=args.checkpointing,
+        max_tokens_per_pass=args.max_tokens_per_pass or None,
     )
     rows = harness.sweep(plan, peaks)
     harness.add_ratios(rows)

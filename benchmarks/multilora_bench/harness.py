@@ -206,6 +206,7 @@ def finish_row(spec: RunSpec, out: dict[str, Any], peaks: dict[str, float]) -> d
         "k": spec.k,
         "method": spec.method,
         "kernel": spec.kernel if spec.method in ("pack", "procs") else None,
+        "max_tokens_per_pass": spec.max_tokens_per_pass if spec.method == "pack" else None,
         "steps": spec.steps,
         "batch_size": spec.batch_size,
         **out,
@@ -362,6 +363,7 @@ class Sweep:
     workdir: Path
     memory_bytes: int  # RAM, or the GPU's memory
     checkpointing: str = "auto"  # the packs' activation checkpointing (memory rows force it on)
+    max_tokens_per_pass: int | None = None  # the packs' pass size; None: the engine's default
 
     @property
     def budget_bytes(self) -> int:
@@ -417,6 +419,7 @@ def sweep_one(
         flops=flops,
         memory_budget_bytes=plan.budget_bytes,
         checkpointing=plan.checkpointing,
+        max_tokens_per_pass=plan.max_tokens_per_pass,
     )
 
     def run(one: RunSpec) -> dict[str, Any]:

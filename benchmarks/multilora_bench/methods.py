@@ -55,6 +55,7 @@ class RunSpec:
     packing: bool = True
     memory_budget_bytes: int | None = None  # the pack's budget: checkpointing turns on if it would not fit
     checkpointing: str = "auto"  # the pack's activation checkpointing: auto (by budget), on, off
+    max_tokens_per_pass: int | None = None  # the pack's pass size; None: the engine's default
 
     @property
     def k(self) -> int:
@@ -132,6 +133,7 @@ def pack_plan(spec: RunSpec) -> Any:
         adapters=adapters,
         activation_checkpointing=spec.checkpointing,
         memory_budget_bytes=spec.memory_budget_bytes,
+        max_tokens_per_pass=spec.max_tokens_per_pass,
     )
 
 

@@ -20,7 +20,10 @@ def fmt(value: Any, spec: str) -> str:
 
 def _method(row: dict[str, Any]) -> str:
     unpacked = row["method"] == "pack" and row.get("packing") is False
-    return row["method"] + (" (unpacked)" if unpacked else "") + (" +ckpt" if row.get("checkpointed") else "")
+    passes = row.get("max_tokens_per_pass")
+    shown = "" if passes is None else " (1 pass)" if passes >= 10**6 else f" (≤{passes}/pass)"
+    ckpt = " +ckpt" if row.get("checkpointed") else ""
+    return row["method"] + (" (unpacked)" if unpacked else "") + shown + ckpt
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -129,7 +132,9 @@ def notes() -> list[str]:
         "est. MB = the scheduler's memory estimate for the pack (orchestrator.scheduler: base + K adapters"
         " at batch × seq tokens each; with checkpointing where the row used it), beside the measured"
         " peak RSS. +ckpt = the pack recomputed its decoder layers in backward (activation"
-        " checkpointing: forced by --checkpointing on, or turned on by the memory model).",
+        " checkpointing: forced by --checkpointing on, or turned on by the memory model). (1 pass) = the"
+        " whole pack step in one forward/backward; by default a CPU pack runs passes of ≤ 1,024 tokens of"
+        " whole adapters (workers.trainer.CPU_PASS_TOKENS).",
     ]
 
 

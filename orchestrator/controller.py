@@ -429,6 +429,11 @@ class Controller:
             batch_size=train.batch_size,
             max_seq_len=train.max_seq_len,
             needs_gpu=spec.resources.gpus_per_worker > 0,
+            pass_tokens=sched.default_pass_tokens(
+                spec.resources.gpus_per_worker > 0,
+                spec.resources.max_tokens_per_pass,
+                spec.resources.max_adapters_per_worker * train.batch_size * train.max_seq_len,
+            ),
         )
 
     @staticmethod
@@ -507,7 +512,9 @@ class Controller:
             "num_threads": max(1, int(shape.cpus_per_worker)),
         }
         ref = fit_pack_task.remote(plan.model_dump_json(), self._channel, options)
-        base_bytes = sched.base_memory_bytes(placement.base, self._info(placement.base))
+        info = self._info(placement.base)  # the base, and one pass's activations if steps run in passes
+        base_bytes = sched.base_memory_bytes(placement.base, info)
+        base_bytes += sched.pass_memory_bytes(self._demand(adapters[0]), info)
         pack = RunningPack(pack_id, placement.base, shape, ref, base_bytes)
         self.running[pack_id] = pack
         self._join(pack, adapters)

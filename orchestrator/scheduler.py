@@ -151,6 +151,7 @@ class AdapterDemand:
     batch_size: int
     max_seq_len: int
     needs_gpu: bool
+    pass_tokens: int | None = None  # the pack runs steps in passes of at most this many tokens (None: one)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -232,8 +233,10 @@ def lora_param_count(info: BaseModelInfo, r: int, target_modules: tuple[str, ...
     return r * info.num_layers * sum(i + o for _, i, o in shapes)
 
 
-def _activation_bytes(info: BaseModelInfo, demand: AdapterDemand, checkpointing: bool = False) -> int:
-    """Activations of the demand's rows: `batch_size * max_seq_len` tokens (`workers.memory`)."""
+def _activation_bytes(
+    info: BaseModelInfo, demand: AdapterDemand, checkpointing: bool = False, tokens: int | None = None
+) -> int:
+    """Activations of `tokens` of the demand's rows (default: all of them, `batch_size * max_seq_len`)."""
     dims = engine_memory.ModelDims(info.hidden_size, info.intermediate_size, info.num_layers, info.vocab_size)
     per_token = engine_memory.activation_bytes_per_token(
         dims,
@@ -243,17 +246,53 @@ def _activation_bytes(info: BaseModelInfo, demand: AdapterDemand, checkpointing:
         lora=engine_memory.LoraInputs.of(demand.target_modules),
         cpu=not demand.needs_gpu,
     )
-    return math.ceil(demand.batch_size * demand.max_seq_len * per_token)
+    if tokens is None:
+        tokens = demand.batch_size * demand.max_seq_len
+    return math.ceil(tokens * per_token)
+
+
+def default_pass_tokens(needs_gpu: bool, max_tokens_per_pass: int | None, step_tokens: int) -> int | None:
+    """The engine's pass size for a pack: the spec's `resources.max_tokens_per_pass`, else
+    `CPU_PASS_TOKENS` on CPU, else one pass per step (GPU); never more than `step_tokens`, the most a pack
+    step can hold (max adapters x batch x max_seq_len), which is what a pass cap above it amounts to."""
+    cap = max_tokens_per_pass or (None if needs_gpu else engine_memory.CPU_PASS_TOKENS)
+    return None if cap is None else min(cap, step_tokens)
+
+
+def pass_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointing: bool = False) -> int:
+    """Activations of one pass, which a pack that runs its steps in passes pays once, whatever its K
+    (passes run one after the other); 0 for a pack that runs each step as one pass."""
+    if demand.pass_tokens is None:
+        return 0
+    return _activation_bytes(info, demand, checkpointing, tokens=demand.pass_tokens)
 
 
 def adapter_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointing: bool = False) -> int:
     """What one adapter adds to a pack: LoRA state (16 bytes/param) + activations of its rows (module doc).
 
-    `checkpointing`: with activation checkpointing on (the engine's `activation_checkpointing: on`, or
-    `auto` under a budget the pack would not fit otherwise), activations are much smaller.
+    A pack that runs its steps in passes (`pass_tokens`; CPU by default) pays one pass's activations once
+    (`pass_memory_bytes`), and an adapter adds only what its own step has over a pass (it then gets a pass
+    of its own). `checkpointing`: with activation checkpointing on (the engine's
+    `activation_checkpointing: on`, or `auto` under a budget the pack would not fit otherwise), activations
+    are much smaller.
     """
     params = lora_param_count(info, demand.r, demand.target_modules)
-    return LORA_STATE_BYTES_PER_PARAM * params + _activation_bytes(info, demand, checkpointing)
+    return _lora_bytes_per_param(demand) * params + _activation_bytes(
+        info, demand, checkpointing, tokens=_own_tokens(demand)
+    )
+
+
+def _lora_bytes_per_param(demand: AdapterDemand) -> int:
+    """LoRA state, and on CPU what the allocator keeps of each adapter's per-step temporaries."""
+    if demand.needs_gpu:
+        return LORA_STATE_BYTES_PER_PARAM
+    return engine_memory.CPU_LORA_BYTES_PER_PARAM
+
+
+def _own_tokens(demand: AdapterDemand) -> int:
+    """The tokens of the demand's step that a pass does not already pay for."""
+    tokens = demand.batch_size * demand.max_seq_len
+    return tokens if demand.pass_tokens is None else max(0, tokens - demand.pass_tokens)
 
 
 def model_info_from_config(config: Mapping[str, Any]) -> BaseModelInfo:
@@ -398,8 +437,8 @@ def _adapter_sizer(infos: Mapping[BaseKey, BaseModelInfo]) -> Callable[[AdapterD
         key = (d.base, d.target_modules)
         if key not in per_rank:
             per_rank[key] = lora_param_count(infos[d.base], 1, d.target_modules)
-        act = _activation_bytes(infos[d.base], d)
-        return LORA_STATE_BYTES_PER_PARAM * d.r * per_rank[key] + act
+        act = _activation_bytes(infos[d.base], d, tokens=_own_tokens(d))
+        return _lora_bytes_per_param(d) * d.r * per_rank[key] + act
 
     return size
 
@@ -450,12 +489,13 @@ def schedule(
     need_of = _adapter_sizer(infos)
 
     def put(pool: _Pool, d: AdapterDemand, need: int) -> bool:
-        where = pool.place(d.base, need, base_bytes[d.base])
+        opening = base_bytes[d.base] + pass_memory_bytes(d, infos[d.base])
+        where = pool.place(d.base, need, opening)
         if where is None:
             return False
         order, new_pack = where
         placed.setdefault(order, []).append(d.adapter_id)
-        added[order] = added.get(order, 0) + need + (base_bytes[d.base] if new_pack else 0)
+        added[order] = added.get(order, 0) + need + (opening if new_pack else 0)
         if new_pack:
             opened[order] = d.base
         return True
@@ -516,7 +556,7 @@ def unplaceable(
             continue
         if d.base not in base_bytes:
             base_bytes[d.base] = base_memory_bytes(d.base, infos[d.base])
-        base, adapter = base_bytes[d.base], need_of(d)
+        base, adapter = base_bytes[d.base], need_of(d) + pass_memory_bytes(d, infos[d.base])
         if base + adapter <= largest:
             continue
         head = (

@@ -32,6 +32,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+CPU_PASS_TOKENS = 1024
+"""Default pass size on CPU (`workers.trainer.adapter_passes`): a CPU's matmuls are as fast at 1,024 rows as
+at 8,192, while activations (and the freed temporaries glibc keeps resident) grow with the pass: measured
+on SmolLM2-135M, a pack of 8 (~2,400 tokens a step) took 3.3 GB instead of 6.9 GB, and was no slower
+(benchmarks/results/multilora-cpu*.md). So a CPU pack's activations are one pass's, whatever its K."""
+
 DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20
 SAVED_HIDDEN = 4
@@ -41,6 +47,11 @@ SAVED_OUTSIDE_FP32 = 2
 CPU_FRAGMENTATION = 0.5
 HEAD_CHUNK_BYTES = 128 * 2**20  # fp32 logits per head chunk; workers.head uses the same number
 LORA_STATE_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+# On CPU each adapter costs more resident memory than its state: measured on SmolLM2-135M packs of 1 to 16
+# (r=16 on q/k/v/o, 1.84M parameters an adapter; benchmarks/results/multilora-cpu.md), peak RSS grew by
+# 62 MB (fp32) and 111 MB (bf16) an adapter, 34 and 60 bytes a parameter: glibc keeps the parameter-sized
+# temporaries of each adapter's gradient and foreach AdamW step resident. The estimate takes the larger.
+CPU_LORA_BYTES_PER_PARAM = 64
 # Linears whose input nothing else keeps: LoRA on them keeps it (name suffix -> which width).
 _OWN_INPUT = {"o_proj": "hidden", "down_proj": "intermediate"}
 

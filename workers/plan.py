@@ -176,8 +176,8 @@ class PackPlan(_Strict):
         Field(
             gt=0,
             description="At most this many tokens in one forward/backward: a step over more runs as several "
-            "passes of whole adapters (same gradients, less activation memory). null: `CPU_PASS_TOKENS` on "
-            "CPU, one pass per step on GPU.",
+            "passes of whole adapters (same gradients, less activation memory). null: "
+            "`workers.memory.CPU_PASS_TOKENS` on CPU, one pass per step on GPU.",
         ),
     ] = None
 

@@ -140,6 +140,12 @@ def build_word_tokenizer(out_dir: Path, vocab_size: int):
     return tokenizer
 
 
+TOKENIZER_DIR = "tokenizer"
+"""The word-level tokenizer again, alone in a subdirectory: beside a `config.json`, transformers 5 loads the
+tokenizer class of the model type (Qwen2's rebuilds a BPE pipeline and encodes our words to nothing), so
+tokenizer and benchmark load it from here (`PackPlan.tokenizer`)."""
+
+
 def build_base(
     out_dir: str | Path, config: Mapping[str, Any], seed: int = 0, save_dtype: str = "bfloat16"
 ) -> Path:
@@ -150,10 +156,11 @@ def build_base(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
+    if (out_dir / "config.json").exists() and (out_dir / TOKENIZER_DIR / "tokenizer.json").exists():
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(out_dir, int(config["vocab_size"]))
+    build_word_tokenizer(out_dir / TOKENIZER_DIR, int(config["vocab_size"]))
     skip = ("model_type", "architectures", "torch_dtype")
     fields = {k: v for k, v in config.items() if k not in skip and not k.startswith("_")}
     fields.update(

@@ -87,12 +87,6 @@ def length_groups(parts: list[list[Example]], min_saving: float = 0.10) -> list[
     return [short, long]
 
 
-CPU_PASS_TOKENS = 1024
-"""Default pass size on CPU: a CPU's matmuls are as fast at 1,024 rows as at 8,192, while activations (and
-the freed temporaries glibc keeps resident) grow with the pass: measured on SmolLM2-135M, a pack of 8
-(~2,400 tokens a step) took 3.3 GB instead of 6.9 GB, and was no slower (benchmarks/results)."""
-
-
 def adapter_passes(parts: list[list[Example]], max_tokens: int | None) -> list[list[list[Example]]]:
     """Packed mode: the step's parts in passes of at most `max_tokens` tokens (one pass if None).
 
@@ -219,7 +213,7 @@ class PackTrainer:
         self.checkpointing = checkpointing
         self.memory_budget_bytes = memory_budget_bytes
         cpu = self.device.type == "cpu"
-        self.max_tokens_per_pass = max_tokens_per_pass or (CPU_PASS_TOKENS if cpu else None)
+        self.max_tokens_per_pass = max_tokens_per_pass or (memory.CPU_PASS_TOKENS if cpu else None)
         config = base.model.config
         self._dims = memory.ModelDims.from_config(config.to_dict())
         self._dtype = str(base.model.dtype).removeprefix("torch.")

@@ -301,16 +301,23 @@ def memory_estimate_mb(spec: RunSpec, checkpointing: bool = False) -> float:
         BaseKey,
         adapter_memory_bytes,
         base_memory_bytes,
+        default_pass_tokens,
         model_info_from_config,
+        pass_memory_bytes,
     )
 
     key = BaseKey(spec.base_dir, "none", spec.dtype)
     info = model_info_from_config(json.loads((Path(spec.base_dir) / "config.json").read_text()))
     targets = spec.targets if isinstance(spec.targets, str) else tuple(spec.targets)
     gpu = spec.device == "cuda"
-    demand = AdapterDemand("a", "p", key, 0, 0, spec.r, targets, spec.batch_size, spec.max_seq_len, gpu)
+    step = spec.k * spec.batch_size * spec.max_seq_len
+    passes = default_pass_tokens(gpu, spec.max_tokens_per_pass, step) if spec.method == "pack" else None
+    demand = AdapterDemand(
+        "a", "p", key, 0, 0, spec.r, targets, spec.batch_size, spec.max_seq_len, gpu, pass_tokens=passes
+    )
     adapters = spec.k * adapter_memory_bytes(demand, info, checkpointing)
-    return (base_memory_bytes(key, info) + adapters) / 2**20
+    pack = base_memory_bytes(key, info) + pass_memory_bytes(demand, info, checkpointing)
+    return (pack + adapters) / 2**20
 
 
 def peft_estimate_mb(spec: RunSpec) -> float:

@@ -58,6 +58,14 @@ class RunSpec:
     max_tokens_per_pass: int | None = None  # the pack's pass size; None: the engine's default
 
     @property
+    def tokenizer_dir(self) -> str:
+        """The base's tokenizer (`workers.tiny.TOKENIZER_DIR`: its own class, whatever the model type)."""
+        from workers.tiny import TOKENIZER_DIR
+
+        alone = Path(self.base_dir) / TOKENIZER_DIR
+        return str(alone) if alone.is_dir() else self.base_dir
+
+    @property
     def k(self) -> int:
         return len(self.names)
 
@@ -128,6 +136,7 @@ def pack_plan(spec: RunSpec) -> Any:
     return PackPlan(
         pack_id=f"bench-{spec.config}-k{spec.k}",
         base_model=spec.base_dir,
+        tokenizer=spec.tokenizer_dir,
         device=spec.device,
         dtype=spec.dtype,
         adapters=adapters,
@@ -223,7 +232,7 @@ def run_pack_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
     start = warm_at[0]
     end = max(trace.times[(n, spec.steps)] for n in spec.names)
     event_tokens = sum(trace.tokens[(n, spec.steps)] - trace.tokens[(n, spec.warmup)] for n in spec.names)
-    work = useful_work(spec, spec.batches(AutoTokenizer.from_pretrained(spec.base_dir)))
+    work = useful_work(spec, spec.batches(AutoTokenizer.from_pretrained(spec.tokenizer_dir)))
     measured = probe.steady(start)
     return {
         **work,
@@ -327,7 +336,7 @@ def peft_train_one(
 def run_peft_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
     batches = spec.batches(tokenizer)
     dtype = getattr(torch, spec.dtype)
     base = AutoModelForCausalLM.from_pretrained(spec.base_dir, dtype=dtype).to(spec.device)

@@ -130,11 +130,12 @@ def notes() -> list[str]:
         " kernel.",
         "pad % = padded positions forwarded / all positions (pack: as the engine laid them out).",
         "est. MB = the scheduler's memory estimate for the pack (orchestrator.scheduler: base + K adapters"
-        " at batch × seq tokens each; with checkpointing where the row used it), beside the measured"
+        " at batch × seq tokens each, or on CPU one pass of ≤ 1,024 tokens + each adapter's excess over it;"
+        " with checkpointing where the row used it), beside the measured"
         " peak RSS. +ckpt = the pack recomputed its decoder layers in backward (activation"
         " checkpointing: forced by --checkpointing on, or turned on by the memory model). (1 pass) = the"
         " whole pack step in one forward/backward; by default a CPU pack runs passes of ≤ 1,024 tokens of"
-        " whole adapters (workers.trainer.CPU_PASS_TOKENS).",
+        " whole adapters (workers.memory.CPU_PASS_TOKENS).",
     ]
 
 

@@ -29,12 +29,15 @@ from orchestrator.scheduler import (
     WorkerState,
     adapter_memory_bytes,
     base_memory_bytes,
+    default_pass_tokens,
     fair_order,
     lora_param_count,
     model_info_from_config,
+    pass_memory_bytes,
     schedule,
     unplaceable,
 )
+from workers.memory import CPU_PASS_TOKENS
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -171,6 +174,34 @@ def test_memory_estimates_move_the_right_way():
     # 256-byte mask row outside the layers
     layer = (4 * 64 + 3 * 128) * 4 + 2.25 * 64 * 4
     assert need(d) == lora_state + 4 * 256 * (2 * layer + layer + 0.5 * 2 * layer + 2 * 64 * 4 + 256)
+
+
+def test_a_pack_that_runs_in_passes_pays_one_pass_of_activations_once():
+    """The engine runs a CPU pack's step as passes of whole adapters (`CPU_PASS_TOKENS` by default), so
+    its activations are one pass's whatever its K; an adapter adds its LoRA state, and only the part of its
+    own step that is over a pass."""
+    assert default_pass_tokens(needs_gpu=False, max_tokens_per_pass=None, step_tokens=8192) == CPU_PASS_TOKENS
+    assert default_pass_tokens(needs_gpu=True, max_tokens_per_pass=None, step_tokens=8192) is None
+    assert default_pass_tokens(needs_gpu=True, max_tokens_per_pass=4096, step_tokens=8192) == 4096
+    assert default_pass_tokens(needs_gpu=False, max_tokens_per_pass=10**6, step_tokens=8192) == 8192
+    info = INFOS[A]
+    one_pass = demand("x", batch_size=4, max_seq_len=256)  # 1,024 tokens a step
+    passes = replace(one_pass, pass_tokens=1024)
+    lora_state = 16 * lora_param_count(info, 8, ("q_proj", "v_proj"))
+    assert need(passes) == lora_state
+    assert (
+        pass_memory_bytes(passes, info) == need(one_pass) - lora_state
+        and pass_memory_bytes(one_pass, info) == 0
+    )
+    assert need(replace(passes, batch_size=8)) == lora_state + pass_memory_bytes(passes, info)  # 1,024 over
+
+    eight = [replace(passes, adapter_id=f"a{k}", seq=k) for k in range(8)]
+    exact = base_need() + pass_memory_bytes(passes, info) + 8 * lora_state
+    assert placed_ids(schedule(eight, [worker("w", exact)], INFOS)) == [f"a{k}" for k in range(8)]
+    assert len(placed_ids(schedule(eight, [worker("w", exact - 1)], INFOS))) == 7
+    whole = [replace(d, pass_tokens=None) for d in eight]  # one pass a step: every adapter's activations
+    assert len(placed_ids(schedule(whole, [worker("w", exact)], INFOS))) < 8
+    assert unplaceable(eight[:1], [worker("w", base_need() + lora_state)], INFOS)  # the pass is counted
 
 
 # ---- the rules ----

@@ -1,9 +1,9 @@
 """The scheduler's memory model against the peak RSS of a real pack run (CPU, fresh process).
 
 A SmolLM2-135M-shaped base cut to 4 layers (hidden 576, MLP 1536, 9 heads / 3 KV heads, the real 49,152
-vocabulary, tied head) trains a pack of two adapters on 256-token documents, so the pass holds exactly
-the `batch_size x max_seq_len` tokens per adapter the estimate assumes. The estimate must not be below
-the measured peak (placement relies on it) and not more than `TOLERANCE` above it.
+vocabulary, tied head) trains a pack of two adapters on 256-token documents, so each pass (the CPU
+default: 1,024 tokens, one adapter's step) holds exactly the tokens the estimate assumes. The estimate
+must not be below the measured peak (placement relies on it) and not more than `TOLERANCE` above it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from orchestrator.scheduler import (
     BaseKey,
     adapter_memory_bytes,
     base_memory_bytes,
+    default_pass_tokens,
     model_info_from_config,
+    pass_memory_bytes,
 )
 from workers.tiny import FIRST_WORD_ID, build_base, word_text
 
@@ -113,8 +115,10 @@ def test_memory_estimate_bounds_the_measured_peak_rss(
 
     key = BaseKey(str(base), "none", "float32")
     info = model_info_from_config(json.loads((base / "config.json").read_text()))
-    demand = AdapterDemand("a", "p", key, 0, 0, 16, tuple(targets), BATCH, SEQ, needs_gpu=False)
-    estimate = base_memory_bytes(key, info) + K * adapter_memory_bytes(demand, info, checkpointing)
+    passes = default_pass_tokens(False, None, K * BATCH * SEQ)  # the engine's CPU default
+    demand = AdapterDemand("a", "p", key, 0, 0, 16, tuple(targets), BATCH, SEQ, False, pass_tokens=passes)
+    pack = base_memory_bytes(key, info) + pass_memory_bytes(demand, info, checkpointing)
+    estimate = pack + K * adapter_memory_bytes(demand, info, checkpointing)
     ratio = estimate / measured
     mib = f"estimate {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
     print(f"checkpointing={checkpointing}: {mib}, ratio {ratio:.3f}")

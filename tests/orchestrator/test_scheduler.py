@@ -37,7 +37,7 @@ from orchestrator.scheduler import (
     schedule,
     unplaceable,
 )
-from workers.memory import CPU_PASS_TOKENS
+from workers.memory import CPU_LORA_BYTES_PER_PARAM, CPU_PASS_TOKENS
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ def test_memory_estimates_move_the_right_way():
     assert need(replace(d, base=B)) < need(d)  # bf16 activations
     assert need(replace(d, needs_gpu=True)) < need(d)  # no CPU allocator fragmentation
     assert adapter_memory_bytes(d, info, checkpointing=True) < need(d)
-    lora_state = 16 * lora_param_count(info, 8, ("q_proj", "v_proj"))
+    lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, 8, ("q_proj", "v_proj"))
     # activations (workers.memory): per layer (4 h + 3 i) x 4 bytes + 2.25 h fp32 = 5184 bytes; kept by
     # 2 layers, + 1 layer of gradients, + half a layer per layer of CPU fragmentation; + 2 h fp32 and a
     # 256-byte mask row outside the layers
@@ -187,7 +187,7 @@ def test_a_pack_that_runs_in_passes_pays_one_pass_of_activations_once():
     info = INFOS[A]
     one_pass = demand("x", batch_size=4, max_seq_len=256)  # 1,024 tokens a step
     passes = replace(one_pass, pass_tokens=1024)
-    lora_state = 16 * lora_param_count(info, 8, ("q_proj", "v_proj"))
+    lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, 8, ("q_proj", "v_proj"))
     assert need(passes) == lora_state
     assert (
         pass_memory_bytes(passes, info) == need(one_pass) - lora_state

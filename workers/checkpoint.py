@@ -122,7 +122,8 @@ def write_checkpoint(
             torch.save(training_state, stage / TRAINING_STATE)
         stamp = {"adapter": adapter.name, **(meta or {})}
         (stage / META).write_text(json.dumps(stamp, indent=2, default=str))
-        _fsync_tree(stage)
+        if not storage.is_remote(dest):  # a local rename must not publish unwritten data; uploads are whole
+            _fsync_tree(stage)
         storage.publish(stage, dest, marker=META)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -133,15 +133,6 @@ def files(location: str | os.PathLike[str]) -> list[str]:
     return sorted(info.path[len(path) :].lstrip("/") for info in found if info.type == pafs.FileType.File)
 
 
-def children(location: str | os.PathLike[str]) -> list[str]:
-    """Names of the immediate subdirectories of a directory, sorted."""
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    found = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return sorted(info.base_name for info in found if info.type == pafs.FileType.Directory)
-
-
 def remove(location: str | os.PathLike[str]) -> None:
     """Delete a directory and everything under it; a missing one is fine."""
     if not is_remote(location):

@@ -23,10 +23,21 @@ from torch.nn import functional as F
 NAME = "lorafleet_varlen"
 
 
+_last_bounds: tuple[torch.Tensor, list[list[int]]] | None = None
+
+
+def _bounds_of(position_ids: torch.Tensor) -> list[list[int]]:
+    """`document_bounds`, once per forward pass: every layer (and its recompute) gets the same tensor."""
+    global _last_bounds
+    if _last_bounds is None or _last_bounds[0] is not position_ids:
+        _last_bounds = (position_ids, document_bounds(position_ids))
+    return _last_bounds[1]
+
+
 def document_bounds(position_ids: torch.Tensor) -> list[list[int]]:
     """Per row, the offsets where documents start (position id 0), plus the row's end."""
     rows = position_ids.reshape(-1, position_ids.shape[-1])
-    starts = (rows == 0).nonzero().tolist()  # one host sync per forward pass and layer
+    starts = (rows == 0).nonzero().tolist()  # a host sync: once per forward pass (`_bounds_of`)
     width = rows.shape[-1]
     bounds: list[list[int]] = [[] for _ in range(rows.shape[0])]
     for row, column in starts:
@@ -61,7 +72,10 @@ def varlen_attention(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     rows = []
-    for b, bounds in enumerate(document_bounds(position_ids.expand(query.shape[0], -1))):
+    bounds_per_row = _bounds_of(position_ids)
+    if len(bounds_per_row) == 1 < query.shape[0]:  # one row of positions shared by every row
+        bounds_per_row = bounds_per_row * query.shape[0]
+    for b, bounds in enumerate(bounds_per_row):
         parts = [
             F.scaled_dot_product_attention(
                 query[b : b + 1, :, start:end],

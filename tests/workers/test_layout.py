@@ -77,23 +77,28 @@ def test_packed_rows_hold_documents_back_to_back() -> None:
     assert unpacked.attention_mask is not None and unpacked.segments[1] == (None, 4 * 14, 5 * 14)
 
 
+@torch.no_grad()
+def worst_gap_to_alone(model: MultiLoraModel, reference: MultiLoraModel, batch) -> float:
+    """The largest logit difference between `model`'s packed forward of `batch` (laid out from `PARTS`)
+    and `reference` run on each document alone."""
+    packed = model(batch.input_ids, None, batch.segments, position_ids=batch.position_ids, by_token=True)
+    logits = packed.reshape(-1, packed.shape[-1])
+    worst = 0.0
+    for name, start, end in batch.segments:
+        part = next(p for p in PARTS if p.name == name)
+        flat = logits[start:end][batch.valid.reshape(-1)[start:end]]
+        offset = 0
+        for example in part.examples:
+            alone = reference(torch.tensor([example.input_ids]), None, [(name, 0, 1)])[0]
+            n = len(example.input_ids)
+            worst = max(worst, float((flat[offset : offset + n] - alone).abs().max()))
+            offset += n
+    return worst
+
+
 def test_a_packed_forward_gives_each_document_its_logits_alone(tiny_base: Path) -> None:
     model = _model(tiny_base)
-    batch = build_batch(PARTS, pad_id=0, max_width=20)
-    with torch.no_grad():
-        packed = model(batch.input_ids, None, batch.segments, position_ids=batch.position_ids, by_token=True)
-        worst = 0.0
-        logits = packed.reshape(-1, packed.shape[-1])
-        for name, start, end in batch.segments:
-            part = next(p for p in PARTS if p.name == name)
-            flat = logits[start:end][batch.valid.reshape(-1)[start:end]]
-            offset = 0
-            for example in part.examples:
-                alone = model(torch.tensor([example.input_ids]), None, [(name, 0, 1)])[0]
-                n = len(example.input_ids)
-                worst = max(worst, float((flat[offset : offset + n] - alone).abs().max()))
-                offset += n
-    assert worst <= 1e-5
+    assert worst_gap_to_alone(model, model, build_batch(PARTS, pad_id=0, max_width=20)) <= 1e-5
 
 
 def test_packed_and_unpacked_losses_and_gradients_agree(tiny_base: Path) -> None:

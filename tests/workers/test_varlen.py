@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.workers.test_layout import PARTS, _model
+from tests.workers.test_layout import PARTS, _model, worst_gap_to_alone
 from workers import varlen
 from workers.layout import Part, build_batch
 
@@ -27,17 +27,7 @@ def test_one_row_without_padding_gives_each_document_its_logits_alone(tiny_base:
     batch = build_batch(PARTS, pad_id=0, attention_weight=0.0)
     assert batch.input_ids.shape[0] == 1 and batch.real_tokens == batch.padded_tokens  # no padding at all
     reference = _model(tiny_base)  # transformers' SDPA, one document at a time
-    with torch.no_grad():
-        packed = model(batch.input_ids, None, batch.segments, position_ids=batch.position_ids, by_token=True)
-        logits = packed.reshape(-1, packed.shape[-1])
-        worst, offset = 0.0, 0
-        for name, _, _ in batch.segments:
-            for example in next(p for p in PARTS if p.name == name).examples:
-                alone = reference(torch.tensor([example.input_ids]), None, [(name, 0, 1)])[0]
-                n = len(example.input_ids)
-                worst = max(worst, float((logits[offset : offset + n] - alone).abs().max()))
-                offset += n
-    assert worst <= 1e-5
+    assert worst_gap_to_alone(model, reference, batch) <= 1e-5
 
 
 def test_losses_and_gradients_equal_sdpa_with_and_without_recompute(tiny_base: Path) -> None:

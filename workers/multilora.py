@@ -416,8 +416,8 @@ class MultiLoraModel(nn.Module):
     def segment_losses(self, batch: Batch, training: bool) -> torch.Tensor:
         """Summed next-token loss (fp32) per segment of `batch`; padding and non-targets add nothing.
 
-        Only target positions reach the head, in chunks recomputed in backward (`workers.head`), so no
-        full-vocabulary logits tensor exists; heads that are more than a linear layer take the full path.
+        Only target positions reach the head, in chunks whose gradient is taken in forward (`workers.head`),
+        so no full-vocabulary logits tensor exists; heads that are more than a linear layer go the full way.
         """
         flat_targets = batch.targets.reshape(-1)
         where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)

@@ -50,3 +50,24 @@ def test_bfloat16_head_gives_float32_losses_close_to_the_full_path() -> None:
 def test_chunk_size_follows_the_vocabulary() -> None:
     assert chunk_tokens(49_152) == 682  # 128 MiB of fp32 logits
     assert chunk_tokens(10**9) == 16
+
+
+def test_backward_keeps_one_hidden_sized_tensor_and_no_logits() -> None:
+    """The gradient is taken in forward: what autograd keeps is [tokens, d], never [tokens, vocab]."""
+    generator = torch.Generator().manual_seed(2)
+    head = nn.Linear(32, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(50, 32, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 300, (50,), generator=generator)
+    saved: list[tuple[int, ...]] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        losses = linear_cross_entropy(hidden, head, targets, chunk=16)
+    assert saved == [(50, 32)]
+    with torch.no_grad():
+        assert torch.equal(linear_cross_entropy(hidden, head, targets, chunk=16), losses.detach())
+    losses.sum().backward()
+    assert hidden.grad is not None and hidden.grad.shape == (50, 32)

@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="the packs' pass size (0: the engine's default, 1024 on CPU; a huge value: one pass a step)",
     )
+    p.add_argument(
+        "--run-beyond-estimate",
+        action="store_true",
+        help="run pack rows the memory model's worst case (every document max_seq_len long) says would "
+        "not fit; the engine still checkpoints any pass that would not fit the budget",
+    )
     p.add_argument("--tag", default="", help="results file suffix: multilora-<device>[-<tag>]")
     p.add_argument("--render", type=Path, help="only re-write the .md and .png of this results .json")
     p.add_argument("--smoke", action="store_true", help="harness check: 1 config, seq 512, K=1,2, 2 steps")
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         memory_bytes=memory,
         checkpointing=args.checkpointing,
         max_tokens_per_pass=args.max_tokens_per_pass or None,
+        run_beyond_estimate=args.run_beyond_estimate,
     )
     rows = harness.sweep(plan, peaks)
     harness.add_ratios(rows)

@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tag", default="", help="results file suffix: multilora-<device>[-<tag>]")
     p.add_argument("--render", type=Path, help="only re-write the .md and .png of this results .json")
+    p.add_argument(
+        "--re-estimate",
+        action="store_true",
+        help="with --render: recompute the est. MB column with the current memory model first",
+    )
     p.add_argument("--smoke", action="store_true", help="harness check: 1 config, seq 512, K=1,2, 2 steps")
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
@@ -94,6 +99,8 @@ def ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render is not None:
+        if args.re_estimate:
+            harness.re_estimate(args.render)
         return report.render(args.render)
     harness.quiet_libraries()
     load_at_start = harness.wait_for_idle(args.wait_idle)

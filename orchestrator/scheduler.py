@@ -286,6 +286,8 @@ def _lora_bytes_per_param(demand: AdapterDemand) -> int:
     """LoRA state, and on CPU what the allocator keeps of each adapter's per-step temporaries."""
     if demand.needs_gpu:
         return LORA_STATE_BYTES_PER_PARAM
+    if engine_memory.DTYPE_BYTES.get(demand.base.dtype, 4) < 4:
+        return engine_memory.CPU_LORA_BYTES_PER_PARAM_BELOW_FP32
     return engine_memory.CPU_LORA_BYTES_PER_PARAM
 
 

@@ -52,6 +52,13 @@ LORA_STATE_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp
 # 62 MB (fp32) and 111 MB (bf16) an adapter, 34 and 60 bytes a parameter: glibc keeps the parameter-sized
 # temporaries of each adapter's gradient and foreach AdamW step resident. The estimate takes the larger.
 CPU_LORA_BYTES_PER_PARAM = 64
+# Below fp32 the casts between the base's dtype and the fp32 LoRA math add mixed-size temporaries, and
+# glibc's heap fragments further with every step that brings longer documents: re-measured over 8 steps
+# (2 warm-up), bf16 packs of 8 and 16 peaked 20-24% above the 64-byte estimate, and a pack of 8 traced
+# over 14 steps kept growing (2.2 -> 4.1 GB, ~30 MB a step at the end; `malloc_trim` after each step
+# halves the resident set between steps but not the peak). 160 bytes a parameter covers 14 steps of a
+# pack of 8; longer runs on CPU in bf16 are the open question (docs/reliability.md).
+CPU_LORA_BYTES_PER_PARAM_BELOW_FP32 = 160
 # Linears whose input nothing else keeps: LoRA on them keeps it (name suffix -> which width).
 _OWN_INPUT = {"o_proj": "hidden", "down_proj": "intermediate"}
 

@@ -320,6 +320,43 @@ def memory_estimate_mb(spec: RunSpec, checkpointing: bool = False) -> float:
     return (pack + adapters) / 2**20
 
 
+def re_estimate(json_path: Path) -> None:
+    """Recompute `estimate_mb` of every pack row of a results JSON with today's memory model (after a
+    recalibration), in place; the bases are rebuilt from their configs if the workdir lost them."""
+    import json
+
+    report = json.loads(json_path.read_text())
+    cfg = report["config"]
+    targets = "all-linear" if cfg.get("all_linear") else tuple(cfg["targets"].split(","))
+    for row in report["rows"]:
+        if row["method"] != "pack" or row.get("status") != "ok":
+            continue
+        spec = RunSpec(
+            method="pack",
+            config=row["config"],
+            base_dir=str(build_model(row["config"], Path(cfg["workdir"]))),
+            data_paths=(),
+            names=tuple(adapter_names(row["k"])),
+            steps=row["steps"],
+            warmup=cfg["warmup"],
+            batch_size=row["batch_size"],
+            max_seq_len=row["seq"],
+            targets=targets,
+            r=cfg["r"],
+            alpha=cfg["alpha"],
+            learning_rate=cfg["lr"],
+            seed=0,
+            device=report["machine"].get("device", "cpu"),
+            dtype=row["dtype"],
+            threads=row.get("threads") or 1,
+            out_dir="",
+            flops=None,  # type: ignore[arg-type]  # not used by the estimate
+            max_tokens_per_pass=row.get("max_tokens_per_pass"),
+        )
+        row["estimate_mb"] = memory_estimate_mb(spec, checkpointing=row.get("checkpointed") is True)
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def peft_estimate_mb(spec: RunSpec) -> float:
     """Sequential PEFT holds one adapter's activations at a time, plus full-vocabulary logits (in the
     model's dtype, their fp32 copy and its gradient) for all of its tokens."""

@@ -37,7 +37,7 @@ from orchestrator.scheduler import (
     schedule,
     unplaceable,
 )
-from workers.memory import CPU_LORA_BYTES_PER_PARAM, CPU_PASS_TOKENS
+from workers.memory import CPU_LORA_BYTES_PER_PARAM, CPU_LORA_BYTES_PER_PARAM_BELOW_FP32, CPU_PASS_TOKENS
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -174,6 +174,18 @@ def test_memory_estimates_move_the_right_way():
     # 256-byte mask row outside the layers
     layer = (4 * 64 + 3 * 128) * 4 + 2.25 * 64 * 4
     assert need(d) == lora_state + 4 * 256 * (2 * layer + layer + 0.5 * 2 * layer + 2 * 64 * 4 + 256)
+
+
+def test_cpu_adapters_on_a_bf16_base_count_the_allocator_growth_measured_below_fp32():
+    """On CPU a bf16 pack's resident set grows by more per adapter than an fp32 one's (workers.memory)."""
+    info = INFOS[A]
+    passes = replace(
+        demand("x", batch_size=4, max_seq_len=256), pass_tokens=1024
+    )  # no activations of its own
+    params = lora_param_count(info, 8, ("q_proj", "v_proj"))
+    assert need(passes) == CPU_LORA_BYTES_PER_PARAM * params
+    assert need(replace(passes, base=B)) == CPU_LORA_BYTES_PER_PARAM_BELOW_FP32 * params
+    assert adapter_memory_bytes(replace(passes, base=B, needs_gpu=True), info) < need(passes)  # GPU: state
 
 
 def test_a_pack_that_runs_in_passes_pays_one_pass_of_activations_once():

@@ -12,16 +12,17 @@ checks the total against a real run's peak RSS):
   RMSNorms' upcast inputs) and `SAVED_INTERMEDIATE` x intermediate in the compute dtype (the MLP's gate,
   up and activation). LoRA on `o_proj` / `down_proj` also keeps those layers' inputs (one hidden / one
   intermediate more); LoRA on q/k/v/gate/up reuses the norm output that is kept anyway.
-- **With activation checkpointing** a layer keeps only its input (hidden values), and one layer's full set
-  exists at a time, while it is recomputed.
+- **With activation checkpointing** a layer keeps only its input (hidden values), and two layers' full sets
+  exist at a time: the one being recomputed and what is left of the one just back-propagated.
 - **Backward** holds one layer's gradients at a time: about one layer's kept set.
 - **Outside the layers**: the final norm and the head's input (`SAVED_OUTSIDE_FP32` x hidden, fp32), and
   the block-diagonal attention mask of packed rows (one byte per query-key pair: `width` per token).
 - **The head** runs in chunks of target tokens (`workers.head`), so logits cost one chunk (fp32 logits,
   logsumexp's temporary, the head-dtype matmul output), never tokens x vocabulary.
 - **On CPU**, glibc's malloc keeps freed temporaries resident (its mmap threshold grows as large blocks
-  are freed), which measured as about `CPU_FRAGMENTATION` x one layer's kept set per layer and token
-  (half that with checkpointing, where fewer large blocks stay alive between layers).
+  are freed), which measured as about `CPU_FRAGMENTATION` x one layer's kept set per layer and token,
+  with activation checkpointing as without (we once halved it there: a 4-layer pack then peaked 1.2% over
+  its estimate, and a 30-layer pack of 1 at exactly its estimate).
 - **Once per worker**, `RUNTIME_OVERHEAD_BYTES`: Python, torch, transformers and the tokenizer loaded
   (390 MiB resident on CPU), data and allocator slack; on a GPU it covers the CUDA context instead.
 """
@@ -127,12 +128,13 @@ def activation_bytes_per_token(
 ) -> float:
     """Peak activation bytes per token of a training pass (padding included) in rows of `width`."""
     layer = layer_bytes_per_token(dims, dtype, lora)
-    # Checkpointed, each layer keeps its input and one layer's set lives while it is recomputed.
+    # Checkpointed, each layer keeps its input, and while a layer is recomputed its set lives beside what
+    # is left of the one just back-propagated: two layers' sets (measured; one fell 1-4% short).
     inputs = dims.layers * dims.hidden * DTYPE_BYTES[dtype]
-    kept = inputs + layer if checkpointing else dims.layers * layer
+    kept = inputs + 2 * layer if checkpointing else dims.layers * layer
     backward = layer  # one layer's gradients at a time
     outside = SAVED_OUTSIDE_FP32 * dims.hidden * 4 + width  # final norm, head input; the attention mask
-    fragmentation = CPU_FRAGMENTATION * dims.layers * layer / (2 if checkpointing else 1) if cpu else 0.0
+    fragmentation = CPU_FRAGMENTATION * dims.layers * layer if cpu else 0.0
     return kept + backward + outside + fragmentation
 
 

@@ -167,7 +167,8 @@ def test_memory_estimates_move_the_right_way():
     assert need(replace(d, target_modules="all-linear")) > need(d)
     assert need(replace(d, base=B)) < need(d)  # bf16 activations
     assert need(replace(d, needs_gpu=True)) < need(d)  # no CPU allocator fragmentation
-    assert adapter_memory_bytes(d, info, checkpointing=True) < need(d)
+    deep = replace(d, base=C)  # 10 layers: checkpointing keeps 2 layers' sets + every layer's input
+    assert adapter_memory_bytes(deep, INFOS[C], checkpointing=True) < adapter_memory_bytes(deep, INFOS[C])
     lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, 8, ("q_proj", "v_proj"))
     # activations (workers.memory): per layer (4 h + 3 i) x 4 bytes + 2.25 h fp32 = 5184 bytes; kept by
     # 2 layers, + 1 layer of gradients, + half a layer per layer of CPU fragmentation; + 2 h fp32 and a

@@ -296,6 +296,36 @@ def memory_estimate_mb(spec: RunSpec, checkpointing: bool = False) -> float:
     """The scheduler's estimate for this pack (base + K adapters), to set beside the measured peak."""
     import json
 
+    return estimate_mb(
+        json.loads((Path(spec.base_dir) / "config.json").read_text()),
+        dtype=spec.dtype,
+        targets=spec.targets,
+        r=spec.r,
+        k=spec.k,
+        batch_size=spec.batch_size,
+        max_seq_len=spec.max_seq_len,
+        gpu=spec.device == "cuda",
+        max_tokens_per_pass=spec.max_tokens_per_pass if spec.method == "pack" else None,
+        in_passes=spec.method == "pack",
+        checkpointing=checkpointing,
+    )
+
+
+def estimate_mb(
+    model_config: dict[str, Any],
+    *,
+    dtype: str,
+    targets: tuple[str, ...] | str,
+    r: int,
+    k: int,
+    batch_size: int,
+    max_seq_len: int,
+    gpu: bool,
+    max_tokens_per_pass: int | None,
+    in_passes: bool,
+    checkpointing: bool,
+) -> float:
+    """`orchestrator.scheduler`'s numbers for a pack of `k` like adapters on a base of `model_config`."""
     from orchestrator.scheduler import (
         AdapterDemand,
         BaseKey,
@@ -306,23 +336,20 @@ def memory_estimate_mb(spec: RunSpec, checkpointing: bool = False) -> float:
         pass_memory_bytes,
     )
 
-    key = BaseKey(spec.base_dir, "none", spec.dtype)
-    info = model_info_from_config(json.loads((Path(spec.base_dir) / "config.json").read_text()))
-    targets = spec.targets if isinstance(spec.targets, str) else tuple(spec.targets)
-    gpu = spec.device == "cuda"
-    step = spec.k * spec.batch_size * spec.max_seq_len
-    passes = default_pass_tokens(gpu, spec.max_tokens_per_pass, step) if spec.method == "pack" else None
-    demand = AdapterDemand(
-        "a", "p", key, 0, 0, spec.r, targets, spec.batch_size, spec.max_seq_len, gpu, pass_tokens=passes
-    )
-    adapters = spec.k * adapter_memory_bytes(demand, info, checkpointing)
+    key = BaseKey("bench", "none", dtype)
+    info = model_info_from_config(model_config)
+    step = k * batch_size * max_seq_len
+    passes = default_pass_tokens(gpu, max_tokens_per_pass, step) if in_passes else None
+    modules = targets if isinstance(targets, str) else tuple(targets)
+    demand = AdapterDemand("a", "p", key, 0, 0, r, modules, batch_size, max_seq_len, gpu, pass_tokens=passes)
+    adapters = k * adapter_memory_bytes(demand, info, checkpointing)
     pack = base_memory_bytes(key, info) + pass_memory_bytes(demand, info, checkpointing)
     return (pack + adapters) / 2**20
 
 
 def re_estimate(json_path: Path) -> None:
     """Recompute `estimate_mb` of every pack row of a results JSON with today's memory model (after a
-    recalibration), in place; the bases are rebuilt from their configs if the workdir lost them."""
+    recalibration), in place, from the shipped configs (nothing is built or run)."""
     import json
 
     report = json.loads(json_path.read_text())
@@ -331,29 +358,19 @@ def re_estimate(json_path: Path) -> None:
     for row in report["rows"]:
         if row["method"] != "pack" or row.get("status") != "ok":
             continue
-        spec = RunSpec(
-            method="pack",
-            config=row["config"],
-            base_dir=str(build_model(row["config"], Path(cfg["workdir"]))),
-            data_paths=(),
-            names=tuple(adapter_names(row["k"])),
-            steps=row["steps"],
-            warmup=cfg["warmup"],
-            batch_size=row["batch_size"],
-            max_seq_len=row["seq"],
+        row["estimate_mb"] = estimate_mb(
+            load_config(row["config"]),
+            dtype=row["dtype"],
             targets=targets,
             r=cfg["r"],
-            alpha=cfg["alpha"],
-            learning_rate=cfg["lr"],
-            seed=0,
-            device=report["machine"].get("device", "cpu"),
-            dtype=row["dtype"],
-            threads=row.get("threads") or 1,
-            out_dir="",
-            flops=None,  # type: ignore[arg-type]  # not used by the estimate
+            k=row["k"],
+            batch_size=row["batch_size"],
+            max_seq_len=row["seq"],
+            gpu=report["machine"].get("device") == "cuda",
             max_tokens_per_pass=row.get("max_tokens_per_pass"),
+            in_passes=True,
+            checkpointing=row.get("checkpointed") is True,
         )
-        row["estimate_mb"] = memory_estimate_mb(spec, checkpointing=row.get("checkpointed") is True)
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
@@ -468,9 +485,9 @@ def sweep_one(
     )
 
     def run(one: RunSpec) -> dict[str, Any]:
-        skip = skip_reason(one, plan.budget_bytes)
-        if skip is not None and one.method == "pack" and plan.run_beyond_estimate:
-            skip = None  # the engine's `auto` checkpointing under the budget is the guard left
+        # --run-beyond-estimate: the engine's `auto` checkpointing under the budget is the guard left
+        beyond = one.method == "pack" and plan.run_beyond_estimate
+        skip = None if beyond else skip_reason(one, plan.budget_bytes)
         if skip is not None:
             shutil.rmtree(one.out_dir, ignore_errors=True)
             return log_row({**finish_row(one, {"error": skip}, peaks), "status": "skipped", "note": skip})

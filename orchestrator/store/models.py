@@ -73,14 +73,18 @@ class SequenceRow(Base):
 
 class JobRow(Base):
     __tablename__ = "lf_jobs"
-    __table_args__ = (Index(None, "project", "created_at"), Index(None, "state"))
+    __table_args__ = (
+        Index(None, "project", "created_at"),
+        Index(None, "state"),
+        UniqueConstraint("project", "idempotency_key"),  # a key is its project's; others never meet it
+    )
 
     id: Mapped[str] = mapped_column(Id, primary_key=True)
     project: Mapped[str] = mapped_column(ForeignKey("lf_projects.name"))
     name: Mapped[str] = mapped_column(Name)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(State)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Time)

@@ -163,10 +163,11 @@ class Store:
     ) -> tuple[JobRecord, list[AdapterRecord], bool]:
         """Create a job and its adapters (and the project, if new), all or nothing.
 
-        Returns `(job, adapters, created)`. With an `idempotency_key` already used for the same project,
-        name and spec, returns that job and `created=False`; the same key for a different job is a
-        `Conflict`. A name already taken in the project (or repeated in `adapters`) is a `Conflict` that
-        names it, and nothing is written.
+        Returns `(job, adapters, created)`. With an `idempotency_key` already used in this project for the
+        same name and spec, returns that job and `created=False`; the same key for a different job of this
+        project is a `Conflict`. Keys are per project: another project's use of a key is never seen.
+        A name already taken in the project (or repeated in `adapters`) is a `Conflict` that names it,
+        and nothing is written.
         """
         what = f"create job {name!r} in project {project!r}"
         try:
@@ -188,10 +189,12 @@ class Store:
     def _job_for_key(
         self, s: Session, key: str, project: str, name: str, spec: dict[str, Any]
     ) -> tuple[JobRecord, list[AdapterRecord], bool] | None:
-        row = s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).one_or_none()
+        row = s.scalars(
+            select(JobRow).where(JobRow.project == project, JobRow.idempotency_key == key)
+        ).one_or_none()
         if row is None:
             return None
-        if (row.project, row.name, row.spec) != (project, name, spec):
+        if (row.name, row.spec) != (name, spec):
             raise Conflict(
                 f"idempotency key {key!r} was already used for job {row.id} ({row.project}/{row.name}) "
                 "with a different spec; use a new key for a new job"

@@ -93,6 +93,24 @@ def test_idempotency_key_returns_the_existing_job(store: Store) -> None:
         store.create_job("p", "j", {"x": 2}, [new("z")], idempotency_key="key-1")
 
 
+def test_idempotency_keys_belong_to_their_project(store: Store) -> None:
+    """Another project's key is never met: reusing it neither names that project's job (once a 409
+    with its id, project and name) nor lets one project claim the keys another will use."""
+    alices, _, _ = store.create_job("alice", "secret-job", {"x": 1}, [new("a")], idempotency_key="k")
+    bobs, _, created = store.create_job("bob", "mine", {"y": 2}, [new("b")], idempotency_key="k")
+    assert created and bobs.id != alices.id and bobs.project == "bob"
+    again, _, created_again = store.create_job("bob", "mine", {"y": 2}, [new("b")], idempotency_key="k")
+    assert again == bobs and not created_again
+    with pytest.raises(Conflict) as refused:  # bob's own key, another spec: names bob's job only
+        store.create_job("bob", "other", {"z": 3}, [new("c")], idempotency_key="k")
+    assert bobs.id in str(refused.value) and alices.id not in str(refused.value)
+    assert "alice" not in str(refused.value) and "secret-job" not in str(refused.value)
+    # a key bob used first is still alice's to use
+    store.create_job("bob", "first", {}, [new("d")], idempotency_key="alice-next")
+    _, _, alice_created = store.create_job("alice", "later", {}, [new("e")], idempotency_key="alice-next")
+    assert alice_created
+
+
 def test_taken_adapter_name_is_a_conflict_and_nothing_is_written(store: Store) -> None:
     store.create_job("p", "j", {}, [new("a")])
     before = counts(store)

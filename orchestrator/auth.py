@@ -5,7 +5,9 @@
 - A project token (`lorafleet token create --project P`) is bound to one project. A `member` reads and
   changes that project (submit, branch, cancel, promote); a `reader` only reads (lists, status, lineage,
   export, generate). Anything of another project answers exactly as if it did not exist (404, absent
-  from lists), so a token holder cannot even learn which names others use.
+  from lists), so a token holder cannot even learn which names others use. That includes a spec's
+  `parent: other/name`: a project token finds parents in its own project only. The admin alone may start
+  a child from another project's adapter, and so share its weights with the child's project.
 - A server started without an admin token is open (everyone is admin): fine on a laptop, and the server
   says so in its log.
 """

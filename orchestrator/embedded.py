@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.auth import ADMIN, Principal
 from orchestrator.controller import Controller
 from orchestrator.export import export_adapter
 from orchestrator.registry import Registry
@@ -40,8 +41,10 @@ class EmbeddedBackend:
             self.tracker.start()
             self._started = True
 
-    def submit(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None) -> JobView:
-        return self.service.submit(spec, idempotency_key)
+    def submit(
+        self, spec: JobSpec | dict[str, Any], idempotency_key: str | None, principal: Principal = ADMIN
+    ) -> JobView:
+        return self.service.submit(spec, idempotency_key, principal)
 
     def job(self, job_id: str) -> JobView:
         return self.service.job(job_id)
@@ -61,8 +64,8 @@ class EmbeddedBackend:
     def lineage(self, project: str, name: str) -> LineageNode:
         return self.service.lineage(project, name)
 
-    def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
-        return self.service.branch(project, parent, child)
+    def branch(self, project: str, parent: str, child: BranchSpec, principal: Principal = ADMIN) -> JobView:
+        return self.service.branch(project, parent, child, principal)
 
     def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
         adapter = self.store.get_adapter(project, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import lineage, preflight
+from orchestrator.auth import ADMIN, Principal
 from orchestrator.settings import Settings
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load_source
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
@@ -30,9 +31,18 @@ class Service:
 
     # ---- jobs ----
 
-    def submit(self, source: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> JobView:
-        """Check everything that can be checked now, report every problem at once, then store the job."""
-        spec, parents = self.check(source)
+    def submit(
+        self,
+        source: JobSpec | dict[str, Any],
+        idempotency_key: str | None = None,
+        principal: Principal = ADMIN,
+    ) -> JobView:
+        """Check everything that can be checked now, report every problem at once, then store the job.
+
+        `principal` is the caller: a parent outside the job must be in a project it may read (an admin
+        reads all; a project token its own project), or it is reported exactly as a missing one.
+        """
+        spec, parents = self.check(source, principal)
         new = []
         for i, adapter in enumerate(spec.adapters):
             lora, train = spec.adapter_lora(i), spec.adapter_train(i)
@@ -52,13 +62,21 @@ class Service:
                 )
             )
         job, _, _ = self.store.create_job(
-            spec.project, spec.name, spec.model_dump(mode="json"), new, idempotency_key=idempotency_key
+            spec.project,
+            spec.name,
+            spec.model_dump(mode="json"),
+            new,
+            idempotency_key=idempotency_key,
+            parent_projects=None if principal.admin else {principal.project or ""},
         )
         return self.job(job.id)
 
-    def check(self, source: JobSpec | dict[str, Any]) -> tuple[JobSpec, dict[int, str]]:
+    def check(
+        self, source: JobSpec | dict[str, Any], principal: Principal = ADMIN
+    ) -> tuple[JobSpec, dict[int, str]]:
         """Schema, base model, data files and parents, all checked; one `SpecError` lists every problem.
-        Returns the spec and the ids of the parents outside the job, by adapter index."""
+        Returns the spec and the ids of the parents outside the job, by adapter index. Only parents the
+        `principal` may read are found: any other is missing, with the very message a missing one gets."""
         raw = source.model_dump(mode="json") if isinstance(source, JobSpec) else load_source(source)
         problems: list[tuple[str, str]] = []
         spec: JobSpec | None = None
@@ -70,16 +88,16 @@ class Service:
         problems += preflight.outside_world_problems(raw, self.allowed)
         if spec is not None:
             try:
-                parents = self._resolve_parents(spec)
+                parents = self._resolve_parents(spec, principal)
             except SpecError as exc:
                 problems += exc.problems
         else:
-            problems += self._missing_parents(raw)
+            problems += self._missing_parents(raw, principal)
         if problems or spec is None:
             raise SpecError(problems)
         return spec, parents
 
-    def _missing_parents(self, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    def _missing_parents(self, raw: dict[str, Any], principal: Principal) -> list[tuple[str, str]]:
         """Parents named by a spec that failed validation: at least say which do not exist."""
         adapters = raw.get("adapters") if isinstance(raw.get("adapters"), list) else []
         project = raw.get("project") if isinstance(raw.get("project"), str) else "default"
@@ -88,18 +106,23 @@ class Service:
         for i, adapter in enumerate(adapters):
             parent = adapter.get("parent") if isinstance(adapter, dict) else None
             missing = isinstance(parent, str) and parent not in in_job and _names_an_adapter(parent, project)
-            if missing and self._find_parent(parent, project) is None:
+            if missing and self._find_parent(parent, project, principal) is None:
                 problems.append((f"adapters.{i}.parent", _no_parent(parent, project)))
         return problems
 
-    def _find_parent(self, parent: str, project: str) -> AdapterRecord | None:
+    def _find_parent(self, parent: str, project: str, principal: Principal) -> AdapterRecord | None:
+        """The parent adapter, or None if it does not exist or is in a project `principal` may not read:
+        both answer alike, so a spec cannot probe another project's names (nor, through the compatibility
+        messages, its ranks, target modules or paths)."""
         owner, _, name = parent.rpartition("/")
+        if not principal.sees(owner or project):
+            return None
         try:
             return self.store.get_adapter(owner or project, name)
         except NotFound:
             return None
 
-    def _resolve_parents(self, spec: JobSpec) -> dict[int, str]:
+    def _resolve_parents(self, spec: JobSpec, principal: Principal) -> dict[int, str]:
         """Parents outside the job must exist and be compatible; parents inside are checked by config."""
         in_job = {a.name: i for i, a in enumerate(spec.adapters)}
         resolved: dict[int, str] = {}
@@ -112,7 +135,7 @@ class Service:
                 j = in_job[adapter.parent]
                 problems += _compatibility(field, spec.adapter_lora(j), spec.adapter_lora(i), None)
                 continue
-            parent = self._find_parent(adapter.parent, spec.project)
+            parent = self._find_parent(adapter.parent, spec.project, principal)
             if parent is None:
                 problems.append((field, _no_parent(adapter.parent, spec.project)))
                 continue
@@ -177,8 +200,10 @@ class Service:
         adapter = self.store.get_adapter(project, name)
         return lineage.nested(lineage.tree_of(self.store, adapter), adapter.root_id, self._metrics)
 
-    def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
+    def branch(self, project: str, parent: str, child: BranchSpec, principal: Principal = ADMIN) -> JobView:
         """A one-adapter job whose adapter starts from `parent`'s final weights."""
+        if not principal.sees(project):
+            raise NotFound(f"adapter {project}/{parent} not found")
         parent_record = self.store.get_adapter(project, parent)
         return self.submit(
             {
@@ -190,7 +215,8 @@ class Service:
                 "lora": parent_record.lora.model_dump(mode="json"),
                 "train": {**parent_record.train.model_dump(mode="json"), **(child.train or {})},
                 "adapters": [{"name": child.name, "parent": parent, "data": child.data, "lora": child.lora}],
-            }
+            },
+            principal=principal,
         )
 
     # ---- views ----

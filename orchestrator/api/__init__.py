@@ -251,7 +251,7 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
             require_change(caller, project)
         elif not caller.admin:  # not a name: the spec check reports it, but never into another project
             raise Forbidden(f"this token can only submit into project {caller.project!r}")
-        return b.submit(body, idempotency_key)
+        return b.submit(body, idempotency_key, caller)
 
     @app.get("/v1/jobs")
     def jobs(
@@ -305,7 +305,7 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     def branch(project: str, name: str, body: BranchSpec, b: Backend, caller: Caller) -> JobView:
         _visible(caller, project, name)
         require_change(caller, project)
-        return b.branch(project, name, body)
+        return b.branch(project, name, body, caller)
 
     @app.post("/v1/adapters/{project}/{name}/promote")
     def promote(project: str, name: str, body: PromoteRequest, b: Backend, caller: Caller) -> RegistryView:
@@ -365,8 +365,10 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
 
 
 def _visible_tree(root: LineageNode, caller: Principal, target: str) -> LineageNode:
-    """A tree can span projects (a child may branch from another project's adapter): show the caller
-    only its own part, from the highest node it may see above `target`."""
+    """A tree can span projects (an admin may branch a child from another project's adapter): show the
+    caller only its own part. The shown tree starts at the highest node above `target` reached through
+    nodes the caller sees alone, so it always holds `target` and never a name of a project the caller
+    cannot read (an ancestor's, a parent's, or a child's and what hangs below it)."""
 
     def sees(node: LineageNode) -> bool:
         return caller.sees(node.name.partition("/")[0])
@@ -386,4 +388,7 @@ def _visible_tree(root: LineageNode, caller: Principal, target: str) -> LineageN
         return None
 
     path = path_to(root) or [root]
-    return prune(next(node for node in path if sees(node)))
+    top = len(path) - 1
+    while top > 0 and sees(path[top - 1]):
+        top -= 1
+    return prune(path[top])

@@ -160,8 +160,13 @@ class Store:
         spec: dict[str, Any],
         adapters: Sequence[NewAdapter],
         idempotency_key: str | None = None,
+        parent_projects: Collection[str] | None = None,
     ) -> tuple[JobRecord, list[AdapterRecord], bool]:
         """Create a job and its adapters (and the project, if new), all or nothing.
+
+        A `parent_id` outside the job must be an adapter of one of `parent_projects` (None: any project):
+        one of another project is `NotFound`, exactly as an unknown id, so a caller that may read only
+        some projects can never start from, or learn of, another's weights.
 
         Returns `(job, adapters, created)`. With an `idempotency_key` already used in this project for the
         same name and spec, returns that job and `created=False`; the same key for a different job of this
@@ -176,7 +181,7 @@ class Store:
                     existing = self._job_for_key(s, idempotency_key, project, name, spec)
                     if existing is not None:
                         return existing
-                return self._create_job(s, project, name, spec, adapters, idempotency_key)
+                return self._create_job(s, project, name, spec, adapters, idempotency_key, parent_projects)
         except Conflict:
             if idempotency_key is None:
                 raise
@@ -210,6 +215,7 @@ class Store:
         spec: dict[str, Any],
         adapters: Sequence[NewAdapter],
         idempotency_key: str | None,
+        parent_projects: Collection[str] | None,
     ) -> tuple[JobRecord, list[AdapterRecord], bool]:
         names = [a.name for a in adapters]
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -241,7 +247,7 @@ class Store:
         s.add(job)
         s.flush()  # the job row exists before adapters reference it
         ids = {a.name: _new_id() for a in adapters}
-        lineage = self._lineage(s, adapters, ids)
+        lineage = self._lineage(s, adapters, ids, parent_projects)
         first = self._next_seq(s, len(adapters))
         rows = []
         for i, a in enumerate(adapters):
@@ -278,12 +284,18 @@ class Store:
 
     @staticmethod
     def _lineage(
-        s: Session, adapters: Sequence[NewAdapter], ids: Mapping[str, str]
+        s: Session,
+        adapters: Sequence[NewAdapter],
+        ids: Mapping[str, str],
+        parent_projects: Collection[str] | None,
     ) -> dict[str, tuple[str | None, str, int]]:
         """(parent_id, root_id, depth) per new adapter, from an existing parent row or one in this job."""
         by_name = {a.name: a for a in adapters}
         external = {a.parent_id for a in adapters if a.parent_id is not None}
-        parents = {row.id: row for row in s.scalars(select(AdapterRow).where(AdapterRow.id.in_(external)))}
+        query = select(AdapterRow).where(AdapterRow.id.in_(external))
+        if parent_projects is not None:
+            query = query.where(AdapterRow.project.in_(list(parent_projects)))
+        parents = {row.id: row for row in s.scalars(query)}
         resolved: dict[str, tuple[str | None, str, int]] = {}
 
         def resolve(a: NewAdapter, trail: tuple[str, ...]) -> tuple[str | None, str, int]:

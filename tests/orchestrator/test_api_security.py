@@ -189,3 +189,112 @@ def test_a_failed_export_leaves_nothing_behind(
         assert api.get("/v1/adapters/p/a/export", headers=auth(ADMIN)).status_code == 400
     exports = tmp_path / "home" / "artifacts" / "exports"
     assert not exports.exists() or list(exports.iterdir()) == []
+
+
+@pytest.fixture
+def shared_api(db_url: str, tmp_path: Path, roots: dict[str, Path]):
+    """The API on SQLite and on PostgreSQL, as a team's server runs it (data and model roots set)."""
+    settings = Settings(
+        home=tmp_path / "home",
+        db_url=db_url,
+        api_token=ADMIN,
+        data_roots=str(roots["data"]),
+        model_roots=str(roots["models"]),
+        allowed_models="Qwen/*",
+    )
+    settings.home.mkdir()
+    with TestClient(create_app(settings, start_controller=False)) as client:
+        yield client
+
+
+def _parent_problems(
+    api: TestClient, token: str, parent: str, data: Path, base: str = "Qwen/Qwen2.5-0.5B", **extra: object
+) -> list:
+    """Bob's spec starting from `parent`; by default on another base than alice's, and another rank
+    and target modules, so a compatibility check would tell alice's (the base's path among them)."""
+    stolen = {
+        "name": "steal",
+        "project": "bob",
+        "base_model": base,
+        "train": {"steps": 0},
+        "adapters": [{"name": "stolen", "parent": parent, "data": {"path": str(data)}}],
+        **extra,
+    }
+    answer = api.post("/v1/jobs", json=stolen, headers=auth(token))
+    assert answer.status_code == 422, answer.text
+    return answer.json()["detail"]["problems"]
+
+
+def test_a_parent_in_a_project_the_token_cannot_read_is_missing(
+    shared_api: TestClient, tiny_base: Path, roots: dict[str, Path]
+) -> None:
+    """Bob's token naming `parent: alice/secret` once got a 201, and the export of the child was alice's
+    weights bit for bit; the refusals around it told alice's rank, target modules and base model path.
+    Now another project's adapter is, to a project token, exactly a name that does not exist."""
+    api, data = shared_api, roots["data"] / "a.jsonl"
+    alice, bob = token(api, "alice"), token(api, "bob")
+    secret = spec("alice", tiny_base, data, adapter="secret")
+    secret["lora"] = {"r": 4, "target_modules": ["k_proj"]}
+    assert api.post("/v1/jobs", json=secret, headers=auth(alice)).status_code == 201
+
+    def same_as_missing(problems: list, parent: str) -> None:
+        missing_parent = parent.replace("secret", "nothing")
+        missing = _parent_problems(api, bob, missing_parent, data)
+        assert problems == [{**p, "message": p["message"].replace("nothing", "secret")} for p in missing]
+        for leak in ("k_proj", "rank", str(tiny_base), "base_model"):
+            assert leak not in json.dumps(problems)
+
+    same_as_missing(_parent_problems(api, bob, "alice/secret", data), "alice/secret")
+    # the attack as it was: a compatible spec, zero steps, and the export of bob/stolen was alice's weights
+    compatible = _parent_problems(api, bob, "alice/secret", data, base=str(tiny_base), lora=secret["lora"])
+    assert [p["message"] for p in compatible] == [
+        "no adapter 'alice/secret' in this job or in project 'alice'; train the parent first or fix the name"
+    ]
+    # a spec that also fails validation still says the parent is missing, as for an unknown name
+    invalid = _parent_problems(api, bob, "alice/secret", data, typo=1)
+    assert {"field": "adapters.0.parent", "message": invalid[-1]["message"]} in invalid
+    assert invalid[-1]["message"].startswith("no adapter 'alice/secret'")
+    assert api.get("/v1/jobs", headers=auth(bob)).json() == []  # nothing stored
+    # every route that names an adapter: the same 404 as an adapter that does not exist
+    for route, method, body in (
+        ("", "GET", None),
+        ("/lineage", "GET", None),
+        ("/export", "GET", None),
+        ("/generate", "POST", {"prompt": "x"}),
+        ("/promote", "POST", {}),
+        ("/branch", "POST", {"name": "child", "data": {"path": str(data)}}),
+    ):
+        hidden = api.request(method, f"/v1/adapters/alice/secret{route}", headers=auth(bob), json=body)
+        unknown = api.request(method, f"/v1/adapters/bob/nothing{route}", headers=auth(bob), json=body)
+        assert hidden.status_code == unknown.status_code == 404, (route, hidden.text, unknown.text)
+        assert hidden.json()["detail"]["message"] == "adapter alice/secret not found"
+    assert api.get("/v1/jobs", headers=auth(bob)).json() == []
+
+    # the admin may still branch across projects (documented); bob's token sees only bob's part of it
+    across = spec("bob", tiny_base, data, name="across", adapter="child")
+    across["lora"] = secret["lora"]
+    across["adapters"][0]["parent"] = "alice/secret"
+    assert api.post("/v1/jobs", json=across, headers=auth(ADMIN)).status_code == 201
+    tree = api.get("/v1/adapters/bob/child/lineage", headers=auth(bob)).json()
+    assert (tree["name"], tree["parent"], tree["children"]) == ("bob/child", None, [])
+    assert "alice" not in json.dumps(tree)
+
+
+def test_a_lineage_tree_across_projects_keeps_the_target_and_hides_the_rest() -> None:
+    """alice/a -> bob/b -> alice/c -> bob/d: bob asking for bob/d once got bob/b with its child alice/c
+    pruned, and bob/d gone with it."""
+    from orchestrator.api import _visible_tree
+    from orchestrator.auth import Principal
+    from orchestrator.views import LineageNode
+
+    def node(name: str, parent: str | None, *children: LineageNode) -> LineageNode:
+        return LineageNode(name=name, parent=parent, status="evaluated", metrics={}, children=list(children))
+
+    d = node("bob/d", "alice/c", node("bob/e", "bob/d"), node("alice/f", "bob/d"))
+    tree = node("alice/a", None, node("bob/b", "alice/a", node("alice/c", "bob/b", d)))
+    bob = Principal("reader", "bob")
+    shown = _visible_tree(tree, bob, "bob/d")
+    assert (shown.name, shown.parent, [c.name for c in shown.children]) == ("bob/d", None, ["bob/e"])
+    upper = _visible_tree(tree, bob, "bob/b")
+    assert (upper.name, upper.parent, upper.children) == ("bob/b", None, [])
+    assert _visible_tree(tree, Principal("admin"), "bob/d") == tree

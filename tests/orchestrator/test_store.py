@@ -111,6 +111,17 @@ def test_idempotency_keys_belong_to_their_project(store: Store) -> None:
     assert alice_created
 
 
+def test_a_parent_outside_the_allowed_projects_is_not_found_and_nothing_is_written(store: Store) -> None:
+    _, (secret,), _ = store.create_job("alice", "j", {}, [new("secret")])
+    before = counts(store)
+    with pytest.raises(NotFound) as refused:
+        store.create_job("bob", "steal", {}, [new("stolen", parent_id=secret.id)], parent_projects={"bob"})
+    assert str(refused.value) == f"parent adapter id {secret.id!r} of adapter 'stolen' not found"
+    assert counts(store) == before
+    _, (child,), _ = store.create_job("bob", "ok", {}, [new("child", parent_id=secret.id)])  # admin: any
+    assert child.parent_id == secret.id
+
+
 def test_taken_adapter_name_is_a_conflict_and_nothing_is_written(store: Store) -> None:
     store.create_job("p", "j", {}, [new("a")])
     before = counts(store)

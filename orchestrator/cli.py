@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from orchestrator.client import ApiError, Client, Job
+from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
 from orchestrator.states import ADAPTER_ACTIVE
 from orchestrator.views import EventView, JobView, LineageNode
@@ -391,7 +392,8 @@ def db_upgrade() -> None:
     from orchestrator.store import upgrade
 
     settings = Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    os.umask(PRIVATE_UMASK)  # a SQLite database under the home is its user's only
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     upgrade(settings.database_url)
     err.print(f"database at {settings.database_url} is up to date")
 
@@ -445,6 +447,7 @@ def ui(
     sys.stdout.write(target + "\n")
     sys.stdout.flush()
     # Become the MLflow server (exec, not a child): stopping this command stops the UI, nothing is left.
+    os.umask(PRIVATE_UMASK)  # what it writes beside the home's tracking store is the user's only
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", str(settings.mlflow_uri)]
     os.execv(sys.executable, [*command, "--host", host, "--port", str(port)])
 
@@ -585,6 +588,7 @@ def quickstart(
     """Build a tiny base + 4 skills under LORAFLEET_HOME, train 4 adapters and a branched child."""
     from orchestrator.quickstart import run_quickstart
 
+    os.umask(PRIVATE_UMASK)  # the tiny base and data it writes into the home are the user's only
     view = run_quickstart(steps=steps, progress=None if as_json else _wait_with_progress)
     if as_json:
         _emit_json(view)

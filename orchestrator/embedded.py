@@ -24,7 +24,7 @@ from orchestrator.views import AdapterView, EventView, JobView, LineageNode, Reg
 class EmbeddedBackend:
     def __init__(self, home: str | Path | None = None, settings: Settings | None = None) -> None:
         self.settings = settings or (Settings(home=Path(home)) if home is not None else Settings())
-        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)  # job specs, paths, metrics
         self.store = Store.open(self.settings.database_url, upgrade=True)
         self.service = Service(self.settings, self.store)
         self.controller = Controller(self.settings, self.store)

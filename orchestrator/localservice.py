@@ -3,14 +3,25 @@
 Without it, a job trains only while some client process happens to run the controller: a job submitted
 without `--wait` would never run, and `cancel` from another shell would talk to no one. So every client of
 a home (the CLI, `Client()`) talks HTTP to one background server bound to 127.0.0.1, which owns the
-controller and survives the shell that started it. Under `<home>/service/` (mode 0700):
+controller and survives the shell that started it.
+
+The home holds job specs, data paths, metrics and weights: it is for its user alone. It is created mode
+0700, a home found wider is tightened when its service starts (the whole tree, once), and the service
+runs with umask 077, so everything it and its Ray write there (`lorafleet.db`, `mlflow.db`, event logs,
+checkpoints) is the user's only. Under `<home>/service/` (mode 0700):
 
 - `token`: the per-home secret (0600); the service requires it as its admin token, so other local users
   who can reach the port cannot use it;
 - `service.lock`: an exclusive `flock` the running service holds for its whole life: exactly one per home
   (a second one started by a race exits at once);
-- `service.json`: pid, process group and URL of the running service (written by the service itself);
+- `service.json`: pid, process start time, process group and URL of the running service (written by the
+  service itself);
 - `service.log`: everything the service prints.
+
+A pid alone does not name the service: after a crash the pid in `service.json` may belong to any process
+started since. The service is the process with that pid *and* the start time it recorded (or, for a file
+written before start times were kept, a `lorafleet service run` command line); anything else is a
+stranger, and is neither waited for nor signalled.
 
 The service runs in a session of its own (its own process group), so the Ray processes it starts belong
 to that group. When a service died without cleaning up (SIGKILL, OOM), the next start first kills what is
@@ -25,6 +36,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -78,6 +90,7 @@ class ServiceInfo:
     home: str
     started_at: float
     ray_session: str | None = None  # a local Ray's session dir: its orphans hold files there
+    process_started: float | None = None  # psutil's create_time of `pid`: a reused pid has another
 
 
 @dataclass(frozen=True)
@@ -88,11 +101,48 @@ class ServiceStatus:
     log: str
 
 
+PRIVATE_UMASK = 0o077
+
+
 def paths(home: Path) -> ServicePaths:
     service = ServicePaths(Path(home).expanduser().resolve())
-    service.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    service.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    service.dir.mkdir(exist_ok=True, mode=0o700)
     os.chmod(service.dir, 0o700)
     return service
+
+
+def make_private(home: Path) -> int:
+    """Tighten a home created before homes were private (or by hand, with a wider mode): the home to
+    0700 and, that first time, every file and directory in it to its owner only. Once the home is 0700 and
+    the service's umask 077, nothing wider appears in it, so later starts walk nothing. Only what this
+    user owns is changed; symlinks are not followed. Returns how many entries were tightened."""
+    home = Path(home).expanduser().resolve()
+    mode = home.stat().st_mode & 0o777
+    if mode & PRIVATE_UMASK == 0 or home.stat().st_uid != os.getuid():
+        return 0
+    tightened = 0
+    for root, dirs, files in os.walk(home):
+        for name in (*dirs, *files):
+            tightened += _tighten(Path(root) / name)
+    return tightened + _tighten(home)
+
+
+def _tighten(path: Path) -> int:
+    try:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & PRIVATE_UMASK == 0:
+            return 0
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~PRIVATE_UMASK)
+    except OSError:  # vanished meanwhile, or not ours to change
+        return 0
+    return 1
+
+
+def _private_file(path: Path) -> IO[str]:
+    """`path` opened for appending, created readable by this user only whatever the caller's umask (a
+    client creates the log and the start lock; it must not loosen its process's umask for that)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
 
 
 def ensure_token(home: Path) -> str:
@@ -121,6 +171,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+PROCESS_START_TOLERANCE_S = 1.0  # create_time is whole clock ticks since boot: equal for one process
+SERVICE_COMMAND = ("orchestrator.cli", "service", "run")
+
+
+def _is_service(info: ServiceInfo) -> bool:
+    """Whether `info.pid` is still the service that wrote `info`, not a process that reused its pid."""
+    import psutil
+
+    try:
+        process = psutil.Process(info.pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if info.process_started is not None:
+            return abs(process.create_time() - info.process_started) < PROCESS_START_TOLERANCE_S
+        command = process.cmdline()
+    except psutil.Error:
+        return False
+    return any(tuple(command[i : i + 3]) == SERVICE_COMMAND for i in range(len(command)))
+
+
 def _healthy(url: str, timeout: float = 2.0) -> bool:
     import httpx
 
@@ -132,14 +202,14 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
 
 def status(home: Path) -> ServiceStatus:
     info = read_info(home)
-    running = info is not None and _alive(info.pid)
+    running = info is not None and _is_service(info)
     healthy = running and info is not None and _healthy(info.url)
     return ServiceStatus(running, healthy, info if running else None, str(paths(home).log))
 
 
 @contextlib.contextmanager
 def _flock(path: Path) -> Iterator[None]:
-    with path.open("a") as f:
+    with _private_file(path) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -170,7 +240,7 @@ def _spawn(home: Path) -> subprocess.Popen:
     env = {**os.environ, "LORAFLEET_HOME": str(service.home)}
     env.pop("LORAFLEET_API_TOKEN", None)  # the local service's token is the home's own
     env.pop("RAY_ADDRESS", None)  # a Ray this shell started is not the service's (LORAFLEET_RAY_ADDRESS is)
-    with service.log.open("a") as log:
+    with _private_file(service.log) as log:
         log.write(f"\n---- starting lorafleet service for {service.home} at {time.ctime()} ----\n")
         log.flush()
         return subprocess.Popen(
@@ -192,7 +262,7 @@ def _wait_started(home: Path, process: subprocess.Popen, timeout: float) -> Serv
             return info
         if process.poll() is not None:
             info = read_info(home)  # lost a start race to another service: use that one
-            if info is not None and _alive(info.pid) and _healthy(info.url):
+            if info is not None and _is_service(info) and _healthy(info.url):
                 return info
             raise ServiceError(
                 f"the lorafleet service for {home} exited with code {process.returncode} while starting; "
@@ -207,7 +277,7 @@ def _wait_started(home: Path, process: subprocess.Popen, timeout: float) -> Serv
 def _wait_healthy(home: Path, info: ServiceInfo, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not _healthy(info.url):
-        if not _alive(info.pid):
+        if not _is_service(info):
             raise ServiceError(f"the lorafleet service for {home} died; see {paths(home).log}")
         if time.monotonic() > deadline:
             raise ServiceError(f"the lorafleet service for {home} does not answer; see {paths(home).log}")
@@ -217,12 +287,22 @@ def _wait_healthy(home: Path, info: ServiceInfo, timeout: float) -> None:
 def _reap_dead(home: Path) -> None:
     """A service that died uncleanly may leave Ray processes of its group training on: end them."""
     info = read_info(home)
-    if info is None or _alive(info.pid):
+    if info is None or _is_service(info):
         return
-    _kill_group(info.pgid, signal.SIGKILL)
+    if _group_is_the_services(info):
+        _kill_group(info.pgid, signal.SIGKILL)
     if info.ray_session:
         kill_ray_session(info.ray_session)
     paths(home).info.unlink(missing_ok=True)
+
+
+def _group_is_the_services(info: ServiceInfo) -> bool:
+    """Whether process group `info.pgid` can only be the service's: the service is alive, or it led its
+    group (pgid == its pid, as `_spawn` starts it) and no live process has that pid. The kernel gives no
+    new process a number still in use as a group id, so while anything of the service's group lives,
+    no other process has that pid; a live stranger with it means the group died out and the number was
+    reused, for a group that is not ours to kill."""
+    return _is_service(info) or (info.pgid == info.pid and not _alive(info.pgid))
 
 
 def kill_ray_session(session_dir: str) -> int:
@@ -261,23 +341,25 @@ def _kill_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def stop_service(home: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
-    """Stop the home's service (graceful, then forced, its whole process group); True if one ran."""
+    """Stop the home's service (graceful, then forced, its whole process group); True if one ran. A pid
+    file naming a stranger (the service crashed, its pid was reused) is removed, the stranger untouched."""
     info = read_info(home)
     if info is None:
         return False
-    was_running = _alive(info.pid)
+    was_running = _is_service(info)
     if was_running:
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(info.pid) and time.monotonic() < deadline:
+        while _is_service(info) and time.monotonic() < deadline:
             time.sleep(0.2)
-    _kill_group(info.pgid, signal.SIGKILL)  # whatever of its Ray is left
+    if _group_is_the_services(info):
+        _kill_group(info.pgid, signal.SIGKILL)  # whatever of its Ray is left
+        deadline = time.monotonic() + 10
+        while _group_alive(info.pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
     if info.ray_session:
         kill_ray_session(info.ray_session)
-    deadline = time.monotonic() + 10
-    while _group_alive(info.pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
     paths(home).info.unlink(missing_ok=True)
     return was_running
 
@@ -312,8 +394,10 @@ def run_service(home: Path) -> int:
     from orchestrator.api import create_app
     from orchestrator.settings import Settings
 
+    os.umask(PRIVATE_UMASK)  # before anything is written: the databases, logs and Ray's files alike
     service = paths(home)
-    lock: IO[str] = service.lock.open("a")
+    make_private(service.home)
+    lock: IO[str] = _private_file(service.lock)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -336,7 +420,17 @@ def run_service(home: Path) -> int:
 
     connect_ray(settings)  # before uvicorn, so its SIGTERM handler (graceful stop) is the one installed
     session = ray_session_dir() if settings.ray_address is None else None
-    info = ServiceInfo(os.getpid(), os.getpgid(0), url, str(service.home), time.time(), session)
+    import psutil
+
+    info = ServiceInfo(
+        os.getpid(),
+        os.getpgid(0),
+        url,
+        str(service.home),
+        time.time(),
+        session,
+        process_started=psutil.Process().create_time(),
+    )
     temp = service.info.with_suffix(".tmp")
     temp.write_text(json.dumps(asdict(info)))
     temp.replace(service.info)

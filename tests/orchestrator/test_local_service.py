@@ -369,6 +369,72 @@ def test_one_service_per_home_and_stop_leaves_no_process(tmp_path: Path) -> None
     assert service_processes  # it ran; the count across homes is not ours to assert
 
 
+def test_a_stale_pid_file_naming_a_stranger_is_no_service_and_the_stranger_lives(tmp_path: Path) -> None:
+    """After a crash, `service.json`'s pid may name any process started since. It was taken for the
+    service: `service status` said running, every command waited 180 s for it to answer, and `service
+    stop` killed it (and its process group). Now the pid must also have the service's start time (or,
+    in a file from before start times were kept, its command line)."""
+    import dataclasses
+
+    home = tmp_path / "home"
+    (home / "service").mkdir(parents=True)
+    os.chmod(home, 0o755)  # a home as an older lorafleet left it, with files others could read
+    (home / "events").mkdir(mode=0o755)
+    (home / "events" / "old.jsonl").write_text("{}\n")
+    os.chmod(home / "events" / "old.jsonl", 0o644)
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)  # leads a group, as a service
+    crashed = {  # what the crashed service wrote, before start times were kept
+        "pid": stranger.pid,
+        "pgid": stranger.pid,
+        "url": f"http://127.0.0.1:{_free_port()}",
+        "home": str(home),
+        "started_at": time.time() - 3600,
+        "ray_session": None,
+    }
+    try:
+        (home / "service" / "service.json").write_text(json.dumps(crashed))
+        described = cli(home, "service", "status", "--json", timeout=60)
+        assert described.returncode == 1 and json.loads(described.stdout)["running"] is False
+        stopped = cli(home, "service", "stop", timeout=60)
+        assert stopped.returncode == 0 and "no service was running" in stopped.stderr
+        assert stranger.poll() is None, "`service stop` killed a process that was not the service"
+        (home / "service" / "service.json").write_text(json.dumps(crashed))
+        started = cli(home, "service", "start", timeout=170)  # the stranger is not waited for
+        assert started.returncode == 0, started.stderr
+        info = read_info(home)
+        assert info is not None and info.pid != stranger.pid and stranger.poll() is None
+        # the pid and the start time the service recorded name it; the same pid started at another time not
+        from orchestrator.localservice import _is_service
+
+        assert _is_service(info)
+        assert not _is_service(dataclasses.replace(info, process_started=info.process_started - 3600))
+        # an older, wider home is tightened on start, with what it held
+        old = (home, home / "events", home / "events" / "old.jsonl")
+        modes = [oct(p.stat().st_mode & 0o777) for p in old]
+        assert modes == ["0o700", "0o700", "0o600"]
+    finally:
+        _stopped(home)
+        stranger.kill()
+        stranger.wait()
+
+
+def test_the_home_and_everything_in_it_are_for_its_user_only(
+    home: Path, tiny_base: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """`lorafleet.db`, `mlflow.db` and the event logs (job specs, data paths, metrics) were readable by
+    every local user; now nothing in a home has a group or other permission bit."""
+    job = submit(home, spec_file(tmp_path, str(tiny_base), data_dir, "private", "private", steps=2))
+    until(home, job["id"], lambda v: v["state"] == "succeeded")
+    present = {p.name for p in home.iterdir()} | {p.name for p in (home / "artifacts").iterdir()}
+    assert {"lorafleet.db", "mlflow.db", "events", "adapters"} <= present
+    wide = [
+        f"{oct(path.lstat().st_mode & 0o777)} {path}"
+        for path in [home, *home.rglob("*")]
+        if not path.is_symlink() and path.lstat().st_mode & 0o077
+    ]
+    assert wide == []
+
+
 def _train_workers(session: str) -> list:
     """The Ray Train worker processes of a local service's Ray session."""
     import psutil

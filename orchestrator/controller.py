@@ -474,6 +474,7 @@ class Controller:
             output_dir=adapter.output_dir,
             init_from=init_from,
             baseline_from=init_from,
+            max_record_bytes=self.settings.max_record_bytes,
         )
 
     def _launch(self, placement: sched.Placement, shape: PackShape, adapters: list[AdapterRecord]) -> None:

@@ -27,6 +27,12 @@ class Service:
         self.settings = settings
         self.store = store
         self.allowed = preflight.Allowed(settings.data_roots, settings.model_roots, settings.allowed_models)
+        self.limits = preflight.Limits(
+            max_adapters=settings.max_adapters_per_job,
+            max_steps=settings.max_train_steps,
+            max_tokens=settings.max_tokens_per_adapter,
+            max_record_bytes=settings.max_record_bytes,
+        )
 
     # ---- jobs ----
 
@@ -60,6 +66,9 @@ class Service:
         """Schema, base model, data files and parents, all checked; one `SpecError` lists every problem.
         Returns the spec and the ids of the parents outside the job, by adapter index."""
         raw = source.model_dump(mode="json") if isinstance(source, JobSpec) else load_source(source)
+        too_many = preflight.adapter_count_problems(raw, self.limits)
+        if too_many:
+            raise SpecError(too_many)
         problems: list[tuple[str, str]] = []
         spec: JobSpec | None = None
         parents: dict[int, str] = {}
@@ -67,7 +76,9 @@ class Service:
             spec = JobSpec.parse(raw)
         except SpecError as exc:
             problems += exc.problems
-        problems += preflight.outside_world_problems(raw, self.allowed)
+        else:
+            problems += preflight.size_problems(spec, self.limits)
+        problems += preflight.outside_world_problems(raw, self.allowed, self.limits.max_record_bytes)
         if spec is not None:
             try:
                 parents = self._resolve_parents(spec)

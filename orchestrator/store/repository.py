@@ -403,6 +403,19 @@ class Store:
         with self._session("list adapters") as s:
             return [row.to_entity() for row in s.scalars(query)]
 
+    def adapters_by_id(self, adapter_ids: Collection[str]) -> dict[str, AdapterRecord]:
+        """Many adapters by id, in one query per 500 ids; ids not found are absent."""
+        found: dict[str, AdapterRecord] = {}
+        with self._session("get adapters by id") as s:
+            for chunk in _chunks(list(set(adapter_ids))):
+                found.update(
+                    {
+                        row.id: row.to_entity()
+                        for row in s.scalars(select(AdapterRow).where(AdapterRow.id.in_(chunk)))
+                    }
+                )
+        return found
+
     def adapter_page(
         self,
         project: str | None = None,

@@ -322,10 +322,15 @@ class Tracker:
         self.client.set_terminated(run_id, status=run_status, end_time=_millis(event))
 
     def _close_finished_jobs(self) -> None:
-        for job in self.store.list_jobs(states=sorted(JOB_TERMINAL)):
-            if not job.mlflow_run_id or job.id in self._closed_jobs:
-                continue
-            if all(a.state in ADAPTER_FINISHED for a in self.store.list_adapters(job_id=job.id)):
+        jobs = [
+            job
+            for job in self.store.list_jobs(states=sorted(JOB_TERMINAL))
+            if job.mlflow_run_id and job.id not in self._closed_jobs
+        ]
+        counts = self.store.adapter_counts([job.id for job in jobs])  # one query, not a job's adapters each
+        for job in jobs:
+            assert job.mlflow_run_id is not None
+            if all(state in ADAPTER_FINISHED for state in counts[job.id]):
                 if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
                     status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
                     self.client.set_terminated(

@@ -148,3 +148,21 @@ def test_the_client_pages_through_a_job_bigger_than_its_view(tmp_path: Path, dat
         assert (
             refused.status_code == 422 and refused.json()["detail"]["problems"][0]["field"] == "query.limit"
         )
+
+
+def test_the_api_refuses_a_job_over_the_adapter_limit_with_the_setting_to_raise(
+    tmp_path: Path, data: Path
+) -> None:
+    settings = Settings(home=tmp_path / "api", max_adapters_per_job=10)
+    with TestClient(create_app(settings, start_controller=False)) as http:
+        answer = http.post("/v1/jobs", json=job_spec("wide", 11, data))
+        assert answer.status_code == 422
+        assert answer.json()["detail"]["problems"] == [
+            {
+                "field": "adapters",
+                "message": "11 adapters is over this server's limit of 10 per job; split the job, or ask "
+                "the admin to raise LORAFLEET_MAX_ADAPTERS_PER_JOB",
+            }
+        ]
+        assert http.get("/v1/jobs").json() == []
+        assert http.post("/v1/jobs", json=job_spec("wide", 10, data)).status_code == 201

@@ -95,13 +95,13 @@ def _run(fn: Any) -> Any:
 def _jobs_table(jobs: list[JobView]) -> Table:
     table = Table("job", "project", "name", "state", "adapters", "created", "error")
     for job in jobs:
-        done = sum(a.state not in ADAPTER_ACTIVE for a in job.adapters)
+        done = sum(n for state, n in job.adapter_states.items() if state not in ADAPTER_ACTIVE)
         table.add_row(
             job.id,
             job.project,
             job.name,
             job.state,
-            f"{done}/{len(job.adapters)}",
+            f"{done}/{job.adapter_count}",
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             _short(job.error),
         )
@@ -164,8 +164,8 @@ def _show_job(client: Client, job: Job, wait: bool, as_json: bool) -> None:
         raise typer.Exit(130) from None
     if as_json:
         _emit_json(view)
-    else:
-        out.print(_adapters_table(view, view.adapters))
+    else:  # every adapter: the view holds the first ones, the job's pages the rest
+        out.print(_adapters_table(view, job.adapters if view.has_more_adapters else view.adapters))
     client.close()
     if wait and view.state != "succeeded":
         raise typer.Exit(1)

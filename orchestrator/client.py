@@ -9,13 +9,14 @@ attached, `wait()` only watches, and interrupting it stops the watching, never t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 
+NEXT_PAGE_HEADER = "X-Next-After"  # as orchestrator.api sends it (not imported: the client stays light)
 ProgressFn = Callable[["JobView", list[EventView]], None]
 
 
@@ -43,7 +44,11 @@ class Job:
 
     @property
     def adapters(self) -> list[AdapterView]:
-        return self.view.adapters
+        """All the job's adapters: those the view holds, or every page of them when it holds only the
+        first (a view embeds a bounded number)."""
+        if not self.view.has_more_adapters:
+            return self.view.adapters
+        return self._client.adapters(job_id=self.id)
 
     def refresh(self) -> JobView:
         self.view = self._client._backend.job(self.id)
@@ -120,7 +125,17 @@ class Client:
         return self._backend.adapter(*self._ref(name, project))
 
     def adapters(self, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
-        return self._backend.adapters(project, job_id)
+        """Every adapter (of a project, of a job), first come first, fetched page by page."""
+        return list(self.iter_adapters(project, job_id))
+
+    def iter_adapters(
+        self, project: str | None = None, job_id: str | None = None, page_size: int = 1000
+    ) -> Iterator[AdapterView]:
+        """Adapters page by page, holding one page at a time."""
+        after: int | None = 0
+        while after is not None:
+            page, after = self._backend.adapter_page(project, job_id, after, page_size)
+            yield from page
 
     def lineage(self, name: str, project: str | None = None) -> LineageNode:
         return self._backend.lineage(*self._ref(name, project))
@@ -214,7 +229,10 @@ class RemoteBackend:
             return self._http.request(method, path, **kwargs)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._request(method, path, **kwargs)
+        return self._checked(self._request(method, path, **kwargs)).json()
+
+    def _checked(self, response: Any) -> Any:
+        """The response, or the server's refusal raised as `SpecError` / `ApiError`."""
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", {})
@@ -226,7 +244,7 @@ class RemoteBackend:
             if response.status_code == 422 and problems:
                 raise SpecError(problems)
             raise ApiError(response.status_code, detail.get("message", response.text), problems)
-        return response.json()
+        return response
 
     def submit(self, raw: dict[str, Any], idempotency_key: str | None) -> JobView:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -246,9 +264,17 @@ class RemoteBackend:
     def adapter(self, project: str, name: str) -> AdapterView:
         return AdapterView.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}"))
 
-    def adapters(self, project: str | None, job_id: str | None) -> list[AdapterView]:
-        params = {k: v for k, v in (("project", project), ("job_id", job_id)) if v}
-        return [AdapterView.model_validate(a) for a in self._call("GET", "/v1/adapters", params=params)]
+    def adapter_page(
+        self, project: str | None, job_id: str | None, after: int, limit: int
+    ) -> tuple[list[AdapterView], int | None]:
+        """One page, and the cursor of the next (None: this was the last)."""
+        params: dict[str, Any] = {k: v for k, v in (("project", project), ("job_id", job_id)) if v}
+        response = self._checked(
+            self._request("GET", "/v1/adapters", params={**params, "after": after, "limit": limit})
+        )
+        following = response.headers.get(NEXT_PAGE_HEADER)
+        views = [AdapterView.model_validate(a) for a in response.json()]
+        return views, int(following) if following is not None else None
 
     def lineage(self, project: str, name: str) -> LineageNode:
         return LineageNode.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}/lineage"))

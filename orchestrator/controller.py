@@ -474,6 +474,7 @@ class Controller:
             output_dir=adapter.output_dir,
             init_from=init_from,
             baseline_from=init_from,
+            max_record_bytes=self.settings.max_record_bytes,
         )
 
     def _launch(self, placement: sched.Placement, shape: PackShape, adapters: list[AdapterRecord]) -> None:
@@ -555,17 +556,27 @@ class Controller:
             self.store.set_job_state(job.id, outcome.value, error=error)
 
     def cancel_job(self, job_id: str) -> None:
-        """Queued adapters are cancelled now; running ones leave their pack between two steps."""
+        """Queued adapters are cancelled now; running ones leave their pack between two steps.
+
+        In batches, since this holds the controller's lock: one transaction for the adapters cancelled
+        now, one batch of events, one request per pack (2,000 adapters one by one once froze every
+        other job's progress for half a minute)."""
         with self._lock:
             in_pack = {i: p.pack_id for p in self.running.values() for i in p.members.values()}
             now, in_flight = decisions.cancel(self.store.list_adapters(job_id=job_id), in_pack)
-            self._apply(now)
+            cancelled = [change.adapter_id for change in now]
+            by_pack: dict[str, dict[str, str]] = {}  # pack id -> {member name: adapter id}
             for adapter_id in in_flight:
                 pack = self.running[in_pack[adapter_id]]
                 name = next(n for n, i in pack.members.items() if i == adapter_id)
+                by_pack.setdefault(pack.pack_id, {})[name] = adapter_id
+            for pack_id, members in by_pack.items():
                 self._ensure_ray()
-                withdrawn = ray.get(self._channel.cancel.remote(pack.pack_id, [name]))
-                if name in withdrawn:  # only offered, never taken: it never started in that pack
+                withdrawn = ray.get(self._channel.cancel.remote(pack_id, list(members)))
+                pack = self.running[pack_id]
+                for name in set(withdrawn) & set(members):  # only offered, never taken: never started
                     pack.members.pop(name, None)
                     pack.member_bytes.pop(name, None)
-                    self._apply([AdapterChange(adapter_id, AdapterState.CANCELLED, announce=True)])
+                    cancelled.append(members[name])
+            moved = self.store.transition_adapters(cancelled, AdapterState.CANCELLED)
+            self.store.record_events([_done_event(record) for record in moved])

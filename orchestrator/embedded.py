@@ -18,7 +18,7 @@ from orchestrator.settings import Settings
 from orchestrator.spec import BranchSpec, JobSpec
 from orchestrator.store import Store
 from orchestrator.tracking import Tracker
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView
+from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode, RegistryView
 
 
 class EmbeddedBackend:
@@ -58,8 +58,10 @@ class EmbeddedBackend:
     def adapter(self, project: str, name: str) -> AdapterView:
         return self.service.adapter(project, name)
 
-    def adapters(self, project: str | None, job_id: str | None) -> list[AdapterView]:
-        return self.service.adapters(project, job_id)
+    def adapters(
+        self, project: str | None, job_id: str | None, after: int = 0, limit: int = 1000
+    ) -> AdapterPage:
+        return self.service.adapters(project, job_id, after, limit)
 
     def lineage(self, project: str, name: str) -> LineageNode:
         return self.service.lineage(project, name)

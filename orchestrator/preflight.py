@@ -15,9 +15,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.data import DataError, check_head
+from workers.data import MAX_RECORD_BYTES, DataError, check_head
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
 
 # A hub id: `name` or `owner/name` (letters, digits, '.', '_', '-'), as the Hugging Face Hub allows.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -36,18 +39,83 @@ class Allowed:
 ANYTHING = Allowed()
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How big a job may be on this server: the admin's policy (`Settings.max_*`), not the schema's.
+
+    Submitting, showing and cancelling a job cost time in proportion to its adapters, and a worker's
+    memory grows with a record's size; a bound keeps one careless (or hostile) spec from slowing every
+    other tenant. Each refusal names the setting that raises it.
+    """
+
+    max_adapters: int = 1000
+    max_steps: int = 1_000_000
+    max_tokens: int = 10_000_000_000
+    max_record_bytes: int = MAX_RECORD_BYTES
+
+
+def adapter_count_problems(raw: dict[str, Any], limits: Limits) -> Problems:
+    """Too many adapters, judged on the raw spec before anything else is checked: validating each
+    adapter and reading each data file is the very cost the limit bounds."""
+    adapters = raw.get("adapters")
+    if not isinstance(adapters, list) or len(adapters) <= limits.max_adapters:
+        return []
+    return [
+        (
+            "adapters",
+            f"{len(adapters)} adapters is over this server's limit of {limits.max_adapters} per job; split "
+            "the job, or ask the admin to raise LORAFLEET_MAX_ADAPTERS_PER_JOB",
+        )
+    ]
+
+
+def size_problems(spec: JobSpec, limits: Limits) -> Problems:
+    """Each adapter's steps and token budget (steps x batch_size x grad_accum_steps x max_seq_len)
+    within the server's limits. A problem names the adapter's own `train` override when it has one,
+    else the job's `train`, so a job-wide value is reported once."""
+    problems: Problems = []
+    for i, adapter in enumerate(spec.adapters):
+        train = spec.adapter_train(i)
+        own = adapter.train.model_dump(exclude_none=True) if adapter.train else {}
+        tokens = train.steps * train.batch_size * train.grad_accum_steps * train.max_seq_len
+        if train.steps > limits.max_steps:
+            field = f"adapters.{i}.train.steps" if "steps" in own else "train.steps"
+            problems.append(
+                (
+                    field,
+                    f"{train.steps} steps is over this server's limit of {limits.max_steps}; train fewer "
+                    "steps, or ask the admin to raise LORAFLEET_MAX_TRAIN_STEPS",
+                )
+            )
+        elif tokens > limits.max_tokens:
+            budget = ("steps", "batch_size", "grad_accum_steps", "max_seq_len")
+            field = f"adapters.{i}.train" if own.keys() & set(budget) else "train"
+            problems.append(
+                (
+                    field,
+                    f"{tokens} tokens (steps {train.steps} x batch_size {train.batch_size} x "
+                    f"grad_accum_steps {train.grad_accum_steps} x max_seq_len {train.max_seq_len}) is over "
+                    f"this server's limit of {limits.max_tokens} per adapter; lower one of them, or ask "
+                    "the admin to raise LORAFLEET_MAX_TOKENS_PER_ADAPTER",
+                )
+            )
+    return list(dict.fromkeys(problems))
+
+
 def within(path: Path, roots: Sequence[Path]) -> bool:
     """Whether `path`, with every symlink followed, lies inside one of `roots`."""
     real = path.expanduser().resolve()
     return any(real == root or root in real.parents for root in (r.resolve() for r in roots))
 
 
-def outside_world_problems(raw: dict[str, Any], allowed: Allowed = ANYTHING) -> Problems:
+def outside_world_problems(
+    raw: dict[str, Any], allowed: Allowed = ANYTHING, max_record_bytes: int = MAX_RECORD_BYTES
+) -> Problems:
     """The base model (and tokenizer) and every data file of a raw spec whose paths are absolute."""
     return [
         *model_problems("base_model", raw.get("base_model"), allowed),
         *model_problems("tokenizer", raw.get("tokenizer"), allowed),
-        *data_problems(raw.get("adapters"), allowed),
+        *data_problems(raw.get("adapters"), allowed, max_record_bytes),
     ]
 
 
@@ -121,13 +189,17 @@ def _config_problems(field: str, path: Path) -> Problems:
     return []
 
 
-def data_problems(adapters: Any, allowed: Allowed = ANYTHING) -> Problems:
-    """Each data file exists and its first records parse (type, fields, values). On a server with data
-    roots, a path outside them is refused before anything is read, with the same answer whether or not
-    the file exists: a token must not be a way to probe the server's disk."""
+def data_problems(
+    adapters: Any, allowed: Allowed = ANYTHING, max_record_bytes: int = MAX_RECORD_BYTES
+) -> Problems:
+    """Each data file exists and its first records parse (type, fields, values, size). On a server with
+    data roots, a path outside them is refused before anything is read, with the same answer whether or
+    not the file exists: a token must not be a way to probe the server's disk. A file many adapters
+    share is read once."""
     if not isinstance(adapters, list):
         return []
     problems: Problems = []
+    verdicts: dict[str, str | None] = {}  # path -> why it cannot be used (None: it can)
     for i, adapter in enumerate(adapters):
         data = adapter.get("data") if isinstance(adapter, dict) else None
         if not isinstance(data, dict):
@@ -146,12 +218,23 @@ def data_problems(adapters: Any, allowed: Allowed = ANYTHING) -> Problems:
                         )
                     )
                     continue
-                check_head(Path(value))
-            except DataError as exc:
-                problems.append((f"adapters.{i}.data.{key}", str(exc)))
+                if value not in verdicts:
+                    verdicts[value] = _head_problem(value, max_record_bytes)
             except (RuntimeError, OSError, ValueError) as exc:  # as for models: a path that cannot be used
-                problems.append((f"adapters.{i}.data.{key}", unusable(value, exc)))
+                verdicts[value] = unusable(value, exc)
+            if verdicts[value] is not None:
+                problems.append((f"adapters.{i}.data.{key}", str(verdicts[value])))
     return problems
+
+
+def _head_problem(value: str, max_record_bytes: int) -> str | None:
+    try:
+        check_head(Path(value), max_record_bytes=max_record_bytes)
+    except DataError as exc:
+        return str(exc)
+    except (RuntimeError, OSError, ValueError) as exc:
+        return unusable(value, exc)
+    return None
 
 
 def unusable(value: str, exc: BaseException) -> str:

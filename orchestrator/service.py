@@ -14,13 +14,14 @@ from orchestrator.auth import ADMIN, Principal
 from orchestrator.settings import Settings
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load_source
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode
 from workers.plan import LoraConfig
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller
 
 _PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
+MAX_PAGE = 1000  # adapters in one page of a list
 
 
 class Service:
@@ -28,6 +29,12 @@ class Service:
         self.settings = settings
         self.store = store
         self.allowed = preflight.Allowed(settings.data_roots, settings.model_roots, settings.allowed_models)
+        self.limits = preflight.Limits(
+            max_adapters=settings.max_adapters_per_job,
+            max_steps=settings.max_train_steps,
+            max_tokens=settings.max_tokens_per_adapter,
+            max_record_bytes=settings.max_record_bytes,
+        )
 
     # ---- jobs ----
 
@@ -78,6 +85,9 @@ class Service:
         Returns the spec and the ids of the parents outside the job, by adapter index. Only parents the
         `principal` may read are found: any other is missing, with the very message a missing one gets."""
         raw = source.model_dump(mode="json") if isinstance(source, JobSpec) else load_source(source)
+        too_many = preflight.adapter_count_problems(raw, self.limits)
+        if too_many:
+            raise SpecError(too_many)
         problems: list[tuple[str, str]] = []
         spec: JobSpec | None = None
         parents: dict[int, str] = {}
@@ -85,7 +95,9 @@ class Service:
             spec = JobSpec.parse(raw)
         except SpecError as exc:
             problems += exc.problems
-        problems += preflight.outside_world_problems(raw, self.allowed)
+        else:
+            problems += preflight.size_problems(spec, self.limits)
+        problems += preflight.outside_world_problems(raw, self.allowed, self.limits.max_record_bytes)
         if spec is not None:
             try:
                 parents = self._resolve_parents(spec, principal)
@@ -155,18 +167,22 @@ class Service:
         return resolved
 
     def job(self, job_id: str) -> JobView:
-        return self._job_view(self.store.get_job(job_id))
+        return self._job_view(self.store.get_job(job_id), self.settings.job_view_adapters)
 
     def jobs(self, project: str | None = None) -> list[JobView]:
-        return [self._job_view(job) for job in self.store.list_jobs(project=project)]
+        """Every job with its adapter counts by state, but no adapters: a list of jobs answers which
+        jobs and how far along, in a number of queries that no job's size changes."""
+        jobs = self.store.list_jobs(project=project)
+        counts = self.store.adapter_counts([job.id for job in jobs])
+        return [self._job_view(job, 0, counts[job.id]) for job in jobs]
 
     def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[EventView]:
         self.store.get_job(job_id)  # 404 for an unknown job, not an empty list
-        names: dict[str, str] = {}
+        events = self.store.list_events(job_id, after_id=after_id, limit=limit)
+        qualified = self.store.qualified_names({e.adapter_id for e in events if e.adapter_id})
+        names = {adapter_id: ref.partition("/")[2] for adapter_id, ref in qualified.items()}
         views = []
-        for event in self.store.list_events(job_id, after_id=after_id, limit=limit):
-            if event.adapter_id and event.adapter_id not in names:
-                names[event.adapter_id] = self.store.get_adapter_by_id(event.adapter_id).name
+        for event in events:
             views.append(
                 EventView(
                     id=event.id,
@@ -192,8 +208,15 @@ class Service:
     def adapter(self, project: str, name: str) -> AdapterView:
         return self._adapter_view(self.store.get_adapter(project, name))
 
-    def adapters(self, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
-        return [self._adapter_view(a) for a in self.store.list_adapters(project=project, job_id=job_id)]
+    def adapters(
+        self, project: str | None = None, job_id: str | None = None, after: int = 0, limit: int = MAX_PAGE
+    ) -> AdapterPage:
+        """One page of adapters (of a project, of a job, or all), first come first: at most `limit`
+        (capped at `MAX_PAGE`) after the cursor `after`, in a number of queries no page size changes."""
+        limit = max(1, min(limit, MAX_PAGE))
+        records = self.store.adapter_page(project=project, job_id=job_id, after_seq=after, limit=limit)
+        next_after = records[-1].seq if len(records) == limit else None
+        return AdapterPage(adapters=self._adapter_views(records), next_after=next_after)
 
     def lineage(self, project: str, name: str) -> LineageNode:
         """The whole tree the adapter belongs to, from its root."""
@@ -225,32 +248,47 @@ class Service:
         return {m.key: m.last_value for m in self.store.get_metrics(adapter_id)}
 
     def _adapter_view(self, a: AdapterRecord) -> AdapterView:
-        parent = self.store.get_adapter_by_id(a.parent_id) if a.parent_id else None
-        root = self.store.get_adapter_by_id(a.root_id) if a.root_id != a.id else a
-        return AdapterView(
-            id=a.id,
-            project=a.project,
-            name=a.name,
-            job_id=a.job_id,
-            state=a.state,
-            parent=f"{parent.project}/{parent.name}" if parent else None,
-            root=f"{root.project}/{root.name}",
-            depth=a.depth,
-            base_model=a.base_model,
-            step=a.step or 0,
-            steps=a.train.steps,
-            eval_loss=a.eval_loss,
-            final_checkpoint=a.final_checkpoint,
-            parent_checkpoint=a.parent_checkpoint,
-            data_fingerprint=a.data_fingerprint,
-            config_hash=a.config_hash,
-            error=a.error,
-            metrics=self._metrics(a.id),
-            created_at=a.created_at,
-            updated_at=a.updated_at,
-        )
+        return self._adapter_views([a])[0]
 
-    def _job_view(self, job: JobRecord) -> JobView:
+    def _adapter_views(self, records: list[AdapterRecord]) -> list[AdapterView]:
+        """Views of many adapters in three queries whatever their number: their metrics, and the names
+        of parents and roots outside the batch (once one query per adapter each: 51 s for 5,000)."""
+        metrics = self.store.last_metrics([a.id for a in records])
+        names = {a.id: a.qualified_name for a in records}
+        missing = {i for a in records for i in (a.parent_id, a.root_id) if i is not None and i not in names}
+        names.update(self.store.qualified_names(missing))
+        return [
+            AdapterView(
+                id=a.id,
+                project=a.project,
+                name=a.name,
+                job_id=a.job_id,
+                state=a.state,
+                parent=names.get(a.parent_id) if a.parent_id else None,
+                root=names.get(a.root_id, a.qualified_name),
+                depth=a.depth,
+                base_model=a.base_model,
+                step=a.step or 0,
+                steps=a.train.steps,
+                eval_loss=a.eval_loss,
+                final_checkpoint=a.final_checkpoint,
+                parent_checkpoint=a.parent_checkpoint,
+                data_fingerprint=a.data_fingerprint,
+                config_hash=a.config_hash,
+                error=a.error,
+                metrics=metrics.get(a.id, {}),
+                created_at=a.created_at,
+                updated_at=a.updated_at,
+            )
+            for a in records
+        ]
+
+    def _job_view(self, job: JobRecord, embed: int, counts: dict[str, int] | None = None) -> JobView:
+        """The job with its counts by state and its first `embed` adapters (a bounded view: a job of
+        5,000 adapters once answered with 2.4 MB after 51 s)."""
+        if counts is None:
+            counts = self.store.adapter_counts([job.id])[job.id]
+        first = self.store.adapter_page(job_id=job.id, limit=embed) if embed > 0 else []
         return JobView(
             id=job.id,
             project=job.project,
@@ -259,7 +297,9 @@ class Service:
             error=job.error,
             created_at=job.created_at,
             updated_at=job.updated_at,
-            adapters=[self._adapter_view(a) for a in self.store.list_adapters(job_id=job.id)],
+            adapters=self._adapter_views(first),
+            adapter_count=sum(counts.values()),
+            adapter_states=counts,
         )
 
 

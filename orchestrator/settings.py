@@ -50,6 +50,31 @@ class Settings(BaseSettings):
         description="Hub ids (','-separated, shell patterns like 'Qwen/*') a spec may name; unset: any.",
     )
 
+    max_adapters_per_job: int = Field(
+        default=1000,
+        gt=0,
+        description="Adapters one job spec may hold: submitting, listing and cancelling cost grows with it.",
+    )
+    max_train_steps: int = Field(default=1_000_000, gt=0, description="Most `train.steps` per adapter.")
+    max_tokens_per_adapter: int = Field(
+        default=10_000_000_000,
+        gt=0,
+        description="Most tokens one adapter may train on: steps x batch_size x grad_accum_steps x "
+        "max_seq_len (the padded budget, known at submit; what a step can cost at most).",
+    )
+    max_record_bytes: int = Field(
+        default=1 << 20,
+        gt=0,
+        description="Largest record (one JSON line, one CSV row) a data file may hold; checked at submit "
+        "on the first records without reading past the limit, and on every record by the worker.",
+    )
+    job_view_adapters: int = Field(
+        default=100,
+        ge=0,
+        description="Adapters a job's view embeds (the first ones, FIFO); counts by state cover all, and "
+        "`GET /v1/adapters?job_id=` pages through the rest.",
+    )
+
     @field_validator("data_roots", "model_roots", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:

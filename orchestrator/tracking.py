@@ -15,6 +15,7 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 CURSOR = "mlflow"
 BATCH_EVENTS = 2000
-MAX_METRICS_PER_CALL = 1000  # MLflow's own limit for log_batch
+# MLflow's log_batch takes at most 1000 entities (metrics + params + tags) and 100 tags per call.
+METRICS_PER_CALL, TAGS_PER_CALL = 900, 100
 STEP_METRICS = {"loss": "train_loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
 EVAL_METRICS = {"eval_loss": "eval_loss", "perplexity": "perplexity"}
 DONE_METRICS = {"baseline_eval_loss": "parent_eval_loss"}
@@ -67,6 +69,20 @@ def _flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: str(value)[:6000]}
 
 
+def _start_tags(event: EventRecord) -> list[Any]:
+    """Pack placement and data fingerprint, as tags: params cannot change when an adapter resumes."""
+    from mlflow.entities import RunTag
+
+    payload = event.payload
+    return [
+        RunTag("lorafleet.pack_id", str(payload.get("pack_id"))),
+        RunTag("lorafleet.node", str(payload.get("node") or "")),
+        RunTag("lorafleet.data_fingerprint", str(payload.get("data_fingerprint"))),
+        RunTag("lorafleet.train_examples", str(payload.get("train_examples"))),
+        RunTag("lorafleet.eval_examples", str(payload.get("eval_examples"))),
+    ]
+
+
 class Tracker:
     def __init__(
         self,
@@ -74,6 +90,7 @@ class Tracker:
         tracking_uri: str,
         artifact_root: Path | None = None,
         after_sync: Callable[[], None] | None = None,
+        batch_events: int = BATCH_EVENTS,
     ) -> None:
         from mlflow import MlflowClient
 
@@ -88,6 +105,7 @@ class Tracker:
         self._new_runs: set[str] = set()  # created by this process: nothing logged to them before
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.batch_events = batch_events
 
     # ---- background loop ----
 
@@ -100,11 +118,14 @@ class Tracker:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop soon: the loop ends after the batch it is mirroring, and one last batch is mirrored.
+        A backlog is left to the next start (the cursor is in SQL): a server asked to stop with
+        thousands of events behind once took 7 minutes to exit."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self.sync_quietly() and self.after_sync is not None:  # a last catch-up on a clean shutdown
+        if self.sync_quietly() and self.after_sync is not None:  # a last batch on a clean shutdown
             self.after_sync()
 
     def _loop(self, period: float) -> None:
@@ -126,16 +147,19 @@ class Tracker:
     # ---- the projection ----
 
     def sync(self) -> int:
-        """Mirror every event after the cursor; returns how many were mirrored."""
+        """Mirror every event after the cursor, a batch at a time; returns how many were mirrored.
+        Once `stop()` was asked, at most one more batch: the rest waits for the next start."""
         total = 0
         while True:
             cursor = self.store.get_cursor(CURSOR)
-            events = self.store.list_events(None, after_id=cursor, limit=BATCH_EVENTS)
+            events = self.store.list_events(None, after_id=cursor, limit=self.batch_events)
             if not events:
                 break
             self._mirror(events)
             self.store.set_cursor(CURSOR, events[-1].id)
             total += len(events)
+            if self._stop.is_set():
+                return total
         self._close_finished_jobs()
         return total
 
@@ -152,16 +176,19 @@ class Tracker:
         self._last_step.update(pending)
 
     def _mirror_events(self, events: list[EventRecord], pending: dict[tuple[str, str], int]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         metrics: dict[str, list[Metric]] = defaultdict(list)
+        tags: dict[str, list[RunTag]] = defaultdict(list)
         finished: list[tuple[str, EventRecord]] = []
+        adapters = self.store.adapters_by_id({e.adapter_id for e in events if e.adapter_id is not None})
         for event in events:
-            if event.adapter_id is None:
+            if event.adapter_id is None or event.adapter_id not in adapters:
                 continue
-            adapter = self.store.get_adapter_by_id(event.adapter_id)
             stamp = _millis(event)
-            run_id = self._adapter_run(adapter, start_ms=stamp)
+            run_id = self._adapter_run(adapters[event.adapter_id], start_ms=stamp)
+            if run_id != adapters[event.adapter_id].mlflow_run_id:  # the same record for its next events
+                adapters[event.adapter_id] = replace(adapters[event.adapter_id], mlflow_run_id=run_id)
             names = METRICS_BY_KIND.get(event.kind, {})
             step = int(event.step or 0)
             for key, metric in names.items():
@@ -169,12 +196,20 @@ class Tracker:
                 if value is not None and self._first_at(run_id, metric, step, pending):
                     metrics[run_id].append(Metric(metric, float(value), stamp, step))
             if event.kind == "start":
-                self._log_start(run_id, event)
+                tags[run_id] += _start_tags(event)
             elif event.kind == "done":
                 finished.append((run_id, event))
-        for run_id, points in metrics.items():
-            for i in range(0, len(points), MAX_METRICS_PER_CALL):
-                self.client.log_batch(run_id, metrics=points[i : i + MAX_METRICS_PER_CALL])
+                if event.payload.get("error"):
+                    tags[run_id].append(RunTag("lorafleet.error", str(event.payload["error"])[:5000]))
+        # One call per run and batch for its metrics and tags together, not one per kind of thing.
+        for run_id in dict.fromkeys([*metrics, *tags]):
+            points, labels = metrics.get(run_id, []), tags.get(run_id, [])
+            for k in range(max(-(-len(points) // METRICS_PER_CALL), -(-len(labels) // TAGS_PER_CALL))):
+                self.client.log_batch(
+                    run_id,
+                    metrics=points[k * METRICS_PER_CALL : (k + 1) * METRICS_PER_CALL],
+                    tags=labels[k * TAGS_PER_CALL : (k + 1) * TAGS_PER_CALL],
+                )
         for run_id, event in finished:
             self._finish_adapter_run(run_id, event)
 
@@ -277,20 +312,6 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def _log_start(self, run_id: str, event: EventRecord) -> None:
-        """Pack placement and data fingerprint, as tags: params cannot change when an adapter resumes."""
-        from mlflow.entities import RunTag
-
-        payload = event.payload
-        tags = [
-            RunTag("lorafleet.pack_id", str(payload.get("pack_id"))),
-            RunTag("lorafleet.node", str(payload.get("node") or "")),
-            RunTag("lorafleet.data_fingerprint", str(payload.get("data_fingerprint"))),
-            RunTag("lorafleet.train_examples", str(payload.get("train_examples"))),
-            RunTag("lorafleet.eval_examples", str(payload.get("eval_examples"))),
-        ]
-        self.client.log_batch(run_id, tags=tags)
-
     def _finish_adapter_run(self, run_id: str, event: EventRecord) -> None:
         status = event.payload.get("status")
         final_dir = event.payload.get("final_dir")
@@ -298,15 +319,18 @@ class Tracker:
             with storage.local_copy(final_dir) as local:  # MLflow uploads files (object storage: a copy)
                 self.client.log_artifacts(run_id, str(local), "adapter")
         run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
-        if event.payload.get("error"):
-            self.client.set_tag(run_id, "lorafleet.error", str(event.payload["error"])[:5000])
         self.client.set_terminated(run_id, status=run_status, end_time=_millis(event))
 
     def _close_finished_jobs(self) -> None:
-        for job in self.store.list_jobs(states=sorted(JOB_TERMINAL)):
-            if not job.mlflow_run_id or job.id in self._closed_jobs:
-                continue
-            if all(a.state in ADAPTER_FINISHED for a in self.store.list_adapters(job_id=job.id)):
+        jobs = [
+            job
+            for job in self.store.list_jobs(states=sorted(JOB_TERMINAL))
+            if job.mlflow_run_id and job.id not in self._closed_jobs
+        ]
+        counts = self.store.adapter_counts([job.id for job in jobs])  # one query, not a job's adapters each
+        for job in jobs:
+            assert job.mlflow_run_id is not None
+            if all(state in ADAPTER_FINISHED for state in counts[job.id]):
                 if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
                     status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
                     self.client.set_terminated(

@@ -53,11 +53,31 @@ class JobView(_View):
     error: str | None
     created_at: datetime
     updated_at: datetime
-    adapters: list[AdapterView]
+    adapters: list[AdapterView] = Field(
+        description="The job's first adapters, first come first, at most the server's "
+        "`LORAFLEET_JOB_VIEW_ADAPTERS` (none in a list of jobs); `GET /v1/adapters?job_id=` pages "
+        "through all of them, and `Client.job(id).adapters` does so for you."
+    )
+    adapter_count: int = Field(default=0, description="How many adapters the job has in all.")
+    adapter_states: dict[str, int] = Field(
+        default_factory=dict, description="How many of the job's adapters are in each state."
+    )
 
     @property
     def done(self) -> bool:
         return self.state in JOB_TERMINAL
+
+    @property
+    def has_more_adapters(self) -> bool:
+        """Whether `adapters` leaves some out (a view holds a bounded number of them)."""
+        return len(self.adapters) < self.adapter_count
+
+
+class AdapterPage(_View):
+    """One page of adapters, first come first; `next_after` is the cursor of the next page (None: last)."""
+
+    adapters: list[AdapterView]
+    next_after: int | None
 
 
 class EventView(_View):

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
+# The largest record (a JSON line, a CSV row) a file may hold by default; `LORAFLEET_MAX_RECORD_BYTES`
+# on a server. Readers hold a record whole, so this bounds what one bad line costs in memory.
+MAX_RECORD_BYTES = 1 << 20
+_MEASURE_BEYOND = 64 << 20  # how far past the limit an oversized record is read to say its size
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
 # Record kinds, in the order we look for them when a file has several sets of fields.
@@ -91,7 +96,7 @@ class _Table:
         return f"line {self.lines[i]}"
 
 
-def _read(path: Path) -> _Table:
+def _read(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> _Table:
     path = Path(path)
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
@@ -105,9 +110,9 @@ def _read(path: Path) -> _Table:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; it needs at least one record")
     if fmt == "json":
-        arrow = _read_json(path)
+        arrow = _read_json(path, max_record_bytes)
     elif fmt == "csv":
-        arrow = _read_csv(path)
+        arrow = _read_csv(path, max_record_bytes)
     else:
         import pyarrow.parquet as pq
 
@@ -125,21 +130,33 @@ def _read(path: Path) -> _Table:
     return table
 
 
-def _read_json(path: Path) -> pa.Table:
+def _block_size(max_record_bytes: int) -> int:
+    """pyarrow's block: a record and its newline must fit in one."""
+    return max_record_bytes + 1
+
+
+def _read_json(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> pa.Table:
     import pyarrow.json as pj
 
     try:
-        return pj.read_json(path)
-    except ValueError as e:  # ArrowInvalid: bad JSON, or a field whose type changes between lines
+        table = pj.read_json(path, read_options=pj.ReadOptions(block_size=_block_size(max_record_bytes)))
+    except ValueError as e:  # ArrowInvalid: bad JSON, a record too large, or a field that changes type
         arrow_error = e
-    _validate_json_lines(path)  # raises with the exact line and field
+    else:
+        # pyarrow's block bounds a record only loosely (one may straddle into the next block), so
+        # measure the lines (at C speed, each already bounded by the block) to hold the limit exactly.
+        with path.open("rb") as f:
+            if max(map(len, f), default=0) > max_record_bytes:
+                _validate_json_lines(path, max_record_bytes=max_record_bytes)  # names the line
+        return table
+    _validate_json_lines(path, max_record_bytes=max_record_bytes)  # raises with the exact line and field
     raise DataError(
         f"{path}: pyarrow cannot read it ({arrow_error}); the fields lorafleet uses are fine, so another "
         "field changes type between lines: make it consistent or remove it"
     )
 
 
-def _read_csv(path: Path) -> pa.Table:
+def _read_csv(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> pa.Table:
     import pyarrow as pa
     import pyarrow.csv as pc
 
@@ -150,10 +167,13 @@ def _read_csv(path: Path) -> pa.Table:
         quoted_strings_can_be_null=False,
     )
     parse = pc.ParseOptions(newlines_in_values=True)
+    read = pc.ReadOptions(block_size=_block_size(max_record_bytes))
     try:
-        return pc.read_csv(path, parse_options=parse, convert_options=convert)
+        return pc.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except ValueError as e:
         arrow_error = e
+    if _STRADDLING in str(arrow_error):
+        raise _csv_row_too_large(path, max_record_bytes) from arrow_error
     bad: list[Any] = []  # re-read serially: only then does pyarrow number the offending row
 
     def keep(row: Any) -> str:
@@ -171,6 +191,23 @@ def _read_csv(path: Path) -> pa.Table:
             f"{row.actual_columns} ({row.text[:80]!r}); fix: quote fields that contain commas"
         ) from arrow_error
     raise DataError(f"{path}: not a readable CSV file: {arrow_error}") from arrow_error
+
+
+_STRADDLING = "straddles two block boundaries"  # pyarrow: a record larger than a block
+
+
+def _csv_row_too_large(path: Path, max_record_bytes: int) -> DataError:
+    return DataError(
+        f"{path}: a row is larger than {max_record_bytes} bytes, the largest record this server reads; "
+        "split it, or ask the admin to raise LORAFLEET_MAX_RECORD_BYTES"
+    )
+
+
+def _record_too_large(path: Path, line: int, size: str, max_record_bytes: int) -> DataError:
+    return DataError(
+        f"{path}: line {line}: a record of {size} bytes is larger than {max_record_bytes} bytes, the "
+        "largest record this server reads; split it, or ask the admin to raise LORAFLEET_MAX_RECORD_BYTES"
+    )
 
 
 def _kind(path: Path, columns: Sequence[str]) -> str:
@@ -334,17 +371,24 @@ def _chat_renderer(path: Path, tokenizer: Any) -> Callable[[list[dict]], tuple[l
 # ---- public entry points ----
 
 
-def load_examples(path: Path, tokenizer: Any, max_seq_len: int) -> list[Example]:
+def load_examples(
+    path: Path, tokenizer: Any, max_seq_len: int, max_record_bytes: int = MAX_RECORD_BYTES
+) -> list[Example]:
     """Every record of one file as an Example (in file order)."""
-    table = _read(Path(path))
+    table = _read(Path(path), max_record_bytes)
     return _tokenize(table, range(len(table)), tokenizer, max_seq_len)
 
 
 def load_adapter_data(
-    cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: int, adapter_name: str
+    cfg: DataConfig,
+    tokenizer: Any,
+    max_seq_len: int,
+    seed: int,
+    adapter_name: str,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> AdapterData:
     """Shard `cfg.path`, split off the eval set, tokenize both, and fingerprint what determined them."""
-    table = _read(cfg.path)
+    table = _read(cfg.path, max_record_bytes)
     n = len(table)
     count, index = cfg.shard.count, cfg.shard.index
     # Contiguous blocks of nearly equal size, as datasets' shard(count, index, contiguous=True).
@@ -355,7 +399,8 @@ def load_adapter_data(
             f"{cfg.path}: shard {index} of {count} is empty: the file has only {n} rows; use fewer shards"
         )
     if cfg.eval_path is not None:
-        train_rows, eval_examples = rows, load_examples(cfg.eval_path, tokenizer, max_seq_len)
+        eval_examples = load_examples(cfg.eval_path, tokenizer, max_seq_len, max_record_bytes)
+        train_rows = rows
     elif cfg.eval_fraction > 0:
         n_eval = max(1, math.ceil(cfg.eval_fraction * len(rows) - 1e-9))
         if n_eval >= len(rows):
@@ -460,12 +505,13 @@ def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 # ---- checking at submit time ----
 
 
-def check_head(path: Path, records: int = 100) -> str:
+def check_head(path: Path, records: int = 100, max_record_bytes: int = MAX_RECORD_BYTES) -> str:
     """Read and validate the first `records` records of a data file; returns the record kind.
 
     What a job submission checks before anything is stored: the file exists, has a known type and
-    fields, and its first records parse. A bad record further in can only be found by reading it all,
-    which is the worker's job; it then fails that adapter with the same kind of message.
+    fields, and its first records parse and are no larger than `max_record_bytes` (never reading much
+    past that: a 200 MB line is refused after a bounded read). A bad record further in can only be found
+    by reading it all, which is the worker's job; it then fails that adapter with the same kind of message.
     """
     path = Path(path)
     fmt = SUFFIXES.get(path.suffix.lower())
@@ -480,7 +526,7 @@ def check_head(path: Path, records: int = 100) -> str:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; it needs at least one record")
     if fmt == "json":
-        return _check_json_head(path, records)
+        return _validate_json_lines(path, records, max_record_bytes)
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -501,13 +547,23 @@ def check_head(path: Path, records: int = 100) -> str:
         )
         try:
             reader = pc.open_csv(
-                path, parse_options=pc.ParseOptions(newlines_in_values=True), convert_options=convert
+                path,
+                read_options=pc.ReadOptions(block_size=_block_size(max_record_bytes)),
+                parse_options=pc.ParseOptions(newlines_in_values=True),
+                convert_options=convert,
             )
-            batch = next(iter(reader), None)
-        except (OSError, ValueError, StopIteration):
-            _read_csv(path)  # the whole-file reader names the offending row
+            batches, rows = [], 0
+            for batch in reader:  # blocks of about the record limit: read until `records` rows
+                batches.append(batch)
+                rows += batch.num_rows
+                if rows >= records:
+                    break
+        except (OSError, ValueError, StopIteration) as e:
+            if _STRADDLING in str(e):
+                raise _csv_row_too_large(path, max_record_bytes) from e
+            _read_csv(path, max_record_bytes)  # the whole-file reader names the offending row
             raise
-        arrow = pa.Table.from_batches([batch]).slice(0, records) if batch is not None else None
+        arrow = pa.Table.from_batches(batches).slice(0, records) if batches else None
     if arrow is None or arrow.num_rows == 0:
         raise DataError(f"{path}: no records; the file needs at least one")
     kind = _kind(path, arrow.column_names)
@@ -517,34 +573,58 @@ def check_head(path: Path, records: int = 100) -> str:
     return kind
 
 
-def _check_json_head(path: Path, records: int) -> str:
-    return _validate_json_lines(path, records)
+def _lines(path: Path, max_record_bytes: int) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line, never holding more than `max_record_bytes` (+ its line end) of one:
+    a longer line raises `DataError` with its size, measured without keeping it."""
+    with path.open("rb") as f:
+        for n in itertools.count(1):
+            raw = f.readline(max_record_bytes + 1)
+            if not raw:
+                return
+            if len(raw.rstrip(b"\r\n")) > max_record_bytes:
+                raise _record_too_large(path, n, _line_size(f, len(raw), max_record_bytes), max_record_bytes)
+            yield n, raw.decode("utf-8", errors="replace")
 
 
-def _validate_json_lines(path: Path, limit: int | None = None) -> str:
+def _line_size(f: BinaryIO, read: int, max_record_bytes: int) -> str:
+    """The size of the line being read (`read` bytes of it so far), read on in bounded chunks and at
+    most `_MEASURE_BEYOND` past the limit: past that, only a lower bound."""
+    size = read
+    while size <= max_record_bytes + _MEASURE_BEYOND:
+        chunk = f.readline(1 << 16)
+        if not chunk:
+            return str(size)
+        if chunk.endswith(b"\n"):
+            return str(size + len(chunk.rstrip(b"\r\n")))
+        size += len(chunk)
+    return f"more than {size}"
+
+
+def _validate_json_lines(
+    path: Path, limit: int | None = None, max_record_bytes: int = MAX_RECORD_BYTES
+) -> str:
     """Parse JSON Lines record by record (the first `limit`, or all) and validate the fields lorafleet
     uses; a problem raises `DataError` with its line. Returns the record kind."""
     records, lines = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno}); "
-                    "fix: write one complete JSON object per line (JSON Lines)"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}: line {n}: expected a JSON object, got {_type(record)}; "
-                    "fix: write one JSON object per line (JSON Lines), not a JSON array"
-                )
-            records.append(record)
-            lines.append(n)
-            if limit is not None and len(records) >= limit:
-                break
+    for n, line in _lines(path, max_record_bytes):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno}); "
+                "fix: write one complete JSON object per line (JSON Lines)"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}: line {n}: expected a JSON object, got {_type(record)}; "
+                "fix: write one JSON object per line (JSON Lines), not a JSON array"
+            )
+        records.append(record)
+        lines.append(n)
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise DataError(f"{path}: no records; the file needs at least one")
     kind = _kind(path, sorted({key for record in records for key in record}))

@@ -142,6 +142,10 @@ class AdapterTask(_Strict):
         description="PEFT adapter (e.g. the parent) to evaluate on this adapter's eval data at the end, "
         "so a promotion gate can compare the two on the same data.",
     )
+    max_record_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=1 << 20,
+        description="The largest data record the worker reads (the server's `LORAFLEET_MAX_RECORD_BYTES`).",
+    )
 
     @field_validator("name")
     @classmethod

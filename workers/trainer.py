@@ -256,7 +256,12 @@ class PackTrainer:
                 f"{task.lora.r}: a child keeps its parent's rank"
             )
         data = load_adapter_data(
-            task.data, self.tokenizer, task.train.max_seq_len, task.train.seed, task.name
+            task.data,
+            self.tokenizer,
+            task.train.max_seq_len,
+            task.train.seed,
+            task.name,
+            max_record_bytes=task.max_record_bytes,
         )
         lora = task.lora
         adapter = self.model.add_adapter(

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from orchestrator.auth import ADMIN, Forbidden, Principal, require_admin, require_change
 from orchestrator.embedded import EmbeddedBackend
+from orchestrator.service import MAX_PAGE
 from orchestrator.settings import Settings
 from orchestrator.spec import ALIAS_PATTERN, BranchSpec, SpecError, check_alias
 from orchestrator.store import Conflict, NotFound, StoreError
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # a job spec of a thousand adapters is ~300 KB
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 MAX_EVENT_ID = 2**62
+NEXT_PAGE_HEADER = "X-Next-After"
 
 
 class PromoteRequest(BaseModel):
@@ -284,12 +286,20 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     def adapters(
         b: Backend,
         caller: Caller,
+        response: Response,
         project: Annotated[str | None, Query(max_length=100)] = None,
         job_id: Annotated[str | None, Query(max_length=100)] = None,
+        after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="The cursor of a page.")] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
     ) -> list[AdapterView]:
+        """A page of adapters, first come first. When more may follow, the `X-Next-After` header holds
+        the `after` of the next page (the client follows it)."""
         if project is not None and not caller.sees(project):
             return []
-        return [a for a in b.adapters(caller.scope(project), job_id) if caller.sees(a.project)]
+        page = b.adapters(caller.scope(project), job_id, after, limit)
+        if page.next_after is not None:
+            response.headers[NEXT_PAGE_HEADER] = str(page.next_after)
+        return [a for a in page.adapters if caller.sees(a.project)]
 
     @app.get("/v1/adapters/{project}/{name}")
     def adapter(project: str, name: str, b: Backend, caller: Caller) -> AdapterView:

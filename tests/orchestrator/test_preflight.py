@@ -110,3 +110,86 @@ def test_a_directory_without_a_loadable_config_is_refused(service: Service, tmp_
         "adapters": [{"name": "a", "data": {"path": str(data)}}],
     }
     assert "cannot load the model config" in _problems(service, spec)["base_model"]
+
+
+# ---- the server's limits (issue 15, items 10 and 11) ----
+
+
+@pytest.fixture
+def small_limits(tmp_path: Path):
+    settings = Settings(
+        home=tmp_path / "limited",
+        max_adapters_per_job=3,
+        max_train_steps=1000,
+        max_tokens_per_adapter=1_024_000,
+        max_record_bytes=4096,
+    )
+    settings.home.mkdir()
+    with Store.open(settings.database_url) as store:
+        yield Service(settings, store)
+
+
+def test_a_job_over_the_adapter_limit_is_refused_before_any_adapter_or_file_is_checked(
+    small_limits: Service, tmp_path: Path
+) -> None:
+    """Issue 15, item 10: a 5,000-adapter spec was accepted after 52 s. Over the limit, the answer names
+    the count, the limit and the setting, and comes before 5,000 adapters are validated or read."""
+    adapters = [{"name": f"a{i}", "data": {"path": str(tmp_path / f"missing-{i}.jsonl")}} for i in range(4)]
+    problems = _problems(
+        small_limits, {"name": "wide", "base_model": "Qwen/Qwen2.5-0.5B", "adapters": adapters}
+    )
+    assert problems == {
+        "adapters": "4 adapters is over this server's limit of 3 per job; split the job, or ask the admin "
+        "to raise LORAFLEET_MAX_ADAPTERS_PER_JOB"
+    }
+    assert small_limits.store.list_jobs() == []
+
+
+def test_steps_and_token_budget_over_the_limits_name_the_field_value_limit_and_setting(
+    small_limits: Service, tmp_path: Path
+) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n")
+    spec = {
+        "name": "long",
+        "base_model": "Qwen/Qwen2.5-0.5B",
+        "train": {"steps": 1001},
+        "adapters": [
+            {"name": "a", "data": {"path": str(data)}},  # the job's 1001 steps
+            {"name": "b", "data": {"path": str(data)}},  # the same: reported once, on `train.steps`
+            {"name": "c", "data": {"path": str(data)}, "train": {"steps": 1000, "max_seq_len": 4096}},
+        ],
+    }
+    problems = _problems(small_limits, spec)
+    assert set(problems) == {"train.steps", "adapters.2.train"}
+    assert problems["train.steps"] == (
+        "1001 steps is over this server's limit of 1000; train fewer steps, or ask the admin to raise "
+        "LORAFLEET_MAX_TRAIN_STEPS"
+    )
+    assert problems["adapters.2.train"].startswith(
+        "16384000 tokens (steps 1000 x batch_size 4 x grad_accum_steps 1 x max_seq_len 4096) is over this "
+        "server's limit of 1024000 per adapter"
+    )
+    assert "LORAFLEET_MAX_TOKENS_PER_ADAPTER" in problems["adapters.2.train"]
+    spec["train"] = {"steps": 1000}
+    spec["adapters"][2]["train"] = {"steps": 250, "max_seq_len": 1024}
+    assert small_limits.submit(spec).name == "long"  # at the limits: accepted
+
+
+def test_a_record_over_the_limit_in_the_first_records_is_refused_at_submit(
+    small_limits: Service, tmp_path: Path
+) -> None:
+    """Issue 15, item 11: a one-line file of any size passed submit (and the server read it whole)."""
+    data = tmp_path / "one-line.jsonl"
+    line = json.dumps({"text": "x" * 100_000})
+    data.write_text(line)
+    spec = {
+        "name": "big",
+        "base_model": "Qwen/Qwen2.5-0.5B",
+        "adapters": [{"name": "a", "data": {"path": str(data)}}],
+    }
+    problems = _problems(small_limits, spec)
+    assert problems == {
+        "adapters.0.data.path": f"{data}: line 1: a record of {len(line)} bytes is larger than 4096 bytes, "
+        "the largest record this server reads; split it, or ask the admin to raise LORAFLEET_MAX_RECORD_BYTES"
+    }

@@ -190,3 +190,36 @@ def test_steps_redone_after_a_worker_restart_are_logged_once(tmp_path: Path) -> 
     run_id = store.get_adapter_by_id(adapter.id).mlflow_run_id
     history = MlflowClient(uri).get_metric_history(run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 9))
+
+
+def test_a_mirror_asked_to_stop_leaves_its_backlog_to_the_next_start(tmp_path: Path) -> None:
+    """Issue 15, item 10: with thousands of events behind, SIGTERM took ~7 min (the mirror caught up
+    first). Now it stops after the batch at hand (and one more); the cursor in SQL lets the next mirror
+    finish the backlog, each step of each metric logged once."""
+    store = Store.open(f"sqlite:///{tmp_path / 'lf.db'}")
+    new = [NewAdapter(name=f"a{i}", base_model="x/y", data={"path": "/d.jsonl"}) for i in range(4)]
+    job, adapters, _ = store.create_job("proj", "job", {}, new)
+    steps = range(1, 101)
+    store.record_events(
+        [NewEvent(job.id, "step", a.id, s, {"loss": 1.0 / s}) for a in adapters for s in steps]
+    )
+    last = store.list_events(job.id, limit=10_000)[-1].id
+    uri, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+
+    stopping = Tracker(store, uri, artifacts, batch_events=20)  # 20 batches of backlog
+    stopping.start(period=0.01)
+    deadline = time.monotonic() + 300
+    while store.get_cursor(CURSOR) == 0:
+        assert time.monotonic() < deadline, "the mirror never mirrored its first batch"
+        time.sleep(0.01)
+    stopping.stop()
+    stopped_at = store.get_cursor(CURSOR)
+    assert 0 < stopped_at < last, "the mirror caught up on the whole backlog before it stopped"
+
+    resumed = Tracker(store, uri, artifacts, batch_events=20)
+    assert resumed.sync() == len([e for e in store.list_events(job.id, limit=10_000) if e.id > stopped_at])
+    assert store.get_cursor(CURSOR) == last
+    client = MlflowClient(uri)
+    for adapter in adapters:
+        run_id = store.get_adapter_by_id(adapter.id).mlflow_run_id
+        assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(steps)

@@ -16,6 +16,7 @@ from workers.data import (
     DataError,
     Example,
     SampleStream,
+    check_head,
     collate,
     load_adapter_data,
     load_examples,
@@ -258,6 +259,62 @@ def test_file_level_errors(tmp_path: Path, tiny_tokenizer) -> None:
     path = write(tmp_path / "cols.csv", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=r"expected `text`.*found columns \['question', 'answer'\]"):
         load_examples(path, tiny_tokenizer, 64)
+
+
+def test_a_record_over_the_limit_fails_with_file_line_size_and_setting(
+    tmp_path: Path, tiny_tokenizer
+) -> None:
+    """Issue 15, item 11: a 2.5 MB record failed its adapter with "another field changes type between
+    lines" (pyarrow's block is 1 MiB). Now the worker says which line, how big, the limit and the setting."""
+    big = {"text": "x" * (5 << 19)}  # 2.5 MiB of text: over the default limit of 1 MiB
+    path = write(tmp_path / "big.jsonl", [{"text": "a"}, big, {"text": "b"}])
+    size = len(json.dumps(big))
+    with pytest.raises(DataError) as err:
+        load_examples(path, tiny_tokenizer, 64)
+    assert str(err.value) == (
+        f"{path}: line 2: a record of {size} bytes is larger than {1 << 20} bytes, the largest record this "
+        "server reads; split it, or ask the admin to raise LORAFLEET_MAX_RECORD_BYTES"
+    )
+
+    # A record exactly at the limit is read; one byte over is not (for the check at submit too).
+    records = [{"text": "a"}, {"text": "y" * 3000}, {"text": "b"}]
+    path = write(tmp_path / "edge.jsonl", records)
+    at_limit = len(json.dumps(records[1]))
+    assert len(load_examples(path, tiny_tokenizer, 64, max_record_bytes=at_limit)) == 3
+    assert check_head(path, max_record_bytes=at_limit) == "text"
+    for check in (
+        lambda: load_examples(path, tiny_tokenizer, 64, max_record_bytes=at_limit - 1),
+        lambda: check_head(path, max_record_bytes=at_limit - 1),
+    ):
+        with pytest.raises(DataError, match=rf"edge.jsonl: line 2: a record of {at_limit} bytes is larger"):
+            check()
+
+    path = write(tmp_path / "big.csv", [{"text": "a"}, {"text": "z" * 5000}])
+    for check in (
+        lambda: load_examples(path, tiny_tokenizer, 64, max_record_bytes=1000),
+        lambda: check_head(path, max_record_bytes=1000),
+    ):
+        with pytest.raises(DataError, match=r"big.csv: a row is larger than 1000 bytes.*MAX_RECORD_BYTES"):
+            check()
+
+
+def test_a_huge_first_line_is_refused_after_a_bounded_read(tmp_path: Path) -> None:
+    """Issue 15, item 11: a 200 MB one-line file passed the check at submit and cost the server 290 MB.
+    The check reads in chunks bounded by the limit: here 8 MB of one line, refused with its size, while
+    Python allocates well under the line's size (measured by tracemalloc, not by time)."""
+    import tracemalloc
+
+    path = tmp_path / "one-line.jsonl"
+    line = b'{"text": "' + b"w" * (8 << 20) + b'"}'
+    path.write_bytes(line)  # no newline at the end either
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=rf"line 1: a record of {len(line)} bytes is larger than 4096"):
+            check_head(path, max_record_bytes=4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"checking an 8 MB line allocated {peak} bytes"
 
 
 def test_all_examples_too_long(tmp_path: Path, tiny_tokenizer) -> None:

@@ -170,7 +170,7 @@ class Tracker:
                     metrics[run_id].append(Metric(metric, float(value), stamp, step))
             if event.kind == "start":
                 self._log_start(run_id, event)
-            elif event.kind == "done":
+            elif event.kind == "done" and event.payload.get("status") != "yielded":  # yielded: it resumes
                 finished.append((run_id, event))
         for run_id, points in metrics.items():
             for i in range(0, len(points), MAX_METRICS_PER_CALL):

@@ -347,8 +347,8 @@ class Controller:
                 except Exception as exc:  # this placement's jobs fail; the others go on
                     log.exception("could not start a pack for %s", [a.qualified_name for a in chosen])
                     self._fail_jobs(chosen, f"could not start a pack: {type(exc).__name__}: {exc}")
-        self._ask_yields(waiting_for_worker)
-        self._apply(decisions.waiting(queued, reasons))
+        handed_over = self._ask_yields(waiting_for_worker, {a.id: a for a in queued})
+        self._apply(decisions.waiting(queued, {i: r for i, r in reasons.items() if i not in handed_over}))
 
     def _share(self) -> sched.FairShare:
         """What each project and job runs now, over every pack, and the admin's caps."""
@@ -360,13 +360,18 @@ class Controller:
                 jobs[(owner.project, owner.job_id)] += 1
         return sched.FairShare(projects, jobs, self.settings.project_max_adapters, self.settings.project_caps)
 
-    def _ask_yields(self, waiting: list[sched.AdapterDemand]) -> None:
+    def _ask_yields(self, waiting: list[sched.AdapterDemand], records: dict[str, AdapterRecord]) -> set[str]:
         """Ask adapters holding more than a fair share to make room for `waiting` (left waiting for a
         worker this tick) once they have trained a time slice (`scheduler.yields`). They leave their
-        packs at their next optimizer step with a checkpoint, go back to the queue, and resume there."""
+        packs at their next optimizer step with a checkpoint, go back to the queue, and resume there.
+
+        The place is handed over: a waiting adapter that can join the yielding one's pack (same base and
+        shape, another name) is offered to it first, so the pack takes it as the other leaves instead of
+        ending and a new pack starting (~20 s of Ray Train start-up saved). Returns the ids handed over.
+        """
         slice_seconds = self.settings.yield_after_seconds
         if slice_seconds is None or not waiting:
-            return
+            return set()
         now = time.monotonic()
         running, where = [], {}
         for pack in self.running.values():
@@ -383,12 +388,26 @@ class Controller:
                         alone=len(pack.owners) == 1,
                     )
                 )
-                where[owner.id] = (pack.pack_id, name)
-        for adapter_id in sched.yields(waiting, running, self._yielding, slice_seconds):
-            pack_id, name = where[adapter_id]
-            log.info("asking %s to yield its place in pack %s to waiting work", name, pack_id)
-            ray.get(self._channel.ask_yield.remote(pack_id, [name]))
+                where[owner.id] = (pack, name)
+        demands = {d.adapter_id: d for d in waiting}
+        handed_over: set[str] = set()
+        for adapter_id, for_id in sched.yields(waiting, running, self._yielding, slice_seconds):
+            pack, name = where[adapter_id]
+            record = records[for_id]
+            joins = (
+                demands[for_id].base == pack.base
+                and PackShape.of(self._spec(record.job_id)) == pack.shape
+                and record.name not in pack.members
+            )
+            if joins:  # offered before the yield is asked, so it is there when the slot frees
+                self._offer(pack, [record])
+                handed_over.add(for_id)
+            log.info(
+                "asking %s to yield its place in pack %s to %s", name, pack.pack_id, record.qualified_name
+            )
+            ray.get(self._channel.ask_yield.remote(pack.pack_id, [name]))
             self._yielding.add(adapter_id)
+        return handed_over
 
     def _placeable(self, ready: list[AdapterRecord]) -> list[AdapterRecord]:
         """Ready adapters whose job can run at all. A job whose stored spec, base model or resources

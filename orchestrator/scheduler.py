@@ -707,9 +707,11 @@ def yields(
     running: Sequence[RunningAdapter],
     leaving: Collection[str],
     slice_seconds: float,
-) -> list[str]:
+) -> list[tuple[str, str]]:
     """Running adapters to ask to yield so that `waiting` demands (those left waiting for a free worker,
-    not those at their project's cap) get their fair share; ids, in the order chosen.
+    not those at their project's cap) get their fair share: `(running id, waiting id it makes room for)`,
+    in the order chosen. (The controller hands the place over: it offers the waiting adapter to the
+    yielding one's pack when it can join it, so no new pack has to start.)
 
     Waiting demands are served in fair-share order. Each first takes a place that an adapter already
     asked to yield (`leaving`) will free; else it takes the place of a running adapter that (1) began
@@ -726,7 +728,7 @@ def yields(
     for r in staying:
         shares.add(r.project, r.job)
     freed = sorted((by_id[i] for i in leaving if i in by_id), key=lambda r: r.adapter_id)
-    chosen: list[str] = []
+    chosen: list[tuple[str, str]] = []
     candidates = [r for r in staying if r.ran_seconds is not None and r.ran_seconds >= slice_seconds]
 
     def usable(r: RunningAdapter, d: AdapterDemand) -> bool:
@@ -764,7 +766,7 @@ def yields(
             ),
         )
         candidates.remove(victim)
-        chosen.append(victim.adapter_id)
+        chosen.append((victim.adapter_id, d.adapter_id))
         shares.add(victim.project, victim.job, -1)
         return True
 

@@ -331,27 +331,27 @@ def _running(adapter_id: str, project: str, job: str = "j", **kw) -> RunningAdap
 def test_a_project_holding_every_worker_yields_one_to_a_waiting_project():
     hogs = [_running("big-1", "big", "j1"), _running("big-2", "big", "j2", ran_seconds=200.0)]
     small = replace(demand("small", project="small"), job="s")
-    assert yields([small], hogs, leaving=(), slice_seconds=60) == ["big-2"]  # the longest running
+    assert yields([small], hogs, leaving=(), slice_seconds=60) == [("big-2", "small")]  # the longest running
     assert yields([small], hogs, leaving=("big-1",), slice_seconds=60) == []  # already leaving for it
     assert yields([small], hogs, leaving=(), slice_seconds=300) == []  # not a slice yet
     not_begun = [replace(h, ran_seconds=None) for h in hogs]
     assert yields([small], not_begun, leaving=(), slice_seconds=0) == []
     # two waiting demands of small take one each only while big still runs more: 2 vs 0, then 1 vs 1
     two = [small, replace(demand("small-2", project="small"), job="s")]
-    assert yields(two, hogs, leaving=(), slice_seconds=60) == ["big-2"]
+    assert yields(two, hogs, leaving=(), slice_seconds=60) == [("big-2", "small")]
 
 
 def test_equal_shares_take_turns_and_yield_frees_a_usable_place():
     one = [_running("a-0", "a")]
     waiting_b = [demand("b-0", project="b")]
-    assert yields(waiting_b, one, (), 60) == ["a-0"]  # 1 vs 0: a yields its only worker after a slice
+    assert yields(waiting_b, one, (), 60) == [("a-0", "b-0")]  # 1 vs 0: a yields its worker after a slice
     # a place in a pack of another base is no use to the demand, unless the pack empties
     shared = [_running("a-0", "a", base=B, alone=False)]
     assert yields(waiting_b, shared, (), 60) == []
     # within one project, the job running more yields to a job running none, unless it ranks higher
     same = [_running("p-1", "p", "j1"), _running("p-2", "p", "j1", ran_seconds=50.0)]
     other_job = [replace(demand("p-3", project="p"), job="j2")]
-    assert yields(other_job, same, (), 10) == ["p-1"]
+    assert yields(other_job, same, (), 10) == [("p-1", "p-3")]
     assert yields(other_job, [replace(r, priority=5) for r in same], (), 10) == []
     assert yields([replace(demand("p-4", project="p"), job="j1")], same, (), 10) == []  # its own job
 

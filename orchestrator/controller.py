@@ -47,6 +47,7 @@ from workers.plan import (
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_BUDGET_GB = 16.0
+YIELD_ASK_SECONDS = 300.0  # an adapter asked to yield leaves within a step; one that has not is asked again
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ class Controller:
         self._specs: dict[str, JobSpec] = {}
         self._infos: dict[sched.BaseKey, sched.BaseModelInfo] = {}
         self._channel: Any = None
-        self._yielding: set[str] = set()  # adapters asked to yield that have not left their pack yet
+        # adapters asked to yield that have not left their pack yet -> when they were asked (monotonic)
+        self._yielding: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -250,7 +252,7 @@ class Controller:
                     pack.began[event.adapter] = time.monotonic()
                 if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
                     pack.leave(event.adapter)
-                    self._yielding.discard(adapter_id)
+                    self._yielding.pop(adapter_id, None)
         self._record(placed)
         if self.on_events is not None and events:
             self.on_events(events)
@@ -289,7 +291,8 @@ class Controller:
 
     def _reap(self, pack: RunningPack) -> None:
         self.running.pop(pack.pack_id, None)
-        self._yielding -= set(pack.members.values())
+        for adapter_id in pack.members.values():
+            self._yielding.pop(adapter_id, None)
         try:
             error = ray.get(pack.ref)
         except Exception as exc:  # the Ray task itself died (not the training inside it)
@@ -373,6 +376,9 @@ class Controller:
         if slice_seconds is None or not waiting:
             return set()
         now = time.monotonic()
+        for adapter_id, asked in list(self._yielding.items()):
+            if now - asked > YIELD_ASK_SECONDS:  # the request was lost (e.g. a restarted worker): ask again
+                del self._yielding[adapter_id]
         running, where = [], {}
         for pack in self.running.values():
             for name, owner in pack.owners.items():
@@ -406,7 +412,7 @@ class Controller:
                 "asking %s to yield its place in pack %s to %s", name, pack.pack_id, record.qualified_name
             )
             ray.get(self._channel.ask_yield.remote(pack.pack_id, [name]))
-            self._yielding.add(adapter_id)
+            self._yielding[adapter_id] = now
         return handed_over
 
     def _placeable(self, ready: list[AdapterRecord]) -> list[AdapterRecord]:

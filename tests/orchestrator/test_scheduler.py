@@ -584,6 +584,21 @@ def test_placements_obey_every_rule_and_leave_nothing_that_fits(fleet):
     assert not never & set(placed_ids(placements))
 
 
+@settings(max_examples=100, deadline=None)
+@given(fleets(), st.dictionaries(st.sampled_from(["p0", "p1", "p2"]), st.integers(0, 4)))
+def test_caps_are_never_passed_and_uncapped_projects_still_get_everything_that_fits(fleet, caps):
+    demands, workers = fleet
+    share = FairShare(project_running={"p1": 1}, caps=caps)
+    placements = schedule(demands, workers, INFOS, share)
+    by_id = {d.adapter_id: d for d in demands}
+    placed = Counter(by_id[i].project for i in placed_ids(placements))
+    for project, cap in caps.items():
+        assert placed[project] == 0 or placed[project] + share.project_running.get(project, 0) <= cap
+    full = {p for p, cap in caps.items() if placed[p] + share.project_running.get(p, 0) >= cap}
+    kept = [d for d in demands if d.project not in full or d.adapter_id in set(placed_ids(placements))]
+    check_placements(kept, workers, placements)  # maximal for every project below its cap
+
+
 @settings(max_examples=150, deadline=None)
 @given(fleets())
 def test_fair_order_serves_the_fewest_running_first(fleet):

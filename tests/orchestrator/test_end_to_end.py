@@ -272,7 +272,8 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
 
         # both packs launched (no free worker left), and one of them trains
         _wait_until(
-            lambda: all(a.state == "training" for a in adapters()) and any(a.step for a in adapters())
+            lambda: all(a.state == "training" for a in adapters()) and any(a.step for a in adapters()),
+            timeout=300,
         )
         small = job("small", "quick", 10)
         _wait_until(lambda: backend.job(small.id).adapters[0].waiting == sched.WAITING_FOR_WORKER, 60)
@@ -294,7 +295,7 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
             starts = [e for e in events(endless[left.adapter].id) if e.kind == "start"]
             return [e for e in starts if e.payload["resumed"] and e.id > left.id]
 
-        _wait_until(lambda: resumed(), timeout=240)
+        _wait_until(lambda: resumed(), timeout=300)
         assert resumed()[0].step == left.step  # it starts again exactly where it left
         backend.cancel(endless[left.adapter].id)
         _wait_until(lambda: all(backend.job(j.id).done for j in endless.values()), timeout=120)

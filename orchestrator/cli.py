@@ -119,10 +119,11 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     title = None
     if job is not None:
         title = f"job {job.id}: {job.state}" + (f" ({_short(job.error, 120)})" if job.error else "")
-    table = Table("adapter", "state", "step", "eval loss", "parent", "error", title=title)
+    table = Table("adapter", "state", "step", "eval loss", "parent", "error / waiting", title=title)
     for a in adapters:
         eval_loss = f"{a.eval_loss:.4f}" if a.eval_loss is not None else "-"
-        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-", _short(a.error))
+        why = _short(a.error or a.waiting)  # a queued adapter says why it waits
+        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-", why)
     return table
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +40,14 @@ from workers.plan import (
     AdapterTask,
     Event,
     PackPlan,
+    StartEvent,
     StepEvent,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_BUDGET_GB = 16.0
+YIELD_ASK_SECONDS = 300.0  # an adapter asked to yield leaves within a step; one that has not is asked again
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,12 @@ class RunningPack:
     base_bytes: int
     members: dict[str, str] = field(default_factory=dict)  # adapter name in the pack -> adapter id
     member_bytes: dict[str, int] = field(default_factory=dict)  # adapter name -> its memory estimate
+    owners: dict[str, AdapterRecord] = field(default_factory=dict)  # adapter name -> its row when it joined
+    began: dict[str, float] = field(default_factory=dict)  # adapter name -> when it started (monotonic)
+
+    def leave(self, name: str) -> None:
+        for held in (self.members, self.member_bytes, self.owners, self.began):
+            held.pop(name, None)
 
     @property
     def used_bytes(self) -> int:
@@ -136,6 +146,8 @@ class Controller:
         self._specs: dict[str, JobSpec] = {}
         self._infos: dict[sched.BaseKey, sched.BaseModelInfo] = {}
         self._channel: Any = None
+        # adapters asked to yield that have not left their pack yet -> when they were asked (monotonic)
+        self._yielding: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -236,9 +248,11 @@ class Controller:
             adapter_id = pack.members.get(event.adapter) if pack else None
             if pack is not None and adapter_id is not None:
                 placed.append((event, adapter_id))
+                if isinstance(event, StartEvent):  # its time slice counts from here, not from the offer
+                    pack.began[event.adapter] = time.monotonic()
                 if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
-                    pack.members.pop(event.adapter, None)
-                    pack.member_bytes.pop(event.adapter, None)
+                    pack.leave(event.adapter)
+                    self._yielding.pop(adapter_id, None)
         self._record(placed)
         if self.on_events is not None and events:
             self.on_events(events)
@@ -277,6 +291,8 @@ class Controller:
 
     def _reap(self, pack: RunningPack) -> None:
         self.running.pop(pack.pack_id, None)
+        for adapter_id in pack.members.values():
+            self._yielding.pop(adapter_id, None)
         try:
             error = ray.get(pack.ref)
         except Exception as exc:  # the Ray task itself died (not the training inside it)
@@ -297,17 +313,33 @@ class Controller:
         parents = {i: self.store.get_adapter_by_id(i) for i in parent_ids}
         ready, orphans = decisions.ready(queued, parents)
         self._apply(orphans)
+        reasons = decisions.parent_waits(queued, parents)  # why each adapter left queued waits
+        waiting_for_worker: list[sched.AdapterDemand] = []
         by_shape: dict[PackShape, list[AdapterRecord]] = {}
         for adapter in self._placeable(ready):
             by_shape.setdefault(PackShape.of(self._spec(adapter.job_id)), []).append(adapter)
         free_slots = self._free_slots()
+        fixed = self.settings.ray_address is None
         for shape, adapters in by_shape.items():
             demands = [self._demand(a) for a in adapters]
             records = {a.id: a for a in adapters}
             idle = self._idle_workers(shape, free_slots)
             workers = idle + [self._worker_state(p) for p in self.running.values() if p.shape == shape]
             infos = {d.base: self._info(d.base) for d in demands}
-            for placement in sched.schedule(demands, workers, infos):
+            # judged against an idle worker of this shape, whether or not one is free now
+            never = sched.unplaceable(demands, self._idle_workers(shape, 1), infos)
+            failures, too_big = decisions.never_fits(adapters, never, fixed)
+            self._apply(failures)
+            reasons |= too_big
+            demands = [d for d in demands if d.adapter_id not in dict(never)]
+            share = self._share()  # counts every running pack, this tick's launches included
+            placements = sched.schedule(demands, workers, infos, share)
+            unplaced = sched.waiting_reasons(demands, placements, share)
+            reasons |= unplaced
+            waiting_for_worker += [
+                d for d in demands if unplaced.get(d.adapter_id) == sched.WAITING_FOR_WORKER
+            ]
+            for placement in placements:
                 chosen = self._unique_names([records[i] for i in placement.adapter_ids])
                 try:
                     if placement.refill:
@@ -318,6 +350,70 @@ class Controller:
                 except Exception as exc:  # this placement's jobs fail; the others go on
                     log.exception("could not start a pack for %s", [a.qualified_name for a in chosen])
                     self._fail_jobs(chosen, f"could not start a pack: {type(exc).__name__}: {exc}")
+        handed_over = self._ask_yields(waiting_for_worker, {a.id: a for a in queued})
+        self._apply(decisions.waiting(queued, {i: r for i, r in reasons.items() if i not in handed_over}))
+
+    def _share(self) -> sched.FairShare:
+        """What each project and job runs now, over every pack, and the admin's caps."""
+        projects: Counter[str] = Counter()
+        jobs: Counter[tuple[str, str]] = Counter()
+        for pack in self.running.values():
+            for owner in pack.owners.values():
+                projects[owner.project] += 1
+                jobs[(owner.project, owner.job_id)] += 1
+        return sched.FairShare(projects, jobs, self.settings.project_max_adapters, self.settings.project_caps)
+
+    def _ask_yields(self, waiting: list[sched.AdapterDemand], records: dict[str, AdapterRecord]) -> set[str]:
+        """Ask adapters holding more than a fair share to make room for `waiting` (left waiting for a
+        worker this tick) once they have trained a time slice (`scheduler.yields`). They leave their
+        packs at their next optimizer step with a checkpoint, go back to the queue, and resume there.
+
+        The place is handed over: a waiting adapter that can join the yielding one's pack (same base and
+        shape, another name) is offered to it first, so the pack takes it as the other leaves instead of
+        ending and a new pack starting (~20 s of Ray Train start-up saved). Returns the ids handed over.
+        """
+        slice_seconds = self.settings.yield_after_seconds
+        if slice_seconds is None or not waiting:
+            return set()
+        now = time.monotonic()
+        for adapter_id, asked in list(self._yielding.items()):
+            if now - asked > YIELD_ASK_SECONDS:  # the request was lost (e.g. a restarted worker): ask again
+                del self._yielding[adapter_id]
+        running, where = [], {}
+        for pack in self.running.values():
+            for name, owner in pack.owners.items():
+                began = pack.began.get(name)
+                running.append(
+                    sched.RunningAdapter(
+                        owner.id,
+                        owner.project,
+                        owner.job_id,
+                        owner.priority,
+                        pack.base,
+                        None if began is None else now - began,
+                        alone=len(pack.owners) == 1,
+                    )
+                )
+                where[owner.id] = (pack, name)
+        demands = {d.adapter_id: d for d in waiting}
+        handed_over: set[str] = set()
+        for adapter_id, for_id in sched.yields(waiting, running, self._yielding, slice_seconds):
+            pack, name = where[adapter_id]
+            record = records[for_id]
+            joins = (
+                demands[for_id].base == pack.base
+                and PackShape.of(self._spec(record.job_id)) == pack.shape
+                and record.name not in pack.members
+            )
+            if joins:  # offered before the yield is asked, so it is there when the slot frees
+                self._offer(pack, [record])
+                handed_over.add(for_id)
+            log.info(
+                "asking %s to yield its place in pack %s to %s", name, pack.pack_id, record.qualified_name
+            )
+            ray.get(self._channel.ask_yield.remote(pack.pack_id, [name]))
+            self._yielding[adapter_id] = now
+        return handed_over
 
     def _placeable(self, ready: list[AdapterRecord]) -> list[AdapterRecord]:
         """Ready adapters whose job can run at all. A job whose stored spec, base model or resources
@@ -429,6 +525,7 @@ class Controller:
             batch_size=train.batch_size,
             max_seq_len=train.max_seq_len,
             needs_gpu=spec.resources.gpus_per_worker > 0,
+            job=adapter.job_id,
             pass_tokens=sched.default_pass_tokens(
                 spec.resources.gpus_per_worker > 0,
                 spec.resources.max_tokens_per_pass,
@@ -531,6 +628,7 @@ class Controller:
         info = self._info(pack.base)
         for adapter in adapters:
             pack.members[adapter.name] = adapter.id
+            pack.owners[adapter.name] = adapter
             pack.member_bytes[adapter.name] = sched.adapter_memory_bytes(self._demand(adapter), info)
             self.store.add_pack_member(pack.pack_id, adapter.id)
             self._apply([AdapterChange(adapter.id, AdapterState.TRAINING)])
@@ -575,8 +673,7 @@ class Controller:
                 withdrawn = ray.get(self._channel.cancel.remote(pack_id, list(members)))
                 pack = self.running[pack_id]
                 for name in set(withdrawn) & set(members):  # only offered, never taken: never started
-                    pack.members.pop(name, None)
-                    pack.member_bytes.pop(name, None)
+                    pack.leave(name)
                     cancelled.append(members[name])
             moved = self.store.transition_adapters(cancelled, AdapterState.CANCELLED)
             self.store.record_events([_done_event(record) for record in moved])

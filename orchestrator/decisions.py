@@ -88,6 +88,47 @@ def ready(
     return placeable, failed
 
 
+def parent_waits(queued: Sequence[AdapterRecord], parents: Mapping[str, AdapterRecord]) -> dict[str, str]:
+    """Why each child that `ready` holds back waits: its parent has not finished training yet."""
+    reasons = {}
+    for adapter in queued:
+        parent = parents.get(adapter.parent_id) if adapter.parent_id else None
+        if parent is None or parent.state in ADAPTER_TERMINAL:
+            continue  # no parent, or one `ready` fails it with
+        if not (parent.state in ADAPTER_TRAINED and parent.final_checkpoint):
+            reasons[adapter.id] = f"waiting for its parent {parent.qualified_name} ({parent.state})"
+    return reasons
+
+
+def never_fits(
+    adapters: Sequence[AdapterRecord], never: Iterable[tuple[str, str]], fixed: bool
+) -> tuple[list[AdapterChange], dict[str, str]]:
+    """Adapters no worker could hold even if idle (`scheduler.unplaceable`'s reasons). On a cluster that
+    never grows (a local Ray) waiting cannot help: they fail now, with the numbers and the fix. On one
+    that may autoscale they wait, saying why. Returns (failures, waiting reasons)."""
+    by_id = {a.id: a for a in adapters}
+    failures, reasons = [], {}
+    for adapter_id, reason in never:
+        if adapter_id not in by_id:
+            continue
+        if fixed:
+            text = f"no worker can hold it: {reason}"
+            failures.append(AdapterChange(adapter_id, _A.FAILED, {"error": text}, announce=True))
+        else:
+            reasons[adapter_id] = f"waiting for a bigger worker (none can hold it now): {reason}"
+    return failures, reasons
+
+
+def waiting(queued: Iterable[AdapterRecord], reasons: Mapping[str, str]) -> list[AdapterChange]:
+    """Record why queued adapters wait, writing only the reasons that changed (one row per change, not
+    one per adapter per tick)."""
+    return [
+        AdapterChange(a.id, None, {"waiting": reasons[a.id]})
+        for a in queued
+        if a.state == _A.QUEUED and a.id in reasons and a.waiting != reasons[a.id]
+    ]
+
+
 def infeasible(ask: Ask, capacity: Capacity) -> str | None:
     """Why a pack can never start on this cluster (None if it can, or might after autoscaling)."""
     if not capacity.fixed:
@@ -151,9 +192,12 @@ def on_event(adapter: AdapterRecord, event: Event) -> AdapterChange | None:
 
 
 def on_done(adapter: AdapterRecord, done: AdapterDone) -> AdapterChange | None:
-    """An adapter left its pack: trained, failed (with the engine's reason) or cancelled."""
+    """An adapter left its pack: trained, failed (with the engine's reason), cancelled, or yielded (back
+    to the queue, to resume from the checkpoint it wrote as it left)."""
     if adapter.state in ADAPTER_FINISHED:
         return None  # already settled (e.g. cancelled by the user before the pack noticed)
+    if done.status == "yielded":
+        return AdapterChange(adapter.id, _A.QUEUED, {"step": done.step})
     fields: dict[str, Any] = {"step": done.step, "error": done.error}
     if done.final_dir is not None:
         fields["final_checkpoint"] = str(done.final_dir)

@@ -35,6 +35,7 @@ class PackChannel:
         self._events: list[str] = []
         self._offers: dict[str, list[str]] = {}
         self._cancelled: dict[str, set[str]] = {}
+        self._yields: dict[str, set[str]] = {}
 
     def post(self, events_json: str) -> None:
         self._events.append(events_json)
@@ -54,6 +55,7 @@ class PackChannel:
     def withdraw(self, pack_id: str) -> list[str]:
         """Offers a finished pack never took: the controller queues them again."""
         self._cancelled.pop(pack_id, None)
+        self._yields.pop(pack_id, None)
         return self._offers.pop(pack_id, [])
 
     def cancel(self, pack_id: str, names: list[str]) -> list[str]:
@@ -67,6 +69,15 @@ class PackChannel:
 
     def cancelled(self, pack_id: str) -> list[str]:
         return sorted(self._cancelled.get(pack_id, ()))
+
+    def ask_yield(self, pack_id: str, names: list[str]) -> None:
+        """Ask the pack to let `names` yield (leave at a checkpoint and go back to the queue)."""
+        self._yields.setdefault(pack_id, set()).update(names)
+
+    def take_yields(self, pack_id: str) -> list[str]:
+        """Yield requests, each handed out once: the engine remembers it on the adapter, and an adapter
+        that later comes back to this pack must not find a stale request waiting for it."""
+        return sorted(self._yields.pop(pack_id, ()))
 
 
 class EventLog:
@@ -125,6 +136,7 @@ class _Reporter:
         self.last_flush = time.monotonic()
         self.last_poll = 0.0
         self.cancelled_names: list[str] = []
+        self.last_yield_poll = 0.0
 
     def emit(self, event: Event) -> None:
         if isinstance(event, StartEvent) and event.node is None:  # where it runs, for people and tests
@@ -154,6 +166,12 @@ class _Reporter:
             self.last_poll = time.monotonic()
         return self.cancelled_names
 
+    def yielding(self) -> list[str]:
+        if time.monotonic() - self.last_yield_poll < POLL_SECONDS:
+            return []
+        self.last_yield_poll = time.monotonic()
+        return ray.get(self.channel.take_yields.remote(self.pack_id))
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry: run the pack; only rank 0 reports (the engine emits on rank 0)."""
@@ -167,7 +185,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = EventLog(config["storage_path"], plan.pack_id) if config.get("storage_path") else None
     reporter = _Reporter(config["channel"], plan.pack_id, log)
     try:
-        run_pack(plan, emit=reporter.emit, refill=reporter.refill, cancelled=reporter.cancelled)
+        run_pack(
+            plan,
+            emit=reporter.emit,
+            refill=reporter.refill,
+            cancelled=reporter.cancelled,
+            yielding=reporter.yielding,
+        )
     finally:
         reporter.flush()
 

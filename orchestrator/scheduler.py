@@ -20,11 +20,20 @@ The rules, in one place:
   are offered to CPU demands only after every GPU demand that fits has been placed (so CPU work never
   takes a GPU from GPU work in the same call, but is not stranded on a cluster where every slot has a
   GPU). For a worker that runs a pack, `has_gpu` should describe that pack's device.
-- **Order** (`fair_order`): by priority, highest first; within a priority, round-robin over projects —
-  round 0 takes each project's oldest demand, round 1 each project's second oldest, and so on — and
-  within a round projects go in the order of their oldest demand at that priority (FIFO); within a
-  project, by `seq`. One project with 10,000 queued adapters therefore cannot starve another project's
-  single adapter at the same priority.
+- **Order** (`fair_order`, fair share): the next demand served is the one whose project runs the fewest
+  adapters now (those already running, from `FairShare`, plus those placed earlier in this call), then
+  whose job runs the fewest, then the highest priority, then the oldest (`seq`). So projects take turns,
+  and jobs within a project take turns, whatever their queue lengths: one project with 10,000 queued
+  adapters (or a priority of 1,000,000) cannot starve another project's single adapter. Priority orders
+  work within a fair share; it never buys a larger one.
+- **Caps.** A project that runs `FairShare.cap(project)` adapters (the admin's
+  `LORAFLEET_PROJECT_MAX_ADAPTERS`, or its override) gets no more placements until one of them leaves;
+  `waiting_reasons` says so on each of its waiting adapters.
+- **Yielding** (`yields`): when adapters wait for a worker and none is free, an adapter that has trained
+  longer than a time slice in its pack is asked to yield (leave at its next optimizer step with a
+  checkpoint, back to the queue, resumed later exactly where it left off) if its project runs more
+  adapters than the waiting one's, or, within one project, its job runs more than the waiting one's
+  (and its priority is not higher). Equal shares on one worker therefore take turns a slice at a time.
 - **Maximal.** Demands are placed greedily in that order: a demand joins a pack of its base that has room
   (a running one: refill; or one opened earlier in this call), else opens the idle worker it fits best,
   else waits. Free capacity only shrinks during the pass, so when it ends no unplaced demand fits
@@ -52,11 +61,12 @@ Memory model (an estimate meant to err high; the engine's own model of itself, `
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left, insort
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from workers import memory as engine_memory
@@ -68,10 +78,13 @@ __all__ = [
     "RUNTIME_OVERHEAD_BYTES",
     "SAVED_HIDDEN",
     "SAVED_INTERMEDIATE",
+    "WAITING_FOR_WORKER",
     "AdapterDemand",
     "BaseKey",
     "BaseModelInfo",
+    "FairShare",
     "Placement",
+    "RunningAdapter",
     "WorkerState",
     "adapter_memory_bytes",
     "base_memory_bytes",
@@ -80,6 +93,8 @@ __all__ = [
     "model_info_from_config",
     "schedule",
     "unplaceable",
+    "waiting_reasons",
+    "yields",
 ]
 
 _GIB = 2**30
@@ -152,6 +167,7 @@ class AdapterDemand:
     max_seq_len: int
     needs_gpu: bool
     pass_tokens: int | None = None  # the pack runs steps in passes of at most this many tokens (None: one)
+    job: str = ""  # the job it belongs to: jobs of one project share its workers fairly
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -190,6 +206,34 @@ class WorkerState:
                 f"worker {self.worker_id!r}: `max_adapters`, `memory_bytes` and `used_bytes` must be >= 0; "
                 f"got {self.max_adapters}, {self.memory_bytes}, {self.used_bytes}"
             )
+
+
+@dataclass(frozen=True)
+class FairShare:
+    """What already runs, per project and per (project, job), and the caps on a project's running
+    adapters: what fair placement needs beyond the demands and the workers. The controller counts every
+    running pack (all shapes), so shares are fair across the cluster, not per worker."""
+
+    project_running: Mapping[str, int] = field(default_factory=dict)
+    job_running: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    default_cap: int | None = None  # most adapters one project may run at once; None: no cap
+    caps: Mapping[str, int] = field(default_factory=dict)  # per-project overrides of `default_cap`
+
+    def cap(self, project: str) -> int | None:
+        return self.caps.get(project, self.default_cap)
+
+
+@dataclass(frozen=True)
+class RunningAdapter:
+    """An adapter training in a pack, reduced to what the yield rule needs."""
+
+    adapter_id: str
+    project: str
+    job: str
+    priority: int
+    base: BaseKey
+    ran_seconds: float | None  # since it began training in this pack (None: not begun yet)
+    alone: bool  # the only adapter of its pack: its leaving frees a whole worker, for any base
 
 
 @dataclass(frozen=True)
@@ -351,33 +395,66 @@ def model_info_from_config(config: Mapping[str, Any]) -> BaseModelInfo:
 # ---- order ----
 
 
-def _rank_keys(demands: Sequence[AdapterDemand]) -> list[tuple[int, int, int, str, int, str]]:
-    """Sort key per demand: (-priority, round, project's oldest seq, project, seq, id); see `fair_order`."""
-    by_fifo = sorted(range(len(demands)), key=lambda k: (-demands[k].priority, demands[k].seq))
-    taken: dict[tuple[int, str], int] = {}
-    oldest: dict[tuple[int, str], int] = {}
-    keys: list[Any] = [None] * len(demands)
-    for k in by_fifo:
-        d = demands[k]
-        queue = (d.priority, d.project)
-        turn = taken.get(queue, 0)
-        taken[queue] = turn + 1
-        first = oldest.setdefault(queue, d.seq)
-        keys[k] = (-d.priority, turn, first, d.project, d.seq, d.adapter_id)
-    return keys
+class _Shares:
+    """Running adapters per project and per job while one pass hands out places (counts only grow)."""
+
+    def __init__(self, share: FairShare) -> None:
+        self.share = share
+        self.project: Counter[str] = Counter(share.project_running)
+        self.job: Counter[tuple[str, str]] = Counter(share.job_running)
+
+    def capped(self, project: str) -> bool:
+        cap = self.share.cap(project)
+        return cap is not None and self.project[project] >= cap
+
+    def add(self, project: str, job: str, n: int = 1) -> None:
+        self.project[project] += n
+        self.job[(project, job)] += n
 
 
-def fair_order(demands: Sequence[AdapterDemand]) -> list[AdapterDemand]:
-    """Demands in the order `schedule` serves them.
+def _fair_pass(
+    demands: Sequence[AdapterDemand], shares: _Shares, serve: Callable[[AdapterDemand], bool]
+) -> None:
+    """Offer each demand to `serve` once, in fair-share order (module doc); a served demand counts for
+    its project and job from then on, so the next turn goes to whoever runs the fewest. Demands of a
+    project at its cap are not offered.
 
-    Key: `(-priority, round, oldest seq of the project at that priority, project, seq, adapter_id)`,
-    where `round` is the demand's position in its project's FIFO queue at that priority. So: higher
-    priority first; then project queues take turns one demand each, the project that has waited longest
-    going first in every round. The last two fields only break ties between malformed inputs (repeated
-    `seq`).
+    One FIFO queue per (project, job), ordered by (-priority, seq); a heap of the queues keyed by their
+    head's (project count, job count, -priority, seq, id). Counts only grow, so a key taken from the heap
+    that is stale is pushed back with its current value (lazy update): O(n log n) for n demands.
     """
-    keys = _rank_keys(demands)
-    return [demands[k] for k in sorted(range(len(demands)), key=keys.__getitem__)]
+    queues: dict[tuple[str, str], deque[AdapterDemand]] = {}
+    for d in sorted(demands, key=lambda d: (-d.priority, d.seq, d.adapter_id)):
+        queues.setdefault((d.project, d.job), deque()).append(d)
+
+    def key(queue: tuple[str, str]) -> tuple[int, int, int, int, str]:
+        head = queues[queue][0]
+        return (shares.project[queue[0]], shares.job[queue], -head.priority, head.seq, head.adapter_id)
+
+    heap = [(key(q), q) for q in queues]
+    heapq.heapify(heap)
+    while heap:
+        taken, queue = heapq.heappop(heap)
+        now = key(queue)
+        if now != taken:
+            heapq.heappush(heap, (now, queue))
+            continue
+        d = queues[queue].popleft()
+        if not shares.capped(d.project) and serve(d):
+            shares.add(d.project, d.job)
+        if queues[queue]:
+            heapq.heappush(heap, (key(queue), queue))
+
+
+def fair_order(demands: Sequence[AdapterDemand], share: FairShare | None = None) -> list[AdapterDemand]:
+    """Demands in the order `schedule` serves them if each one is placed (uncapped): the next is always
+    the oldest highest-priority demand of the job that runs the fewest adapters in the project that runs
+    the fewest (`share` holds what runs already). So projects take turns, then jobs within a project;
+    priority and then `seq` decide within a turn and between equal shares."""
+    order: list[AdapterDemand] = []
+    uncapped = FairShare((share or FairShare()).project_running, (share or FairShare()).job_running)
+    _fair_pass(demands, _Shares(uncapped), lambda d: order.append(d) is None)
+    return order
 
 
 # ---- placement ----
@@ -470,13 +547,17 @@ def _check_inputs(
 
 
 def schedule(
-    demands: Sequence[AdapterDemand], workers: Sequence[WorkerState], infos: Mapping[BaseKey, BaseModelInfo]
+    demands: Sequence[AdapterDemand],
+    workers: Sequence[WorkerState],
+    infos: Mapping[BaseKey, BaseModelInfo],
+    share: FairShare | None = None,
 ) -> list[Placement]:
-    """Place every demand that fits, in `fair_order`, by the module's rules; one placement per worker.
+    """Place every demand that fits, in fair-share order, by the module's rules; one placement per worker.
 
-    Demands already in some worker's `running_adapters` are skipped. Placements come in the order their
-    worker was first used, so the highest-ranked work is launched first. `infos` must cover the base of
-    every demand (ValueError otherwise); ids must be unique.
+    Demands already in some worker's `running_adapters` are skipped, and so are demands of a project at
+    its cap (`share`: what runs already and the caps; default: nothing, no caps). Placements come in the
+    order their worker was first used, so the highest-ranked work is launched first. `infos` must cover
+    the base of every demand (ValueError otherwise); ids must be unique.
     """
     _check_inputs(demands, workers, infos)
     running = {a for w in workers for a in w.running_adapters}
@@ -502,15 +583,20 @@ def schedule(
             opened[order] = d.base
         return True
 
-    spill: list[tuple[AdapterDemand, int]] = []
-    for d in fair_order([d for d in demands if d.adapter_id not in running]):
-        need = need_of(d)
+    spill: list[AdapterDemand] = []
+
+    def first_pass(d: AdapterDemand) -> bool:
         if d.needs_gpu:
-            put(gpu, d, need)
-        elif not put(cpu, d, need):
-            spill.append((d, need))
-    for d, need in spill:  # GPU workers take CPU work only once no GPU demand fits them any more
-        put(gpu, d, need)
+            return put(gpu, d, need_of(d))
+        if put(cpu, d, need_of(d)):
+            return True
+        spill.append(d)
+        return False
+
+    shares = _Shares(share or FairShare())
+    _fair_pass([d for d in demands if d.adapter_id not in running], shares, first_pass)
+    # GPU workers take CPU work only once no GPU demand fits them any more
+    _fair_pass(spill, shares, lambda d: put(gpu, d, need_of(d)))
 
     placements = []
     for order, ids in placed.items():
@@ -581,3 +667,108 @@ def unplaceable(
 
 def _gib(n: int) -> str:
     return f"{n / _GIB:.2f} GiB"
+
+
+# ---- waiting and yielding ----
+
+
+WAITING_FOR_WORKER = "waiting for a free worker: every worker that could take it is busy"
+
+
+def waiting_reasons(
+    demands: Sequence[AdapterDemand], placements: Sequence[Placement], share: FairShare | None = None
+) -> dict[str, str]:
+    """Why each demand that `placements` leave unplaced waits, in words a user can act on: its project
+    is at its cap, or every worker that could take it is busy. (Demands that can never fit are
+    `unplaceable`'s; a child waiting for its parent is the controller's.)"""
+    share = share or FairShare()
+    placed = {i for p in placements for i in p.adapter_ids}
+    running = Counter(share.project_running)
+    by_id = {d.adapter_id: d for d in demands}
+    for adapter_id in placed:
+        running[by_id[adapter_id].project] += 1
+    reasons = {}
+    for d in demands:
+        if d.adapter_id in placed:
+            continue
+        cap = share.cap(d.project)
+        if cap is not None and running[d.project] >= cap:
+            reasons[d.adapter_id] = (
+                f"waiting: project {d.project!r} runs {running[d.project]} adapters, its cap "
+                f"(LORAFLEET_PROJECT_MAX_ADAPTERS / LORAFLEET_PROJECT_CAPS) is {cap}"
+            )
+        else:
+            reasons[d.adapter_id] = WAITING_FOR_WORKER
+    return reasons
+
+
+def yields(
+    waiting: Sequence[AdapterDemand],
+    running: Sequence[RunningAdapter],
+    leaving: Collection[str],
+    slice_seconds: float,
+) -> list[tuple[str, str]]:
+    """Running adapters to ask to yield so that `waiting` demands (those left waiting for a free worker,
+    not those at their project's cap) get their fair share: `(running id, waiting id it makes room for)`,
+    in the order chosen. (The controller hands the place over: it offers the waiting adapter to the
+    yielding one's pack when it can join it, so no new pack has to start.)
+
+    Waiting demands are served in fair-share order. Each first takes a place that an adapter already
+    asked to yield (`leaving`) will free; else it takes the place of a running adapter that (1) began
+    training in its pack at least `slice_seconds` ago, (2) frees a place the demand can use (it is alone
+    in its pack, or shares the demand's base), and (3) holds more than a fair share: its project runs more
+    adapters than the demand's, or, in the same project, its job runs more than the demand's and its
+    priority is not higher. Among those, the one of the project (then job) running the most, lowest
+    priority, longest running goes first. Counts move with each choice, so no project is asked to give up
+    more than brings it level, and two equal shares on one worker take turns a slice at a time.
+    """
+    by_id = {r.adapter_id: r for r in running}
+    staying = [r for r in running if r.adapter_id not in leaving]
+    shares = _Shares(FairShare())
+    for r in staying:
+        shares.add(r.project, r.job)
+    freed = sorted((by_id[i] for i in leaving if i in by_id), key=lambda r: r.adapter_id)
+    chosen: list[tuple[str, str]] = []
+    candidates = [r for r in staying if r.ran_seconds is not None and r.ran_seconds >= slice_seconds]
+
+    def usable(r: RunningAdapter, d: AdapterDemand) -> bool:
+        return r.alone or r.base == d.base
+
+    def serve(d: AdapterDemand) -> bool:
+        spot = next((r for r in freed if usable(r, d)), None)
+        if spot is not None:
+            freed.remove(spot)
+            return True
+        mine = shares.project[d.project]
+        fair = [
+            r
+            for r in candidates
+            if usable(r, d)
+            and (
+                shares.project[r.project] > mine
+                or (
+                    r.project == d.project
+                    and shares.job[(r.project, r.job)] > shares.job[(d.project, d.job)]
+                    and r.priority <= d.priority
+                )
+            )
+        ]
+        if not fair:
+            return False
+        victim = min(
+            fair,
+            key=lambda r: (
+                -shares.project[r.project],
+                -shares.job[(r.project, r.job)],
+                r.priority,
+                -(r.ran_seconds or 0.0),
+                r.adapter_id,
+            ),
+        )
+        candidates.remove(victim)
+        chosen.append((victim.adapter_id, d.adapter_id))
+        shares.add(victim.project, victim.job, -1)
+        return True
+
+    _fair_pass(waiting, shares, serve)
+    return chosen

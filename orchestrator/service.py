@@ -276,6 +276,7 @@ class Service:
                 data_fingerprint=a.data_fingerprint,
                 config_hash=a.config_hash,
                 error=a.error,
+                waiting=a.waiting if a.state == "queued" else None,
                 metrics=metrics.get(a.id, {}),
                 created_at=a.created_at,
                 updated_at=a.updated_at,

@@ -49,6 +49,22 @@ class Settings(BaseSettings):
         default=None,
         description="Hub ids (','-separated, shell patterns like 'Qwen/*') a spec may name; unset: any.",
     )
+    project_max_adapters: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most adapters one project may train at once (all its jobs, all packs); unset: no cap.",
+    )
+    project_caps: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="Per-project overrides of `project_max_adapters`: 'team-a=16,team-b=2'.",
+    )
+    yield_after_seconds: float | None = Field(
+        default=600.0,
+        ge=0,
+        description="An adapter that trained this long in its pack yields (checkpointed, back to the "
+        "queue) when another project's (or job's) adapters wait with no worker free and it holds more "
+        "than a fair share; 'off': never.",
+    )
 
     max_adapters_per_job: int = Field(
         default=1000,
@@ -88,6 +104,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
+
+    @field_validator("project_caps", mode="before")
+    @classmethod
+    def _split_caps(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        caps: dict[str, int] = {}
+        for item in (p.strip() for p in value.split(",")):
+            if not item:
+                continue
+            project, sep, number = item.partition("=")
+            if not sep or not project.strip() or not number.strip().isdigit():
+                raise ValueError(
+                    f"LORAFLEET_PROJECT_CAPS item {item!r} is not 'project=N' (N a whole number >= 0); "
+                    "write e.g. 'team-a=16,team-b=2'"
+                )
+            caps[project.strip()] = int(number)
+        return caps
+
+    @field_validator("yield_after_seconds", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -197,7 +197,7 @@ class Tracker:
                     metrics[run_id].append(Metric(metric, float(value), stamp, step))
             if event.kind == "start":
                 tags[run_id] += _start_tags(event)
-            elif event.kind == "done":
+            elif event.kind == "done" and event.payload.get("status") != "yielded":  # yielded: it resumes
                 finished.append((run_id, event))
                 if event.payload.get("error"):
                     tags[run_id].append(RunTag("lorafleet.error", str(event.payload["error"])[:5000]))

@@ -36,6 +36,9 @@ class AdapterView(_View):
     data_fingerprint: str | None
     config_hash: str
     error: str | None
+    waiting: str | None = Field(
+        default=None, description="Why a queued adapter waits (its project's cap, busy workers, its parent)."
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: datetime
     updated_at: datetime

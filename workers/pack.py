@@ -42,12 +42,14 @@ def run_pack(
     refill: RefillFn | None = None,
     cancelled: CancelledFn | None = None,
     kernel: LoraKernel = "auto",
+    yielding: CancelledFn | None = None,
 ) -> PackResult:
     """Load the base once, train every adapter of `plan` (and any `refill` hands in), report as we go.
 
     Between steps, `refill(free_slots)` may hand in queued adapters of the same base to fill the slots of
-    finished ones (continuous refill), and `cancelled()` names adapters to drop now; both are optional and
-    are asked on rank 0 only.
+    finished ones (continuous refill), `cancelled()` names adapters to drop now, and `yielding()` names
+    adapters to make room for other work (each leaves at its next optimizer-step boundary, checkpointed,
+    reporting `yielded`); all are optional and are asked on rank 0 only.
     """
     base = load_base(
         plan.base_model,
@@ -74,6 +76,9 @@ def run_pack(
         if cancelled is not None:
             for name in _from_rank0(lambda: sorted(cancelled()), distributed):
                 trainer.cancel(name)
+        if yielding is not None:
+            for name in _from_rank0(lambda: sorted(yielding()), distributed):
+                trainer.request_yield(name)
         free = capacity - len(trainer.active)
         if refill is not None and free > 0:
             for task in _from_rank0(lambda free=free: refill(free), distributed):

@@ -248,8 +248,11 @@ class CheckpointEvent(_Event):
 
 
 class AdapterDone(_Event):
+    """An adapter left its pack. `yielded`: it made room for other work at a step boundary, right after a
+    checkpoint of that step, and goes back to the queue to resume from it (nothing is redone)."""
+
     kind: Literal["done"] = "done"
-    status: Literal["trained", "failed", "cancelled"]
+    status: Literal["trained", "failed", "cancelled", "yielded"]
     final_dir: Location | None = None
     eval_loss: float | None = None
     baseline_eval_loss: float | None = None

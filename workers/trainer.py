@@ -129,6 +129,8 @@ class AdapterRun:
     session_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     last_eval_loss: float | None = None
+    checkpointed_step: int | None = None  # the step of its latest checkpoint written in this pack
+    yielding: bool = False  # asked to make room: it leaves at its next optimizer-step boundary
 
     @property
     def name(self) -> str:
@@ -285,6 +287,7 @@ class PackTrainer:
         run = AdapterRun(task, adapter, data, stream, optimizer, scheduler)
         if resume_from is not None:
             run.load_training_state(ckpt.read_training_state(resume_from))
+            run.checkpointed_step = run.step
         self.runs[task.name] = run
         self._emit(
             StartEvent(
@@ -332,6 +335,7 @@ class PackTrainer:
         self._sync_gradients(completing)
         stepped = [run for run in completing if self._optimizer_step(run)]
         self._after_steps(stepped)
+        self.leave_yielding()
 
     def _forward_backward(self, active: list[AdapterRun], parts: list[list[Example]]) -> None:
         """One batched forward/backward; each adapter's loss is normalised by its own window's targets."""
@@ -512,6 +516,7 @@ class PackTrainer:
     # ---- checkpoints and finishing ----
 
     def _checkpoint(self, run: AdapterRun, dest: str, final: bool) -> None:
+        run.checkpointed_step = run.step
         if self.rank == 0:
             ckpt.write_checkpoint(
                 dest,
@@ -572,6 +577,29 @@ class PackTrainer:
             return self.evaluate([(name, self._eval_examples(run))])[0][0]
         finally:
             self.model.remove_adapter(name)
+
+    def request_yield(self, name: str) -> None:
+        """Ask an adapter to make room for other work: it leaves at its next optimizer-step boundary (now,
+        if it is at one), right after a checkpoint of that step, and reports `yielded`. Resumed from that
+        checkpoint it continues exactly where it left off: yielding costs a checkpoint, never a step.
+        A name not training here (finished meanwhile, or never taken) is ignored."""
+        run = self.runs.get(name)
+        if run is not None:
+            run.yielding = True
+        self.leave_yielding()
+
+    def leave_yielding(self) -> None:
+        """Adapters asked to yield that are at an optimizer-step boundary (no accumulation window open)
+        leave now. Between pack steps, so the pack's other adapters never notice."""
+        for run in [r for r in self.active if r.yielding and r.micro == 0]:
+            if run.checkpointed_step != run.step:
+                self._checkpoint(run, ckpt.checkpoint_dir(run.task.output_dir, run.step), final=False)
+                if self.rank == 0:
+                    ckpt.prune_checkpoints(run.task.output_dir, run.cfg.keep_checkpoints)
+            self._detach(run)
+            self._record_done(
+                run.task, AdapterDone(pack_id=self.pack_id, adapter=run.name, step=run.step, status="yielded")
+            )
 
     def cancel(self, name: str) -> None:
         """Drop an adapter between steps; its latest checkpoint stays on disk."""

@@ -147,6 +147,8 @@ class AdapterRow(Base):
     updated_at: Mapped[datetime] = mapped_column(Time)
     started_at: Mapped[datetime | None] = mapped_column(Time)
     finished_at: Mapped[datetime | None] = mapped_column(Time)
+    # why a queued adapter waits (the controller's words); None once it leaves the queue
+    waiting: Mapped[str | None] = mapped_column(Text)
 
     def to_entity(self) -> r.AdapterRecord:
         return r.AdapterRecord(
@@ -179,6 +181,7 @@ class AdapterRow(Base):
             updated_at=r.utc(self.updated_at),
             started_at=r.utc_or_none(self.started_at),
             finished_at=r.utc_or_none(self.finished_at),
+            waiting=self.waiting,
         )
 
 

@@ -148,6 +148,7 @@ class AdapterRecord:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    waiting: str | None = None  # why it is still queued, in the controller's words
 
     @property
     def qualified_name(self) -> str:

@@ -72,6 +72,7 @@ ADAPTER_FIELDS = frozenset(
         "output_dir",
         "mlflow_run_id",
         "priority",
+        "waiting",
     }
 )
 REGISTRY_DECISIONS = (AdapterState.PROMOTED.value, AdapterState.REJECTED.value)
@@ -478,7 +479,8 @@ class Store:
         """Move an adapter to `state` (checked against its lifecycle) and/or set fields.
 
         Fields: step, eval_loss, error, final_checkpoint, parent_checkpoint, data_fingerprint,
-        output_dir, mlflow_run_id, priority. Entering `training` stamps `started_at` (the first time);
+        output_dir, mlflow_run_id, priority, waiting. Leaving `queued` clears `waiting` (the reason it
+        waited); entering `training` stamps `started_at` (the first time);
         leaving queued/training for good stamps `finished_at`; leaving `training` closes the adapter's
         open pack attempt with the new state as its outcome.
         """
@@ -524,6 +526,8 @@ class Store:
     def _transition(s: Session, row: AdapterRow, state: str, now: datetime) -> None:
         check_transition("adapter", row.state, state, entity=f"{row.project}/{row.name}")
         old, row.state = row.state, state
+        if state != AdapterState.QUEUED:
+            row.waiting = None
         if state == AdapterState.TRAINING and row.started_at is None:
             row.started_at = now
         if state in ADAPTER_FINISHED and old not in ADAPTER_FINISHED:

@@ -171,3 +171,34 @@ def test_a_job_settles_only_when_its_adapters_have() -> None:
     assert decisions.job_outcome(["rejected", "promoted"], True) == JobState.SUCCEEDED
     assert decisions.job_outcome(["failed", "evaluated"], False) == JobState.PARTIAL
     assert decisions.job_outcome(["failed", "cancelled"], False) == JobState.FAILED
+
+
+def test_a_yielded_adapter_goes_back_to_the_queue_at_its_step() -> None:
+    done = AdapterDone(pack_id="k", adapter="a", step=7, status="yielded")
+    assert decisions.on_done(adapter("a", "training"), done) == AdapterChange("a", A.QUEUED, {"step": 7})
+    assert decisions.on_done(adapter("a", "cancelled"), done) is None  # the user's cancel stands
+
+
+def test_every_queued_adapter_says_why_it_waits_and_only_changes_are_written() -> None:
+    parent = adapter("parent", "training")
+    kids = [adapter("kid", parent_id="parent"), adapter("free")]
+    assert decisions.parent_waits(kids, {"parent": parent}) == {
+        "kid": "waiting for its parent p/parent (training)"
+    }
+    done = adapter("parent", "evaluated", final_checkpoint="/ckpt")
+    assert decisions.parent_waits(kids, {"parent": done}) == {}
+    reasons = {"kid": "waiting for its parent p/parent (training)", "free": "waiting for a free worker"}
+    queued = [adapter("kid", waiting=reasons["kid"]), adapter("free"), adapter("gone", "training")]
+    changes = decisions.waiting([*queued], reasons | {"gone": "x"})
+    assert changes == [AdapterChange("free", None, {"waiting": "waiting for a free worker"})]
+
+
+def test_an_adapter_no_worker_can_hold_fails_on_a_fixed_cluster_and_waits_on_a_growing_one() -> None:
+    adapters = [adapter("big"), adapter("small")]
+    never = [("big", "needs 9.00 GiB on one worker (...), but the largest worker has 4.00 GiB; lower ...")]
+    failures, reasons = decisions.never_fits(adapters, never, fixed=True)
+    assert [(c.adapter_id, c.state, c.announce) for c in failures] == [("big", A.FAILED, True)]
+    assert failures[0].fields["error"].startswith("no worker can hold it: needs 9.00 GiB") and reasons == {}
+    failures, reasons = decisions.never_fits(adapters, never, fixed=False)
+    assert failures == [] and reasons["big"].startswith("waiting for a bigger worker")
+    assert "largest worker has 4.00 GiB" in reasons["big"]

@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from orchestrator import Client
+from orchestrator import scheduler as sched
 from orchestrator.controller import Controller
 from orchestrator.embedded import EmbeddedBackend
 from orchestrator.localservice import stop_service
@@ -236,6 +237,71 @@ def test_controller_restart_mid_job_resumes_from_checkpoints(
             ("failed", "controller restarted"),
             ("succeeded", None),
         ]
+    finally:
+        backend.close()
+
+
+def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Issue 15, item 9: two endless jobs of one project held both workers of the shared Ray (2 CPUs,
+    one adapter per pack) and another project's 10-step job sat queued, with no reason given, until they
+    were cancelled. Now the small job says why it waits, an endless adapter yields its worker after a
+    time slice (checkpointed at the step it left, back to the queue), the small job finishes while the
+    big project still trains, and the yielded adapter resumes at the very step it left: nothing redone."""
+    settings = Settings(home=tmp_path / "home", tick_seconds=0.2, yield_after_seconds=8)
+    backend = EmbeddedBackend(settings=settings)
+
+    def job(project: str, name: str, steps: int):
+        adapters = [{"name": name, "data": {"path": str(data_dir / "counting.jsonl")}}]
+        spec = _spec(tiny_base, data_dir, name, steps, project=project, adapters=adapters)
+        spec["resources"] = {"cpus_per_worker": 1, "max_adapters_per_worker": 1}
+        spec["train"]["checkpoint_every"] = 1_000_000  # only the yield writes a checkpoint
+        return backend.service.submit(JobSpec.parse(spec))
+
+    def events(job_id: str) -> list:
+        found: list = []
+        while page := backend.service.events(job_id, after_id=found[-1].id if found else 0):
+            found += page
+        return found
+
+    endless = {name: job("big", name, 10**9) for name in ("endless-a", "endless-b")}
+    backend.ensure_running()
+    try:
+
+        def adapters() -> list:
+            return [backend.job(j.id).adapters[0] for j in endless.values()]
+
+        # both packs launched (no free worker left), and one of them trains
+        _wait_until(
+            lambda: all(a.state == "training" for a in adapters()) and any(a.step for a in adapters()),
+            timeout=300,
+        )
+        small = job("small", "quick", 10)
+        _wait_until(lambda: backend.job(small.id).adapters[0].waiting == sched.WAITING_FOR_WORKER, 60)
+        _wait_until(lambda: backend.job(small.id).done, timeout=300)
+        assert backend.job(small.id).state == "succeeded"
+        assert {backend.job(j.id).state for j in endless.values()} == {"running"}
+
+        yielded = [
+            e
+            for j in endless.values()
+            for e in events(j.id)
+            if e.kind == "done" and e.payload["status"] == "yielded"
+        ]
+        left = min(yielded, key=lambda e: e.id)
+        other = next(j for name, j in endless.items() if name != left.adapter)
+        backend.cancel(other.id)  # its worker, too, is free now: the yielded adapter gets one
+
+        def resumed() -> list:
+            starts = [e for e in events(endless[left.adapter].id) if e.kind == "start"]
+            return [e for e in starts if e.payload["resumed"] and e.id > left.id]
+
+        _wait_until(lambda: resumed(), timeout=300)
+        assert resumed()[0].step == left.step  # it starts again exactly where it left
+        backend.cancel(endless[left.adapter].id)
+        _wait_until(lambda: all(backend.job(j.id).done for j in endless.values()), timeout=120)
+        for name, j in endless.items():
+            steps = [e.step for e in events(j.id) if e.kind == "step"]
+            assert steps == list(range(1, len(steps) + 1)), f"{name}: a step was redone or skipped"
     finally:
         backend.close()
 

@@ -25,7 +25,9 @@ from orchestrator.scheduler import (
     AdapterDemand,
     BaseKey,
     BaseModelInfo,
+    FairShare,
     Placement,
+    RunningAdapter,
     WorkerState,
     adapter_memory_bytes,
     base_memory_bytes,
@@ -36,6 +38,8 @@ from orchestrator.scheduler import (
     pass_memory_bytes,
     schedule,
     unplaceable,
+    waiting_reasons,
+    yields,
 )
 from workers.memory import CPU_LORA_BYTES_PER_PARAM, CPU_LORA_BYTES_PER_PARAM_BELOW_FP32, CPU_PASS_TOKENS
 
@@ -268,7 +272,7 @@ def test_a_big_project_cannot_starve_a_small_one():
     assert placed == ["big-0", "small-0", "tiny-0"]
 
 
-def test_fair_order_is_round_robin_in_fifo_order_of_projects():
+def test_fair_order_gives_the_next_turn_to_the_project_running_the_fewest():
     ds = [
         demand("a0", project="a", seq=0),
         demand("a1", project="a", seq=1),
@@ -279,8 +283,77 @@ def test_fair_order_is_round_robin_in_fifo_order_of_projects():
         demand("b-1", project="b", seq=-1, priority=1),
     ]
     order = [d.adapter_id for d in fair_order(list(reversed(ds)))]
-    # priority 1 first (b's oldest there is older than c's); then a, b, a, b, a at priority 0
-    assert order == ["b-1", "c5", "a0", "b3", "a1", "b4", "a2"]
+    # equal shares: priority, then age; then whoever runs the fewest (a after a0 and b after b-1 tie at
+    # one each, and a1 is older than b3)
+    assert order == ["b-1", "c5", "a0", "a1", "b3", "a2", "b4"]
+    # what runs already counts: b runs 2, so a and c go first until they are level with it
+    running = FairShare(project_running={"b": 2})
+    order = [d.adapter_id for d in fair_order(ds, running)]
+    assert order == ["c5", "a0", "a1", "b-1", "a2", "b3", "b4"]
+
+
+def test_a_huge_priority_does_not_buy_a_bigger_share():
+    hog = [demand(f"hog-{k}", project="hog", priority=1_000_000, seq=k) for k in range(5)]
+    late = demand("small", project="small", seq=100)
+    placed = placed_ids(schedule([*hog, late], [worker("w", 100 * GIB, max_adapters=2)], INFOS))
+    assert placed == ["hog-0", "small"]
+
+
+def test_jobs_of_one_project_take_turns_too():
+    first = [replace(demand(f"first-{k}", seq=k), job="first") for k in range(4)]
+    second = replace(demand("second-0", seq=10), job="second")
+    share = FairShare(project_running={"p": 1}, job_running={("p", "first"): 1})
+    placed = placed_ids(schedule([*first, second], [worker("w", 100 * GIB, max_adapters=2)], INFOS, share))
+    assert placed == ["second-0", "first-0"]
+
+
+def test_a_project_at_its_cap_waits_and_says_why():
+    ds = [demand(f"a{k}", project="a", seq=k) for k in range(4)] + [demand("b0", project="b", seq=9)]
+    workers = [worker("w", 100 * GIB)]
+    share = FairShare(project_running={"a": 1}, default_cap=3, caps={"b": 0})
+    placements = schedule(ds, workers, INFOS, share)
+    assert placed_ids(placements) == ["a0", "a1"]  # a runs 1 already: 2 more reach its cap of 3
+    reasons = waiting_reasons(ds, placements, share)
+    assert set(reasons) == {"a2", "a3", "b0"}
+    assert "project 'a' runs 3 adapters, its cap" in reasons["a2"] and reasons["a2"].endswith("is 3")
+    assert reasons["b0"].endswith("is 0")
+    uncapped = schedule(ds, workers, INFOS, FairShare(project_running={"a": 1}))
+    assert len(placed_ids(uncapped)) == 5
+    busy = waiting_reasons(ds, [], FairShare())
+    assert busy["a0"].startswith("waiting for a free worker")
+
+
+def _running(adapter_id: str, project: str, job: str = "j", **kw) -> RunningAdapter:
+    fields = {"priority": 0, "base": A, "ran_seconds": 100.0, "alone": True, **kw}
+    return RunningAdapter(adapter_id, project, job, **fields)
+
+
+def test_a_project_holding_every_worker_yields_one_to_a_waiting_project():
+    hogs = [_running("big-1", "big", "j1"), _running("big-2", "big", "j2", ran_seconds=200.0)]
+    small = replace(demand("small", project="small"), job="s")
+    assert yields([small], hogs, leaving=(), slice_seconds=60) == [("big-2", "small")]  # the longest running
+    assert yields([small], hogs, leaving=("big-1",), slice_seconds=60) == []  # already leaving for it
+    assert yields([small], hogs, leaving=(), slice_seconds=300) == []  # not a slice yet
+    not_begun = [replace(h, ran_seconds=None) for h in hogs]
+    assert yields([small], not_begun, leaving=(), slice_seconds=0) == []
+    # two waiting demands of small take one each only while big still runs more: 2 vs 0, then 1 vs 1
+    two = [small, replace(demand("small-2", project="small"), job="s")]
+    assert yields(two, hogs, leaving=(), slice_seconds=60) == [("big-2", "small")]
+
+
+def test_equal_shares_take_turns_and_yield_frees_a_usable_place():
+    one = [_running("a-0", "a")]
+    waiting_b = [demand("b-0", project="b")]
+    assert yields(waiting_b, one, (), 60) == [("a-0", "b-0")]  # 1 vs 0: a yields its worker after a slice
+    # a place in a pack of another base is no use to the demand, unless the pack empties
+    shared = [_running("a-0", "a", base=B, alone=False)]
+    assert yields(waiting_b, shared, (), 60) == []
+    # within one project, the job running more yields to a job running none, unless it ranks higher
+    same = [_running("p-1", "p", "j1"), _running("p-2", "p", "j1", ran_seconds=50.0)]
+    other_job = [replace(demand("p-3", project="p"), job="j2")]
+    assert yields(other_job, same, (), 10) == [("p-1", "p-3")]
+    assert yields(other_job, [replace(r, priority=5) for r in same], (), 10) == []
+    assert yields([replace(demand("p-4", project="p"), job="j1")], same, (), 10) == []  # its own job
 
 
 def test_a_demand_that_does_not_fit_does_not_block_smaller_ones():
@@ -511,21 +584,39 @@ def test_placements_obey_every_rule_and_leave_nothing_that_fits(fleet):
     assert not never & set(placed_ids(placements))
 
 
+@settings(max_examples=100, deadline=None)
+@given(fleets(), st.dictionaries(st.sampled_from(["p0", "p1", "p2"]), st.integers(0, 4)))
+def test_caps_are_never_passed_and_uncapped_projects_still_get_everything_that_fits(fleet, caps):
+    demands, workers = fleet
+    share = FairShare(project_running={"p1": 1}, caps=caps)
+    placements = schedule(demands, workers, INFOS, share)
+    by_id = {d.adapter_id: d for d in demands}
+    placed = Counter(by_id[i].project for i in placed_ids(placements))
+    for project, cap in caps.items():
+        assert placed[project] == 0 or placed[project] + share.project_running.get(project, 0) <= cap
+    full = {p for p, cap in caps.items() if placed[p] + share.project_running.get(p, 0) >= cap}
+    kept = [d for d in demands if d.project not in full or d.adapter_id in set(placed_ids(placements))]
+    check_placements(kept, workers, placements)  # maximal for every project below its cap
+
+
 @settings(max_examples=150, deadline=None)
 @given(fleets())
-def test_fair_order_interleaves_projects_within_each_priority(fleet):
+def test_fair_order_serves_the_fewest_running_first(fleet):
     demands, _ = fleet
-    order = fair_order(demands)
+    demands = [replace(d, job=f"j{d.seq % 2}") for d in demands]
+    running = FairShare(project_running={"p0": 2}, job_running={("p0", "j0"): 2})
+    order = fair_order(demands, running)
     assert sorted(d.adapter_id for d in order) == sorted(d.adapter_id for d in demands)
-    assert [d.priority for d in order] == sorted((d.priority for d in demands), reverse=True)
-    for priority in {d.priority for d in demands}:
-        level = [d for d in order if d.priority == priority]
-        remaining = Counter(d.project for d in level)
-        taken: Counter[str] = Counter()
-        for d in level:
-            # a project takes its next turn only when every project still waiting has had as many
-            assert all(taken[d.project] <= taken[p] for p in remaining if remaining[p] > taken[p])
-            taken[d.project] += 1
-        for project in remaining:
-            seqs = [d.seq for d in level if d.project == project]
-            assert seqs == sorted(seqs)
+    projects: Counter[str] = Counter(running.project_running)
+    jobs: Counter[tuple[str, str]] = Counter(running.job_running)
+    left = Counter((d.project, d.job) for d in demands)
+    for d in order:
+        # no project (then no job of its project) with demands left runs fewer than the one served
+        assert all(projects[d.project] <= projects[p] for p, _ in +left)
+        assert all(jobs[(d.project, d.job)] <= jobs[(p, j)] for p, j in +left if p == d.project)
+        left[(d.project, d.job)] -= 1
+        projects[d.project] += 1
+        jobs[(d.project, d.job)] += 1
+    for key in {(d.project, d.job) for d in demands}:  # a job's own queue: priority, then age
+        mine = [(-d.priority, d.seq) for d in order if (d.project, d.job) == key]
+        assert mine == sorted(mine)

@@ -176,6 +176,15 @@ def test_adapter_transitions_and_timestamps(store: Store) -> None:
         store.update_adapter(b.id, name="x")
 
 
+def test_a_queued_adapter_keeps_why_it_waits_until_it_leaves_the_queue(store: Store) -> None:
+    _, (a,), _ = store.create_job("p", "j", {}, [new("a")])
+    assert a.waiting is None
+    reason = "waiting: project 'p' runs 4 adapters, its cap is 4"
+    assert store.update_adapter(a.id, waiting=reason).waiting == reason
+    assert store.get_adapter("p", "a").waiting == reason
+    assert store.update_adapter(a.id, state=A.TRAINING).waiting is None  # placed: no longer waiting
+
+
 def test_seq_is_fifo_across_jobs_and_priority_wins(store: Store) -> None:
     _, first, _ = store.create_job("p", "j1", {}, [new("a"), new("b")])
     _, second, _ = store.create_job("q", "j2", {}, [new("c"), new("d", priority=1)])

@@ -315,6 +315,33 @@ def test_a_cancelled_adapter_leaves_between_steps(tiny_base: Path, make_task: Ta
     )
 
 
+def test_a_yielded_adapter_resumes_exactly_where_it_left_off(tiny_base: Path, make_task: TaskFactory) -> None:
+    """Yielding (making room for other work) costs a checkpoint, never a step: asked in the middle of
+    step 5's accumulation window (`checkpoint_every: 4`), the adapter leaves once step 5 is done, with a
+    checkpoint of step 5, and resumed from the queue it ends bit for bit where an uninterrupted run ends,
+    redoing no step."""
+    kw = {"steps": 9, "checkpoint_every": 4, "lora": {"dropout": 0.2}, "batch_size": 2, "grad_accum_steps": 2}
+    straight = make_task("counting", out="straight", **kw)
+    yielded = make_task("counting", out="yielded", **kw)
+    _train(tiny_base, straight)
+    asked = 0
+
+    def yielding() -> set[str]:  # asked before each pack step; the 10th is the middle of step 5's window
+        nonlocal asked
+        asked += 1
+        return {"counting"} if asked == 10 else set()
+
+    left = run_pack(plan_of(tiny_base, yielded), yielding=yielding).adapters["counting"]
+    assert (left.status, left.step) == ("yielded", 5)
+    assert (Path(yielded.output_dir) / "checkpoint-00000005").is_dir()
+    assert not (Path(yielded.output_dir) / "final").exists()
+
+    done, events = _train(tiny_base, yielded)  # back from the queue: the same task again
+    assert [e.step for e in events if isinstance(e, StepEvent)] == [6, 7, 8, 9]
+    assert done["counting"].status == "trained"
+    assert max_weight_diff(final_weights(straight), final_weights(yielded)) == 0
+
+
 def test_length_groups_split_only_when_it_saves_padding() -> None:
     from workers.data import Example
     from workers.trainer import length_groups

@@ -67,7 +67,7 @@ class Service:
             spec = JobSpec.parse(raw)
         except SpecError as exc:
             problems += exc.problems
-        problems += preflight.outside_world_problems(raw, self.allowed)
+        problems += preflight.outside_world_problems(raw, self.allowed, home=self.settings.home)
         if spec is not None:
             try:
                 parents = self._resolve_parents(spec)

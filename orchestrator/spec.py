@@ -193,14 +193,6 @@ class JobSpec(_Strict):
                 self.adapter_train(i)
             except ValidationError as exc:
                 problems += [(_loc(i, exc, e), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
-        if self.quantization != "none" and self.resources.gpus_per_worker == 0:
-            problems.append(
-                (
-                    "quantization",
-                    f"{self.quantization!r} needs CUDA workers (bitsandbytes); set "
-                    "`resources.gpus_per_worker` >= 1 or use quantization: none",
-                )
-            )
         if problems:
             raise SpecError(problems)  # pydantic wraps it; `_problems` unwraps the individual fields
         return self

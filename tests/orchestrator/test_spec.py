@@ -71,7 +71,6 @@ def test_the_design_example_parses_with_overrides_merged(tmp_path: Path) -> None
             "greater than or equal to 0",
         ),
         (_minimal(adapters=[{"name": "a"}]), "adapters.0.data", "required"),
-        (_minimal(quantization="4bit"), "quantization", "needs CUDA"),
         (_minimal(adapters=[]), "adapters", "at least 1"),
         (
             _minimal(adapters=[{"name": "a", "data": {"path": "x"}}, {"name": "a", "data": {"path": "y"}}]),
@@ -96,6 +95,13 @@ def test_bad_specs_name_the_field(source, field: str, fragment: str) -> None:
     problems = _problems(source)
     assert field in problems, problems
     assert fragment in problems[field]
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_a_kbit_base_needs_no_gpu(quantization: str) -> None:
+    """bitsandbytes runs on CPU: a k-bit base on CPU workers is a valid spec (it was refused)."""
+    spec = JobSpec.parse(_minimal(quantization=quantization))
+    assert spec.quantization == quantization and spec.resources.gpus_per_worker == 0
 
 
 def test_all_problems_are_reported_at_once() -> None:

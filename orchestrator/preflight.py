@@ -76,7 +76,7 @@ def _model_problems(field: str, value: str, allowed: Allowed, home: Path | None)
         except BaseModelError as exc:
             return [(field, str(exc))]
         return []
-    if path.is_absolute() or value.startswith((".", "~")):
+    if path.is_absolute() or value.startswith((".", "~")) or is_gguf_reference(value):
         if allowed.model_roots is not None and not within(path, allowed.model_roots):
             return [
                 (

@@ -115,6 +115,8 @@ def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
     spec = JobSpec.parse(_minimal(), base_dir=tmp_path)
     assert spec.adapters[0].data.path.is_absolute()
     assert spec.adapters[0].data.path.parent == tmp_path
+    gguf = JobSpec.parse(_minimal(base_model="models/base.gguf"), base_dir=tmp_path)
+    assert gguf.base_model == str(tmp_path / "models" / "base.gguf")  # a file, not a hub id
 
 
 def test_json_schema_describes_the_spec() -> None:

@@ -16,6 +16,7 @@ from workers.bases import (
     CATALOG,
     MARKER,
     BaseModelError,
+    base_config,
     bases_dir,
     cached_bases,
     converted_dir,
@@ -51,6 +52,9 @@ def test_a_gguf_file_is_converted_once_keyed_by_its_content(real_base: RealBase,
     assert resolve_base(real_base.name, real_base.home) == str(target)
     assert _cache_state(real_base.home) == before  # nothing was converted or rewritten again
     assert [b["path"] for b in cached_bases(real_base.home)] == [str(target)]
+
+    empty = tmp_path / "other-home"  # the controller's view: the shape, from the GGUF metadata, unconverted
+    assert base_config(str(renamed), empty).num_hidden_layers == 30 and not empty.exists()
 
 
 def test_the_real_base_answers_the_capital_of_france(real_base: RealBase) -> None:

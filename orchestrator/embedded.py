@@ -74,7 +74,8 @@ class EmbeddedBackend:
         return RegistryView.of(self.registry.promote(adapter.id, alias=alias, force=force))
 
     def export(self, project: str, name: str, out_dir: Path, merged: bool) -> Path:
-        return export_adapter(self.store, self.store.get_adapter(project, name), out_dir, merged=merged)
+        adapter = self.store.get_adapter(project, name)
+        return export_adapter(self.store, adapter, out_dir, merged=merged, home=self.settings.home)
 
     def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
         adapter = self.store.get_adapter(project, name)
@@ -90,6 +91,7 @@ class EmbeddedBackend:
                 adapter.base_model,
                 quantization=adapter.quantization,  # type: ignore[arg-type]
                 dtype=adapter.dtype,
+                home=self.settings.home,  # where a catalogued or GGUF base was converted
             )  # type: ignore[arg-type]
         return self._servers[key].generate([(adapter.final_checkpoint, prompt)], max_new_tokens)[0]
 

@@ -52,8 +52,11 @@ def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
     return "\n".join(lines)
 
 
-def export_adapter(store: Store, adapter: AdapterRecord, out_dir: Path, merged: bool = False) -> Path:
-    """Write the adapter (or the merged model) to `out_dir`, which must not exist or be empty."""
+def export_adapter(
+    store: Store, adapter: AdapterRecord, out_dir: Path, merged: bool = False, home: Path | None = None
+) -> Path:
+    """Write the adapter (or the merged model) to `out_dir`, which must not exist or be empty. `home`
+    holds converted bases (a catalogued or GGUF `base_model`); default: `LORAFLEET_HOME`."""
     if not adapter.final_checkpoint or not is_complete(adapter.final_checkpoint):
         raise ValueError(
             f"adapter {adapter.qualified_name} is {adapter.state} and has no final checkpoint yet; "
@@ -67,7 +70,7 @@ def export_adapter(store: Store, adapter: AdapterRecord, out_dir: Path, merged: 
     tmp.mkdir()
     try:
         with storage.local_copy(adapter.final_checkpoint) as source:
-            _write(store, adapter, source, tmp, merged)
+            _write(store, adapter, source, tmp, merged, home)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
@@ -76,9 +79,11 @@ def export_adapter(store: Store, adapter: AdapterRecord, out_dir: Path, merged: 
     return out_dir
 
 
-def _write(store: Store, adapter: AdapterRecord, source: Path, tmp: Path, merged: bool) -> None:
+def _write(
+    store: Store, adapter: AdapterRecord, source: Path, tmp: Path, merged: bool, home: Path | None
+) -> None:
     if merged:
-        _write_merged(adapter, source, tmp)
+        _write_merged(adapter, source, tmp, home)
     else:
         for name in PEFT_FILES:
             if (source / name).is_file():
@@ -86,7 +91,7 @@ def _write(store: Store, adapter: AdapterRecord, source: Path, tmp: Path, merged
     (tmp / "README.md").write_text(_card(store, adapter, merged), encoding="utf-8")
 
 
-def _write_merged(adapter: AdapterRecord, source: Path, dest: Path) -> None:
+def _write_merged(adapter: AdapterRecord, source: Path, dest: Path, home: Path | None) -> None:
     if adapter.quantization != "none":
         raise ValueError(
             f"adapter {adapter.qualified_name} was trained on a {adapter.quantization} base; "
@@ -95,9 +100,11 @@ def _write_merged(adapter: AdapterRecord, source: Path, dest: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from workers.bases import resolve_base
     from workers.model import TORCH_DTYPES
 
-    base = AutoModelForCausalLM.from_pretrained(adapter.base_model, dtype=TORCH_DTYPES[adapter.dtype])
+    base_dir = resolve_base(adapter.base_model, home)  # a catalogued name or GGUF file: its conversion
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=TORCH_DTYPES[adapter.dtype])
     merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     merged.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(adapter.base_model).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(dest)

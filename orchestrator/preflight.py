@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.bases import CATALOG, BaseModelError, base_config, catalog_dir, is_gguf_reference
 from workers.data import MAX_RECORD_BYTES, DataError, check_head
 
 if TYPE_CHECKING:
@@ -109,29 +110,42 @@ def within(path: Path, roots: Sequence[Path]) -> bool:
 
 
 def outside_world_problems(
-    raw: dict[str, Any], allowed: Allowed = ANYTHING, max_record_bytes: int = MAX_RECORD_BYTES
+    raw: dict[str, Any],
+    allowed: Allowed = ANYTHING,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    home: Path | None = None,
 ) -> Problems:
-    """The base model (and tokenizer) and every data file of a raw spec whose paths are absolute."""
+    """The base model (and tokenizer) and every data file of a raw spec whose paths are absolute. `home`
+    holds the converted bases (catalogued names, GGUF files); default: `LORAFLEET_HOME`."""
     return [
-        *model_problems("base_model", raw.get("base_model"), allowed),
-        *model_problems("tokenizer", raw.get("tokenizer"), allowed),
+        *model_problems("base_model", raw.get("base_model"), allowed, home),
+        *model_problems("tokenizer", raw.get("tokenizer"), allowed, home),
         *data_problems(raw.get("adapters"), allowed, max_record_bytes),
     ]
 
 
-def model_problems(field: str, value: Any, allowed: Allowed = ANYTHING) -> Problems:
-    """A local directory must hold a loadable config; anything else must look like a hub id."""
+def model_problems(field: str, value: Any, allowed: Allowed = ANYTHING, home: Path | None = None) -> Problems:
+    """A catalogued base must be pulled; a local directory or .gguf file must hold a loadable config;
+    anything else must look like a hub id."""
     if not isinstance(value, str) or not value:
         return []  # missing or mistyped: the schema reports it
     try:
-        return _model_problems(field, value, allowed)
+        return _model_problems(field, value, allowed, home)
     except (RuntimeError, OSError, ValueError) as exc:  # `~nobody`, a NUL, a name too long or not encodable
         return [(field, unusable(value, exc))]
 
 
-def _model_problems(field: str, value: str, allowed: Allowed) -> Problems:
+def _model_problems(field: str, value: str, allowed: Allowed, home: Path | None) -> Problems:
     path = Path(value).expanduser()
-    if path.is_absolute() or value.startswith((".", "~")):
+    if value in CATALOG:
+        if allowed.models is not None and not any(fnmatch.fnmatchcase(value, p) for p in allowed.models):
+            return [(field, f"base {value!r} is not among the models this server allows")]
+        try:
+            catalog_dir(CATALOG[value], home)
+        except BaseModelError as exc:
+            return [(field, str(exc))]
+        return []
+    if path.is_absolute() or value.startswith((".", "~")) or is_gguf_reference(value):
         if allowed.model_roots is not None and not within(path, allowed.model_roots):
             return [
                 (
@@ -139,6 +153,10 @@ def _model_problems(field: str, value: str, allowed: Allowed) -> Problems:
                     f"local models must be inside the server's model roots ({_roots(allowed.model_roots)})",
                 )
             ]
+        if is_gguf_reference(value):
+            if not path.is_file():
+                return [(field, f"GGUF file {value!r} does not exist; give the path of a .gguf file")]
+            return _config_problems(field, str(path), home)
         if not path.is_dir():
             return [
                 (
@@ -148,7 +166,7 @@ def _model_problems(field: str, value: str, allowed: Allowed) -> Problems:
                 )
             ]
         if field == "base_model":
-            return _config_problems(field, path)
+            return _config_problems(field, str(path), home)
         return []
     if not HUB_ID.match(value):
         return [
@@ -172,18 +190,16 @@ def _roots(roots: Sequence[Path]) -> str:
     return ", ".join(str(r) for r in roots) or "none"
 
 
-def _config_problems(field: str, path: Path) -> Problems:
-    from transformers import AutoConfig
-
+def _config_problems(field: str, path: str, home: Path | None) -> Problems:
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=False)
+        base_config(path, home)
     except Exception as exc:  # whatever transformers raises, the user needs its first line and a fix
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return [
             (
                 field,
-                f"cannot load the model config in {str(path)!r}: {first[:300]}; point `{field}` at a "
-                "directory written by `save_pretrained`",
+                f"cannot load the model config in {path!r}: {first[:300]}; point `{field}` at a "
+                "directory written by `save_pretrained` or a .gguf file",
             )
         ]
     return []

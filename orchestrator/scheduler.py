@@ -652,7 +652,7 @@ def unplaceable(
             f"{_gib(adapter)}), but the largest {kind} has {_gib(largest)}"
         )
         if base >= largest:
-            quantize = "quantize it (`quantization: 8bit` or `4bit`, CUDA), "
+            quantize = "quantize it (`quantization: 8bit` or `4bit`), "
             quantize = "" if d.base.quantization == "4bit" else quantize
             fix = f"the base alone does not fit: {quantize}use a smaller base, or {_MEMORY_FIX}"
         else:

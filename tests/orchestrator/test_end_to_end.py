@@ -339,7 +339,7 @@ def test_bad_specs_are_refused_and_nothing_is_written(
                     {"name": "a", "lora": {"rank": 2}, "data": {"path": str(data_dir / "colors.jsonl")}}
                 ],
             ),
-            "quantization": _spec(tiny_base, data_dir, quantization="8bit"),
+            "base_model": {**_spec(tiny_base, data_dir), "base_model": "smollm2-135m-instruct"},
         }
         for field, spec in cases.items():
             with pytest.raises(SpecError) as caught:

@@ -71,7 +71,6 @@ def test_the_design_example_parses_with_overrides_merged(tmp_path: Path) -> None
             "greater than or equal to 0",
         ),
         (_minimal(adapters=[{"name": "a"}]), "adapters.0.data", "required"),
-        (_minimal(quantization="4bit"), "quantization", "needs CUDA"),
         (_minimal(adapters=[]), "adapters", "at least 1"),
         (
             _minimal(adapters=[{"name": "a", "data": {"path": "x"}}, {"name": "a", "data": {"path": "y"}}]),
@@ -98,6 +97,13 @@ def test_bad_specs_name_the_field(source, field: str, fragment: str) -> None:
     assert fragment in problems[field]
 
 
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_a_kbit_base_needs_no_gpu(quantization: str) -> None:
+    """bitsandbytes runs on CPU: a k-bit base on CPU workers is a valid spec (it was refused)."""
+    spec = JobSpec.parse(_minimal(quantization=quantization))
+    assert spec.quantization == quantization and spec.resources.gpus_per_worker == 0
+
+
 def test_all_problems_are_reported_at_once() -> None:
     problems = _problems(
         _minimal(name="BAD", adapters=[{"name": "a", "data": {"path": "a"}, "lora": {"r": 0}}])
@@ -109,6 +115,8 @@ def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
     spec = JobSpec.parse(_minimal(), base_dir=tmp_path)
     assert spec.adapters[0].data.path.is_absolute()
     assert spec.adapters[0].data.path.parent == tmp_path
+    gguf = JobSpec.parse(_minimal(base_model="models/base.gguf"), base_dir=tmp_path)
+    assert gguf.base_model == str(tmp_path / "models" / "base.gguf")  # a file, not a hub id
 
 
 def test_json_schema_describes_the_spec() -> None:

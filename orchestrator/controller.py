@@ -337,7 +337,8 @@ class Controller:
             failures, too_big = decisions.never_fits(adapters, never, fixed)
             self._apply(failures)
             reasons |= too_big
-            demands = [d for d in demands if d.adapter_id not in dict(never)]
+            never_ids = {adapter_id for adapter_id, _ in never}
+            demands = [d for d in demands if d.adapter_id not in never_ids]
             share = self._share()  # counts every running pack, this tick's launches included
             placements = sched.schedule(demands, workers, infos, share)
             unplaced = sched.waiting_reasons(demands, placements, share)

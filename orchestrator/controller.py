@@ -149,6 +149,7 @@ class Controller:
         self._channel: Any = None
         # adapters asked to yield that have not left their pack yet -> when they were asked (monotonic)
         self._yielding: dict[str, float] = {}
+        self._cancelling: set[str] = set()  # adapters whose cancel their pack has not confirmed yet
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -244,6 +245,7 @@ class Controller:
     def _apply_events(self, events: list[Event]) -> None:
         """Events from running packs: record them, fold them into their adapters' rows."""
         placed = []
+        left: list[str] = []
         for event in events:
             pack = self.running.get(event.pack_id)
             adapter_id = pack.members.get(event.adapter) if pack else None
@@ -254,7 +256,9 @@ class Controller:
                 if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
                     pack.leave(event.adapter)
                     self._yielding.pop(adapter_id, None)
+                    left.append(adapter_id)
         self._record(placed)
+        self._cancelling.difference_update(left)
         if self.on_events is not None and events:
             self.on_events(events)
 
@@ -275,7 +279,8 @@ class Controller:
             rows.append(NewEvent(job_of[adapter_id], event.kind, adapter_id, event.step, payload, event.id))
             if isinstance(event, StepEvent) and last_step[adapter_id] != i:
                 continue
-            change = decisions.on_event(self.store.get_adapter_by_id(adapter_id), event)
+            cancelling = adapter_id in self._cancelling
+            change = decisions.on_event(self.store.get_adapter_by_id(adapter_id), event, cancelling)
             self._apply([change] if change else [])
         self.store.record_events(rows)
 
@@ -294,6 +299,7 @@ class Controller:
         self.running.pop(pack.pack_id, None)
         for adapter_id in pack.members.values():
             self._yielding.pop(adapter_id, None)
+            self._cancelling.discard(adapter_id)
         try:
             error = ray.get(pack.ref)
         except Exception as exc:  # the Ray task itself died (not the training inside it)
@@ -332,7 +338,8 @@ class Controller:
             failures, too_big = decisions.never_fits(adapters, never, fixed)
             self._apply(failures)
             reasons |= too_big
-            demands = [d for d in demands if d.adapter_id not in dict(never)]
+            never_ids = {adapter_id for adapter_id, _ in never}
+            demands = [d for d in demands if d.adapter_id not in never_ids]
             share = self._share()  # counts every running pack, this tick's launches included
             placements = sched.schedule(demands, workers, infos, share)
             unplaced = sched.waiting_reasons(demands, placements, share)
@@ -671,6 +678,7 @@ class Controller:
             for pack_id, members in by_pack.items():
                 self._ensure_ray()
                 withdrawn = ray.get(self._channel.cancel.remote(pack_id, list(members)))
+                self._cancelling.update(members.values())  # a yield crossing this cancel must not requeue it
                 pack = self.running[pack_id]
                 for name in set(withdrawn) & set(members):  # only offered, never taken: never started
                     pack.leave(name)

@@ -164,8 +164,9 @@ def fail_all(adapters: Iterable[AdapterRecord], reason: str) -> list[AdapterChan
 # ---- events from packs ----
 
 
-def on_event(adapter: AdapterRecord, event: Event) -> AdapterChange | None:
-    """What one engine event changes on its adapter's row (step events: only the last of a batch)."""
+def on_event(adapter: AdapterRecord, event: Event, cancelling: bool = False) -> AdapterChange | None:
+    """What one engine event changes on its adapter's row (step events: only the last of a batch).
+    `cancelling`: the user cancelled the adapter and its pack has not confirmed yet (see `on_done`)."""
     if isinstance(event, StartEvent):
         state = _A.TRAINING if adapter.state == _A.QUEUED else None
         return AdapterChange(adapter.id, state, {"data_fingerprint": event.data_fingerprint})
@@ -187,15 +188,19 @@ def on_event(adapter: AdapterRecord, event: Event) -> AdapterChange | None:
     if isinstance(event, CheckpointEvent):
         return AdapterChange(adapter.id, checkpoint=(event.step, str(event.path), event.final))
     if isinstance(event, AdapterDone):
-        return on_done(adapter, event)
+        return on_done(adapter, event, cancelling)
     return None
 
 
-def on_done(adapter: AdapterRecord, done: AdapterDone) -> AdapterChange | None:
+def on_done(adapter: AdapterRecord, done: AdapterDone, cancelling: bool = False) -> AdapterChange | None:
     """An adapter left its pack: trained, failed (with the engine's reason), cancelled, or yielded (back
-    to the queue, to resume from the checkpoint it wrote as it left)."""
+    to the queue, to resume from the checkpoint it wrote as it left). A yield that crossed the user's
+    cancel (`cancelling`: asked, not yet confirmed by the pack) is a cancel: back in the queue, the
+    adapter would train again although its job was cancelled."""
     if adapter.state in ADAPTER_FINISHED:
         return None  # already settled (e.g. cancelled by the user before the pack noticed)
+    if done.status == "yielded" and cancelling:
+        return AdapterChange(adapter.id, _A.CANCELLED, {"step": done.step}, announce=True)
     if done.status == "yielded":
         return AdapterChange(adapter.id, _A.QUEUED, {"step": done.step})
     fields: dict[str, Any] = {"step": done.step, "error": done.error}

@@ -177,6 +177,9 @@ def test_a_yielded_adapter_goes_back_to_the_queue_at_its_step() -> None:
     done = AdapterDone(pack_id="k", adapter="a", step=7, status="yielded")
     assert decisions.on_done(adapter("a", "training"), done) == AdapterChange("a", A.QUEUED, {"step": 7})
     assert decisions.on_done(adapter("a", "cancelled"), done) is None  # the user's cancel stands
+    # a yield that crossed the user's cancel (asked of the pack, not confirmed yet) is a cancel
+    crossed = decisions.on_event(adapter("a", "training"), done, cancelling=True)
+    assert crossed == AdapterChange("a", A.CANCELLED, {"step": 7}, announce=True)
 
 
 def test_every_queued_adapter_says_why_it_waits_and_only_changes_are_written() -> None:

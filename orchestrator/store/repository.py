@@ -282,7 +282,8 @@ class Store:
             )
         # One multi-row INSERT, not one per adapter (a 1,000-adapter job was 1,000 round trips);
         # parents of the same job are inserted first.
-        s.execute(insert(AdapterRow), sorted(rows, key=lambda row: row["depth"]))
+        if rows:  # an empty parameter list would be one INSERT of defaults, not none
+            s.execute(insert(AdapterRow), sorted(rows, key=lambda row: row["depth"]))
         return job.to_entity(), [AdapterRow(**row).to_entity() for row in rows], True
 
     @staticmethod

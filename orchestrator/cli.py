@@ -359,16 +359,20 @@ def generate(
     name: str,
     prompt: str,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 16,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Feed PROMPT as is, not in the adapter's training format.")
+    ] = False,
     project: ProjectOpt = "default",
     as_json: JsonFlag = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Complete PROMPT with adapter NAME (greedy)."""
+    """Complete PROMPT with adapter NAME (greedy). PROMPT is formatted as the adapter's training data
+    was: a user turn in the chat template for an adapter trained on `messages`; --raw feeds it as is."""
     owner, _, short = name.rpartition("/")  # `project/name` names the adapter's own project
     owner = owner or project
     client = _client(url, token, owner)
-    text = _run(lambda: client.generate(short, prompt, max_new_tokens=max_new_tokens))
+    text = _run(lambda: client.generate(short, prompt, max_new_tokens=max_new_tokens, raw=raw))
     if as_json:
         _emit_json({"adapter": short, "project": owner, "prompt": prompt, "text": text})
     else:

@@ -71,7 +71,7 @@ class EmbeddedBackend:
     def export(self, project: str, name: str, out_dir: Path, merged: bool) -> Path:
         return export_adapter(self.store, self.store.get_adapter(project, name), out_dir, merged=merged)
 
-    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
+    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int, raw: bool = False) -> str:
         adapter = self.store.get_adapter(project, name)
         if not adapter.final_checkpoint:
             raise ValueError(
@@ -86,7 +86,8 @@ class EmbeddedBackend:
                 quantization=adapter.quantization,  # type: ignore[arg-type]
                 dtype=adapter.dtype,
             )  # type: ignore[arg-type]
-        return self._servers[key].generate([(adapter.final_checkpoint, prompt)], max_new_tokens)[0]
+        server = self._servers[key]
+        return server.generate([(adapter.final_checkpoint, prompt)], max_new_tokens, raw=raw)[0]
 
     def cancel(self, job_id: str) -> JobView:
         return self.service.cancel(job_id, self.controller)

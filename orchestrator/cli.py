@@ -125,6 +125,18 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     return table
 
 
+def progress_info(state: str, train_loss: float | None, eval_loss: float | None) -> str:
+    """The text after an adapter's bar: its state and the loss that state has, named for what it is.
+
+    While it trains, the last step's train loss (the number that moves); once training is over, its
+    eval loss, or the last train loss when it has no eval data. A train loss shown after `evaluated`
+    reads as the eval loss, and the two differ: the label always says which one it is.
+    """
+    if state in ("queued", "training") or eval_loss is None:
+        return state if train_loss is None else f"{state} · train loss {train_loss:.3f}"
+    return f"{state} · eval loss {eval_loss:.3f}"
+
+
 def _wait_with_progress(job: Job) -> JobView:
     columns = (
         TextColumn("{task.description}"),
@@ -135,14 +147,14 @@ def _wait_with_progress(job: Job) -> JobView:
     )
     with Progress(*columns, console=err, transient=False) as progress:
         bars = {a.name: progress.add_task(a.name, total=a.steps or 1, info=a.state) for a in job.adapters}
-        losses: dict[str, str] = {}
+        train_losses: dict[str, float] = {}
 
         def update(view: JobView, events: list[EventView]) -> None:
             for event in events:
                 if event.kind == "step" and event.adapter:
-                    losses[event.adapter] = f"loss {event.payload['loss']:.3f}"
+                    train_losses[event.adapter] = event.payload["loss"]
             for a in view.adapters:
-                info = f"{a.state} {losses.get(a.name, '')}".strip()
+                info = progress_info(a.state, train_losses.get(a.name), a.eval_loss)
                 progress.update(
                     bars[a.name], completed=a.step if a.steps else int(a.state != "queued"), info=info
                 )

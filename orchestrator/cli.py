@@ -4,9 +4,14 @@ exactly one JSON document on stdout; errors go to stderr with a non-zero exit co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -440,7 +445,8 @@ def ui(
     token: TokenOpt = None,
 ) -> None:
     """Serve the MLflow UI on this home's tracking store and print the URL of the job's runs (the
-    model-training runs table: a parent run per job, a child run per adapter)."""
+    model-training runs table: a parent run per job, a child run per adapter) once it answers.
+    Stopping this command (Ctrl-C) stops the UI."""
     from mlflow import MlflowClient
 
     from orchestrator.settings import Settings
@@ -453,16 +459,94 @@ def ui(
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     if experiment is None:
-        err.print(f"no runs for project {project!r} yet (they appear once a job trains); MLflow UI: {base}")
+        err.print(f"no runs for project {project!r} yet (they appear once a job trains)")
         target = base
     else:
         target = runs_url(base, experiment.experiment_id, job_id)
-        err.print(f"MLflow UI, {'job ' + job_id if job_id else 'project ' + project}: {target}")
-    sys.stdout.write(target + "\n")
-    sys.stdout.flush()
-    # Become the MLflow server (exec, not a child): stopping this command stops the UI, nothing is left.
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", str(settings.mlflow_uri)]
-    os.execv(sys.executable, [*command, "--host", host, "--port", str(port)])
+    command += ["--host", host, "--port", str(port)]
+
+    def ready() -> None:
+        err.print(f"MLflow UI, {'job ' + job_id if job_id else 'project ' + project}: {target}")
+        sys.stdout.write(target + "\n")
+        sys.stdout.flush()
+
+    err.print(f"starting the MLflow UI on port {port}...")
+    code = serve_until_stopped(command, f"http://{shown}:{port}/health", ready)
+    if code is None:
+        err.print(
+            f"the MLflow UI did not answer within {UI_START_TIMEOUT_S:.0f} s; it was stopped (is port {port} "
+            "free? try --port)"
+        )
+        raise typer.Exit(1)
+    if code > 0:
+        err.print(f"the MLflow UI exited with code {code} (is port {port} free? try --port)")
+    raise typer.Exit(max(code, 0))
+
+
+UI_START_TIMEOUT_S = 180.0  # a cold MLflow (first import, database upgrade) takes tens of seconds here
+
+
+def serve_until_stopped(
+    command: list[str], health_url: str, on_ready: Callable[[], None], timeout: float = UI_START_TIMEOUT_S
+) -> int | None:
+    """Run the server `command` as a child, call `on_ready` once `health_url` answers, wait for it to end.
+
+    Printing a URL before it answers sends people to an error page; so we wait for it (bounded), and
+    only then say where it is. The server runs in its own process group, and SIGINT/SIGTERM/SIGHUP to
+    this command go to that whole group, so stopping the command stops the server and all it started.
+    Returns the server's exit status (negative: ended by that signal), or None if it never answered.
+    """
+    # Its own output goes to our stderr: stdout carries the URL alone, for scripts to read.
+    server = subprocess.Popen(command, stdout=sys.stderr, start_new_session=True)
+    group = server.pid
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(health_url):
+            if server.poll() is not None:
+                return server.returncode
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.25)
+        on_ready()
+        return server.wait()
+    finally:
+        _stop_group(group, server)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop_group(group: int, leader: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group, wait (bounded) until it is empty, then SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        leader.poll()  # reap the leader, or it lingers as a zombie member of the group
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    leader.wait()
 
 
 # ---- tokens ----

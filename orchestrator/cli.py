@@ -4,9 +4,14 @@ exactly one JSON document on stdout; errors go to stderr with a non-zero exit co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,6 +137,18 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     return table
 
 
+def progress_info(state: str, train_loss: float | None, eval_loss: float | None) -> str:
+    """The text after an adapter's bar: its state and the loss that state has, named for what it is.
+
+    While it trains, the last step's train loss (the number that moves); once training is over, its
+    eval loss, or the last train loss when it has no eval data. A train loss shown after `evaluated`
+    reads as the eval loss, and the two differ: the label always says which one it is.
+    """
+    if state in ("queued", "training") or eval_loss is None:
+        return state if train_loss is None else f"{state} · train loss {train_loss:.3f}"
+    return f"{state} · eval loss {eval_loss:.3f}"
+
+
 def _wait_with_progress(job: Job) -> JobView:
     columns = (
         TextColumn("{task.description}"),
@@ -142,14 +159,14 @@ def _wait_with_progress(job: Job) -> JobView:
     )
     with Progress(*columns, console=err, transient=False) as progress:
         bars = {a.name: progress.add_task(a.name, total=a.steps or 1, info=a.state) for a in job.adapters}
-        losses: dict[str, str] = {}
+        train_losses: dict[str, float] = {}
 
         def update(view: JobView, events: list[EventView]) -> None:
             for event in events:
                 if event.kind == "step" and event.adapter:
-                    losses[event.adapter] = f"loss {event.payload['loss']:.3f}"
+                    train_losses[event.adapter] = event.payload["loss"]
             for a in view.adapters:
-                info = f"{a.state} {losses.get(a.name, '')}".strip()
+                info = progress_info(a.state, train_losses.get(a.name), a.eval_loss)
                 progress.update(
                     bars[a.name], completed=a.step if a.steps else int(a.state != "queued"), info=info
                 )
@@ -366,16 +383,20 @@ def generate(
     name: str,
     prompt: str,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 16,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Feed PROMPT as is, not in the adapter's training format.")
+    ] = False,
     project: ProjectOpt = "default",
     as_json: JsonFlag = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Complete PROMPT with adapter NAME (greedy)."""
+    """Complete PROMPT with adapter NAME (greedy). PROMPT is formatted as the adapter's training data
+    was: a user turn in the chat template for an adapter trained on `messages`; --raw feeds it as is."""
     owner, _, short = name.rpartition("/")  # `project/name` names the adapter's own project
     owner = owner or project
     client = _client(url, token, owner)
-    text = _run(lambda: client.generate(short, prompt, max_new_tokens=max_new_tokens))
+    text = _run(lambda: client.generate(short, prompt, max_new_tokens=max_new_tokens, raw=raw))
     if as_json:
         _emit_json({"adapter": short, "project": owner, "prompt": prompt, "text": text})
     else:
@@ -432,7 +453,8 @@ def ui(
     token: TokenOpt = None,
 ) -> None:
     """Serve the MLflow UI on this home's tracking store and print the URL of the job's runs (the
-    model-training runs table: a parent run per job, a child run per adapter)."""
+    model-training runs table: a parent run per job, a child run per adapter) once it answers.
+    Stopping this command (Ctrl-C) stops the UI."""
     from mlflow import MlflowClient
 
     from orchestrator.settings import Settings
@@ -445,17 +467,95 @@ def ui(
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     if experiment is None:
-        err.print(f"no runs for project {project!r} yet (they appear once a job trains); MLflow UI: {base}")
+        err.print(f"no runs for project {project!r} yet (they appear once a job trains)")
         target = base
     else:
         target = runs_url(base, experiment.experiment_id, job_id)
-        err.print(f"MLflow UI, {'job ' + job_id if job_id else 'project ' + project}: {target}")
-    sys.stdout.write(target + "\n")
-    sys.stdout.flush()
-    # Become the MLflow server (exec, not a child): stopping this command stops the UI, nothing is left.
-    os.umask(PRIVATE_UMASK)  # what it writes beside the home's tracking store is the user's only
+    os.umask(PRIVATE_UMASK)  # what the UI writes beside the home's tracking store is the user's only
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", str(settings.mlflow_uri)]
-    os.execv(sys.executable, [*command, "--host", host, "--port", str(port)])
+    command += ["--host", host, "--port", str(port)]
+
+    def ready() -> None:
+        err.print(f"MLflow UI, {'job ' + job_id if job_id else 'project ' + project}: {target}")
+        sys.stdout.write(target + "\n")
+        sys.stdout.flush()
+
+    err.print(f"starting the MLflow UI on port {port}...")
+    code = serve_until_stopped(command, f"http://{shown}:{port}/health", ready)
+    if code is None:
+        err.print(
+            f"the MLflow UI did not answer within {UI_START_TIMEOUT_S:.0f} s; it was stopped (is port {port} "
+            "free? try --port)"
+        )
+        raise typer.Exit(1)
+    if code > 0:
+        err.print(f"the MLflow UI exited with code {code} (is port {port} free? try --port)")
+    raise typer.Exit(max(code, 0))
+
+
+UI_START_TIMEOUT_S = 180.0  # a cold MLflow (first import, database upgrade) takes tens of seconds here
+
+
+def serve_until_stopped(
+    command: list[str], health_url: str, on_ready: Callable[[], None], timeout: float = UI_START_TIMEOUT_S
+) -> int | None:
+    """Run the server `command` as a child, call `on_ready` once `health_url` answers, wait for it to end.
+
+    Printing a URL before it answers sends people to an error page; so we wait for it (bounded), and
+    only then say where it is. The server runs in its own process group, and SIGINT/SIGTERM/SIGHUP to
+    this command go to that whole group, so stopping the command stops the server and all it started.
+    Returns the server's exit status (negative: ended by that signal), or None if it never answered.
+    """
+    # Its own output goes to our stderr: stdout carries the URL alone, for scripts to read.
+    server = subprocess.Popen(command, stdout=sys.stderr, start_new_session=True)
+    group = server.pid
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(health_url):
+            if server.poll() is not None:
+                return server.returncode
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.25)
+        on_ready()
+        return server.wait()
+    finally:
+        _stop_group(group, server)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop_group(group: int, leader: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group, wait (bounded) until it is empty, then SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        leader.poll()  # reap the leader, or it lingers as a zombie member of the group
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    leader.wait()
 
 
 # ---- tokens ----

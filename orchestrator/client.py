@@ -174,9 +174,18 @@ class Client:
         """Write the PEFT adapter (or, `merged`, the base with it merged in) to `out_dir`."""
         return self._backend.export(*self._ref(name, project), Path(out_dir), merged)
 
-    def generate(self, name: str, prompt: str, max_new_tokens: int = 16, project: str | None = None) -> str:
-        """Greedy completion of `prompt` through the adapter (cached in RAM over one shared base)."""
-        return self._backend.generate(*self._ref(name, project), prompt, max_new_tokens)
+    def generate(
+        self,
+        name: str,
+        prompt: str,
+        max_new_tokens: int = 16,
+        project: str | None = None,
+        raw: bool = False,
+    ) -> str:
+        """Greedy completion of `prompt` through the adapter (cached in RAM over one shared base). The
+        prompt is formatted as the adapter's training data was (in the chat template as a user turn, for
+        an adapter trained on `messages`); `raw` feeds it as is."""
+        return self._backend.generate(*self._ref(name, project), prompt, max_new_tokens, raw)
 
     # ---- tokens (the admin token only) ----
 
@@ -308,8 +317,8 @@ class RemoteBackend:
             archive.extractall(out_dir)
         return out_dir
 
-    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
-        body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
+    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int, raw: bool) -> str:
+        body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "raw": raw}
         return self._call("POST", f"/v1/adapters/{project}/{name}/generate", json=body)["text"]
 
     def create_token(self, project: str, role: str, name: str | None) -> dict[str, Any]:

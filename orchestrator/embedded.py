@@ -77,7 +77,7 @@ class EmbeddedBackend:
         adapter = self.store.get_adapter(project, name)
         return export_adapter(self.store, adapter, out_dir, merged=merged, home=self.settings.home)
 
-    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int) -> str:
+    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int, raw: bool = False) -> str:
         adapter = self.store.get_adapter(project, name)
         if not adapter.final_checkpoint:
             raise ValueError(
@@ -93,7 +93,8 @@ class EmbeddedBackend:
                 dtype=adapter.dtype,
                 home=self.settings.home,  # where a catalogued or GGUF base was converted
             )  # type: ignore[arg-type]
-        return self._servers[key].generate([(adapter.final_checkpoint, prompt)], max_new_tokens)[0]
+        server = self._servers[key]
+        return server.generate([(adapter.final_checkpoint, prompt)], max_new_tokens, raw=raw)[0]
 
     def cancel(self, job_id: str) -> JobView:
         return self.service.cancel(job_id, self.controller)

@@ -35,7 +35,11 @@ class GateDecision:
 def decide(
     policy: PromotionPolicy, metrics: Mapping[str, float], parent_value: float | None, has_parent: bool
 ) -> GateDecision:
-    """Apply the job's promotion policy to an adapter's eval metrics (lower is better for both metrics)."""
+    """Apply the job's promotion policy to an adapter's eval metrics (lower is better for both metrics).
+
+    A branched adapter must beat its parent on its own eval data unless the policy says
+    `better_than_parent: false`: with no condition at all, any child would pass and replace a better
+    parent."""
     metric = policy.metric
     value = metrics.get(metric)
     if value is None or not math.isfinite(value):
@@ -54,10 +58,14 @@ def decide(
         if value < policy.min:
             return GateDecision(False, metric, value, f"{metric} {value:.4f} < min {policy.min}")
         checks.append(f"{metric} {value:.4f} >= min {policy.min}")
-    if policy.better_than_parent and has_parent:
+    if has_parent and policy.better_than_parent is not False:  # unset: a child must beat its parent
         if parent_value is None:
             return GateDecision(
-                False, metric, value, "the parent was not evaluated on this adapter's eval data"
+                False,
+                metric,
+                value,
+                "the parent was not evaluated on this adapter's eval data; set "
+                "`promotion.better_than_parent: false` to promote without comparing",
             )
         parent_metric = parent_value if metric == "eval_loss" else perplexity(parent_value)
         if value >= parent_metric:
@@ -65,9 +73,10 @@ def decide(
                 False,
                 metric,
                 value,
-                f"{metric} {value:.4f} does not beat the parent's {parent_metric:.4f} on the same eval data",
+                f"{metric} {value:.4f} does not beat the parent's {metric} {parent_metric:.4f} on the same "
+                "eval data",
             )
-        checks.append(f"beats the parent's {parent_metric:.4f}")
+        checks.append(f"{metric} {value:.4f} beats the parent's {parent_metric:.4f}")
     return GateDecision(True, metric, value, "; ".join(checks) or "no gate conditions set")
 
 

@@ -116,7 +116,11 @@ class PromotionPolicy(_Strict):
     metric: Literal["eval_loss", "perplexity"] = "eval_loss"
     max: float | None = Field(default=None, description="Promote only if the metric is <= max.")
     min: float | None = Field(default=None, description="Promote only if the metric is >= min.")
-    better_than_parent: bool = Field(default=False, description="Also beat the parent on the same eval data.")
+    better_than_parent: bool | None = Field(
+        default=None,
+        description="Also beat the parent on the child's eval data (the parent is measured on it). Unset: "
+        "on for a branched adapter, so a child is never promoted for merely existing; `false` turns it off.",
+    )
     alias: str = "champion"
     auto: bool = Field(default=False, description="Promote when training ends, if the gate passes.")
 

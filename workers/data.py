@@ -70,6 +70,7 @@ class AdapterData:
     train: list[Example]
     eval: list[Example]
     fingerprint: str
+    kind: str  # the training file's record kind (a key of KINDS): how its prompts were formatted
 
 
 # ---- reading ----
@@ -368,6 +369,30 @@ def _chat_renderer(path: Path, tokenizer: Any) -> Callable[[list[dict]], tuple[l
     return render_by_prefix
 
 
+def prompt_ids(prompt: str, kind: str | None, tokenizer: Any, raw: bool = False) -> list[int]:
+    """The token ids to generate from, formatted exactly as training formatted the prompts of `kind`.
+
+    An adapter answers well only to the prompts it learnt from: a `messages` adapter saw each user turn
+    inside the chat template, followed by the assistant header; a `prompt` + `completion` or `text`
+    adapter saw BOS and the bare text, which is also what an adapter of unknown kind (`None`: trained
+    elsewhere) gets. `raw` feeds the prompt's own tokens with nothing added: the caller formats it all.
+    """
+    if raw:
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if kind == "messages":
+        if not tokenizer.chat_template:
+            raise DataError("the adapter was trained on `messages`, but the tokenizer has no chat template")
+        messages = [{"role": "user", "content": prompt}]
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=True
+        )
+        return list(out["input_ids"])
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {list(KINDS)}")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 # ---- public entry points ----
 
 
@@ -415,7 +440,7 @@ def load_adapter_data(
     else:
         train_rows, eval_examples = rows, []
     train = _tokenize(table, train_rows, tokenizer, max_seq_len)
-    return AdapterData(train, eval_examples, _fingerprint(cfg, seed, adapter_name))
+    return AdapterData(train, eval_examples, _fingerprint(cfg, seed, adapter_name), table.kind)
 
 
 def _fingerprint(cfg: DataConfig, seed: int, adapter_name: str) -> str:

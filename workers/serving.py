@@ -3,7 +3,9 @@
 Switching is free by construction: every cached adapter is attached to the same `MultiLoraModel`, and a
 request only changes which row segment points at which adapter. Loading an adapter the first time reads
 its PEFT files once; beyond `capacity` the least recently used one is detached. Requests for different
-adapters are answered in one batched `generate`, each row through its own adapter.
+adapters are answered in one batched `generate`, each row through its own adapter. Each prompt is
+formatted as the adapter's training formatted prompts (the chat template for a `messages` adapter; the
+record kind is in its `lorafleet.json`), unless the request asks for the raw prompt.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import torch
 
 from workers import storage
-from workers.checkpoint import ADAPTER_WEIGHTS, read_adapter
+from workers.checkpoint import ADAPTER_WEIGHTS, read_adapter, read_meta
+from workers.data import prompt_ids
 from workers.model import load_base
 from workers.multilora import MultiLoraModel
 from workers.plan import Device, DType, Quantization
@@ -42,6 +45,7 @@ class AdapterServer:
         self.device = loaded.device
         self.capacity = capacity
         self._cache: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._formats: dict[str, str | None] = {}  # slot -> the record kind it was trained on
         self._serial = 0
 
     def load(self, adapter_dir: str | Path) -> str:
@@ -55,6 +59,7 @@ class AdapterServer:
         files = read_adapter(where)
         self._serial += 1
         name = f"cached-{self._serial}"
+        self._formats[name] = read_meta(where).get("data_format")
         self.model.add_adapter(
             name,
             r=files.r,
@@ -68,18 +73,29 @@ class AdapterServer:
         while len(self._cache) > self.capacity:
             _, evicted = self._cache.popitem(last=False)
             self.model.remove_adapter(evicted)
+            self._formats.pop(evicted, None)
         return name
 
     @property
     def cached(self) -> list[str]:
         return [path for path, _ in self._cache]
 
+    def prompt_ids(self, adapter: str | Path | None, prompt: str, raw: bool = False) -> list[int]:
+        """What the model is fed for `prompt` through `adapter` (None: the bare base, fed as `text`)."""
+        kind = self._formats[self.load(adapter)] if adapter is not None else "text"
+        return prompt_ids(prompt, kind, self.tokenizer, raw=raw)
+
     @torch.no_grad()
     def generate(
-        self, requests: Sequence[tuple[str | Path | None, str]], max_new_tokens: int = 16
+        self,
+        requests: Sequence[tuple[str | Path | None, str]],
+        max_new_tokens: int = 16,
+        raw: bool = False,
     ) -> list[str]:
-        """Greedy completions for (adapter dir or None for the bare base, prompt) pairs, in one batch."""
+        """Greedy completions for (adapter dir or None for the bare base, prompt) pairs, in one batch;
+        `raw` feeds the prompts as they are, without the adapters' training format."""
         slots = [self.load(adapter) if adapter is not None else None for adapter, _ in requests]
+        ids = [self.prompt_ids(adapter, prompt, raw) for adapter, prompt in requests]
         order = sorted(range(len(requests)), key=lambda i: slots[i] or "")  # contiguous rows per adapter
         segments: list[tuple[str | None, int, int]] = []
         for row, i in enumerate(order):
@@ -89,7 +105,7 @@ class AdapterServer:
                 segments.append((slots[i], row, row + 1))
         tok = self.tokenizer
         tok.padding_side = "left"  # new tokens line up at the right edge for every row
-        batch = tok([requests[i][1] for i in order], return_tensors="pt", padding=True).to(self.device)
+        batch = tok.pad({"input_ids": [ids[i] for i in order]}, return_tensors="pt").to(self.device)
         with self.model.routed(segments, training=False):
             out = self.model.base.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id

@@ -528,6 +528,7 @@ class PackTrainer:
                     "step": run.step,
                     "final": final,
                     "data_fingerprint": run.data.fingerprint,
+                    "data_format": run.data.kind,  # how serving formats prompts (`data.prompt_ids`)
                     "eval_loss": run.last_eval_loss,
                     "lora": run.task.lora.model_dump(mode="json"),
                     "train": run.task.train.model_dump(mode="json"),

@@ -52,6 +52,9 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Annotated[str, Field(max_length=100_000)]
     max_new_tokens: int = Field(default=16, gt=0, le=1024)
+    raw: bool = Field(
+        default=False, description="Feed the prompt as is, not in the adapter's training format."
+    )
 
 
 class TokenRequest(BaseModel):
@@ -330,7 +333,7 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
         project: str, name: str, body: GenerateRequest, b: Backend, caller: Caller
     ) -> dict[str, str]:
         _visible(caller, project, name)
-        return {"text": b.generate(project, name, body.prompt, body.max_new_tokens)}
+        return {"text": b.generate(project, name, body.prompt, body.max_new_tokens, body.raw)}
 
     @app.get("/v1/adapters/{project}/{name}/export")
     def export(project: str, name: str, b: Backend, caller: Caller, merged: bool = False) -> FileResponse:

@@ -123,6 +123,36 @@ def test_gate_fail_sets_no_alias_and_keeps_the_reason(trained: Trained) -> None:
     assert mlflow.get_model_version_by_alias("default.counting-v3", "manual").version == 1
 
 
+def test_a_branched_child_is_promoted_only_if_it_beats_its_parent(trained: Trained) -> None:
+    """No gate condition written: a child is measured against its parent on the child's eval data."""
+    client, data = trained.client, trained.data
+    worse = client.adapter("counting-v2")  # 5 steps more, from a fresh optimizer at lr 1e-2: it overshoots
+    parent_loss = worse.metrics["parent_eval_loss"]
+    assert worse.eval_loss > parent_loss
+    rejected = client.promote("counting-v2")
+    assert rejected.decision == "rejected" and rejected.alias is None
+    assert rejected.reason == (
+        f"eval_loss {worse.eval_loss:.4f} does not beat the parent's eval_loss {parent_loss:.4f} "
+        "on the same eval data"
+    )
+    assert client.adapter("counting-v2").state == "rejected"
+
+    learner = client.branch(  # colors taught to count, measured on counting: its parent never learnt it
+        "colors",
+        "colors-counting",
+        data=data / "counting.jsonl",
+        eval_data=data / "counting.jsonl",
+        train={"steps": 8},
+    )
+    assert learner.wait(timeout=300).state == "succeeded"
+    better = client.adapter("colors-counting")
+    parent_loss = better.metrics["parent_eval_loss"]
+    assert better.eval_loss < parent_loss
+    promoted = client.promote("colors-counting")
+    assert promoted.decision == "promoted" and promoted.alias == "champion"
+    assert promoted.reason == f"eval_loss {better.eval_loss:.4f} beats the parent's {parent_loss:.4f}"
+
+
 def test_export_peft_and_merged_give_the_adapter_logits(trained: Trained, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -152,3 +182,11 @@ def test_generate_two_adapters_batched_equals_each_alone(trained: Trained) -> No
     assert together == alone
     assert together[0].split()[:2] == ["four", "five"] and together[1].split()[:2] == ["blue", "purple"]
     assert client.generate("colors", "colors: green", max_new_tokens=8) == together[1]
+    raw = server.generate([prompts[1]], max_new_tokens=8, raw=True)[0]  # no BOS: not how it trained
+    env = {"LORAFLEET_HOME": str(trained.settings.home)}
+    said = CliRunner().invoke(
+        app, ["generate", "colors", "colors: green", "--raw", "--max-new-tokens", "8", "--json"], env=env
+    )
+    assert said.exit_code == 0, said.output
+    assert json.loads(said.stdout)["text"] == raw
+    assert client.generate("colors", "colors: green", max_new_tokens=8, raw=True) == raw

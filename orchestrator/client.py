@@ -8,15 +8,52 @@ attached, `wait()` only watches, and interrupting it stops the watching, never t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 
 ProgressFn = Callable[["JobView", list[EventView]], None]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+UNAVAILABLE = 503  # the server is up but its database is not: the same request works later
+RETRY_UNAVAILABLE_S = 60.0  # how long a read keeps retrying a 503 before it raises
+
+
+def retry_delay(attempt: int, retry_after: str | None, cap_s: float = 30.0) -> float:
+    """Seconds to wait before retry number `attempt` (0 first) of a request answered 503: exponential
+    backoff from 0.5 s, never sooner than the server's `Retry-After` (in seconds; an HTTP date or junk
+    is ignored: the backoff alone is safe), never longer than `cap_s`."""
+    backoff = 0.5 * 2 ** min(attempt, 16)
+    try:
+        hinted = float(retry_after) if retry_after is not None else 0.0
+    except ValueError:
+        hinted = 0.0
+    if not hinted >= 0.0:  # NaN, negative
+        hinted = 0.0
+    return min(cap_s, max(backoff, hinted))
+
+
+def outlasting_outages(call: Callable[[], T], what: str, deadline: float | None = None) -> T:
+    """`call()`, asked again with `retry_delay`'s backoff while the server answers that its database is
+    unreachable (503), until `deadline` (`time.monotonic()`; None: for as long as the outage lasts)."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except ApiError as exc:
+            if not exc.unavailable or (deadline is not None and time.monotonic() > deadline):
+                raise
+            delay = retry_delay(attempt, None)
+            log.warning("%s: %s (asking again in %.0f s)", what, exc, delay)
+            attempt += 1
+            time.sleep(delay)
 
 
 class ApiError(RuntimeError):
@@ -25,6 +62,11 @@ class ApiError(RuntimeError):
     def __init__(self, status: int, message: str, problems: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status, self.problems = status, problems or []
+
+    @property
+    def unavailable(self) -> bool:
+        """The server's database is unreachable: asking again later works."""
+        return self.status == UNAVAILABLE
 
 
 class Job:
@@ -58,9 +100,12 @@ class Job:
         """Watch until the job ends; `progress(view, new_events)` is called on every poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last_event = 0
-        while True:
-            view = self.refresh()
-            events = self.events(last_event) if progress is not None else []
+
+        def poll_once() -> tuple[JobView, list[EventView]]:
+            return self.refresh(), (self.events(last_event) if progress is not None else [])
+
+        while True:  # an outage of the server's database is waited out, like the job
+            view, events = outlasting_outages(poll_once, f"waiting for job {self.id}", deadline)
             if events:
                 last_event = events[-1].id
             if progress is not None:
@@ -215,6 +260,15 @@ class RemoteBackend:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)
+        if method == "GET":  # a read is safe to repeat: wait out a database outage for a while
+            deadline = time.monotonic() + RETRY_UNAVAILABLE_S
+            attempt = 0
+            while response.status_code == UNAVAILABLE and time.monotonic() < deadline:
+                delay = retry_delay(attempt, response.headers.get("retry-after"))
+                log.warning("the lorafleet server's database is unreachable; retrying in %.0f s", delay)
+                time.sleep(delay)
+                attempt += 1
+                response = self._request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", {})

@@ -27,6 +27,7 @@ import httpx
 import pytest
 import ray
 import uvicorn
+from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -141,6 +142,7 @@ def test_database_restart_mid_job_loses_nothing_settles_the_job_and_answers_503(
         url,
     ]
     waiting: subprocess.Popen | None = None
+    assert backend.tracker.sync() > 0  # MLflow's mirror has the job's start; its cursor is mid-job
     own_postgres.stop()  # the outage begins mid-job
     try:
         for token in (ADMIN, reader):  # a project token is looked up in SQL before any route runs
@@ -177,3 +179,11 @@ def test_database_restart_mid_job_loses_nothing_settles_the_job_and_answers_503(
     assert [e.step for e in events if e.kind == "step"] == list(range(1, STEPS + 1))
     checkpoints = [(c.step, c.path, c.final) for c in backend.store.list_checkpoints(adapter_id)]
     assert len(checkpoints) == len(set(checkpoints)) and checkpoints[-1][0] == STEPS, checkpoints
+    # The MLflow mirror follows SQL's event log by cursor: what was written late reaches it too.
+    backend.tracker.sync()
+    mlflow = MlflowClient(str(backend.settings.mlflow_uri))
+    (run,) = mlflow.search_runs(
+        [mlflow.get_experiment_by_name("lorafleet/default").experiment_id], "tags.`lorafleet.adapter` != ''"
+    )
+    history = mlflow.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1)) and run.info.status == "FINISHED"

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from orchestrator.client import ApiError, Client, Job
+from orchestrator.client import ApiError, Client, Job, outlasting_outages
 from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
 from orchestrator.states import ADAPTER_ACTIVE
@@ -94,7 +94,12 @@ def _run(fn: Any) -> Any:
         return fn()
     except SpecError as exc:
         raise _fail(str(exc), 2) from None
-    except (ApiError, ValueError) as exc:
+    except ApiError as exc:
+        if exc.unavailable:  # nothing wrong with the request: the server's database is down for now
+            message = f"the lorafleet server's database is unreachable; try again shortly ({exc})"
+            raise _fail(message, 3) from None
+        raise _fail(str(exc), 2) from None
+    except ValueError as exc:
         raise _fail(str(exc), 2) from None
     except (ServiceError, StorageError) as exc:
         raise _fail(str(exc), 3) from None
@@ -178,7 +183,7 @@ def _show_job(client: Client, job: Job, wait: bool, as_json: bool) -> None:
     """Print a submitted job (after waiting for it, if asked); a job that did not succeed exits 1.
     Ctrl-C while waiting stops the watching only: the job goes on in the service."""
     try:
-        view = (job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
+        view = _run(lambda: job.wait() if as_json else _wait_with_progress(job)) if wait else job.view
     except KeyboardInterrupt:
         err.print(
             f"stopped watching; job {job.id} goes on "
@@ -228,7 +233,10 @@ def status(
 ) -> None:
     """One job and its adapters (with any failure's reason)."""
     client = _client(url, token)
-    job = _run(lambda: client.job(job_id))
+    if wait:  # a database outage is waited out from the first request on, as `Job.wait` does
+        job = _run(lambda: outlasting_outages(lambda: client.job(job_id), f"looking up job {job_id}"))
+    else:
+        job = _run(lambda: client.job(job_id))
     _show_job(client, job, wait, as_json)
 
 

@@ -8,16 +8,53 @@ attached, `wait()` only watches, and interrupting it stops the watching, never t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 
 NEXT_PAGE_HEADER = "X-Next-After"  # as orchestrator.api sends it (not imported: the client stays light)
 ProgressFn = Callable[["JobView", list[EventView]], None]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+UNAVAILABLE = 503  # the server is up but its database is not: the same request works later
+RETRY_UNAVAILABLE_S = 60.0  # how long a read keeps retrying a 503 before it raises
+
+
+def retry_delay(attempt: int, retry_after: str | None, cap_s: float = 30.0) -> float:
+    """Seconds to wait before retry number `attempt` (0 first) of a request answered 503: exponential
+    backoff from 0.5 s, never sooner than the server's `Retry-After` (in seconds; an HTTP date or junk
+    is ignored: the backoff alone is safe), never longer than `cap_s`."""
+    backoff = 0.5 * 2 ** min(attempt, 16)
+    try:
+        hinted = float(retry_after) if retry_after is not None else 0.0
+    except ValueError:
+        hinted = 0.0
+    if not hinted >= 0.0:  # NaN, negative
+        hinted = 0.0
+    return min(cap_s, max(backoff, hinted))
+
+
+def outlasting_outages(call: Callable[[], T], what: str, deadline: float | None = None) -> T:
+    """`call()`, asked again with `retry_delay`'s backoff while the server answers that its database is
+    unreachable (503), until `deadline` (`time.monotonic()`; None: for as long as the outage lasts)."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except ApiError as exc:
+            if not exc.unavailable or (deadline is not None and time.monotonic() > deadline):
+                raise
+            delay = retry_delay(attempt, None)
+            log.warning("%s: %s (asking again in %.0f s)", what, exc, delay)
+            attempt += 1
+            time.sleep(delay)
 
 
 class ApiError(RuntimeError):
@@ -26,6 +63,11 @@ class ApiError(RuntimeError):
     def __init__(self, status: int, message: str, problems: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status, self.problems = status, problems or []
+
+    @property
+    def unavailable(self) -> bool:
+        """The server's database is unreachable: asking again later works."""
+        return self.status == UNAVAILABLE
 
 
 class Job:
@@ -63,9 +105,12 @@ class Job:
         """Watch until the job ends; `progress(view, new_events)` is called on every poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last_event = 0
-        while True:
-            view = self.refresh()
-            events = self.events(last_event) if progress is not None else []
+
+        def poll_once() -> tuple[JobView, list[EventView]]:
+            return self.refresh(), (self.events(last_event) if progress is not None else [])
+
+        while True:  # an outage of the server's database is waited out, like the job
+            view, events = outlasting_outages(poll_once, f"waiting for job {self.id}", deadline)
             if events:
                 last_event = events[-1].id
             if progress is not None:
@@ -238,7 +283,21 @@ class RemoteBackend:
             return self._http.request(method, path, **kwargs)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._checked(self._request(method, path, **kwargs)).json()
+        return self._checked(self._sent(method, path, **kwargs)).json()
+
+    def _sent(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The server's answer; a read is safe to repeat, so it waits out a database outage for a while."""
+        response = self._request(method, path, **kwargs)
+        if method == "GET":
+            deadline = time.monotonic() + RETRY_UNAVAILABLE_S
+            attempt = 0
+            while response.status_code == UNAVAILABLE and time.monotonic() < deadline:
+                delay = retry_delay(attempt, response.headers.get("retry-after"))
+                log.warning("the lorafleet server's database is unreachable; retrying in %.0f s", delay)
+                time.sleep(delay)
+                attempt += 1
+                response = self._request(method, path, **kwargs)
+        return response
 
     def _checked(self, response: Any) -> Any:
         """The response, or the server's refusal raised as `SpecError` / `ApiError`."""
@@ -279,7 +338,7 @@ class RemoteBackend:
         """One page, and the cursor of the next (None: this was the last)."""
         params: dict[str, Any] = {k: v for k, v in (("project", project), ("job_id", job_id)) if v}
         response = self._checked(
-            self._request("GET", "/v1/adapters", params={**params, "after": after, "limit": limit})
+            self._sent("GET", "/v1/adapters", params={**params, "after": after, "limit": limit})
         )
         following = response.headers.get(NEXT_PAGE_HEADER)
         views = [AdapterView.model_validate(a) for a in response.json()]
@@ -310,9 +369,9 @@ class RemoteBackend:
 
         if out_dir.exists() and any(out_dir.iterdir()):
             raise ValueError(f"`out_dir` {str(out_dir)!r} exists and is not empty; choose a new directory")
-        response = self._request("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
-        if response.status_code >= 400:
-            self._call("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})  # raises
+        response = self._checked(
+            self._sent("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
+        )
         with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
             archive.extractall(out_dir)
         return out_dir

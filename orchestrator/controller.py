@@ -3,8 +3,10 @@
 SQL is the source of truth; the controller holds only what it can rebuild (running Ray task handles). Each
 tick it (1) drains progress events from running packs into SQL in one batch, (2) reaps finished Ray Train
 runs, (3) asks the pure scheduler where queued adapters go, and launches new packs or offers refills to
-running ones. On start it reconciles: whatever SQL says was running belonged to a dead controller, so
-those adapters go back to the queue and resume from their last checkpoints.
+running ones. What it took from Ray but could not write (the database was down) it keeps, in order, and
+writes first on a later tick: drained events, and the exits of packs reaped meanwhile. On start it
+reconciles: whatever SQL says was running belonged to a dead controller, so those adapters go back to the
+queue and resume from their last checkpoints.
 
 What should change is decided by `orchestrator.decisions` (pure); this class gathers the facts, does the
 Ray side, and writes every adapter change through `_apply`. A failure that belongs to one job (a base
@@ -34,7 +36,7 @@ from orchestrator.packrun import EVENTS, EventLog, PackChannel, fit_pack_task
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
-from orchestrator.store import AdapterRecord, NewEvent, Store
+from orchestrator.store import AdapterRecord, DatabaseUnavailable, NewEvent, Store
 from workers.bases import base_config
 from workers.plan import (
     AdapterDone,
@@ -100,6 +102,17 @@ class RunningPack:
         return self.base_bytes + sum(self.member_bytes.values())
 
 
+@dataclass(frozen=True)
+class ExitedPack:
+    """What Ray said when a pack ended (taken once: the task's result and the offers it never took),
+    kept until SQL has recorded it, so an outage at a pack's end cannot leave its adapters `training`."""
+
+    pack_id: str
+    members: dict[str, str]  # adapter name -> id, of those still in the pack at its end
+    withdrawn: list[str]
+    error: str | None
+
+
 def _done_event(adapter: AdapterRecord) -> NewEvent:
     """The `done` event of an adapter the controller settled (failed before or outside its pack, or
     cancelled while queued): the event log, its watchers and the MLflow mirror learn it like any other."""
@@ -150,6 +163,8 @@ class Controller:
         # adapters asked to yield that have not left their pack yet -> when they were asked (monotonic)
         self._yielding: dict[str, float] = {}
         self._cancelling: set[str] = set()  # adapters whose cancel their pack has not confirmed yet
+        self._unwritten: list[tuple[Event, str]] = []  # drained from Ray, not yet in SQL, oldest first
+        self._exited: dict[str, ExitedPack] = {}  # reaped on Ray, not yet settled in SQL
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -181,6 +196,8 @@ class Controller:
         while not self._stop.wait(self.settings.tick_seconds):
             try:
                 self.tick()
+            except DatabaseUnavailable as exc:  # an outage: what was taken from Ray waits for the next tick
+                log.warning("controller tick waits for the database (%s)", exc)
             except Exception:  # a bad tick must not kill the controller; the next one retries
                 log.exception("controller tick failed")
 
@@ -203,13 +220,19 @@ class Controller:
     # ---- one tick ----
 
     def tick(self) -> None:
+        """Take everything Ray has to say first (it is said once), then write it: a database outage
+        mid-tick leaves it in `_unwritten` and `_exited`, written first, in order, on a later tick."""
         with self._lock:
             self._ensure_ray()
             refs = [p.ref for p in self.running.values()]
             done_refs, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
-            self._apply_events(self._drain())
+            self._take_events(self._drain())
             for pack in [p for p in self.running.values() if p.ref in done_refs]:
-                self._reap(pack)
+                self._exited[pack.pack_id] = self._reap(pack)
+            self._write_unwritten()
+            for exited in list(self._exited.values()):
+                self._settle_exit(exited)
+                del self._exited[exited.pack_id]
             self._schedule()
             self._apply(decisions.evaluated(self.store.list_adapters(states=[AdapterState.TRAINED.value])))
             self._settle_jobs()
@@ -242,10 +265,10 @@ class Controller:
                 log.exception("dropped a batch of events the controller cannot read")
         return events
 
-    def _apply_events(self, events: list[Event]) -> None:
-        """Events from running packs: record them, fold them into their adapters' rows."""
+    def _take_events(self, events: list[Event]) -> None:
+        """Events from running packs: queued (with their adapter, resolved now, as a `done` frees its
+        slot) for `_write_unwritten`, which records them and folds them into their adapters' rows."""
         placed = []
-        left: list[str] = []
         for event in events:
             pack = self.running.get(event.pack_id)
             adapter_id = pack.members.get(event.adapter) if pack else None
@@ -256,11 +279,21 @@ class Controller:
                 if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
                     pack.leave(event.adapter)
                     self._yielding.pop(adapter_id, None)
-                    left.append(adapter_id)
-        self._record(placed)
-        self._cancelling.difference_update(left)
+        self._unwritten += placed
         if self.on_events is not None and events:
             self.on_events(events)
+
+    def _write_unwritten(self) -> None:
+        """Write what was taken from Ray and not yet written, oldest first, each batch forgotten only once
+        written: a batch that fails (the database is down) is retried whole on the next tick, and the
+        events' ids keep a batch written twice (half written before the failure) recorded once."""
+        while self._unwritten:
+            batch = self._unwritten[:500]
+            self._record(batch)
+            del self._unwritten[: len(batch)]
+            # a cancel is confirmed once the adapter's `done` is recorded (a yield crossing it then
+            # ended the adapter as cancelled, see `decisions.on_event`)
+            self._cancelling.difference_update(a for e, a in batch if isinstance(e, AdapterDone))
 
     def _record(self, placed: list[tuple[Event, str]]) -> None:
         """Record events (each engine event once, by its id) and apply the new ones to their adapters:
@@ -295,11 +328,11 @@ class Controller:
         for i in range(0, len(placed), 500):
             self._record(placed[i : i + 500])
 
-    def _reap(self, pack: RunningPack) -> None:
+    def _reap(self, pack: RunningPack) -> ExitedPack:
+        """The Ray side of a pack's end (no SQL): `_settle_exit` records it, once the database answers."""
         self.running.pop(pack.pack_id, None)
         for adapter_id in pack.members.values():
             self._yielding.pop(adapter_id, None)
-            self._cancelling.discard(adapter_id)
         try:
             error = ray.get(pack.ref)
         except Exception as exc:  # the Ray task itself died (not the training inside it)
@@ -308,9 +341,15 @@ class Controller:
             AdapterTask.model_validate_json(t).name
             for t in ray.get(self._channel.withdraw.remote(pack.pack_id))
         ]
-        members = {name: self.store.get_adapter_by_id(i) for name, i in pack.members.items()}
-        self._apply(decisions.on_pack_exit(members, withdrawn, error))
-        self.store.finish_pack(pack.pack_id, "failed" if error else "succeeded", error=error)
+        return ExitedPack(pack.pack_id, dict(pack.members), withdrawn, error)
+
+    def _settle_exit(self, exited: ExitedPack) -> None:
+        """Members that left without a `done` are settled by the pack's exit; then the pack is closed.
+        Runs after the pack's events are written, so those that finished are already settled by them."""
+        members = {name: self.store.get_adapter_by_id(i) for name, i in exited.members.items()}
+        self._apply(decisions.on_pack_exit(members, exited.withdrawn, exited.error))
+        self.store.finish_pack(exited.pack_id, "failed" if exited.error else "succeeded", error=exited.error)
+        self._cancelling.difference_update(exited.members.values())
 
     # ---- scheduling ----
 

@@ -30,7 +30,7 @@ from orchestrator.embedded import EmbeddedBackend
 from orchestrator.service import MAX_PAGE
 from orchestrator.settings import Settings
 from orchestrator.spec import ALIAS_PATTERN, BranchSpec, SpecError, check_alias
-from orchestrator.store import Conflict, NotFound, StoreError
+from orchestrator.store import Conflict, DatabaseUnavailable, NotFound, StoreError
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 from workers.plan import check_name
 
@@ -40,6 +40,7 @@ MAX_BODY_BYTES = 1 << 20  # a job spec of a thousand adapters is ~300 KB
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 MAX_EVENT_ID = 2**62
 NEXT_PAGE_HEADER = "X-Next-After"
+RETRY_AFTER_S = 5  # told to clients while the database is unreachable (a restart takes a few seconds)
 
 
 class PromoteRequest(BaseModel):
@@ -103,6 +104,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body too large",
         422: "Invalid request or job spec; every problem is listed",
         502: "The MLflow tracking server refused",
+        503: "The database is unreachable for now; retry after `Retry-After` seconds",
     }.items()
 }
 
@@ -126,6 +128,14 @@ def _problem(status: int, message: str, problems: list[tuple[str, str]] | None =
         "problems": [{"field": _utf8(f), "message": _utf8(m)} for f, m in problems or []],
     }
     return JSONResponse(status_code=status, content={"detail": body})
+
+
+def _unavailable(exc: DatabaseUnavailable) -> JSONResponse:
+    """503, not 400 or 500: nothing is wrong with the request, and the same one will work once the
+    database is back, which `Retry-After` tells clients to wait for (`Client` and `--wait` do)."""
+    response = _problem(503, f"the database is unreachable, try again shortly: {str(exc)[:500]}")
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def _utf8(text: str) -> str:
@@ -187,7 +197,10 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
                 return _problem(411, "send a Content-Length header (chunked bodies are not accepted)")
             if not length.isdigit() or int(length) > MAX_BODY_BYTES:
                 return _problem(413, f"request body over {MAX_BODY_BYTES} bytes; split the job")
-        principal = await run_in_threadpool(principal_of, request.headers.get("authorization"), request)
+        try:  # a project token is looked up in SQL; an exception here would escape the handlers as a 500
+            principal = await run_in_threadpool(principal_of, request.headers.get("authorization"), request)
+        except DatabaseUnavailable as exc:
+            return _unavailable(exc)
         if principal is None:
             return _problem(401, "missing or wrong API token: send `Authorization: Bearer <token>`")
         request.state.principal = principal
@@ -225,6 +238,10 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
         return _problem(409, str(exc)[:1000])
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        return _unavailable(exc)
 
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:

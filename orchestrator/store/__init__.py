@@ -7,7 +7,14 @@ Layout: `models.py` (ORM rows), `records.py` (the immutable records callers get)
 store), `errors.py` (typed errors), `migrate.py` (Alembic helpers), `engine.py` (engine set-up).
 """
 
-from orchestrator.store.errors import Conflict, DatabaseUnavailable, NotFound, SchemaOutOfDate, StoreError
+from orchestrator.store.errors import (
+    Conflict,
+    DatabaseRefused,
+    DatabaseUnavailable,
+    NotFound,
+    SchemaOutOfDate,
+    StoreError,
+)
 from orchestrator.store.migrate import VERSION_TABLE, downgrade, upgrade
 from orchestrator.store.records import (
     AdapterRecord,
@@ -30,6 +37,7 @@ __all__ = [
     "AdapterRecord",
     "CheckpointRecord",
     "Conflict",
+    "DatabaseRefused",
     "DatabaseUnavailable",
     "EventRecord",
     "JobRecord",

@@ -32,6 +32,14 @@ class SchemaOutOfDate(StoreError):
 
 
 class DatabaseUnavailable(StoreError):
-    """The database could not be reached or refused the operation for a reason other than a conflict."""
+    """The database could not be reached (down, restarting, connection lost) or was busy: the same
+    operation may work later, so the API answers 503 with `Retry-After` and the controller retries."""
 
     code = "DATABASE_UNAVAILABLE"
+
+
+class DatabaseRefused(StoreError):
+    """The database refused the operation for a reason other than a conflict or an outage (a value it
+    cannot store): trying again will not help."""
+
+    code = "DATABASE_REFUSED"

@@ -13,6 +13,7 @@ number. On SQLite writes take the database lock at BEGIN (see engine.py), which 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
 import uuid
@@ -24,13 +25,13 @@ from typing import Any, Self
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.states import ADAPTER_FINISHED, AdapterState, InvalidTransition, check_transition
 from orchestrator.store import migrate
 from orchestrator.store.engine import ensure_sqlite_dir, make_engine, writer
-from orchestrator.store.errors import Conflict, DatabaseUnavailable, NotFound, StoreError
+from orchestrator.store.errors import Conflict, DatabaseRefused, DatabaseUnavailable, NotFound, StoreError
 from orchestrator.store.models import (
     AdapterRow,
     CheckpointRow,
@@ -58,6 +59,8 @@ from orchestrator.store.records import (
     TokenRecord,
     config_hash,
 )
+
+log = logging.getLogger(__name__)
 
 ADAPTER_SEQ = "adapter_seq"  # the counter row seeded by the initial migration
 JOB_FIELDS = frozenset({"error", "mlflow_run_id"})
@@ -145,8 +148,12 @@ class Store:
             session.rollback()
             raise Conflict(f"{what}: conflicts with existing data ({_first_line(exc.orig)})") from exc
         except DBAPIError as exc:
-            session.rollback()
-            raise DatabaseUnavailable(f"{what}: database error ({_first_line(exc.orig)})") from exc
+            _rollback_quietly(session)
+            if _unreachable(exc):
+                raise DatabaseUnavailable(
+                    f"{what}: the database is unreachable ({_first_line(exc.orig)})"
+                ) from exc
+            raise DatabaseRefused(f"{what}: database error ({_first_line(exc.orig)})") from exc
         except BaseException:
             session.rollback()
             raise
@@ -680,8 +687,20 @@ class Store:
     # ---- checkpoints ----
 
     def add_checkpoint(self, adapter_id: str, step: int, path: str, final: bool = False) -> CheckpointRecord:
+        """Add a checkpoint; the same one again (an event re-applied after a write failed half-way through
+        an outage) is the row already there, not a second one."""
         with self._session(f"add checkpoint of adapter {adapter_id!r} at step {step}", write=True) as s:
             self._adapter(s, adapter_id)
+            same = s.scalars(
+                select(CheckpointRow).where(
+                    CheckpointRow.adapter_id == adapter_id,
+                    CheckpointRow.step == step,
+                    CheckpointRow.path == str(path),
+                    CheckpointRow.final == final,
+                )
+            ).first()
+            if same is not None:
+                return same.to_entity()
             row = CheckpointRow(
                 adapter_id=adapter_id, step=step, path=str(path), final=final, created_at=_now()
             )
@@ -970,6 +989,22 @@ def _chunks(items: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
     """Bounded `IN (...)` lists: SQLite caps bound parameters, and a huge list plans badly anywhere."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _unreachable(exc: DBAPIError) -> bool:
+    """A connection that failed or died (the server is down, restarting, or out of connections), or a
+    transient refusal (SQLite busy, a deadlock): the same request may work later. Anything else (a value
+    the database refuses) will fail again however long one waits."""
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
+def _rollback_quietly(session: Session) -> None:
+    """Roll back; on a connection that just died the rollback fails too, and the error that matters is
+    the first one (the pool discards the dead connection either way)."""
+    try:
+        session.rollback()
+    except DBAPIError:
+        log.debug("rollback after a database error failed as well", exc_info=True)
 
 
 def _first_line(error: BaseException | None) -> str:

@@ -263,7 +263,7 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
             found += page
         return found
 
-    endless = {name: job("big", name, 10**9) for name in ("endless-a", "endless-b")}
+    endless = {name: job("big", name, 1_000_000) for name in ("endless-a", "endless-b")}
     backend.ensure_running()
     try:
 

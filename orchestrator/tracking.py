@@ -88,6 +88,9 @@ class Tracker:
         self._new_runs: set[str] = set()  # created by this process: nothing logged to them before
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # One writer to MLflow at a time: the mirror thread and a request thread (a promotion syncs
+        # first) would otherwise both see an adapter without a run and both create one.
+        self.lock = threading.RLock()
 
     # ---- background loop ----
 
@@ -126,7 +129,11 @@ class Tracker:
     # ---- the projection ----
 
     def sync(self) -> int:
-        """Mirror every event after the cursor; returns how many were mirrored."""
+        """Mirror every event after the cursor; returns how many were mirrored. Holds `lock`."""
+        with self.lock:
+            return self._sync()
+
+    def _sync(self) -> int:
         total = 0
         while True:
             cursor = self.store.get_cursor(CURSOR)

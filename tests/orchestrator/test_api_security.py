@@ -8,6 +8,8 @@ nothing here needs training, only the API's answers and what it stored.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,57 @@ def test_a_failed_export_leaves_nothing_behind(
         assert api.get("/v1/adapters/p/a/export", headers=auth(ADMIN)).status_code == 400
     exports = tmp_path / "home" / "artifacts" / "exports"
     assert not exports.exists() or list(exports.iterdir()) == []
+
+
+@pytest.fixture
+def small_storage(tmp_path: Path):
+    """A real 256 KiB tmpfs as the server's storage (root may mount; skipped where it may not)."""
+    mount_point = tmp_path / "storage"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
+    tmp_path: Path, tiny_base: Path, roots: dict[str, Path], small_storage: Path
+) -> None:
+    """Storage full, then remounted read-only: the export fails, as it must, but with JSON that says
+    the cause first (before: a plain-text 500), and leaves nothing behind."""
+    settings = Settings(
+        home=tmp_path / "home",
+        storage=str(small_storage),
+        data_roots=str(roots["data"]),
+        model_roots=str(roots["models"]),
+        api_token=ADMIN,
+    )
+    settings.home.mkdir()
+    with TestClient(create_app(settings, start_controller=False)) as api:
+        job = api.post("/v1/jobs", json=spec("p", tiny_base, roots["data"] / "a.jsonl"), headers=auth(ADMIN))
+        assert job.status_code == 201, job.text
+        checkpoint = tmp_path / "final"  # off the small volume: a finished adapter of 1 MiB
+        checkpoint.mkdir()
+        (checkpoint / "adapter_config.json").write_text("{}")
+        (checkpoint / "adapter_model.safetensors").write_bytes(os.urandom(2**20))
+        (checkpoint / "lorafleet.json").write_text("{}")
+        store = api.app.state.backend.store
+        adapter = store.get_adapter("p", "a")
+        store.update_adapter(adapter.id, state="training")
+        store.update_adapter(adapter.id, state="trained", final_checkpoint=str(checkpoint))
+
+        full = api.get("/v1/adapters/p/a/export", headers=auth(ADMIN))
+        assert full.status_code == 507 and full.headers["content-type"] == "application/json"
+        message = full.json()["detail"]["message"]
+        assert message.startswith("storage is full (ENOSPC") and "\n" not in message
+        assert list((small_storage / "exports").iterdir()) == []  # nothing half-written stays
+
+        subprocess.run(["mount", "-o", "remount,ro", str(small_storage)], check=True)
+        read_only = api.get("/v1/adapters/p/a/export", headers=auth(ADMIN))
+        assert read_only.status_code == 503, read_only.text
+        assert read_only.json()["detail"]["message"].startswith("storage is read-only (EROFS)")

@@ -33,6 +33,7 @@ from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
 from orchestrator.store import AdapterRecord, NewEvent, Store
+from workers import checkpoint as ckpt
 from workers.plan import (
     AdapterDone,
     AdapterTask,
@@ -280,14 +281,29 @@ class Controller:
         try:
             error = ray.get(pack.ref)
         except Exception as exc:  # the Ray task itself died (not the training inside it)
-            error = f"{type(exc).__name__}: {exc}"[:4000]
+            error = f"{type(exc).__name__}: {exc}"
+        error = decisions.failure_reason(error) if error else None
         withdrawn = [
             AdapterTask.model_validate_json(t).name
             for t in ray.get(self._channel.withdraw.remote(pack.pack_id))
         ]
         members = {name: self.store.get_adapter_by_id(i) for name, i in pack.members.items()}
         self._apply(decisions.on_pack_exit(members, withdrawn, error))
+        for adapter in members.values():
+            self._record_stored_checkpoints(adapter)
         self.store.finish_pack(pack.pack_id, "failed" if error else "succeeded", error=error)
+
+    def _record_stored_checkpoints(self, adapter: AdapterRecord) -> None:
+        """SQL learns the checkpoints storage holds but whose events died with the pack, so it names
+        the newest complete one (a retry resumes from it). Storage that cannot even be listed now
+        (remounted, unreachable) leaves SQL as it is; the next reap lists again."""
+        try:
+            on_storage = ckpt.stored_steps(adapter.output_dir)
+        except OSError as exc:
+            log.warning("cannot list the checkpoints of %s: %s", adapter.qualified_name, exc)
+            return
+        known = [c.step for c in self.store.list_checkpoints(adapter.id)]
+        self._apply(decisions.stored_checkpoints(adapter, known, on_storage))
 
     # ---- scheduling ----
 

@@ -13,6 +13,7 @@ once, with the reason, and never stops the controller from serving the others.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from orchestrator.states import (
 )
 from orchestrator.store import AdapterRecord
 from workers.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
+from workers.storage import FULL_ERRNOS, READ_ONLY_ERRNOS, describe_fault
 
 _A = AdapterState
 
@@ -154,7 +156,7 @@ def on_done(adapter: AdapterRecord, done: AdapterDone) -> AdapterChange | None:
     """An adapter left its pack: trained, failed (with the engine's reason) or cancelled."""
     if adapter.state in ADAPTER_FINISHED:
         return None  # already settled (e.g. cancelled by the user before the pack noticed)
-    fields: dict[str, Any] = {"step": done.step, "error": done.error}
+    fields: dict[str, Any] = {"step": done.step, "error": failure_reason(done.error) if done.error else None}
     if done.final_dir is not None:
         fields["final_checkpoint"] = str(done.final_dir)
     if done.eval_loss is not None:
@@ -182,6 +184,47 @@ def on_pack_exit(
             reason = error or "the pack ended without reporting this adapter"
             changes.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}, announce=True))
     return changes
+
+
+MAX_REASON_CHARS = 4000
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]*)')?(?: -> '([^'\n]*)')?")
+_EXCEPTION_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)\b.*:.*\S")
+
+
+def failure_reason(text: str) -> str:
+    """A failure's text as an operator needs it: the root cause first, in one line, then the details.
+
+    A pack's error is a traceback (Ray's `ActorDiedError` or `TrainingFailedError` wrapping the
+    worker's), in terminal colours, whose cause is its last line; cut at a length limit, the cause was
+    the part lost. So colour codes go, a storage refusal (full, read-only) becomes `describe_fault`'s
+    line, else the last exception line leads, and only the details after it are cut."""
+    clean = _ANSI.sub("", text).strip()
+    lines = [line.strip() for line in clean.splitlines() if line.strip()]
+    head = lines[0] if lines else "failed without a reason"
+    storage_faults = [m for m in _ERRNO.finditer(clean) if int(m.group(1)) in FULL_ERRNOS | READ_ONLY_ERRNOS]
+    if storage_faults:
+        number, strerror, source, dest = storage_faults[-1].groups()
+        head = describe_fault(OSError(int(number), strerror.strip(), source, None, dest))
+    else:
+        causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
+        head = causes[-1] if causes else head
+    head = " ".join(head.split())
+    return head if clean in ("", head) else f"{head}\n{clean}"[:MAX_REASON_CHARS]
+
+
+def stored_checkpoints(
+    adapter: AdapterRecord, known_steps: Iterable[int], on_storage: Iterable[tuple[int, str]]
+) -> list[AdapterChange]:
+    """The complete checkpoints storage holds that SQL never heard of (the pack died before their
+    events reached the controller): recorded, so SQL's newest is storage's newest, the one a retry
+    resumes from."""
+    known = set(known_steps)
+    return [
+        AdapterChange(adapter.id, checkpoint=(step, path, False))
+        for step, path in on_storage
+        if step not in known
+    ]
 
 
 def evaluated(trained: Iterable[AdapterRecord]) -> list[AdapterChange]:

@@ -77,7 +77,7 @@ def _run(fn: Any) -> Any:
     import httpx
 
     from orchestrator.localservice import ServiceError
-    from workers.storage import StorageError
+    from workers.storage import StorageError, describe_fault, storage_fault
 
     try:
         return fn()
@@ -89,6 +89,11 @@ def _run(fn: Any) -> Any:
         raise _fail(str(exc), 3) from None
     except httpx.TransportError as exc:
         raise _fail(f"cannot reach the lorafleet server: {exc}", 3) from None
+    except OSError as exc:  # a full or read-only disk here (e.g. `export --out`): the cause, not a traceback
+        fault = storage_fault(exc)
+        if fault is None:
+            raise
+        raise _fail(describe_fault(fault), 3) from None
 
 
 def _jobs_table(jobs: list[JobView]) -> Table:

@@ -245,3 +245,22 @@ def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
         read_only = api.get("/v1/adapters/p/a/export", headers=auth(ADMIN))
         assert read_only.status_code == 503, read_only.text
         assert read_only.json()["detail"]["message"].startswith("storage is read-only (EROFS)")
+
+
+def test_the_cli_says_a_full_or_read_only_disk_first_in_one_line(
+    small_storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the CLI printed a traceback whose last line held the cause (`EROFS`, `ENOSPC`)."""
+    import typer
+
+    from orchestrator.cli import _run
+
+    with pytest.raises(typer.Exit) as full:
+        _run(lambda: (small_storage / "big").write_bytes(b"x" * 2**20))
+    assert full.value.exit_code == 3
+    said = capsys.readouterr().err
+    assert said.startswith("error: storage is full (ENOSPC") and "Traceback" not in said
+    subprocess.run(["mount", "-o", "remount,ro", str(small_storage)], check=True)
+    with pytest.raises(typer.Exit):
+        _run(lambda: (small_storage / "out").mkdir())
+    assert capsys.readouterr().err.startswith("error: storage is read-only (EROFS)")

@@ -239,6 +239,17 @@ def cancel(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: To
         out.print(f"job {view.id}: cancel requested ({view.state})")
 
 
+@app.command()
+def retry(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Train a job's failed adapters again (once the cause is fixed), each from its newest checkpoint."""
+    client = _client(url, token)
+    view = _run(lambda: client.retry(job_id))
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(f"job {view.id}: failed adapters queued again ({view.state})")
+
+
 # ---- adapters ----
 
 

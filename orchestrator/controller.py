@@ -32,7 +32,7 @@ from orchestrator.packrun import EVENTS, EventLog, PackChannel, fit_pack_task
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
-from orchestrator.store import AdapterRecord, NewEvent, Store
+from orchestrator.store import AdapterRecord, Conflict, NewEvent, Store
 from workers import checkpoint as ckpt
 from workers.plan import (
     AdapterDone,
@@ -569,6 +569,18 @@ class Controller:
             ]
             error = "; ".join(failures)[:4000] if failures else None
             self.store.set_job_state(job.id, outcome.value, error=error)
+
+    def retry_job(self, job_id: str) -> None:
+        """Requeue a finished job's failed adapters (under the lock: a tick settling the job at the same
+        moment would otherwise mark it failed again over queued adapters)."""
+        with self._lock:
+            job = self.store.get_job(job_id)
+            changes = decisions.retry(self.store.list_adapters(job_id=job_id))
+            if not changes:
+                raise Conflict(f"job {job_id} has no failed adapters to retry (it is {job.state})")
+            if job.state != JobState.RUNNING.value:
+                self.store.update_job(job_id, JobState.RUNNING.value, error=None)
+            self._apply(changes)
 
     def cancel_job(self, job_id: str) -> None:
         """Queued adapters are cancelled now; running ones leave their pack between two steps."""

@@ -227,6 +227,13 @@ def stored_checkpoints(
     ]
 
 
+def retry(adapters: Iterable[AdapterRecord]) -> list[AdapterChange]:
+    """A person's retry of a job, once the cause is fixed (storage freed, remounted): its failed
+    adapters go back to the queue, their error cleared. Each resumes from the newest complete checkpoint
+    in its output directory (the engine looks there first), so no finished step is trained twice."""
+    return [AdapterChange(a.id, _A.QUEUED, {"error": None}) for a in adapters if a.state == _A.FAILED]
+
+
 def evaluated(trained: Iterable[AdapterRecord]) -> list[AdapterChange]:
     """Trained adapters are `evaluated` at once: their final eval ran in the pack (on their own eval
     data, and the parent's on the same data), so the registry may judge them; it does not wait for the

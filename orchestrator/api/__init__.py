@@ -293,6 +293,13 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
         require_change(caller, _job_for(b, caller, job_id).project)
         return b.cancel(job_id)
 
+    @app.post("/v1/jobs/{job_id}/retry")
+    def retry(job_id: str, b: Backend, caller: Caller) -> JobView:
+        """Train the job's failed adapters again (once the cause is fixed), each from its newest
+        complete checkpoint; 409 if none failed."""
+        require_change(caller, _job_for(b, caller, job_id).project)
+        return b.retry(job_id)
+
     @app.get("/v1/adapters")
     def adapters(
         b: Backend,

@@ -264,3 +264,26 @@ def test_the_cli_says_a_full_or_read_only_disk_first_in_one_line(
     with pytest.raises(typer.Exit):
         _run(lambda: (small_storage / "out").mkdir())
     assert capsys.readouterr().err.startswith("error: storage is read-only (EROFS)")
+
+
+def test_retry_requeues_a_failed_jobs_failed_adapters_once(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path]
+) -> None:
+    """Before, a failed adapter stayed failed: there was no way to train it again once storage was fixed."""
+    job = api.post(
+        "/v1/jobs", json=spec("p", tiny_base, roots["data"] / "a.jsonl"), headers=auth(ADMIN)
+    ).json()
+    store = api.app.state.backend.store
+    adapter = store.get_adapter("p", "a")
+    store.update_adapter(adapter.id, state="failed", error="storage is full (ENOSPC)")
+    store.set_job_state(job["id"], "failed", error="a: storage is full (ENOSPC)")
+    member = token(api, "p")
+    retried = api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(member))
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["state"] == "running" and not retried.json()["error"]
+    again = store.get_adapter("p", "a")
+    assert again.state == "queued" and again.error is None
+    twice = api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(member))
+    assert twice.status_code == 409 and "no failed adapters" in twice.json()["detail"]["message"]
+    other = token(api, "q")
+    assert api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(other)).status_code == 404

@@ -203,3 +203,9 @@ def test_checkpoints_storage_holds_but_sql_missed_are_recorded() -> None:
     changes = decisions.stored_checkpoints(a, known_steps=[2], on_storage=stored)
     assert changes == [AdapterChange("a", checkpoint=(4, "/s/a/checkpoint-00000004", False))]
     assert decisions.stored_checkpoints(a, known_steps=[2, 4], on_storage=stored) == []
+
+
+def test_retry_requeues_only_failed_adapters_and_clears_their_error() -> None:
+    failed = adapter("f", "failed", error="storage is full (ENOSPC)")
+    changes = decisions.retry([failed, adapter("t", "trained"), adapter("c", "cancelled")])
+    assert changes == [AdapterChange("f", AdapterState.QUEUED, {"error": None})]

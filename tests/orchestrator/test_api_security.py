@@ -193,22 +193,6 @@ def test_a_failed_export_leaves_nothing_behind(
     assert not exports.exists() or list(exports.iterdir()) == []
 
 
-@pytest.fixture
-def small_storage(tmp_path: Path):
-    """A real 256 KiB tmpfs as the server's storage (root may mount; skipped where it may not)."""
-    mount_point = tmp_path / "storage"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
 def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
     tmp_path: Path, tiny_base: Path, roots: dict[str, Path], small_storage: Path
 ) -> None:

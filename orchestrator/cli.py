@@ -88,7 +88,7 @@ def _run(fn: Any) -> Any:
     import httpx
 
     from orchestrator.localservice import ServiceError
-    from workers.storage import StorageError
+    from workers.storage import StorageError, describe_fault, storage_fault
 
     try:
         return fn()
@@ -105,6 +105,11 @@ def _run(fn: Any) -> Any:
         raise _fail(str(exc), 3) from None
     except httpx.TransportError as exc:
         raise _fail(f"cannot reach the lorafleet server: {exc}", 3) from None
+    except OSError as exc:  # a full or read-only disk here (e.g. `export --out`): the cause, not a traceback
+        fault = storage_fault(exc)
+        if fault is None:
+            raise
+        raise _fail(describe_fault(fault), 3) from None
 
 
 def _jobs_table(jobs: list[JobView]) -> Table:
@@ -264,6 +269,17 @@ def cancel(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: To
         _emit_json(view)
     else:
         out.print(f"job {view.id}: cancel requested ({view.state})")
+
+
+@app.command()
+def retry(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Train a job's failed adapters again (once the cause is fixed), each from its newest checkpoint."""
+    client = _client(url, token)
+    view = _run(lambda: client.retry(job_id))
+    if as_json:
+        _emit_json(view)
+    else:
+        out.print(f"job {view.id}: failed adapters queued again ({view.state})")
 
 
 # ---- adapters ----

@@ -207,6 +207,10 @@ class Client:
     def cancel(self, job_id: str) -> JobView:
         return self._backend.cancel(job_id)
 
+    def retry(self, job_id: str) -> JobView:
+        """Train the job's failed adapters again, each from its newest complete checkpoint."""
+        return self._backend.retry(job_id)
+
     def promote(
         self, name: str, alias: str | None = None, force: bool = False, project: str | None = None
     ) -> RegistryView:
@@ -355,6 +359,9 @@ class RemoteBackend:
 
     def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def retry(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/retry"))
 
     def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
         body = {"alias": alias, "force": force}

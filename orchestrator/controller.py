@@ -36,7 +36,8 @@ from orchestrator.packrun import EVENTS, EventLog, PackChannel, fit_pack_task
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
-from orchestrator.store import AdapterRecord, DatabaseUnavailable, NewEvent, Store
+from orchestrator.store import AdapterRecord, Conflict, DatabaseUnavailable, NewEvent, Store
+from workers import checkpoint as ckpt
 from workers.bases import base_config
 from workers.plan import (
     AdapterDone,
@@ -336,7 +337,8 @@ class Controller:
         try:
             error = ray.get(pack.ref)
         except Exception as exc:  # the Ray task itself died (not the training inside it)
-            error = f"{type(exc).__name__}: {exc}"[:4000]
+            error = f"{type(exc).__name__}: {exc}"
+        error = decisions.failure_reason(error) if error else None
         withdrawn = [
             AdapterTask.model_validate_json(t).name
             for t in ray.get(self._channel.withdraw.remote(pack.pack_id))
@@ -345,11 +347,27 @@ class Controller:
 
     def _settle_exit(self, exited: ExitedPack) -> None:
         """Members that left without a `done` are settled by the pack's exit; then the pack is closed.
-        Runs after the pack's events are written, so those that finished are already settled by them."""
+        Runs after the pack's events are written, so those that finished are already settled by them.
+        SQL then learns every complete checkpoint storage holds of them (a failing pack may have written
+        one whose event never arrived)."""
         members = {name: self.store.get_adapter_by_id(i) for name, i in exited.members.items()}
         self._apply(decisions.on_pack_exit(members, exited.withdrawn, exited.error))
+        for adapter in members.values():
+            self._record_stored_checkpoints(adapter)
         self.store.finish_pack(exited.pack_id, "failed" if exited.error else "succeeded", error=exited.error)
         self._cancelling.difference_update(exited.members.values())
+
+    def _record_stored_checkpoints(self, adapter: AdapterRecord) -> None:
+        """SQL learns the checkpoints storage holds but whose events died with the pack, so it names
+        the newest complete one (a retry resumes from it). Storage that cannot even be listed now
+        (remounted, unreachable) leaves SQL as it is; the next reap lists again."""
+        try:
+            on_storage = ckpt.stored_steps(adapter.output_dir)
+        except OSError as exc:
+            log.warning("cannot list the checkpoints of %s: %s", adapter.qualified_name, exc)
+            return
+        known = [c.step for c in self.store.list_checkpoints(adapter.id)]
+        self._apply(decisions.stored_checkpoints(adapter, known, on_storage))
 
     # ---- scheduling ----
 
@@ -698,6 +716,18 @@ class Controller:
             ]
             error = "; ".join(failures)[:4000] if failures else None
             self.store.set_job_state(job.id, outcome.value, error=error)
+
+    def retry_job(self, job_id: str) -> None:
+        """Requeue a finished job's failed adapters (under the lock: a tick settling the job at the same
+        moment would otherwise mark it failed again over queued adapters)."""
+        with self._lock:
+            job = self.store.get_job(job_id)
+            changes = decisions.retry(self.store.list_adapters(job_id=job_id))
+            if not changes:
+                raise Conflict(f"job {job_id} has no failed adapters to retry (it is {job.state})")
+            if job.state != JobState.RUNNING.value:
+                self.store.update_job(job_id, JobState.RUNNING.value, error=None)
+            self._apply(changes)
 
     def cancel_job(self, job_id: str) -> None:
         """Queued adapters are cancelled now; running ones leave their pack between two steps.

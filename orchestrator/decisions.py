@@ -13,6 +13,7 @@ once, with the reason, and never stops the controller from serving the others.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from orchestrator.states import (
 )
 from orchestrator.store import AdapterRecord
 from workers.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
+from workers.storage import FULL_ERRNOS, READ_ONLY_ERRNOS, describe_fault
 
 _A = AdapterState
 
@@ -203,7 +205,7 @@ def on_done(adapter: AdapterRecord, done: AdapterDone, cancelling: bool = False)
         return AdapterChange(adapter.id, _A.CANCELLED, {"step": done.step}, announce=True)
     if done.status == "yielded":
         return AdapterChange(adapter.id, _A.QUEUED, {"step": done.step})
-    fields: dict[str, Any] = {"step": done.step, "error": done.error}
+    fields: dict[str, Any] = {"step": done.step, "error": failure_reason(done.error) if done.error else None}
     if done.final_dir is not None:
         fields["final_checkpoint"] = str(done.final_dir)
     if done.eval_loss is not None:
@@ -231,6 +233,54 @@ def on_pack_exit(
             reason = error or "the pack ended without reporting this adapter"
             changes.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}, announce=True))
     return changes
+
+
+MAX_REASON_CHARS = 4000
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]*)')?(?: -> '([^'\n]*)')?")
+_EXCEPTION_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)\b.*:.*\S")
+
+
+def failure_reason(text: str) -> str:
+    """A failure's text as an operator needs it: the root cause first, in one line, then the details.
+
+    A pack's error is a traceback (Ray's `ActorDiedError` or `TrainingFailedError` wrapping the
+    worker's), in terminal colours, whose cause is its last line; cut at a length limit, the cause was
+    the part lost. So colour codes go, a storage refusal (full, read-only) becomes `describe_fault`'s
+    line, else the last exception line leads, and only the details after it are cut."""
+    clean = _ANSI.sub("", text).strip()
+    lines = [line.strip() for line in clean.splitlines() if line.strip()]
+    head = lines[0] if lines else "failed without a reason"
+    storage_faults = [m for m in _ERRNO.finditer(clean) if int(m.group(1)) in FULL_ERRNOS | READ_ONLY_ERRNOS]
+    if storage_faults:
+        number, strerror, source, dest = storage_faults[-1].groups()
+        head = describe_fault(OSError(int(number), strerror.strip(), source, None, dest))
+    else:
+        causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
+        head = causes[-1] if causes else head
+    head = " ".join(head.split())
+    return head if clean in ("", head) else f"{head}\n{clean}"[:MAX_REASON_CHARS]
+
+
+def stored_checkpoints(
+    adapter: AdapterRecord, known_steps: Iterable[int], on_storage: Iterable[tuple[int, str]]
+) -> list[AdapterChange]:
+    """The complete checkpoints storage holds that SQL never heard of (the pack died before their
+    events reached the controller): recorded, so SQL's newest is storage's newest, the one a retry
+    resumes from."""
+    known = set(known_steps)
+    return [
+        AdapterChange(adapter.id, checkpoint=(step, path, False))
+        for step, path in on_storage
+        if step not in known
+    ]
+
+
+def retry(adapters: Iterable[AdapterRecord]) -> list[AdapterChange]:
+    """A person's retry of a job, once the cause is fixed (storage freed, remounted): its failed
+    adapters go back to the queue, their error cleared. Each resumes from the newest complete checkpoint
+    in its output directory (the engine looks there first), so no finished step is trained twice."""
+    return [AdapterChange(a.id, _A.QUEUED, {"error": None}) for a in adapters if a.state == _A.FAILED]
 
 
 def evaluated(trained: Iterable[AdapterRecord]) -> list[AdapterChange]:

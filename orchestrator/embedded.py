@@ -99,6 +99,9 @@ class EmbeddedBackend:
     def cancel(self, job_id: str) -> JobView:
         return self.service.cancel(job_id, self.controller)
 
+    def retry(self, job_id: str) -> JobView:
+        return self.service.retry(job_id, self.controller)
+
     def close(self) -> None:
         if self._started:
             self.controller.stop()

@@ -233,8 +233,8 @@ def fit_pack(
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError and friends: the pack failed after its retries
-        return f"{type(exc).__name__}: {exc}"[:4000]
-    return None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:4000]
+        return f"{type(exc).__name__}: {exc}"  # whole: its cause is at the end (the controller leads with it)
+    return None if result.error is None else f"{type(result.error).__name__}: {result.error}"
 
 
 @ray.remote(num_cpus=0)

@@ -103,6 +103,12 @@ class Registry:
                 self.promote(adapter.id)
 
     def promote(self, adapter_id: str, alias: str | None = None, force: bool = False) -> RegistryRecord:
+        """Judge and register under the mirror's lock: two promotions (or a promotion and the mirror)
+        at once would each create the adapter's run or the registered model, and one would lose."""
+        with self.tracker.lock:
+            return self._promote(adapter_id, alias, force)
+
+    def _promote(self, adapter_id: str, alias: str | None, force: bool) -> RegistryRecord:
         adapter = self.store.get_adapter_by_id(adapter_id)
         allowed = (AdapterState.TRAINED, AdapterState.EVALUATED, AdapterState.PROMOTED, AdapterState.REJECTED)
         if adapter.state not in {s.value for s in allowed}:
@@ -147,12 +153,13 @@ class Registry:
         adapter = self.store.get_adapter_by_id(adapter.id)
         client = self.tracker.client
         name = registered_model_name(adapter)
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
+        try:  # registering a model that already exists (another server got there first) is no error
             client.create_registered_model(
                 name, tags={"lorafleet.project": adapter.project, "lorafleet.base_model": adapter.base_model}
             )
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         lineage = lineage_path(self.store, adapter)
         tags = {
             "lorafleet.base_model": adapter.base_model,

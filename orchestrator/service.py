@@ -205,6 +205,11 @@ class Service:
         controller.cancel_job(job_id)
         return self.job(job_id)
 
+    def retry(self, job_id: str, controller: Controller) -> JobView:
+        """Train a job's failed adapters again, each from its newest complete checkpoint."""
+        controller.retry_job(job_id)
+        return self.job(job_id)
+
     # ---- adapters ----
 
     def adapter(self, project: str, name: str) -> AdapterView:

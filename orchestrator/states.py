@@ -52,9 +52,9 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _J.PENDING: frozenset({_J.RUNNING, _J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL}),
     _J.RUNNING: frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL}),
     _J.SUCCEEDED: frozenset(),
-    _J.FAILED: frozenset(),
+    _J.FAILED: frozenset({_J.RUNNING}),  # `lorafleet retry`: its failed adapters train again
     _J.CANCELLED: frozenset(),
-    _J.PARTIAL: frozenset(),
+    _J.PARTIAL: frozenset({_J.RUNNING}),
 }
 
 ADAPTER_TRANSITIONS: Mapping[AdapterState, frozenset[AdapterState]] = {
@@ -66,7 +66,8 @@ ADAPTER_TRANSITIONS: Mapping[AdapterState, frozenset[AdapterState]] = {
     _A.EVALUATED: frozenset({_A.PROMOTED, _A.REJECTED, _A.FAILED}),
     _A.PROMOTED: frozenset({_A.PROMOTED}),  # re-promotion moves the alias to a new version
     _A.REJECTED: frozenset({_A.PROMOTED}),  # a person may force a promotion past the gate
-    _A.FAILED: frozenset(),
+    # `lorafleet retry` once the cause is fixed (storage freed): it resumes from its newest checkpoint
+    _A.FAILED: frozenset({_A.QUEUED}),
     _A.CANCELLED: frozenset(),
 }
 

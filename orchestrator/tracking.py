@@ -106,6 +106,9 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.batch_events = batch_events
+        # One writer to MLflow at a time: the mirror thread and a request thread (a promotion syncs
+        # first) would otherwise both see an adapter without a run and both create one.
+        self.lock = threading.RLock()
 
     # ---- background loop ----
 
@@ -148,7 +151,11 @@ class Tracker:
 
     def sync(self) -> int:
         """Mirror every event after the cursor, a batch at a time; returns how many were mirrored.
-        Once `stop()` was asked, at most one more batch: the rest waits for the next start."""
+        Once `stop()` was asked, at most one more batch: the rest waits for the next start. Holds `lock`."""
+        with self.lock:
+            return self._sync()
+
+    def _sync(self) -> int:
         total = 0
         while True:
             cursor = self.store.get_cursor(CURSOR)

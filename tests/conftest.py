@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -108,3 +109,20 @@ def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return s3_server.new_bucket()
+
+
+@pytest.fixture
+def small_storage(tmp_path: Path):
+    """A real 256 KiB tmpfs for storage faults (full, or remounted read-only): root may mount one here
+    and in CI; skipped with the reason where mount is not permitted. Grow it with `remount,size=`."""
+    mount_point = tmp_path / "storage"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)

@@ -211,6 +211,12 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[str]:
     return [checkpoint_dir(output_dir, step) for step in sorted(steps)]
 
 
+def stored_steps(output_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(step, directory) of each complete intermediate checkpoint, oldest first."""
+    prefix = storage.join(output_dir, _CHECKPOINT_PREFIX)
+    return [(int(path[len(prefix) :]), path) for path in list_checkpoints(output_dir)]
+
+
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None

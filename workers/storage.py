@@ -14,6 +14,7 @@ same all-or-nothing view that an atomic rename gives on a filesystem. Readers th
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -32,6 +33,34 @@ Location = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v
 
 class StorageError(RuntimeError):
     """Storage cannot be used: named, with the cause and what to set."""
+
+
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS})
+
+
+def storage_fault(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself, or one it was raised from) when storage refuses writes: full,
+    over quota, a file over its size limit, or read-only. These are the operator's to fix, not bugs, so
+    callers answer them with `describe_fault` (first, in one line) instead of a traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in FULL_ERRNOS | READ_ONLY_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def describe_fault(fault: OSError) -> str:
+    """One line: what storage refused, where, and what to do."""
+    name = errno.errorcode.get(fault.errno or 0, str(fault.errno))
+    target = fault.filename2 or fault.filename  # a copy's destination is the one refused
+    where = f" at {target}" if target else ""
+    if fault.errno in READ_ONLY_ERRNOS:
+        return f"storage is read-only ({name}){where}: remount it read-write, then retry"
+    return f"storage is full ({name}: {fault.strerror}){where}: free space or grow the volume, then retry"
 
 
 def check_writable(location: str | os.PathLike[str], setting: str = "LORAFLEET_STORAGE") -> None:

@@ -32,6 +32,7 @@ from orchestrator.settings import Settings
 from orchestrator.spec import ALIAS_PATTERN, BranchSpec, SpecError, check_alias
 from orchestrator.store import Conflict, DatabaseUnavailable, NotFound, StoreError
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
+from workers import storage
 from workers.plan import check_name
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body too large",
         422: "Invalid request or job spec; every problem is listed",
         502: "The MLflow tracking server refused",
-        503: "The database is unreachable for now; retry after `Retry-After` seconds",
+        503: "The database is unreachable, or storage is read-only, for now; retry (after `Retry-After`)",
+        507: "Storage is full (or over quota); retry once space is freed",
     }.items()
 }
 
@@ -251,6 +253,16 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
         return _problem(400, str(exc)[:1000])
 
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        """Storage that refuses writes is the operator's to fix, not a bug: 507 when it is full (a
+        retry after freeing space works), 503 while it is read-only; JSON, never a plain-text 500."""
+        fault = storage.storage_fault(exc)
+        if fault is None:
+            raise exc
+        status = 503 if fault.errno in storage.READ_ONLY_ERRNOS else 507
+        return _problem(status, storage.describe_fault(fault))
+
     from mlflow.exceptions import MlflowException
 
     @app.exception_handler(MlflowException)
@@ -301,6 +313,13 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
     def cancel(job_id: str, b: Backend, caller: Caller) -> JobView:
         require_change(caller, _job_for(b, caller, job_id).project)
         return b.cancel(job_id)
+
+    @app.post("/v1/jobs/{job_id}/retry")
+    def retry(job_id: str, b: Backend, caller: Caller) -> JobView:
+        """Train the job's failed adapters again (once the cause is fixed), each from its newest
+        complete checkpoint; 409 if none failed."""
+        require_change(caller, _job_for(b, caller, job_id).project)
+        return b.retry(job_id)
 
     @app.get("/v1/adapters")
     def adapters(

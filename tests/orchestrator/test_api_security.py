@@ -8,6 +8,8 @@ nothing here needs training, only the API's answers and what it stored.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -298,3 +300,83 @@ def test_a_lineage_tree_across_projects_keeps_the_target_and_hides_the_rest() ->
     upper = _visible_tree(tree, bob, "bob/b")
     assert (upper.name, upper.parent, upper.children) == ("bob/b", None, [])
     assert _visible_tree(tree, Principal("admin"), "bob/d") == tree
+
+
+def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
+    tmp_path: Path, tiny_base: Path, roots: dict[str, Path], small_storage: Path
+) -> None:
+    """Storage full, then remounted read-only: the export fails, as it must, but with JSON that says
+    the cause first (before: a plain-text 500), and leaves nothing behind."""
+    settings = Settings(
+        home=tmp_path / "home",
+        storage=str(small_storage),
+        data_roots=str(roots["data"]),
+        model_roots=str(roots["models"]),
+        api_token=ADMIN,
+    )
+    settings.home.mkdir()
+    with TestClient(create_app(settings, start_controller=False)) as api:
+        job = api.post("/v1/jobs", json=spec("p", tiny_base, roots["data"] / "a.jsonl"), headers=auth(ADMIN))
+        assert job.status_code == 201, job.text
+        checkpoint = tmp_path / "final"  # off the small volume: a finished adapter of 1 MiB
+        checkpoint.mkdir()
+        (checkpoint / "adapter_config.json").write_text("{}")
+        (checkpoint / "adapter_model.safetensors").write_bytes(os.urandom(2**20))
+        (checkpoint / "lorafleet.json").write_text("{}")
+        store = api.app.state.backend.store
+        adapter = store.get_adapter("p", "a")
+        store.update_adapter(adapter.id, state="training")
+        store.update_adapter(adapter.id, state="trained", final_checkpoint=str(checkpoint))
+
+        full = api.get("/v1/adapters/p/a/export", headers=auth(ADMIN))
+        assert full.status_code == 507 and full.headers["content-type"] == "application/json"
+        message = full.json()["detail"]["message"]
+        assert message.startswith("storage is full (ENOSPC") and "\n" not in message
+        assert list((small_storage / "exports").iterdir()) == []  # nothing half-written stays
+
+        subprocess.run(["mount", "-o", "remount,ro", str(small_storage)], check=True)
+        read_only = api.get("/v1/adapters/p/a/export", headers=auth(ADMIN))
+        assert read_only.status_code == 503, read_only.text
+        assert read_only.json()["detail"]["message"].startswith("storage is read-only (EROFS)")
+
+
+def test_the_cli_says_a_full_or_read_only_disk_first_in_one_line(
+    small_storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the CLI printed a traceback whose last line held the cause (`EROFS`, `ENOSPC`)."""
+    import typer
+
+    from orchestrator.cli import _run
+
+    with pytest.raises(typer.Exit) as full:
+        _run(lambda: (small_storage / "big").write_bytes(b"x" * 2**20))
+    assert full.value.exit_code == 3
+    said = capsys.readouterr().err
+    assert said.startswith("error: storage is full (ENOSPC") and "Traceback" not in said
+    subprocess.run(["mount", "-o", "remount,ro", str(small_storage)], check=True)
+    with pytest.raises(typer.Exit):
+        _run(lambda: (small_storage / "out").mkdir())
+    assert capsys.readouterr().err.startswith("error: storage is read-only (EROFS)")
+
+
+def test_retry_requeues_a_failed_jobs_failed_adapters_once(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path]
+) -> None:
+    """Before, a failed adapter stayed failed: there was no way to train it again once storage was fixed."""
+    job = api.post(
+        "/v1/jobs", json=spec("p", tiny_base, roots["data"] / "a.jsonl"), headers=auth(ADMIN)
+    ).json()
+    store = api.app.state.backend.store
+    adapter = store.get_adapter("p", "a")
+    store.update_adapter(adapter.id, state="failed", error="storage is full (ENOSPC)")
+    store.set_job_state(job["id"], "failed", error="a: storage is full (ENOSPC)")
+    member = token(api, "p")
+    retried = api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(member))
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["state"] == "running" and not retried.json()["error"]
+    again = store.get_adapter("p", "a")
+    assert again.state == "queued" and again.error is None
+    twice = api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(member))
+    assert twice.status_code == 409 and "no failed adapters" in twice.json()["detail"]["message"]
+    other = token(api, "q")
+    assert api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(other)).status_code == 404

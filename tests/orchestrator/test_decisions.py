@@ -205,3 +205,41 @@ def test_an_adapter_no_worker_can_hold_fails_on_a_fixed_cluster_and_waits_on_a_g
     failures, reasons = decisions.never_fits(adapters, never, fixed=False)
     assert failures == [] and reasons["big"].startswith("waiting for a bigger worker")
     assert "largest worker has 4.00 GiB" in reasons["big"]
+
+
+def test_a_pack_failure_leads_with_its_root_cause_in_one_line_without_colour_codes() -> None:
+    """Before: the reason was Ray's `ActorDiedError` text in terminal colours, cut at 4000 characters,
+    so the cause at the end of the worker's traceback (`ENOSPC`) was lost."""
+    traceback = "\n".join(f'  File "/x/trainer.py", line {i}, in step' for i in range(300))
+    died = (
+        "ActorDiedError: \x1b[36mray::RayTrainWorker\x1b[39m The actor died because of an error raised.\n"
+        f"Traceback (most recent call last):\n{traceback}\n"
+        "\x1b[31mOSError: [Errno 28] No space left on device: "
+        "'/s/a/.ckpt-tmp/adapter_model.safetensors'\x1b[0m"
+    )
+    reason = decisions.failure_reason(died)
+    first = reason.splitlines()[0]
+    assert first == (
+        "storage is full (ENOSPC: No space left on device) at /s/a/.ckpt-tmp/adapter_model.safetensors: "
+        "free space or grow the volume, then retry"
+    )
+    assert "\x1b" not in reason and len(reason) <= decisions.MAX_REASON_CHARS
+    read_only = decisions.failure_reason("OSError: [Errno 30] Read-only file system: '/s/a'")
+    assert read_only.startswith("storage is read-only (EROFS) at /s/a: remount it read-write")
+    nested = "TrainingFailedError: training failed\nTraceback:\n  ...\nValueError: bad targets `q_projx`"
+    assert decisions.failure_reason(nested).splitlines()[0] == "ValueError: bad targets `q_projx`"
+    assert decisions.failure_reason("loss diverged") == "loss diverged"
+
+
+def test_checkpoints_storage_holds_but_sql_missed_are_recorded() -> None:
+    a = adapter("a", "failed")
+    stored = [(2, "/s/a/checkpoint-00000002"), (4, "/s/a/checkpoint-00000004")]
+    changes = decisions.stored_checkpoints(a, known_steps=[2], on_storage=stored)
+    assert changes == [AdapterChange("a", checkpoint=(4, "/s/a/checkpoint-00000004", False))]
+    assert decisions.stored_checkpoints(a, known_steps=[2, 4], on_storage=stored) == []
+
+
+def test_retry_requeues_only_failed_adapters_and_clears_their_error() -> None:
+    failed = adapter("f", "failed", error="storage is full (ENOSPC)")
+    changes = decisions.retry([failed, adapter("t", "trained"), adapter("c", "cancelled")])
+    assert changes == [AdapterChange("f", AdapterState.QUEUED, {"error": None})]

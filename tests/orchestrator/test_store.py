@@ -140,7 +140,9 @@ def test_job_transitions(store: Store) -> None:
     assert running.state == "running" and running.updated_at >= job.updated_at
     failed = store.set_job_state(job.id, "failed", error="boom")
     assert (failed.state, failed.error) == ("failed", "boom")
-    with pytest.raises(InvalidTransition, match=f"job '{job.id}' cannot go from 'failed' to 'running'"):
+    assert store.set_job_state(job.id, "running").state == "running"  # `lorafleet retry`
+    store.set_job_state(job.id, "cancelled")
+    with pytest.raises(InvalidTransition, match=f"job '{job.id}' cannot go from 'cancelled' to 'running'"):
         store.set_job_state(job.id, "running")
     assert store.update_job(job.id, mlflow_run_id="run-1").mlflow_run_id == "run-1"
     with pytest.raises(TypeError, match="settable fields"):
@@ -416,7 +418,9 @@ def test_registry_decisions_and_history(store: Store) -> None:
         ("adapter", "queued", "queued", False),
         ("adapter", "trained", "training", False),
         ("adapter", "promoted", "rejected", False),
-        ("adapter", "failed", "queued", False),
+        ("adapter", "failed", "queued", True),  # `lorafleet retry`
+        ("adapter", "failed", "training", False),
+        ("adapter", "cancelled", "queued", False),
         ("adapter", "queued", "bogus", False),
         ("pack", "running", "succeeded", True),
         ("pack", "failed", "running", False),

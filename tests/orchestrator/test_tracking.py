@@ -6,11 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
 
+from orchestrator.registry import Registry
 from orchestrator.store import NewAdapter, NewEvent, Store
 from orchestrator.tracking import CURSOR, Tracker, experiment_name
 
@@ -223,3 +225,71 @@ def test_a_mirror_asked_to_stop_leaves_its_backlog_to_the_next_start(tmp_path: P
     for adapter in adapters:
         run_id = store.get_adapter_by_id(adapter.id).mlflow_run_id
         assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(steps)
+
+
+def test_concurrent_promotions_while_the_mirror_syncs_leave_no_orphan_runs(tmp_path: Path) -> None:
+    """Two `promote` calls per adapter at once, while the mirror thread syncs the job's events: every
+    run in MLflow is one SQL knows (before, request and mirror threads both created runs for the same
+    adapter), and every promotion succeeds, the first-ever registration of a model included (before,
+    one of two answered RESOURCE_ALREADY_EXISTS)."""
+    store = Store.open(f"sqlite:///{tmp_path / 'lf.db'}")
+    final_dir = tmp_path / "final"
+    final_dir.mkdir()
+    (final_dir / "adapter_config.json").write_text("{}")
+    names = [f"a{i}" for i in range(5)]
+    data = {"path": "/data/x.jsonl"}
+    spec = {
+        "name": "job",
+        "project": "proj",
+        "base_model": "base",
+        "adapters": [{"name": n, "data": data} for n in names],
+    }
+    job, adapters, _ = store.create_job(
+        "proj", "job", spec, [NewAdapter(name=n, base_model="base", data=data) for n in names]
+    )
+    events = []
+    for adapter in adapters:
+        events.append(NewEvent(job.id, "start", adapter.id, 0, {"pack_id": "p1"}))
+        events += [NewEvent(job.id, "step", adapter.id, s, {"loss": 1.0 / s}) for s in range(1, 4)]
+        events.append(NewEvent(job.id, "eval", adapter.id, 3, {"eval_loss": 1.5}))
+        events.append(
+            NewEvent(job.id, "done", adapter.id, 3, {"status": "trained", "final_dir": str(final_dir)})
+        )
+        store.update_adapter(adapter.id, state="training")
+        store.update_adapter(adapter.id, state="trained", final_checkpoint=str(final_dir), eval_loss=1.5)
+        store.update_adapter(adapter.id, state="evaluated")
+    store.record_events(events)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(store, uri, tmp_path / "artifacts")
+    registry = Registry(store, tracker)
+    promoters = [a.id for a in adapters for _ in range(2)]
+    start = threading.Barrier(len(promoters))
+    outcomes: list[object] = []
+
+    def promote(adapter_id: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(registry.promote(adapter_id).decision)
+        except Exception as exc:  # the assertion below names it
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(i,)) for i in promoters]
+    tracker.start(period=0.01)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        tracker.stop()
+    assert outcomes == ["promoted"] * len(promoters)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name("proj")).experiment_id])
+    known = {store.get_job(job.id).mlflow_run_id} | {
+        store.get_adapter_by_id(a.id).mlflow_run_id for a in adapters
+    }
+    assert {r.info.run_id for r in runs} == known and len(known) == 1 + len(adapters)
+    for name in names:
+        versions = client.search_model_versions(f"name = 'proj.{name}'")
+        assert len(versions) == 2

@@ -85,10 +85,14 @@ _TABLES: dict[str, tuple[type[StrEnum], Mapping]] = {
     "pack": (PackState, PACK_TRANSITIONS),
 }
 
-JOB_TERMINAL = frozenset(s for s, nxt in JOB_TRANSITIONS.items() if not nxt)
+# Settled: nothing the controller does moves them on. A failed adapter (and a failed or partial job) may
+# still go back to the queue, but only when a person asks (`lorafleet retry`), so it counts as settled
+# for every decision the system takes on its own (a job is done, a child's parent cannot train, a
+# watcher stops waiting); deriving these from "no transition out" stopped counting them once retry came.
+JOB_TERMINAL = frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL})
 PACK_TERMINAL = frozenset(s for s, nxt in PACK_TRANSITIONS.items() if not nxt)
-ADAPTER_TERMINAL = frozenset(s for s, nxt in ADAPTER_TRANSITIONS.items() if not nxt)
-"""No way out at all: `failed`, `cancelled`."""
+ADAPTER_TERMINAL = frozenset({_A.FAILED, _A.CANCELLED})
+"""Settled without a trained adapter: `failed` (until a person retries it), `cancelled`."""
 ADAPTER_TRAINED = frozenset({_A.TRAINED, _A.EVALUATED, _A.PROMOTED, _A.REJECTED})
 """Training succeeded (whatever the promotion gate later said)."""
 ADAPTER_FINISHED = ADAPTER_TRAINED | ADAPTER_TERMINAL

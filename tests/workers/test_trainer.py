@@ -11,9 +11,9 @@ import torch
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
 from workers.checkpoint import checkpoint_dir, read_adapter
 from workers.data import load_adapter_data
-from workers.model import BaseModelError, load_base
+from workers.model import load_base
 from workers.pack import run_pack
-from workers.plan import AdapterDone, CheckpointEvent, Event, PackPlan, StepEvent
+from workers.plan import AdapterDone, CheckpointEvent, Event, StepEvent
 from workers.synthetic import SKILLS
 from workers.trainer import PackTrainer, adapter_passes
 
@@ -278,14 +278,6 @@ def test_bad_inputs_fail_their_adapter_with_a_clear_error(
     assert "broken.jsonl" in done["bad-data"].error and "line 2" in done["bad-data"].error
     assert "text" in done["bad-data"].error
     assert not (Path(tasks[0].output_dir) / "final").exists()
-
-
-def test_quantization_on_cpu_is_a_clear_error(tiny_base: Path, make_task: TaskFactory) -> None:
-    plan = PackPlan(
-        base_model=str(tiny_base), device="cpu", quantization="4bit", adapters=[make_task("colors")]
-    )
-    with pytest.raises(BaseModelError, match=r"`quantization` '4bit' needs a CUDA GPU.*quantization: none"):
-        run_pack(plan)
 
 
 def test_fixed_seed_gives_identical_results(tiny_base: Path, make_task: TaskFactory) -> None:

@@ -443,3 +443,56 @@ def _healthy(httpx, url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _fill(volume: Path) -> Path:
+    """Write until the volume is full (ENOSPC), as a careless neighbour's files would."""
+    filler = volume / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 2**16)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_storage_full_fails_with_the_cause_first_and_retry_resumes_from_the_newest_checkpoint(
+    tiny_base: Path, data_dir: Path, tmp_path: Path, small_storage: Path
+) -> None:
+    """Storage fills mid-job: the adapter fails (as it must) with `ENOSPC` first in one line, no colour
+    codes; SQL's newest checkpoint is the newest complete one on storage; once space is freed, `retry`
+    finishes the adapter from it, redoing no step before it. Before: the cause was cut off the end of a
+    Ray traceback, SQL could name an older checkpoint, and a failed adapter could never train again."""
+    from workers import checkpoint as ckpt
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_storage)], check=True)
+    settings = Settings(home=tmp_path / "home", storage=str(small_storage), tick_seconds=0.2)
+    backend = EmbeddedBackend(settings=settings)
+    spec = _restart_spec(tiny_base, data_dir)
+    spec["resources"] = {"max_failures": 0}
+    job = backend.submit(JobSpec.parse(spec), None)
+    adapter_id = job.adapters[0].id
+    backend.ensure_running()
+    try:
+        _wait_until(lambda: backend.store.latest_checkpoint(adapter_id) is not None, timeout=180)
+        filler = _fill(small_storage)
+        _wait_until(lambda: backend.job(job.id).done, timeout=120)
+        failed = backend.store.get_adapter_by_id(adapter_id)
+        assert failed.state == "failed", failed
+        first = failed.error.splitlines()[0]
+        assert first.startswith("storage is full (ENOSPC") and "\x1b" not in failed.error, failed.error
+        newest = ckpt.latest_checkpoint(failed.output_dir)
+        assert newest is not None and backend.store.latest_checkpoint(adapter_id).path == newest
+        resumed_from = backend.store.latest_checkpoint(adapter_id).step
+
+        filler.unlink()  # the operator frees space, then retries
+        assert backend.retry(job.id).state == "running"
+        _wait_until(lambda: backend.job(job.id).done, timeout=300)
+        view = backend.job(job.id)
+        assert view.state == "succeeded" and view.adapters[0].step == RESTART_STEPS
+        steps = [e.step for e in backend.service.events(job.id) if e.kind == "step"]
+        assert all(steps.count(s) == 1 for s in range(1, resumed_from + 1)), (resumed_from, steps)
+    finally:
+        backend.close()

@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -123,6 +123,66 @@ class DataConfig(_Strict):
         return self
 
 
+SCORERS = ("exact_match", "contains", "regex", "token_f1", "rouge_l", "json_valid", "json_schema")
+SCORER_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
+
+
+def scorer_metric(scorer: str) -> str:
+    """The metric a scorer reports under: `eval_<name>` for a built-in, `eval_<function>` for a user's
+    `module:function` (so `eval_exact_match`, `base_eval_exact_match`, `parent_eval_exact_match`)."""
+    return "eval_" + scorer.rpartition(":")[2]
+
+
+class EvalConfig(_Strict):
+    """How an adapter's eval split is judged beyond its loss, the way its users will judge it: greedy
+    generation from each eval record's prompt (`prompt`/`completion` and `messages` records), scored
+    against the record's reference, for the adapter, for the base and, for a child, for its parent, on
+    the same records, so every score comes with its lift. Runs at the adapter's final eval."""
+
+    scorers: list[str] = Field(
+        default_factory=lambda: ["exact_match", "token_f1"],
+        description="Built-in scorers (" + ", ".join(SCORERS) + ") or a user's `module:function` "
+        "(called with prediction and reference, returns a float in [0, 1]). Each is reported as "
+        "`eval_<scorer>`, `base_eval_<scorer>` and `parent_eval_<scorer>`.",
+    )
+    max_new_tokens: Annotated[int, Field(gt=0, le=4096, description="Tokens generated per prompt.")] = 64
+    max_examples: Annotated[
+        int, Field(ge=0, le=100_000, description="Eval records judged by generation (the first N); 0: none.")
+    ] = 200
+    pattern: str | None = Field(default=None, description="The `regex` scorer's pattern (fullmatch).")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="The `json_schema` scorer's JSON Schema for the generated JSON."
+    )
+    samples: Annotated[
+        int, Field(ge=0, le=100, description="Sample generations kept (MLflow table, model card).")
+    ] = 10
+
+    @field_validator("scorers")
+    @classmethod
+    def _known_scorers(cls, value: list[str]) -> list[str]:
+        for scorer in value:
+            if scorer not in SCORERS and not re.fullmatch(SCORER_PATTERN, scorer):
+                raise ValueError(
+                    f"unknown scorer {scorer[:80]!r}: use one of {list(SCORERS)} or `module:function`"
+                )
+        metrics = [scorer_metric(s) for s in value]
+        repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+        if repeated:
+            raise ValueError(f"two scorers report under the same metric name: {repeated}")
+        return value
+
+
+class EvalSample(_Strict):
+    """One judged eval record, as the MLflow table and the model card show it."""
+
+    prompt: str
+    reference: str
+    output: str = Field(description="The adapter's answer.")
+    base_output: str | None = None
+    parent_output: str | None = None
+    scores: dict[str, float] = Field(default_factory=dict, description="The adapter's answer, per metric.")
+
+
 class AdapterTask(_Strict):
     """One adapter to train inside a pack."""
 
@@ -142,6 +202,7 @@ class AdapterTask(_Strict):
         description="PEFT adapter (e.g. the parent) to evaluate on this adapter's eval data at the end, "
         "so a promotion gate can compare the two on the same data.",
     )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     max_record_bytes: Annotated[int, Field(gt=0)] = Field(
         default=1 << 20,
         description="The largest data record the worker reads (the server's `LORAFLEET_MAX_RECORD_BYTES`).",
@@ -242,10 +303,19 @@ class StepEvent(_Event):
 
 
 class EvalEvent(_Event):
+    """An eval of the adapter on its eval split. `metrics` holds the named metrics beyond the loss:
+    `eval_token_accuracy` at every eval; at the final eval (`final`) also the generation scores
+    `eval_<scorer>` and the same for the base (`base_eval_*`, incl. `base_eval_loss`) and, for a child,
+    its parent (`parent_eval_*`, incl. `parent_eval_loss`), all on the same records; `samples` a few
+    judged records."""
+
     kind: Literal["eval"] = "eval"
     eval_loss: float
     perplexity: float
     eval_tokens: int
+    final: bool = False
+    metrics: dict[str, float] = Field(default_factory=dict)
+    samples: list[EvalSample] = Field(default_factory=list)
 
 
 class CheckpointEvent(_Event):

@@ -19,14 +19,14 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.tree import Tree
 
 from orchestrator.client import ApiError, Client, Job, outlasting_outages
 from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
 from orchestrator.states import ADAPTER_ACTIVE
-from orchestrator.views import EventView, JobView, LineageNode
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode
 
 app = typer.Typer(
     help="Train many LoRA adapters at once over a shared frozen base model.", no_args_is_help=True
@@ -112,8 +112,15 @@ def _run(fn: Any) -> Any:
         raise _fail(describe_fault(fault), 3) from None
 
 
+def _unbroken(header: str) -> Column:
+    """A column of ids or states: never cut or wrapped (`d8530d8…` names no job), whatever the width;
+    the other columns wrap to make room."""
+    return Column(header, no_wrap=True, overflow="ignore", min_width=len(header))
+
+
 def _jobs_table(jobs: list[JobView]) -> Table:
-    table = Table("job", "project", "name", "state", "adapters", "created", "error")
+    wrapped = [Column(header, overflow="fold") for header in ("project", "name", "created", "error")]
+    table = Table(_unbroken("job"), *wrapped[:2], _unbroken("state"), _unbroken("adapters"), *wrapped[2:])
     for job in jobs:
         done = sum(n for state, n in job.adapter_states.items() if state not in ADAPTER_ACTIVE)
         table.add_row(
@@ -139,7 +146,15 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     title = None
     if job is not None:
         title = f"job {job.id}: {job.state}" + (f" ({_short(job.error, 120)})" if job.error else "")
-    table = Table("adapter", "state", "step", "eval loss", "parent", "error / waiting", title=title)
+    table = Table(
+        _unbroken("adapter"),
+        _unbroken("state"),
+        "step",
+        "eval loss",
+        "parent",
+        "error / waiting",
+        title=title,
+    )
     for a in adapters:
         eval_loss = f"{a.eval_loss:.4f}" if a.eval_loss is not None else "-"
         why = _short(a.error or a.waiting)  # a queued adapter says why it waits
@@ -272,14 +287,51 @@ def cancel(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: To
 
 
 @app.command()
-def retry(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """Train a job's failed adapters again (once the cause is fixed), each from its newest checkpoint."""
-    client = _client(url, token)
-    view = _run(lambda: client.retry(job_id))
+def retry(
+    target: Annotated[str, typer.Argument(help="A job id, or an adapter's NAME (or PROJECT/NAME).")],
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Train again, once the cause is fixed: a job's failed adapters, or one failed or cancelled
+    adapter under its name. Each resumes from its newest checkpoint, or starts over if its data
+    changed since (the fixed data is what it learns). A job id is tried first, then an adapter name."""
+    client = _client(url, token, project)
+
+    def retried() -> JobView | AdapterView:
+        if "/" not in target:
+            try:
+                return client.retry(target)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+        return client.retry_adapter(target)
+
+    view = _run(retried)
+    if as_json:
+        _emit_json(view)
+    elif isinstance(view, JobView):
+        out.print(f"job {view.id}: failed adapters queued again ({view.state})")
+    else:
+        out.print(f"adapter {view.ref}: queued again (job {view.job_id})")
+
+
+@app.command()
+def delete(
+    name: Annotated[str, typer.Argument(help="The adapter's NAME (or PROJECT/NAME).")],
+    project: ProjectOpt = "default",
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete an adapter (its files and MLflow run too), freeing its name. Refused, with the reason,
+    if it is promoted, queued or training (cancel first), or has children."""
+    view = _run(lambda: _client(url, token, project).delete_adapter(name))
     if as_json:
         _emit_json(view)
     else:
-        out.print(f"job {view.id}: failed adapters queued again ({view.state})")
+        out.print(f"adapter {view.ref} deleted ({view.state}); its name is free")
 
 
 # ---- adapters ----

@@ -211,6 +211,16 @@ class Client:
         """Train the job's failed adapters again, each from its newest complete checkpoint."""
         return self._backend.retry(job_id)
 
+    def retry_adapter(self, name: str, project: str | None = None) -> AdapterView:
+        """Train a failed or cancelled adapter again under its name: from its newest complete
+        checkpoint, or from step 0 if its data changed since (the fixed data is what it learns)."""
+        return self._backend.retry_adapter(*self._ref(name, project))
+
+    def delete_adapter(self, name: str, project: str | None = None) -> AdapterView:
+        """Delete an adapter (its rows, files and MLflow run), freeing its name; returns what it was.
+        Refused (`ApiError` 409, with the reason) if promoted, queued, training, or a parent."""
+        return self._backend.delete_adapter(*self._ref(name, project))
+
     def promote(
         self, name: str, alias: str | None = None, force: bool = False, project: str | None = None
     ) -> RegistryView:
@@ -362,6 +372,12 @@ class RemoteBackend:
 
     def retry(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/retry"))
+
+    def retry_adapter(self, project: str, name: str) -> AdapterView:
+        return AdapterView.model_validate(self._call("POST", f"/v1/adapters/{project}/{name}/retry"))
+
+    def delete_adapter(self, project: str, name: str) -> AdapterView:
+        return AdapterView.model_validate(self._call("DELETE", f"/v1/adapters/{project}/{name}"))
 
     def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
         body = {"alias": alias, "force": force}

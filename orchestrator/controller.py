@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.states import AdapterState, InvalidTransition, JobState
 from orchestrator.store import AdapterRecord, Conflict, DatabaseUnavailable, NewEvent, Store
 from workers import checkpoint as ckpt
+from workers import storage
 from workers.bases import base_config
 from workers.plan import (
     AdapterDone,
@@ -717,17 +718,60 @@ class Controller:
             error = "; ".join(failures)[:4000] if failures else None
             self.store.set_job_state(job.id, outcome.value, error=error)
 
-    def retry_job(self, job_id: str) -> None:
+    def retry_job(self, job_id: str, fresh: Collection[str] = ()) -> None:
         """Requeue a finished job's failed adapters (under the lock: a tick settling the job at the same
-        moment would otherwise mark it failed again over queued adapters)."""
+        moment would otherwise mark it failed again over queued adapters). Those in `fresh` (their data
+        changed, `decisions.fresh_start`) start again from step 0; the others resume."""
         with self._lock:
             job = self.store.get_job(job_id)
             changes = decisions.retry(self.store.list_adapters(job_id=job_id))
             if not changes:
                 raise Conflict(f"job {job_id} has no failed adapters to retry (it is {job.state})")
+            for change in changes:
+                if change.adapter_id in fresh:
+                    self._forget_progress(change.adapter_id)
             if job.state != JobState.RUNNING.value:
                 self.store.update_job(job_id, JobState.RUNNING.value, error=None)
             self._apply(changes)
+
+    def retry_adapter(self, adapter_id: str, fresh: bool) -> None:
+        """A person's retry of one failed or cancelled adapter: back to the queue under its own name,
+        its job running again; from step 0 if `fresh` (its data changed), else from its newest complete
+        checkpoint (the engine resumes from the output directory's newest). Checked again under the lock:
+        the adapter or its parent may have moved since the caller looked."""
+        with self._lock:
+            adapter = self.store.get_adapter_by_id(adapter_id)
+            parent = self.store.get_adapter_by_id(adapter.parent_id) if adapter.parent_id else None
+            refusal = decisions.retry_refusal(adapter, parent)
+            if refusal is not None:
+                raise Conflict(refusal)
+            if fresh:
+                self._forget_progress(adapter_id)
+            job = self.store.get_job(adapter.job_id)
+            if job.state != JobState.RUNNING.value:
+                self.store.update_job(job.id, JobState.RUNNING.value, error=None)
+            self._apply([AdapterChange(adapter_id, AdapterState.QUEUED, {"error": None})])
+
+    def _forget_progress(self, adapter_id: str) -> None:
+        """Files first, then SQL: a crash between them leaves SQL naming checkpoints that are gone,
+        which the next retry clears again; never SQL reset over old checkpoints the engine would resume."""
+        adapter = self.store.get_adapter_by_id(adapter_id)
+        if adapter.output_dir:
+            storage.remove(adapter.output_dir)
+        self.store.forget_progress(adapter_id)
+
+    def delete_adapter(self, adapter_id: str, remove_files: Callable[[], None]) -> AdapterRecord:
+        """Delete an adapter that may go (`decisions.delete_refusal`): `remove_files`, then its rows.
+        Under the lock, so no tick queues or places it meanwhile and the `deleted` event's id follows
+        every event the controller wrote before it (the MLflow mirror's cursor relies on that order)."""
+        with self._lock:
+            adapter = self.store.get_adapter_by_id(adapter_id)
+            children = [c.qualified_name for c in self.store.children(adapter_id)]
+            refusal = decisions.delete_refusal(adapter, children)
+            if refusal is not None:
+                raise Conflict(refusal)
+            remove_files()
+            return self.store.delete_adapter(adapter_id, deletable=[adapter.state])
 
     def cancel_job(self, job_id: str) -> None:
         """Queued adapters are cancelled now; running ones leave their pack between two steps.

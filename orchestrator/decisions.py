@@ -331,3 +331,65 @@ def job_outcome(states: Sequence[str], auto_promote: bool) -> JobState | None:
     if found & waiting:
         return JobState.PENDING if found == {_A.QUEUED} else JobState.RUNNING
     return job_state_from_adapters(states)
+
+
+# ---- one adapter, by name: retry, delete, branch ----
+
+
+def branch_refusal(parent: AdapterRecord) -> str | None:
+    """Why nothing may branch from `parent` now, or None. A failed or cancelled parent can never give
+    weights (until a person retries it), so a child of it is refused at submit with the fix, rather
+    than accepted to fail later and burn a second name. A parent still queued or training is fine: the
+    child waits for it."""
+    if parent.state in ADAPTER_TERMINAL:
+        return (
+            f"parent {parent.qualified_name!r} is {parent.state}: it has no weights to branch from; "
+            f"retry it first (`lorafleet retry {parent.name} --project {parent.project}`) "
+            "or branch from another adapter"
+        )
+    return None
+
+
+def retry_refusal(adapter: AdapterRecord, parent: AdapterRecord | None) -> str | None:
+    """Why `adapter` cannot be retried, or None. Only a failed or cancelled adapter trains again (a
+    trained one is done; a queued or training one is already on its way); a child of a parent that
+    cannot give weights would only fail again at once, so the parent comes first."""
+    if adapter.state not in ADAPTER_TERMINAL:
+        return (
+            f"adapter {adapter.qualified_name} is {adapter.state}: only a failed or cancelled adapter "
+            "is retried"
+        )
+    if parent is not None and parent.state in ADAPTER_TERMINAL:
+        return (
+            f"adapter {adapter.qualified_name}'s parent {parent.qualified_name} is {parent.state}: "
+            f"retry the parent first (`lorafleet retry {parent.name} --project {parent.project}`)"
+        )
+    return None
+
+
+def fresh_start(recorded_fingerprint: str | None, current_fingerprint: str) -> bool:
+    """Whether a retried adapter starts again from step 0 instead of resuming its newest checkpoint.
+
+    It does when its data changed since its last attempt began (the fingerprint covers the data files'
+    bytes and the settings that choose rows): the person fixed the data and expects the fixed file to be
+    what the adapter learns from. Resuming would mix the two: the weights, optimizer moments and the
+    position in the sample order all come from the old data, and the resumed steps would index rows of
+    a file they were never drawn from. An attempt that never began (it failed loading its data, before
+    any checkpoint) recorded no fingerprint: nothing to resume, so nothing to throw away either."""
+    return recorded_fingerprint is not None and recorded_fingerprint != current_fingerprint
+
+
+def delete_refusal(adapter: AdapterRecord, children: Sequence[str]) -> str | None:
+    """Why `adapter` cannot be deleted, or None. A promoted adapter is what a registry alias served
+    (a model version points at its files); a parent's weights are its children's starting point and
+    lineage; a queued or training one is in a pack's hands (cancel it first). Anything else (failed,
+    cancelled, trained, evaluated, rejected) may go, freeing its name."""
+    who = f"adapter {adapter.qualified_name}"
+    if adapter.state == _A.PROMOTED:
+        return f"{who} is promoted: the model registry serves its weights; it cannot be deleted"
+    if adapter.state in ADAPTER_ACTIVE:
+        return f"{who} is {adapter.state}: cancel its job first (`lorafleet cancel {adapter.job_id}`)"
+    if children:
+        shown = ", ".join(children[:5]) + (f" and {len(children) - 5} more" if len(children) > 5 else "")
+        return f"{who} has children ({shown}): delete them first, or keep it as their parent"
+    return None

@@ -102,6 +102,12 @@ class EmbeddedBackend:
     def retry(self, job_id: str) -> JobView:
         return self.service.retry(job_id, self.controller)
 
+    def retry_adapter(self, project: str, name: str) -> AdapterView:
+        return self.service.retry_adapter(project, name, self.controller)
+
+    def delete_adapter(self, project: str, name: str) -> AdapterView:
+        return self.service.delete_adapter(project, name, self.controller, self.tracker)
+
     def close(self) -> None:
         if self._started:
             self.controller.stop()

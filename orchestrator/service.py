@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import lineage, preflight
+from orchestrator import decisions, lineage, preflight
 from orchestrator.auth import ADMIN, Principal
 from orchestrator.settings import Settings
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load_source
-from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
+from orchestrator.states import AdapterState
+from orchestrator.store import AdapterRecord, Conflict, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode
+from workers import storage
+from workers.data import fingerprint
 from workers.plan import LoraConfig
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller
+    from orchestrator.tracking import Tracker
 
 _PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
 MAX_PAGE = 1000  # adapters in one page of a list
@@ -163,6 +167,9 @@ class Service:
                     )
                 )
             problems += _compatibility(field, parent.lora, spec.adapter_lora(i), adapter.parent)
+            refusal = decisions.branch_refusal(parent)
+            if refusal is not None:
+                problems.append((field, refusal))
             resolved[i] = parent.id
         if problems:
             raise SpecError(problems)
@@ -191,7 +198,8 @@ class Service:
                     job_id=event.job_id,
                     kind=event.kind,
                     step=event.step,
-                    adapter=names.get(event.adapter_id or ""),
+                    # a deleted adapter's events stay, detached: their payload still names it
+                    adapter=names.get(event.adapter_id or "", event.payload.get("adapter")),
                     payload=event.payload,
                     created_at=event.created_at,
                 )
@@ -206,9 +214,65 @@ class Service:
         return self.job(job_id)
 
     def retry(self, job_id: str, controller: Controller) -> JobView:
-        """Train a job's failed adapters again, each from its newest complete checkpoint."""
-        controller.retry_job(job_id)
+        """Train a job's failed adapters again, each from its newest complete checkpoint, or from step 0
+        if its data changed meanwhile (`decisions.fresh_start` says why)."""
+        failed = self.store.list_adapters(job_id=job_id, states=[AdapterState.FAILED.value])
+        fresh = {a.id for a in failed if decisions.fresh_start(a.data_fingerprint, _data_now(a))}
+        controller.retry_job(job_id, fresh)
         return self.job(job_id)
+
+    def retry_adapter(self, project: str, name: str, controller: Controller) -> AdapterView:
+        """Train one failed or cancelled adapter again under its own name (409 with the reason for any
+        other). It resumes from its newest complete checkpoint where one exists, unless its data
+        changed since that attempt began: then it starts again from step 0, on the fixed data
+        (`decisions.fresh_start` says why resuming would mix the two)."""
+        adapter = self.store.get_adapter(project, name)
+        parent = self.store.get_adapter_by_id(adapter.parent_id) if adapter.parent_id else None
+        refusal = decisions.retry_refusal(adapter, parent)
+        if refusal is not None:
+            raise Conflict(refusal)
+        fresh = decisions.fresh_start(adapter.data_fingerprint, _data_now(adapter))
+        controller.retry_adapter(adapter.id, fresh)
+        return self.adapter(project, name)
+
+    def delete_adapter(
+        self, project: str, name: str, controller: Controller, tracker: Tracker
+    ) -> AdapterView:
+        """Delete an adapter that is not promoted, not queued or training and has no children (409
+        with the reason otherwise), freeing its name; returns what it was.
+
+        In the order that leaves a retryable state at every step: the MLflow run (restored if what
+        follows fails), the files (output directory, local or object storage), then the rows in one
+        transaction. A crash after the files leaves the row, whose delete a person simply asks again.
+        Its events stay in the job's log (detached), and the job stays, even with no adapter left."""
+        adapter = self.store.get_adapter(project, name)
+        view = self._adapter_view(adapter)
+        children = [c.qualified_name for c in self.store.children(adapter.id)]
+        refusal = decisions.delete_refusal(adapter, children)
+        if refusal is not None:
+            raise Conflict(refusal)
+
+        def remove_files() -> None:
+            if adapter.output_dir:
+                storage.remove(adapter.output_dir)
+
+        with tracker.adapter_run_deleted(adapter.id):
+            controller.delete_adapter(adapter.id, remove_files)
+        return view
+
+    def missing_adapter(self, project: str, name: str, principal: Principal = ADMIN) -> NotFound:
+        """The answer to a name not found in `project`: where else it exists, among the projects the
+        caller may read (`--project` defaults to `default`, and a person forgets it), and never a
+        project it may not read."""
+        elsewhere = [p for p in self.store.projects_with_adapter(name) if p != project and principal.sees(p)]
+        message = f"adapter {project}/{name} not found"
+        if elsewhere:
+            listed = ", ".join(elsewhere)
+            message += (
+                f": not in project {project!r}, but it exists in project(s) {listed}: "
+                f"use --project {elsewhere[0]} (or {elsewhere[0]}/{name})"
+            )
+        return NotFound(message)
 
     # ---- adapters ----
 
@@ -309,6 +373,18 @@ class Service:
             adapter_count=sum(counts.values()),
             adapter_states=counts,
         )
+
+
+def _data_now(adapter: AdapterRecord) -> str:
+    """The fingerprint of the adapter's data as the files are now; a file gone or unreadable is the
+    person's to restore before a retry (a clear 400), not a retry that fails again later."""
+    try:
+        return fingerprint(adapter.data, adapter.train.seed, adapter.name)
+    except OSError as exc:
+        raise ValueError(
+            f"adapter {adapter.qualified_name}'s data cannot be read ({exc.strerror or exc}: "
+            f"{exc.filename or adapter.data.path}); restore `data.path` / `data.eval_path`, then retry"
+        ) from None
 
 
 def _names_an_adapter(parent: str, project: str) -> bool:

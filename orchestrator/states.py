@@ -53,7 +53,7 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _J.RUNNING: frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL}),
     _J.SUCCEEDED: frozenset(),
     _J.FAILED: frozenset({_J.RUNNING}),  # `lorafleet retry`: its failed adapters train again
-    _J.CANCELLED: frozenset(),
+    _J.CANCELLED: frozenset({_J.RUNNING}),  # `lorafleet retry NAME` of one of its cancelled adapters
     _J.PARTIAL: frozenset({_J.RUNNING}),
 }
 
@@ -68,7 +68,8 @@ ADAPTER_TRANSITIONS: Mapping[AdapterState, frozenset[AdapterState]] = {
     _A.REJECTED: frozenset({_A.PROMOTED}),  # a person may force a promotion past the gate
     # `lorafleet retry` once the cause is fixed (storage freed): it resumes from its newest checkpoint
     _A.FAILED: frozenset({_A.QUEUED}),
-    _A.CANCELLED: frozenset(),
+    # `lorafleet retry NAME`: a person trains a cancelled adapter after all, under its own name
+    _A.CANCELLED: frozenset({_A.QUEUED}),
 }
 
 PACK_TRANSITIONS: Mapping[PackState, frozenset[PackState]] = {
@@ -85,14 +86,16 @@ _TABLES: dict[str, tuple[type[StrEnum], Mapping]] = {
     "pack": (PackState, PACK_TRANSITIONS),
 }
 
-# Settled: nothing the controller does moves them on. A failed adapter (and a failed or partial job) may
-# still go back to the queue, but only when a person asks (`lorafleet retry`), so it counts as settled
+# Settled: nothing the controller does moves them on. A failed or cancelled adapter (and a failed, partial
+# or cancelled job) may still go back to the queue, but only when a person asks (`lorafleet retry`), so it
+# counts as settled
 # for every decision the system takes on its own (a job is done, a child's parent cannot train, a
 # watcher stops waiting); deriving these from "no transition out" stopped counting them once retry came.
 JOB_TERMINAL = frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED, _J.PARTIAL})
 PACK_TERMINAL = frozenset(s for s, nxt in PACK_TRANSITIONS.items() if not nxt)
 ADAPTER_TERMINAL = frozenset({_A.FAILED, _A.CANCELLED})
-"""Settled without a trained adapter: `failed` (until a person retries it), `cancelled`."""
+"""Settled without a trained adapter: `failed` or `cancelled` (until a person retries it). Such an
+adapter has no weights, so nothing may branch from it."""
 ADAPTER_TRAINED = frozenset({_A.TRAINED, _A.EVALUATED, _A.PROMOTED, _A.REJECTED})
 """Training succeeded (whatever the promotion gate later said)."""
 ADAPTER_FINISHED = ADAPTER_TRAINED | ADAPTER_TERMINAL

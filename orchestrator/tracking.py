@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,26 @@ class Tracker:
                 self.client.log_artifacts(run_id, str(local), "adapter")
         run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
         self.client.set_terminated(run_id, status=run_status, end_time=_millis(event))
+
+    @contextmanager
+    def adapter_run_deleted(self, adapter_id: str) -> Iterator[None]:
+        """Delete the adapter's child run for the body of the `with`, which deletes the adapter itself;
+        if the body fails, the run is restored, so a failed delete leaves both as they were.
+
+        Holds `lock` throughout, and mirrors every pending event first: no event of the adapter is
+        left for the mirror to log to a deleted run (MLflow refuses, and the cursor would stick), and
+        once the body has detached the adapter's events from it, no later sync creates its run again."""
+        with self.lock:
+            self._sync()
+            run_id = self.store.get_adapter_by_id(adapter_id).mlflow_run_id
+            if run_id is not None:
+                self.client.delete_run(run_id)
+            try:
+                yield
+            except BaseException:
+                if run_id is not None:
+                    self.client.restore_run(run_id)
+                raise
 
     def _close_finished_jobs(self) -> None:
         jobs = [

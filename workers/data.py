@@ -440,11 +440,13 @@ def load_adapter_data(
     else:
         train_rows, eval_examples = rows, []
     train = _tokenize(table, train_rows, tokenizer, max_seq_len)
-    return AdapterData(train, eval_examples, _fingerprint(cfg, seed, adapter_name), table.kind)
+    return AdapterData(train, eval_examples, fingerprint(cfg, seed, adapter_name), table.kind)
 
 
-def _fingerprint(cfg: DataConfig, seed: int, adapter_name: str) -> str:
-    """sha256 over the file bytes and the settings that choose rows (not the paths: files may move)."""
+def fingerprint(cfg: DataConfig, seed: int, adapter_name: str) -> str:
+    """sha256 over the file bytes and the settings that choose rows (not the paths: files may move).
+    The orchestrator computes it too, when a person retries an adapter: a changed one means the data
+    was fixed, and the adapter starts again rather than resume weights trained on the old data."""
     digest = hashlib.sha256()
     for path in (cfg.path, cfg.eval_path):
         if path is not None:

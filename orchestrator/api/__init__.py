@@ -12,8 +12,8 @@ import logging
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -157,6 +157,19 @@ def _job_for(b: EmbeddedBackend, caller: Principal, job_id: str) -> JobView:
 def _visible(caller: Principal, project: str, name: str) -> None:
     if not caller.sees(project):
         raise NotFound(f"adapter {project}/{name} not found")
+
+
+@contextmanager
+def _named(b: EmbeddedBackend, caller: Principal, project: str, name: str) -> Iterator[None]:
+    """Routes that address an adapter by name: the name checked visible, and a name not found in
+    `project` answered with the projects the caller may read where it does exist."""
+    try:
+        _visible(caller, project, name)
+        yield
+    except NotFound as exc:
+        if str(exc) != f"adapter {project}/{name} not found":
+            raise
+        raise b.service.missing_adapter(project, name, caller) from None
 
 
 def create_app(settings: Settings | None = None, start_controller: bool = True) -> FastAPI:
@@ -342,39 +355,57 @@ def create_app(settings: Settings | None = None, start_controller: bool = True) 
 
     @app.get("/v1/adapters/{project}/{name}")
     def adapter(project: str, name: str, b: Backend, caller: Caller) -> AdapterView:
-        _visible(caller, project, name)
-        return b.adapter(project, name)
+        with _named(b, caller, project, name):
+            return b.adapter(project, name)
+
+    @app.delete("/v1/adapters/{project}/{name}")
+    def delete_adapter(project: str, name: str, b: Backend, caller: Caller) -> AdapterView:
+        """Delete the adapter (its rows, its files, its MLflow run), freeing its name; answers what it
+        was. 409 with the reason if it is promoted, queued or training (cancel first), or a parent.
+        Its events stay in its job's log; the job stays."""
+        with _named(b, caller, project, name):
+            require_change(caller, project)
+            return b.delete_adapter(project, name)
+
+    @app.post("/v1/adapters/{project}/{name}/retry")
+    def retry_adapter(project: str, name: str, b: Backend, caller: Caller) -> AdapterView:
+        """Train a failed or cancelled adapter again under its name (409 for any other): from its
+        newest complete checkpoint, or from step 0 if its data changed since that attempt began."""
+        with _named(b, caller, project, name):
+            require_change(caller, project)
+            return b.retry_adapter(project, name)
 
     @app.get("/v1/adapters/{project}/{name}/lineage")
     def lineage(project: str, name: str, b: Backend, caller: Caller) -> LineageNode:
-        _visible(caller, project, name)
-        return _visible_tree(b.lineage(project, name), caller, f"{project}/{name}")
+        with _named(b, caller, project, name):
+            return _visible_tree(b.lineage(project, name), caller, f"{project}/{name}")
 
     @app.post("/v1/adapters/{project}/{name}/branch", status_code=201)
     def branch(project: str, name: str, body: BranchSpec, b: Backend, caller: Caller) -> JobView:
-        _visible(caller, project, name)
-        require_change(caller, project)
-        return b.branch(project, name, body, caller)
+        with _named(b, caller, project, name):
+            require_change(caller, project)
+            return b.branch(project, name, body, caller)
 
     @app.post("/v1/adapters/{project}/{name}/promote")
     def promote(project: str, name: str, body: PromoteRequest, b: Backend, caller: Caller) -> RegistryView:
-        _visible(caller, project, name)
-        require_change(caller, project)
-        if body.alias is not None:
-            check_alias(body.alias)
-        return b.promote(project, name, body.alias, body.force)
+        with _named(b, caller, project, name):
+            require_change(caller, project)
+            if body.alias is not None:
+                check_alias(body.alias)
+            return b.promote(project, name, body.alias, body.force)
 
     @app.post("/v1/adapters/{project}/{name}/generate")
     def generate(
         project: str, name: str, body: GenerateRequest, b: Backend, caller: Caller
     ) -> dict[str, str]:
-        _visible(caller, project, name)
-        return {"text": b.generate(project, name, body.prompt, body.max_new_tokens, body.raw)}
+        with _named(b, caller, project, name):
+            return {"text": b.generate(project, name, body.prompt, body.max_new_tokens, body.raw)}
 
     @app.get("/v1/adapters/{project}/{name}/export")
     def export(project: str, name: str, b: Backend, caller: Caller, merged: bool = False) -> FileResponse:
         """The export as a zip: the PEFT adapter directory, or the merged model (`?merged=true`)."""
-        _visible(caller, project, name)
+        with _named(b, caller, project, name):
+            b.adapter(project, name)
         exports = settings.export_staging  # nowhere a request chooses; removed once sent
         exports.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="export-", dir=exports))

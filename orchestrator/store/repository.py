@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -239,7 +239,8 @@ class Store:
             listed = ", ".join(f"{project}/{n} (job {j})" for n, j in taken)
             raise Conflict(
                 f"adapter name already taken in project {project!r}: {listed}; choose another name, "
-                "or branch from it with `parent`"
+                "branch from it with `parent`, train it again (`lorafleet retry NAME`) or delete it "
+                "(`lorafleet delete NAME`)"
             )
         now = _now()
         self._ensure_project(s, project, now)
@@ -592,6 +593,65 @@ class Store:
             if not rows:
                 raise NotFound(f"no lineage tree rooted at adapter {root_id!r}")
             return [row.to_entity() for row in rows]
+
+    # ---- a person's retry and delete of one adapter ----
+
+    def projects_with_adapter(self, name: str) -> list[str]:
+        """The projects holding an adapter called `name`, sorted (to say where a name lives when it is
+        looked up in the wrong project; the caller filters out the projects its reader may not see)."""
+        with self._session(f"projects with an adapter {name!r}") as s:
+            return sorted(s.scalars(select(AdapterRow.project).where(AdapterRow.name == name)))
+
+    def forget_progress(self, adapter_id: str) -> AdapterRecord:
+        """Reset an adapter that will train again from step 0 (its data changed): no step, no
+        checkpoints, no metrics, no final weights, no MLflow run (the mirror opens a new one, so the
+        new steps are logged rather than skipped as repeats of the old ones), in one transaction. Its
+        files must be gone first: a crash between the two leaves SQL naming files that are not there,
+        which a second retry resets again."""
+        with self._session(f"forget the progress of adapter {adapter_id!r}", write=True) as s:
+            row = self._adapter(s, adapter_id, lock=True)
+            s.execute(delete(CheckpointRow).where(CheckpointRow.adapter_id == adapter_id))
+            s.execute(delete(MetricSummaryRow).where(MetricSummaryRow.adapter_id == adapter_id))
+            row.step, row.eval_loss, row.final_checkpoint, row.data_fingerprint = 0, None, None, None
+            row.mlflow_run_id, row.updated_at = None, _now()
+            s.flush()
+            return row.to_entity()
+
+    def delete_adapter(self, adapter_id: str, deletable: Collection[str]) -> AdapterRecord:
+        """Delete an adapter's rows in one transaction, freeing its name; returns what was deleted.
+
+        Refused (`Conflict`, nothing written) unless its state is still one of `deletable` and no adapter
+        names it as parent, both checked under the row's lock (a branch or a retry may have come in
+        since the caller looked). Its checkpoints, metric summaries, pack memberships and registry
+        decisions go with it. Its events stay: the event log is the job's append-only history, so they
+        are only detached (`adapter_id` null; their payload still names the adapter) and a `deleted`
+        event says when it went. The job stays too, even with no adapter left: its spec and history
+        are what a person reads to learn what was tried."""
+        with self._session(f"delete adapter {adapter_id!r}", write=True) as s:
+            row = self._adapter(s, adapter_id, lock=True)
+            who = f"adapter {row.project}/{row.name}"
+            if row.state not in deletable:
+                raise Conflict(f"{who} is {row.state} now; it can no longer be deleted")
+            child = s.scalars(select(AdapterRow.name).where(AdapterRow.parent_id == adapter_id)).first()
+            if child is not None:
+                raise Conflict(f"{who} has a child ({row.project}/{child}) now; delete it first")
+            record = row.to_entity()
+            s.execute(update(EventRow).where(EventRow.adapter_id == adapter_id).values(adapter_id=None))
+            for table in (CheckpointRow, MetricSummaryRow, PackMemberRow, RegistryEntryRow):
+                s.execute(delete(table).where(table.adapter_id == adapter_id))
+            s.delete(row)
+            s.add(
+                EventRow(
+                    job_id=record.job_id,
+                    adapter_id=None,
+                    kind="deleted",
+                    step=record.step,
+                    payload={"adapter": record.name, "project": record.project, "state": record.state},
+                    created_at=_now(),
+                )
+            )
+            s.flush()
+            return record
 
     # ---- packs ----
 

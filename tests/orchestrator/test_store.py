@@ -141,8 +141,8 @@ def test_job_transitions(store: Store) -> None:
     failed = store.set_job_state(job.id, "failed", error="boom")
     assert (failed.state, failed.error) == ("failed", "boom")
     assert store.set_job_state(job.id, "running").state == "running"  # `lorafleet retry`
-    store.set_job_state(job.id, "cancelled")
-    with pytest.raises(InvalidTransition, match=f"job '{job.id}' cannot go from 'cancelled' to 'running'"):
+    store.set_job_state(job.id, "succeeded")
+    with pytest.raises(InvalidTransition, match=f"job '{job.id}' cannot go from 'succeeded' to 'running'"):
         store.set_job_state(job.id, "running")
     assert store.update_job(job.id, mlflow_run_id="run-1").mlflow_run_id == "run-1"
     with pytest.raises(TypeError, match="settable fields"):
@@ -172,8 +172,8 @@ def test_adapter_transitions_and_timestamps(store: Store) -> None:
 
     cancelled = store.update_adapter(b.id, state=A.CANCELLED)
     assert cancelled.finished_at is not None
-    with pytest.raises(InvalidTransition, match="'cancelled' is final"):
-        store.update_adapter(b.id, state=A.QUEUED)
+    with pytest.raises(InvalidTransition, match="it may go to: queued"):  # only a person's retry
+        store.update_adapter(b.id, state=A.TRAINING)
     with pytest.raises(TypeError, match="cannot set \\['name'\\]"):
         store.update_adapter(b.id, name="x")
 
@@ -420,7 +420,9 @@ def test_registry_decisions_and_history(store: Store) -> None:
         ("adapter", "promoted", "rejected", False),
         ("adapter", "failed", "queued", True),  # `lorafleet retry`
         ("adapter", "failed", "training", False),
-        ("adapter", "cancelled", "queued", False),
+        ("adapter", "cancelled", "queued", True),  # `lorafleet retry NAME`
+        ("adapter", "cancelled", "training", False),
+        ("job", "cancelled", "running", True),
         ("adapter", "queued", "bogus", False),
         ("pack", "running", "succeeded", True),
         ("pack", "failed", "running", False),

@@ -243,3 +243,37 @@ def test_retry_requeues_only_failed_adapters_and_clears_their_error() -> None:
     failed = adapter("f", "failed", error="storage is full (ENOSPC)")
     changes = decisions.retry([failed, adapter("t", "trained"), adapter("c", "cancelled")])
     assert changes == [AdapterChange("f", AdapterState.QUEUED, {"error": None})]
+
+
+def test_only_a_parent_that_can_still_give_weights_is_branched_from() -> None:
+    assert decisions.branch_refusal(adapter("p", "training")) is None  # the child waits for it
+    assert decisions.branch_refusal(adapter("p", "rejected", final_checkpoint="/ck")) is None
+    for state in ("failed", "cancelled"):
+        refusal = decisions.branch_refusal(adapter("p", state))
+        assert refusal is not None and f"is {state}" in refusal and "lorafleet retry p --project p" in refusal
+
+
+def test_a_retry_takes_a_failed_or_cancelled_adapter_whose_parent_can_give_weights() -> None:
+    assert decisions.retry_refusal(adapter("a", "failed"), None) is None
+    assert decisions.retry_refusal(adapter("a", "cancelled"), adapter("p", "queued")) is None
+    for state in ("queued", "training", "trained", "promoted"):
+        assert "only a failed or cancelled" in str(decisions.retry_refusal(adapter("a", state), None))
+    orphan = decisions.retry_refusal(adapter("a", "failed", parent_id="p"), adapter("p", "cancelled"))
+    assert orphan is not None and "retry the parent first" in orphan
+
+
+def test_a_retry_starts_over_only_when_the_data_changed_since_the_attempt_began() -> None:
+    assert decisions.fresh_start("abc", "abc") is False  # same data: resume the newest checkpoint
+    assert decisions.fresh_start("abc", "def") is True  # fixed data: old checkpoints would mix them
+    assert decisions.fresh_start(None, "def") is False  # never began: nothing to resume or drop
+
+
+def test_delete_refuses_a_promoted_an_active_or_a_parent_adapter_with_the_reason() -> None:
+    for state in ("failed", "cancelled", "trained", "evaluated", "rejected"):
+        assert decisions.delete_refusal(adapter("a", state), []) is None
+    assert "registry" in str(decisions.delete_refusal(adapter("a", "promoted"), []))
+    assert "lorafleet cancel job" in str(decisions.delete_refusal(adapter("a", "training"), []))
+    kids = [f"p/k{i}" for i in range(7)]
+    assert "(p/k0, p/k1, p/k2, p/k3, p/k4 and 2 more)" in str(
+        decisions.delete_refusal(adapter("a", "trained"), kids)
+    )

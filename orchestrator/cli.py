@@ -300,13 +300,19 @@ def retry(
     client = _client(url, token, project)
 
     def retried() -> JobView | AdapterView:
-        if "/" not in target:
-            try:
-                return client.retry(target)
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
-        return client.retry_adapter(target)
+        if "/" in target:
+            return client.retry_adapter(target)
+        try:
+            return client.retry(target)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        try:
+            return client.retry_adapter(target)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise ApiError(404, f"no job {target!r}, and {exc}", exc.problems) from None
 
     view = _run(retried)
     if as_json:

@@ -334,8 +334,13 @@ def test_the_cli_at_80_columns_keeps_ids_and_states_whole_and_retries_and_delete
         lost = cli("lineage", adapter.name)
         assert lost.returncode == 2 and "use --project a-long-project-name" in " ".join(lost.stderr.split())
 
-        retried = cli("retry", adapter.name, "--project", "a-long-project-name")
+        retried = cli("retry", adapter.name, "--project", "a-long-project-name")  # not a job id: a name
         assert retried.returncode == 0 and "queued again" in retried.stdout, retried.stderr
+        neither = cli("retry", "nothing-here")
+        assert neither.returncode == 2
+        assert "no job 'nothing-here', and adapter default/nothing-here not found" in " ".join(
+            neither.stderr.split()
+        )
         refused = cli("delete", f"a-long-project-name/{adapter.name}")
         assert refused.returncode == 2 and "cancel its job first" in " ".join(refused.stderr.split())
         b.store.update_adapter(adapter.id, state="cancelled")

@@ -241,6 +241,46 @@ def test_controller_restart_mid_job_resumes_from_checkpoints(
         backend.close()
 
 
+RETRY_STEPS = 100  # the cancel lands a few steps after the first checkpoint, well before the end
+
+
+def test_a_cancelled_adapter_retried_by_name_resumes_from_its_newest_checkpoint(
+    tiny_base: Path, data_dir: Path, settings: Settings
+) -> None:
+    """Issue 17: a cancelled (or failed) adapter trains again under its own name, resuming from its
+    newest complete checkpoint (the steps up to it are not trained again), and its job runs again to
+    success. Before: its name was taken for good, with no retry and no delete."""
+    from workers import checkpoint as ckpt
+
+    backend = EmbeddedBackend(settings=settings)
+    spec = _restart_spec(tiny_base, data_dir)
+    spec["train"] |= {"steps": RETRY_STEPS}
+    job = backend.submit(JobSpec.parse(spec), None)
+    adapter_id = job.adapters[0].id
+    backend.ensure_running()
+    try:
+        _wait_until(lambda: backend.store.latest_checkpoint(adapter_id) is not None, timeout=180)
+        backend.cancel(job.id)
+        _wait_until(lambda: backend.job(job.id).done, timeout=120)
+        assert backend.job(job.id).state == "cancelled"
+        cancelled = backend.store.get_adapter_by_id(adapter_id)
+        assert cancelled.state == "cancelled" and cancelled.step < RETRY_STEPS
+        resumed_from = ckpt.stored_steps(cancelled.output_dir)[-1][0]
+
+        assert backend.retry_adapter("default", "counting").state == "queued"
+        assert backend.job(job.id).state == "running"
+        _wait_until(lambda: backend.job(job.id).done, timeout=300)
+        view = backend.job(job.id)
+        assert view.state == "succeeded" and view.adapters[0].step == RETRY_STEPS, view
+        events = backend.service.events(job.id)
+        steps = [e.step for e in events if e.kind == "step"]
+        assert all(steps.count(s) == 1 for s in range(1, resumed_from + 1)), (resumed_from, steps)
+        starts = [(e.step, e.payload["resumed"]) for e in events if e.kind == "start"]
+        assert starts == [(0, False), (resumed_from, True)], starts
+    finally:
+        backend.close()
+
+
 def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
     """Issue 15, item 9: two endless jobs of one project held both workers of the shared Ray (2 CPUs,
     one adapter per pack) and another project's 10-step job sat queued, with no reason given, until they

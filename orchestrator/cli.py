@@ -25,7 +25,7 @@ from rich.tree import Tree
 from orchestrator.client import ApiError, Client, Job, outlasting_outages
 from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
-from orchestrator.states import ADAPTER_ACTIVE
+from orchestrator.states import ADAPTER_ACTIVE, AdapterState, JobState
 from orchestrator.views import AdapterView, EventView, JobView, LineageNode
 
 app = typer.Typer(
@@ -112,15 +112,30 @@ def _run(fn: Any) -> Any:
         raise _fail(describe_fault(fault), 3) from None
 
 
-def _unbroken(header: str) -> Column:
-    """A column of ids or states: never cut or wrapped (`d8530d8…` names no job), whatever the width;
-    the other columns wrap to make room."""
-    return Column(header, no_wrap=True, overflow="ignore", min_width=len(header))
+def _unbroken(header: str, width: int = 0) -> Column:
+    """A column of ids or states: never cut or wrapped (`d8530d8…` names no job), at least `width`
+    wide whatever the terminal; the other columns wrap to make room, losing no character either."""
+    return Column(header, no_wrap=True, overflow="fold", min_width=max(width, len(header)))
+
+
+def _folded(header: str) -> Column:
+    return Column(header, overflow="fold")
+
+
+JOB_ID_WIDTH = 12  # `Store` ids are 12 hex digits
+STATE_WIDTH = max(len(s) for s in [*JobState, *AdapterState])
 
 
 def _jobs_table(jobs: list[JobView]) -> Table:
-    wrapped = [Column(header, overflow="fold") for header in ("project", "name", "created", "error")]
-    table = Table(_unbroken("job"), *wrapped[:2], _unbroken("state"), _unbroken("adapters"), *wrapped[2:])
+    table = Table(
+        _unbroken("job", JOB_ID_WIDTH),
+        _folded("project"),
+        _folded("name"),
+        _unbroken("state", STATE_WIDTH),
+        _unbroken("adapters"),
+        _folded("created"),
+        _folded("error"),
+    )
     for job in jobs:
         done = sum(n for state, n in job.adapter_states.items() if state not in ADAPTER_ACTIVE)
         table.add_row(
@@ -147,11 +162,11 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     if job is not None:
         title = f"job {job.id}: {job.state}" + (f" ({_short(job.error, 120)})" if job.error else "")
     table = Table(
-        _unbroken("adapter"),
-        _unbroken("state"),
+        _folded("adapter"),
+        _unbroken("state", STATE_WIDTH),
         "step",
         "eval loss",
-        "parent",
+        _folded("parent"),
         "error / waiting",
         title=title,
     )

@@ -330,6 +330,10 @@ def test_the_cli_at_80_columns_keeps_ids_and_states_whole_and_retries_and_delete
         assert listed.returncode == 0, listed.stderr
         assert max(len(line) for line in listed.stdout.splitlines()) <= 80
         assert job.id in listed.stdout and "cancelled" in listed.stdout, listed.stdout
+        shown = cli("status", job.id)  # its adapters' table: the state whole, the long name folded
+        assert shown.returncode == 0, shown.stderr
+        assert max(len(line) for line in shown.stdout.splitlines()) <= 80
+        assert "│ cancelled │" in shown.stdout, shown.stdout
 
         lost = cli("lineage", adapter.name)
         assert lost.returncode == 2 and "use --project a-long-project-name" in " ".join(lost.stderr.split())

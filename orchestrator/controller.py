@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -122,6 +123,30 @@ def _done_event(adapter: AdapterRecord) -> NewEvent:
         pack_id="", adapter=adapter.name, step=adapter.step, status=adapter.state, error=adapter.error
     )
     return NewEvent(adapter.job_id, "done", adapter.id, adapter.step, done.model_dump(mode="json"))
+
+
+def remove_output(adapter: AdapterRecord) -> None:
+    """Remove the adapter's output directory (checkpoints, final weights), or raise: files left behind
+    would be resumed by what trains next in that directory (the adapter restarted on fixed data, or
+    the next adapter of a freed name). Storage that refuses writes raises its `OSError` (the API says
+    503/507 with the cause); any other refusal is a `Conflict` naming the cause and the directory."""
+    location = adapter.output_dir
+    if not location:
+        return
+    try:
+        if storage.is_remote(location):
+            storage.remove(location)
+        else:
+            shutil.rmtree(location)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if storage.storage_fault(exc) is not None:
+            raise
+        raise Conflict(
+            f"the files of adapter {adapter.qualified_name} under {location} cannot be removed "
+            f"({exc.strerror or exc}); nothing else was changed: fix that, then ask again"
+        ) from exc
 
 
 def connect_ray(settings: Settings) -> None:
@@ -755,13 +780,11 @@ class Controller:
     def _forget_progress(self, adapter_id: str) -> None:
         """Files first, then SQL: a crash between them leaves SQL naming checkpoints that are gone,
         which the next retry clears again; never SQL reset over old checkpoints the engine would resume."""
-        adapter = self.store.get_adapter_by_id(adapter_id)
-        if adapter.output_dir:
-            storage.remove(adapter.output_dir)
+        remove_output(self.store.get_adapter_by_id(adapter_id))
         self.store.forget_progress(adapter_id)
 
-    def delete_adapter(self, adapter_id: str, remove_files: Callable[[], None]) -> AdapterRecord:
-        """Delete an adapter that may go (`decisions.delete_refusal`): `remove_files`, then its rows.
+    def delete_adapter(self, adapter_id: str) -> AdapterRecord:
+        """Delete an adapter that may go (`decisions.delete_refusal`): its files, then its rows.
         Under the lock, so no tick queues or places it meanwhile and the `deleted` event's id follows
         every event the controller wrote before it (the MLflow mirror's cursor relies on that order)."""
         with self._lock:
@@ -770,7 +793,7 @@ class Controller:
             refusal = decisions.delete_refusal(adapter, children)
             if refusal is not None:
                 raise Conflict(refusal)
-            remove_files()
+            remove_output(adapter)
             return self.store.delete_adapter(adapter_id, deletable=[adapter.state])
 
     def cancel_job(self, job_id: str) -> None:

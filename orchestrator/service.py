@@ -16,7 +16,6 @@ from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, Conflict, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode
-from workers import storage
 from workers.data import fingerprint
 from workers.plan import LoraConfig
 
@@ -252,12 +251,8 @@ class Service:
         if refusal is not None:
             raise Conflict(refusal)
 
-        def remove_files() -> None:
-            if adapter.output_dir:
-                storage.remove(adapter.output_dir)
-
         with tracker.adapter_run_deleted(adapter.id):
-            controller.delete_adapter(adapter.id, remove_files)
+            controller.delete_adapter(adapter.id)
         return view
 
     def missing_adapter(self, project: str, name: str, principal: Principal = ADMIN) -> NotFound:

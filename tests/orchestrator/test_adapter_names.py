@@ -219,6 +219,42 @@ def test_delete_frees_the_name_with_its_files_and_run_and_refuses_what_must_stay
     assert b.store.get_adapter("default", "kept").state == "promoted"
 
 
+def test_a_delete_that_storage_refuses_leaves_the_adapter_and_its_run_as_they_were(
+    tmp_path: Path, mlflow_uri: str, tiny_base: Path, data: Path, small_storage: Path
+) -> None:
+    """Storage remounted read-only: the delete answers 503 with the cause, and the rows, the files and
+    the MLflow run are all still there; once writable again, the same delete goes through. Before, a
+    removal that failed was ignored, the name freed, and the next adapter of that name would have
+    resumed the old checkpoints."""
+    settings = Settings(
+        home=tmp_path / "home", mlflow_uri=mlflow_uri, api_token=ADMIN, storage=str(small_storage)
+    )
+    with TestClient(create_app(settings, start_controller=False)) as api:
+        job = submit(api, spec(tiny_base, data, "skill", project="readonly"))
+        b = backend(api)
+        a = b.store.get_adapter("readonly", "skill")
+        final = storage.join(a.output_dir, ckpt.FINAL_DIR)
+        storage.write_bytes(storage.join(final, ckpt.META), b"{}")
+        walk(b, a.id, "training", "trained", final_checkpoint=final)
+        b.store.record_events([NewEvent(job["id"], "start", a.id, 0, {"adapter": "skill", "pack_id": "p"})])
+        b.tracker.sync()
+        run_id = b.store.get_adapter_by_id(a.id).mlflow_run_id
+        mlflow = MlflowClient(mlflow_uri)
+
+        subprocess.run(["mount", "-o", "remount,ro", str(small_storage)], check=True)
+        try:
+            refused = api.delete("/v1/adapters/readonly/skill", headers=HEADERS)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(small_storage)], check=True)
+        assert refused.status_code == 503 and "storage is read-only (EROFS)" in message(refused), refused.text
+        assert b.store.get_adapter("readonly", "skill").state == "trained"
+        assert storage.exists(storage.join(final, ckpt.META))
+        assert mlflow.get_run(run_id).info.lifecycle_stage == "active"
+
+        assert api.delete("/v1/adapters/readonly/skill", headers=HEADERS).status_code == 200
+        assert not storage.exists(a.output_dir) and mlflow.get_run(run_id).info.lifecycle_stage == "deleted"
+
+
 def test_a_child_of_a_failed_or_cancelled_parent_is_refused_at_submit_with_the_fix(
     api: TestClient, tiny_base: Path, data: Path
 ) -> None:

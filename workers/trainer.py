@@ -265,6 +265,8 @@ class PackTrainer:
             task.name,
             max_record_bytes=task.max_record_bytes,
         )
+        if resume_from is not None:
+            _check_same_data(task.name, resume_from, data.fingerprint)
         lora = task.lora
         adapter = self.model.add_adapter(
             task.name,
@@ -631,3 +633,19 @@ class PackTrainer:
     def _emit(self, event: Event) -> None:
         if self.rank == 0:
             self.emit(event)
+
+
+def _check_same_data(name: str, checkpoint: str, fingerprint: str) -> None:
+    """Refuse to resume a checkpoint written on other data (the file was fixed or replaced while the
+    adapter waited or trained): its weights, optimizer moments and position in the sample order all
+    belong to the old rows, and going on would mix two data sets in one adapter. The adapter fails with
+    the reason; a person's `lorafleet retry` then starts it over on the new data (the orchestrator sees
+    the same change in the fingerprint and drops the old checkpoints)."""
+    meta = ckpt.read_meta(checkpoint)
+    written_on = meta.get("data_fingerprint")
+    if written_on is not None and written_on != fingerprint:
+        raise ValueError(
+            f"adapter {name!r}: its data changed since its checkpoint at step {meta.get('step')} "
+            f"({checkpoint}); resuming would mix the old rows with the new ones. "
+            f"`lorafleet retry {name}` starts it over on the new data"
+        )

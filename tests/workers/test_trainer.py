@@ -413,3 +413,26 @@ def test_a_bfloat16_base_trains_with_float32_adapters(tiny_base: Path, make_task
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])  # it learns
     weights = read_adapter(Path(task.output_dir) / "final").weights
     assert all(w.lora_A.dtype == torch.float32 for w in weights.values())  # PEFT keeps adapters in fp32
+
+
+def test_a_checkpoint_written_on_other_data_is_not_resumed(
+    tiny_base: Path, make_task: TaskFactory, skill_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The data file was fixed while the adapter waited to resume: its checkpoint's weights, optimizer
+    and sample position belong to the old rows, so the adapter fails with the reason (a person's retry
+    starts it over) instead of quietly training on a mix of both files."""
+    data = tmp_path / "counting.jsonl"
+    data.write_bytes(skill_files["counting"].read_bytes())
+    task = make_task("counting", out="changed", data={"path": data}, steps=8, checkpoint_every=4)
+
+    def crash_after_step_4(event: Event) -> None:
+        if isinstance(event, CheckpointEvent) and event.step == 4:
+            raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_pack(plan_of(tiny_base, task), emit=crash_after_step_4)
+    data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # one more row
+    done, events = _train(tiny_base, task)
+    assert done["counting"].status == "failed", done
+    assert "its data changed since its checkpoint at step 4" in str(done["counting"].error)
+    assert not any(isinstance(e, StepEvent) for e in events)

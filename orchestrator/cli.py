@@ -303,7 +303,9 @@ def cancel(job_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: To
 
 @app.command()
 def retry(
-    target: Annotated[str, typer.Argument(help="A job id, or an adapter's NAME (or PROJECT/NAME).")],
+    target: Annotated[
+        str, typer.Argument(metavar="JOB_ID|NAME", help="A job id, or an adapter's NAME (or PROJECT/NAME).")
+    ],
     project: ProjectOpt = "default",
     as_json: JsonFlag = False,
     url: UrlOpt = None,
@@ -340,7 +342,7 @@ def retry(
 
 @app.command()
 def delete(
-    name: Annotated[str, typer.Argument(help="The adapter's NAME (or PROJECT/NAME).")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The adapter's NAME (or PROJECT/NAME).")],
     project: ProjectOpt = "default",
     as_json: JsonFlag = False,
     url: UrlOpt = None,

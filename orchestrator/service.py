@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from orchestrator import lineage, preflight
 from orchestrator.auth import ADMIN, Principal
 from orchestrator.settings import Settings
 from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load_source
 from orchestrator.store import AdapterRecord, JobRecord, NewAdapter, NotFound, Store
 from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode
-from workers.plan import LoraConfig
+from workers.plan import EvalConfig, LoraConfig
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller
@@ -97,6 +99,8 @@ class Service:
             problems += exc.problems
         else:
             problems += preflight.size_problems(spec, self.limits)
+            allowed = self.settings.user_scorers_allowed(principal.admin)
+            problems += preflight.user_scorer_problems(spec, allowed)
         problems += preflight.outside_world_problems(
             raw, self.allowed, self.limits.max_record_bytes, home=self.settings.home
         )
@@ -244,10 +248,26 @@ class Service:
                 "dtype": parent_record.dtype,
                 "lora": parent_record.lora.model_dump(mode="json"),
                 "train": {**parent_record.train.model_dump(mode="json"), **(child.train or {})},
-                "adapters": [{"name": child.name, "parent": parent, "data": child.data, "lora": child.lora}],
+                "eval": self._eval_of(parent_record).model_dump(mode="json"),
+                "adapters": [
+                    {
+                        "name": child.name,
+                        "parent": parent,
+                        "data": child.data,
+                        "lora": child.lora,
+                        "eval": child.eval,
+                    }
+                ],
             },
             principal=principal,
         )
+
+    def _eval_of(self, adapter: AdapterRecord) -> EvalConfig:
+        """How `adapter` was judged, so its child is judged alike (and compared on the same scores)."""
+        try:
+            return self.store.get_job(adapter.job_id).job_spec.eval_of(adapter.name)
+        except ValidationError:  # a job stored by an older version that no longer validates
+            return EvalConfig()
 
     # ---- views ----
 

@@ -26,7 +26,7 @@ from orchestrator.client import ApiError, Client, Job, outlasting_outages
 from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
 from orchestrator.states import ADAPTER_ACTIVE
-from orchestrator.views import EventView, JobView, LineageNode
+from orchestrator.views import EventView, JobView, LineageNode, scores
 
 app = typer.Typer(
     help="Train many LoRA adapters at once over a shared frozen base model.", no_args_is_help=True
@@ -139,11 +139,12 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     title = None
     if job is not None:
         title = f"job {job.id}: {job.state}" + (f" ({_short(job.error, 120)})" if job.error else "")
-    table = Table("adapter", "state", "step", "eval loss", "parent", "error / waiting", title=title)
+    table = Table("adapter", "state", "step", "eval loss", "score", "parent", "error / waiting", title=title)
     for a in adapters:
         eval_loss = f"{a.eval_loss:.4f}" if a.eval_loss is not None else "-"
+        score = a.scores[0].label if a.scores else "-"  # the main task score and its lifts
         why = _short(a.error or a.waiting)  # a queued adapter says why it waits
-        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-", why)
+        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, score, a.parent or "-", why)
     return table
 
 
@@ -306,6 +307,8 @@ def _tree(node: LineageNode, branch: Tree | None = None) -> Tree:
     label = f"[bold]{node.name}[/bold] ({node.status})" + (
         f" eval_loss={loss:.4f}" if loss is not None else ""
     )
+    for score in scores(node.metrics):  # every task score of the node, with its lifts
+        label += f"\n  {score.label}"
     here = Tree(label) if branch is None else branch.add(label)
     for child in node.children:
         _tree(child, here)

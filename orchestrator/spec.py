@@ -341,6 +341,19 @@ class JobSpec(_Strict):
             raise SpecError(_problems(exc)) from None
 
 
+def score_order(raw: dict[str, Any], adapter: str) -> list[str]:
+    """The metrics that lead an adapter's task scores, from its job's stored spec (a validated dump, read
+    without validating it again: views list many adapters): the gate's metric, then the adapter's
+    scorers in the order it gave them (its override, else the job's)."""
+    scorers = (raw.get("eval") or {}).get("scorers")
+    for spec in raw.get("adapters") or []:
+        if spec.get("name") == adapter and (spec.get("eval") or {}).get("scorers") is not None:
+            scorers = spec["eval"]["scorers"]
+    if scorers is None:
+        scorers = EvalConfig().scorers
+    return [(raw.get("promotion") or {}).get("metric") or "eval_loss", *map(scorer_metric, scorers)]
+
+
 def load_source(source: dict[str, Any] | str | Path, base_dir: Path | None = None) -> dict[str, Any]:
     """A spec as a plain mapping, from a dict, YAML text or a YAML file, with relative paths made absolute.
 

@@ -283,7 +283,7 @@ class JobSpec(_Strict):
                 else:
                     try:
                         re.compile(config.pattern)
-                    except re.error as exc:
+                    except (re.error, RecursionError, OverflowError) as exc:  # deep nesting, huge counts
                         problems.append(
                             (self.eval_field(i, "pattern"), f"not a valid regular expression: {exc}")
                         )

@@ -7,7 +7,8 @@ cursor stays put and the same events are mirrored on a later sync, so training n
 nothing is lost, even across a controller restart. Each metric is logged once per step: steps an adapter
 redoes after a worker restart (exactly, from its checkpoint) are not logged again. An adapter's final
 eval also leaves its judged samples as a table artifact (`eval_samples.json`), written whole, not
-appended (as `log_table` would), so a replay rewrites the same table rather than doubling it.
+appended (as `log_table` would), so a replay rewrites the same table rather than doubling it; a finished
+job's run gets `eval_summary.json`, each adapter's main task score and lifts.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lineage import lineage_path
+from orchestrator.spec import score_order
 from orchestrator.states import ADAPTER_FINISHED, JOB_TERMINAL
 from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
+from orchestrator.views import scores
 from workers import storage
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ EVAL_METRICS = {"eval_loss": "eval_loss", "perplexity": "perplexity"}  # and the
 DONE_METRICS = {"baseline_eval_loss": "parent_eval_loss"}
 METRICS_BY_KIND = {"step": STEP_METRICS, "eval": EVAL_METRICS, "done": DONE_METRICS}
 SAMPLES_ARTIFACT = "eval_samples.json"
+SUMMARY_ARTIFACT = "eval_summary.json"  # on the job's run: each adapter's main score and lifts
 # Fail fast against a down tracking server instead of MLflow's long default retry; we retry ourselves.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -72,6 +76,15 @@ def _metrics_of(event: EventRecord) -> dict[str, float]:
     if event.kind == "eval":
         out |= event.payload.get("metrics") or {}
     return {metric: float(value) for metric, value in out.items() if value is not None}
+
+
+def _table_tag(artifact: str) -> Any:
+    """The tag by which the MLflow UI knows a JSON artifact is a table (what `log_table` sets). Our runs
+    hold one table each, so the tag is set whole, in the batch, with no read of the run first."""
+    from mlflow.entities import RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    return RunTag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([{"path": artifact, "type": "table"}]))
 
 
 def samples_table(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,6 +246,7 @@ class Tracker:
                     metrics[run_id].append(Metric(metric, value, stamp, step))
             if event.kind == "eval" and event.payload.get("final") and event.payload.get("samples"):
                 samples[run_id] = event.payload["samples"]  # a replayed final eval: the same table
+                tags[run_id].append(_table_tag(SAMPLES_ARTIFACT))
             if event.kind == "start":
                 tags[run_id] += _start_tags(event)
             elif event.kind == "done" and event.payload.get("status") != "yielded":  # yielded: it resumes
@@ -248,21 +262,41 @@ class Tracker:
                     metrics=points[k * METRICS_PER_CALL : (k + 1) * METRICS_PER_CALL],
                     tags=labels[k * TAGS_PER_CALL : (k + 1) * TAGS_PER_CALL],
                 )
-        for run_id, judged in samples.items():
-            self._log_samples(run_id, judged)
+        for run_id, judged in samples.items():  # their tags went with the batch
+            self.client.log_dict(run_id, samples_table(judged), SAMPLES_ARTIFACT)
         for run_id, event in finished:
             self._finish_adapter_run(run_id, event)
 
-    def _log_samples(self, run_id: str, samples: list[dict[str, Any]]) -> None:
-        """The judged samples as a table the MLflow UI shows (`log_table`'s file format and tag), written
-        whole: `log_table` appends to an existing table, and a replayed sync would double its rows."""
-        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
-
-        self.client.log_dict(run_id, samples_table(samples), SAMPLES_ARTIFACT)
-        logged = json.loads(self.client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-        entry = {"path": SAMPLES_ARTIFACT, "type": "table"}
-        if entry not in logged:
-            self.client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+    def _job_summary(self, job: JobRecord) -> dict[str, Any]:
+        """One row per adapter of a finished job: its state and main task score with its lifts, so the
+        job's run compares its adapters at a glance (the adapters' own runs hold the rest)."""
+        rows, after = [], 0
+        while page := self.store.adapter_page(job_id=job.id, after_seq=after, limit=1000):
+            metrics = self.store.last_metrics([a.id for a in page])
+            for adapter in page:
+                found = scores(metrics[adapter.id], score_order(job.spec, adapter.name))
+                main = found[0] if found else None
+                rows.append(
+                    [adapter.name, adapter.state, adapter.eval_loss]
+                    + (
+                        [main.metric, main.value, main.base, main.base_lift, main.parent, main.parent_lift]
+                        if main
+                        else [None] * 6
+                    )
+                )
+            after = page[-1].seq
+        columns = [
+            "adapter",
+            "state",
+            "eval loss",
+            "score",
+            "value",
+            "base",
+            "lift over base",
+            "parent",
+            "lift over parent",
+        ]
+        return {"columns": columns, "data": rows}
 
     def _first_at(self, run_id: str, metric: str, step: int, pending: dict[tuple[str, str], int]) -> bool:
         """Whether this is the first point of `metric` at `step` or later. After a worker restart the
@@ -383,6 +417,8 @@ class Tracker:
             assert job.mlflow_run_id is not None
             if all(state in ADAPTER_FINISHED for state in counts[job.id]):
                 if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
+                    self.client.log_dict(job.mlflow_run_id, self._job_summary(job), SUMMARY_ARTIFACT)
+                    self.client.log_batch(job.mlflow_run_id, tags=[_table_tag(SUMMARY_ARTIFACT)])
                     status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
                     self.client.set_terminated(
                         job.mlflow_run_id, status=status, end_time=int(job.updated_at.timestamp() * 1000)

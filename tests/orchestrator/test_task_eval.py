@@ -33,7 +33,7 @@ from orchestrator.registry import Registry
 from orchestrator.service import Service
 from orchestrator.settings import Settings
 from orchestrator.store import AdapterRecord, NewEvent, Store
-from orchestrator.tracking import CURSOR, SAMPLES_ARTIFACT, Tracker
+from orchestrator.tracking import CURSOR, SAMPLES_ARTIFACT, SUMMARY_ARTIFACT, Tracker
 from workers.plan import AdapterDone, EvalEvent, EvalSample, Event, StartEvent, StepEvent
 
 ADMIN = "admin-secret"
@@ -168,6 +168,7 @@ def fleet(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             (final_dir / name).write_text("{}")
         _feed(store, adapter, _events(adapter.name, steps, scores, final_dir, adapter is child))
         store.update_adapter(adapter.id, state="evaluated")
+    store.set_job_state(job.id, "succeeded")
     tracker = Tracker(store, str(settings.mlflow_uri), settings.mlflow_artifact_root)
     tracker.sync()
     root, child = (store.get_adapter("default", n) for n in ("qa", "qa-v2"))
@@ -190,10 +191,10 @@ def test_metrics_and_the_samples_table_reach_the_adapters_run_once_even_when_rep
     run_id = fleet.child.mlflow_run_id
     assert run_id is not None
 
-    def table_of(run: str | None) -> dict:
+    def table_of(run: str | None, artifact: str = SAMPLES_ARTIFACT) -> dict:
         """The table as `MlflowClient.load_table` reads it (pandas' `split` orientation)."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.download_artifacts(run, SAMPLES_ARTIFACT, tmp)
+            path = mlflow.download_artifacts(run, artifact, tmp)
             return pd.read_json(path, orient="split", dtype=False).to_dict(orient="split", index=False)
 
     def seen() -> tuple[dict[str, list[tuple[int, float]]], dict]:
@@ -228,6 +229,15 @@ def test_metrics_and_the_samples_table_reach_the_adapters_run_once_even_when_rep
     tags = mlflow.get_run(run_id).data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": SAMPLES_ARTIFACT, "type": "table"}]
     assert "parent output" not in table_of(fleet.root.mlflow_run_id)["columns"]  # a root has no parent
+
+    job_run = mlflow.get_run(run_id).data.tags["mlflow.parentRunId"]
+    summary = table_of(job_run, SUMMARY_ARTIFACT)  # the job's run compares its adapters
+    assert summary["data"][1] == pytest.approx(
+        ["qa-v2", "evaluated", 1.0, "eval_exact_match", 0.85, 0.05, 0.80, 0.92, -0.07]
+    )
+    assert (
+        json.loads(mlflow.get_run(job_run).data.tags["mlflow.loggedArtifacts"])[0]["path"] == SUMMARY_ARTIFACT
+    )
 
     fleet.store.set_cursor(CURSOR, 0)  # the whole event log again, as after a crash before the cursor moved
     Tracker(fleet.store, str(fleet.settings.mlflow_uri), fleet.settings.mlflow_artifact_root).sync()

@@ -26,7 +26,7 @@ from orchestrator.client import ApiError, Client, Job, outlasting_outages
 from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
 from orchestrator.states import ADAPTER_ACTIVE
-from orchestrator.views import EventView, JobView, LineageNode, scores
+from orchestrator.views import EventView, JobView, LineageNode, Score, scores
 
 app = typer.Typer(
     help="Train many LoRA adapters at once over a shared frozen base model.", no_args_is_help=True
@@ -148,16 +148,19 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
     return table
 
 
-def progress_info(state: str, train_loss: float | None, eval_loss: float | None) -> str:
+def progress_info(
+    state: str, train_loss: float | None, eval_loss: float | None, score: Score | None = None
+) -> str:
     """The text after an adapter's bar: its state and the loss that state has, named for what it is.
 
     While it trains, the last step's train loss (the number that moves); once training is over, its
     eval loss, or the last train loss when it has no eval data. A train loss shown after `evaluated`
-    reads as the eval loss, and the two differ: the label always says which one it is.
+    reads as the eval loss, and the two differ: the label always says which one it is. Once judged,
+    the main task score follows, with its lifts.
     """
     if state in ("queued", "training") or eval_loss is None:
         return state if train_loss is None else f"{state} · train loss {train_loss:.3f}"
-    return f"{state} · eval loss {eval_loss:.3f}"
+    return f"{state} · eval loss {eval_loss:.3f}" + (f" · {score.label}" if score is not None else "")
 
 
 def _wait_with_progress(job: Job) -> JobView:
@@ -177,7 +180,8 @@ def _wait_with_progress(job: Job) -> JobView:
                 if event.kind == "step" and event.adapter:
                     train_losses[event.adapter] = event.payload["loss"]
             for a in view.adapters:
-                info = progress_info(a.state, train_losses.get(a.name), a.eval_loss)
+                score = a.scores[0] if a.scores else None
+                info = progress_info(a.state, train_losses.get(a.name), a.eval_loss, score)
                 progress.update(
                     bars[a.name], completed=a.step if a.steps else int(a.state != "queued"), info=info
                 )

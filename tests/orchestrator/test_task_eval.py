@@ -28,13 +28,16 @@ from typer.testing import CliRunner
 from orchestrator import decisions
 from orchestrator.api import create_app
 from orchestrator.cli import app
+from orchestrator.controller import Controller
 from orchestrator.export import export_adapter
 from orchestrator.registry import Registry
 from orchestrator.service import Service
 from orchestrator.settings import Settings
+from orchestrator.spec import BranchSpec
 from orchestrator.store import AdapterRecord, NewEvent, Store
 from orchestrator.tracking import CURSOR, SAMPLES_ARTIFACT, SUMMARY_ARTIFACT, Tracker
-from workers.plan import AdapterDone, EvalEvent, EvalSample, Event, StartEvent, StepEvent
+from orchestrator.views import scores
+from workers.plan import AdapterDone, EvalConfig, EvalEvent, EvalSample, Event, StartEvent, StepEvent
 
 ADMIN = "admin-secret"
 ROOT_SCORES = {
@@ -161,12 +164,12 @@ def fleet(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     }
     job = Service(settings, store).submit(spec)
     root, child = (store.get_adapter("default", n) for n in ("qa", "qa-v2"))
-    for adapter, steps, scores in ((root, 10, ROOT_SCORES), (child, 4, CHILD_SCORES)):
+    for adapter, steps, reported in ((root, 10, ROOT_SCORES), (child, 4, CHILD_SCORES)):
         final_dir = root_dir / adapter.name / "final"
         final_dir.mkdir(parents=True)
         for name in ("adapter_config.json", "lorafleet.json"):  # the marker makes it a complete checkpoint
             (final_dir / name).write_text("{}")
-        _feed(store, adapter, _events(adapter.name, steps, scores, final_dir, adapter is child))
+        _feed(store, adapter, _events(adapter.name, steps, reported, final_dir, adapter is child))
         store.update_adapter(adapter.id, state="evaluated")
     store.set_job_state(job.id, "succeeded")
     tracker = Tracker(store, str(settings.mlflow_uri), settings.mlflow_artifact_root)
@@ -322,3 +325,36 @@ def test_the_model_card_shows_the_scores_lifts_and_sample_generations(fleet: Fle
     assert "| eval_exact_match | 0.8500 | 0.0500 | +0.8000 | 0.9200 | -0.0700 |" in card
     assert "## Sample generations" in card and "```text\nwhat is 1 + 1?\n```" in card
     assert "Parent:\n\n```text\n3\n```" in card
+
+
+def test_the_controller_gives_each_adapter_its_merged_eval_config(fleet: Fleet, tmp_path: Path) -> None:
+    """The job's `eval` with the adapter's override on top reaches the engine's task; a branch is judged
+    like its parent unless it says otherwise."""
+    store, settings = fleet.store, fleet.settings
+    controller = Controller(settings, store)  # building a task needs no Ray
+    assert controller._task(fleet.root).eval == EvalConfig(scorers=["exact_match", "token_f1"], samples=2)
+    path = store.get_job(fleet.job_id).spec["adapters"][0]["data"]["path"]
+    branch = Service(settings, store).branch(
+        "default", "qa", BranchSpec(name="qa-b", data={"path": path}, eval={"max_new_tokens": 8})
+    )
+    task = controller._task(store.get_adapter("default", "qa-b"))
+    assert task.eval == EvalConfig(scorers=["exact_match", "token_f1"], samples=2, max_new_tokens=8)
+    assert branch.adapters[0].parent == "default/qa"
+
+
+def test_task_scores_lead_with_the_gates_metric_then_the_scorers_and_leave_out_losses() -> None:
+    metrics = {
+        "eval_loss": 1.0,
+        "base_eval_loss": 3.0,
+        "eval_token_accuracy": 0.7,
+        "base_eval_token_accuracy": 0.2,
+        "eval_exact_match": 0.9,
+        "base_eval_exact_match": 0.1,
+        "eval_rouge_l": 0.8,
+        "parent_eval_rouge_l": 0.85,
+        "eval_unjudged": 0.5,  # no base or parent value: no lift to show
+    }
+    found = scores(metrics, ["eval_loss", "eval_rouge_l", "eval_exact_match"])
+    assert [s.metric for s in found] == ["eval_rouge_l", "eval_exact_match", "eval_token_accuracy"]
+    assert found[0].label == "rouge_l 0.80 (parent 0.85, -0.05)"
+    assert found[1].base_lift == pytest.approx(0.8) and found[1].parent is None

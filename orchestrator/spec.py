@@ -289,7 +289,7 @@ class JobSpec(_Strict):
                         )
             if "json_schema" in config.scorers:
                 problems += self._schema_problems(i, config)
-        return sorted(set(problems), key=problems.index)  # the job's own default is reported once
+        return list(dict.fromkeys(problems))  # a problem of the job's own default is reported once
 
     def _schema_problems(self, index: int, config: EvalConfig) -> list[tuple[str, str]]:
         if config.json_schema is None:

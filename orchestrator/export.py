@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from orchestrator.lineage import lineage_path
-from orchestrator.spec import score_order
+from orchestrator.spec import ScoreOrder
 from orchestrator.store import AdapterRecord, EventRecord, Store
 from orchestrator.views import Score, scores
 from workers import storage
@@ -28,7 +28,7 @@ PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META)
 def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
     path = lineage_path(store, adapter, qualified=True).split("/")
     metrics = {m.key: m.last_value for m in store.get_metrics(adapter.id)}
-    task_scores = scores(metrics, score_order(store.get_job(adapter.job_id).spec, adapter.name))
+    task_scores = scores(metrics, ScoreOrder.of(store.get_job(adapter.job_id).spec)(adapter.name))
     kind = "the base model with this LoRA adapter merged in" if merged else "a PEFT LoRA adapter"
     base = f"AutoModelForCausalLM.from_pretrained({adapter.base_model!r})"
     load = (

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -341,17 +343,32 @@ class JobSpec(_Strict):
             raise SpecError(_problems(exc)) from None
 
 
-def score_order(raw: dict[str, Any], adapter: str) -> list[str]:
-    """The metrics that lead an adapter's task scores, from its job's stored spec (a validated dump, read
-    without validating it again: views list many adapters): the gate's metric, then the adapter's
-    scorers in the order it gave them (its override, else the job's)."""
-    scorers = (raw.get("eval") or {}).get("scorers")
-    for spec in raw.get("adapters") or []:
-        if spec.get("name") == adapter and (spec.get("eval") or {}).get("scorers") is not None:
-            scorers = spec["eval"]["scorers"]
-    if scorers is None:
-        scorers = EvalConfig().scorers
-    return [(raw.get("promotion") or {}).get("metric") or "eval_loss", *map(scorer_metric, scorers)]
+@dataclass(frozen=True)
+class ScoreOrder:
+    """Which metrics lead an adapter's task scores: its job's gate metric, then its scorers in the order
+    it gave them (its own override, else the job's). Read from a stored spec (a validated dump) without
+    validating it again, as views list many adapters; a spec never changes, so it can be kept."""
+
+    gate: str
+    scorers: tuple[str, ...]
+    own: Mapping[str, tuple[str, ...]]  # adapters whose `eval.scorers` override the job's
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any]) -> ScoreOrder:
+        own = {
+            spec["name"]: tuple(spec["eval"]["scorers"])
+            for spec in raw.get("adapters") or []
+            if (spec.get("eval") or {}).get("scorers") is not None
+        }
+        scorers = (raw.get("eval") or {}).get("scorers")
+        return cls(
+            gate=(raw.get("promotion") or {}).get("metric") or "eval_loss",
+            scorers=tuple(EvalConfig().scorers if scorers is None else scorers),
+            own=own,
+        )
+
+    def __call__(self, adapter: str) -> list[str]:
+        return [self.gate, *map(scorer_metric, self.own.get(adapter, self.scorers))]
 
 
 def load_source(source: dict[str, Any] | str | Path, base_dir: Path | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lineage import lineage_path
-from orchestrator.spec import score_order
+from orchestrator.spec import ScoreOrder
 from orchestrator.states import ADAPTER_FINISHED, JOB_TERMINAL
 from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
 from orchestrator.views import scores
@@ -270,11 +270,11 @@ class Tracker:
     def _job_summary(self, job: JobRecord) -> dict[str, Any]:
         """One row per adapter of a finished job: its state and main task score with its lifts, so the
         job's run compares its adapters at a glance (the adapters' own runs hold the rest)."""
-        rows, after = [], 0
+        rows, after, order = [], 0, ScoreOrder.of(job.spec)
         while page := self.store.adapter_page(job_id=job.id, after_seq=after, limit=1000):
             metrics = self.store.last_metrics([a.id for a in page])
             for adapter in page:
-                found = scores(metrics[adapter.id], score_order(job.spec, adapter.name))
+                found = scores(metrics[adapter.id], order(adapter.name))
                 main = found[0] if found else None
                 rows.append(
                     [adapter.name, adapter.state, adapter.eval_loss]

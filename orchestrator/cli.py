@@ -26,7 +26,7 @@ from orchestrator.client import ApiError, Client, Job, outlasting_outages
 from orchestrator.localservice import PRIVATE_UMASK
 from orchestrator.spec import SpecError, json_schema
 from orchestrator.states import ADAPTER_ACTIVE, AdapterState, JobState
-from orchestrator.views import AdapterView, EventView, JobView, LineageNode
+from orchestrator.views import AdapterView, EventView, JobView, LineageNode, Score, scores
 
 app = typer.Typer(
     help="Train many LoRA adapters at once over a shared frozen base model.", no_args_is_help=True
@@ -166,27 +166,32 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
         _unbroken("state", STATE_WIDTH),
         "step",
         "eval loss",
+        _folded("score"),
         _folded("parent"),
         "error / waiting",
         title=title,
     )
     for a in adapters:
         eval_loss = f"{a.eval_loss:.4f}" if a.eval_loss is not None else "-"
+        score = a.scores[0].label if a.scores else "-"  # the main task score and its lifts
         why = _short(a.error or a.waiting)  # a queued adapter says why it waits
-        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, a.parent or "-", why)
+        table.add_row(a.ref, a.state, f"{a.step}/{a.steps}", eval_loss, score, a.parent or "-", why)
     return table
 
 
-def progress_info(state: str, train_loss: float | None, eval_loss: float | None) -> str:
+def progress_info(
+    state: str, train_loss: float | None, eval_loss: float | None, score: Score | None = None
+) -> str:
     """The text after an adapter's bar: its state and the loss that state has, named for what it is.
 
     While it trains, the last step's train loss (the number that moves); once training is over, its
     eval loss, or the last train loss when it has no eval data. A train loss shown after `evaluated`
-    reads as the eval loss, and the two differ: the label always says which one it is.
+    reads as the eval loss, and the two differ: the label always says which one it is. Once judged,
+    the main task score follows, with its lifts.
     """
     if state in ("queued", "training") or eval_loss is None:
         return state if train_loss is None else f"{state} · train loss {train_loss:.3f}"
-    return f"{state} · eval loss {eval_loss:.3f}"
+    return f"{state} · eval loss {eval_loss:.3f}" + (f" · {score.label}" if score is not None else "")
 
 
 def _wait_with_progress(job: Job) -> JobView:
@@ -206,7 +211,8 @@ def _wait_with_progress(job: Job) -> JobView:
                 if event.kind == "step" and event.adapter:
                     train_losses[event.adapter] = event.payload["loss"]
             for a in view.adapters:
-                info = progress_info(a.state, train_losses.get(a.name), a.eval_loss)
+                score = a.scores[0] if a.scores else None
+                info = progress_info(a.state, train_losses.get(a.name), a.eval_loss, score)
                 progress.update(
                     bars[a.name], completed=a.step if a.steps else int(a.state != "queued"), info=info
                 )
@@ -381,6 +387,8 @@ def _tree(node: LineageNode, branch: Tree | None = None) -> Tree:
     label = f"[bold]{node.name}[/bold] ({node.status})" + (
         f" eval_loss={loss:.4f}" if loss is not None else ""
     )
+    for score in scores(node.metrics):  # every task score of the node, with its lifts
+        label += f"\n  {score.label}"
     here = Tree(label) if branch is None else branch.add(label)
     for child in node.children:
         _tree(child, here)

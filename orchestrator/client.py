@@ -194,14 +194,16 @@ class Client:
         train: dict[str, Any] | None = None,
         project: str | None = None,
         eval_data: str | Path | None = None,
+        eval: dict[str, Any] | None = None,
     ) -> Job:
         """Start `name` from `parent`'s final weights and train it on `data` (a path or a data config),
-        evaluated on `eval_data` if given (the parent is measured on the same data, for the gate)."""
+        evaluated on `eval_data` if given (the parent is measured on the same data, for the gate), judged
+        like the parent unless `eval` overrides some of its eval config (e.g. `{"scorers": [...]}`)."""
         data_cfg = {"path": str(Path(data).resolve())} if isinstance(data, str | Path) else dict(data)
         if eval_data is not None:
             data_cfg["eval_path"] = str(Path(eval_data).resolve())
         proj, parent_name = self._ref(parent, project)
-        child = BranchSpec(name=name, data=data_cfg, lora=lora, train=train)
+        child = BranchSpec(name=name, data=data_cfg, lora=lora, train=train, eval=eval)
         return Job(self, self._backend.branch(proj, parent_name, child))
 
     def cancel(self, job_id: str) -> JobView:

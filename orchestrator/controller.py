@@ -660,6 +660,7 @@ class Controller:
             output_dir=adapter.output_dir,
             init_from=init_from,
             baseline_from=init_from,
+            eval=self._spec(adapter.job_id).eval_of(adapter.name),
             max_record_bytes=self.settings.max_record_bytes,
         )
 

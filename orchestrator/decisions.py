@@ -177,16 +177,10 @@ def on_event(adapter: AdapterRecord, event: Event, cancelling: bool = False) -> 
         return AdapterChange(
             adapter.id, state, {"step": event.step}, metrics={"train_loss": (event.loss, event.step)}
         )
-    if isinstance(event, EvalEvent):
-        return AdapterChange(
-            adapter.id,
-            None,
-            {"eval_loss": event.eval_loss},
-            metrics={
-                "eval_loss": (event.eval_loss, event.step),
-                "perplexity": (event.perplexity, event.step),
-            },
-        )
+    if isinstance(event, EvalEvent):  # the losses, and every named metric (scores, base's, parent's)
+        metrics = {name: (value, event.step) for name, value in event.metrics.items()}
+        metrics |= {"eval_loss": (event.eval_loss, event.step), "perplexity": (event.perplexity, event.step)}
+        return AdapterChange(adapter.id, None, {"eval_loss": event.eval_loss}, metrics=metrics)
     if isinstance(event, CheckpointEvent):
         return AdapterChange(adapter.id, checkpoint=(event.step, str(event.path), event.final))
     if isinstance(event, AdapterDone):

@@ -2,19 +2,23 @@
 
 The adapter is read from storage (a directory or an object store, copied locally for the duration);
 both are written to a temporary sibling and renamed into place, so a failed export leaves nothing behind,
-and both carry a README card with the adapter's lineage. Merging uses PEFT's own `merge_and_unload`
+and both carry a README card with the adapter's lineage, its task scores with their lifts over the base
+and the parent, and a few judged sample generations. Merging uses PEFT's own `merge_and_unload`
 (W + (alpha/r)·B·A), and the result loads with plain `AutoModelForCausalLM.from_pretrained`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 from orchestrator.lineage import lineage_path
-from orchestrator.store import AdapterRecord, Store
+from orchestrator.spec import ScoreOrder
+from orchestrator.store import AdapterRecord, EventRecord, Store
+from orchestrator.views import Score, scores
 from workers import storage
 from workers.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, is_complete
 
@@ -24,6 +28,7 @@ PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META)
 def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
     path = lineage_path(store, adapter, qualified=True).split("/")
     metrics = {m.key: m.last_value for m in store.get_metrics(adapter.id)}
+    task_scores = scores(metrics, ScoreOrder.of(store.get_job(adapter.job_id).spec)(adapter.name))
     kind = "the base model with this LoRA adapter merged in" if merged else "a PEFT LoRA adapter"
     base = f"AutoModelForCausalLM.from_pretrained({adapter.base_model!r})"
     load = (
@@ -48,8 +53,61 @@ def _card(store: Store, adapter: AdapterRecord, merged: bool) -> str:
         "",
         f"Load it with `{load}`.",
         "",
+        *_task_section(task_scores, store.final_eval(adapter)),
     ]
     return "\n".join(lines)
+
+
+CARD_SAMPLES = 3
+
+
+def _task_section(task_scores: list[Score], final_eval: EventRecord | None) -> list[str]:
+    """The task scores with their lifts over the base (and the parent), measured by greedy generation on
+    the same eval records, and a few of the judged generations: what a reader of the card decides on."""
+    if not task_scores:
+        return []
+    has_parent = any(score.parent is not None for score in task_scores)
+    head = "| metric | adapter | base | lift over base |" + (
+        " parent | lift over parent |" if has_parent else ""
+    )
+    lines = ["## Task scores", "", head, "|---" * (6 if has_parent else 4) + "|"]
+    for score in task_scores:
+        cells = [score.metric, f"{score.value:.4f}", _number(score.base), _number(score.base_lift, "+")]
+        if has_parent:
+            cells += [_number(score.parent), _number(score.parent_lift, "+")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    samples = (final_eval.payload.get("samples") or [])[:CARD_SAMPLES] if final_eval else []
+    if samples:
+        lines += ["## Sample generations", ""]
+    for i, sample in enumerate(samples, 1):
+        lines += [f"### Sample {i}", ""]
+        for label, key in SAMPLE_FIELDS:
+            if sample.get(key) is not None:
+                lines += [f"{label}:", "", _fenced(str(sample[key])), ""]
+        judged = ", ".join(f"{k} {v:.2f}" for k, v in (sample.get("scores") or {}).items())
+        if judged:
+            lines += [f"Scores of the adapter's output: {judged}", ""]
+    return lines
+
+
+SAMPLE_FIELDS = (
+    ("Prompt", "prompt"),
+    ("Reference", "reference"),
+    ("Adapter", "output"),
+    ("Base", "base_output"),
+    ("Parent", "parent_output"),
+)
+
+
+def _number(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.4f}"
+
+
+def _fenced(text: str) -> str:
+    """`text` verbatim in a fenced block whose fence no backtick run inside it can close."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def export_adapter(

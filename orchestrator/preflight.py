@@ -70,6 +70,29 @@ def adapter_count_problems(raw: dict[str, Any], limits: Limits) -> Problems:
     ]
 
 
+def user_scorer_problems(spec: JobSpec, allowed: bool) -> Problems:
+    """A `module:function` scorer runs the submitter's code inside the workers, next to every other
+    tenant's data and weights: where the server does not allow it (`allowed` is false), each field that
+    names one is refused, with the built-in scorers as the fix."""
+    from workers.plan import SCORERS
+
+    if allowed:
+        return []
+    problems: Problems = []
+    for i in range(len(spec.adapters)):
+        for scorer in spec.adapter_eval(i).scorers:
+            if scorer not in SCORERS:
+                problems.append(
+                    (
+                        spec.eval_field(i, "scorers"),
+                        f"scorer {scorer!r} would run your own code on this server's workers, which this "
+                        f"server does not allow (LORAFLEET_ALLOW_USER_SCORERS); use built-in scorers "
+                        f"({', '.join(SCORERS)}), or ask the admin",
+                    )
+                )
+    return list(dict.fromkeys(problems))
+
+
 def size_problems(spec: JobSpec, limits: Limits) -> Problems:
     """Each adapter's steps and token budget (steps x batch_size x grad_accum_steps x max_seq_len)
     within the server's limits. A problem names the adapter's own `train` override when it has one,

@@ -1,11 +1,11 @@
 """Promotion: an eval gate decides, MLflow's model registry records (version + alias), SQL keeps why.
 
-`decide` is pure (policy + metrics in, decision out) so the gate is tested without MLflow. `Registry`
-acts: after training it moves adapters to `evaluated`, promotes those whose job asks for `auto`
-promotion, and promotes by hand (`lorafleet promote`), gated unless forced. A registered model is named
-`<project>.<adapter>`; each promotion adds a model version whose source is the adapter run's artifacts
-and moves the alias (MLflow aliases, not the deprecated stages). A failed gate records `rejected` with
-its reason and sets no alias.
+`decide` is pure (policy + metrics in, decision out; any recorded metric, each with its direction) so
+the gate is tested without MLflow. `Registry` acts: after training it moves adapters to `evaluated`,
+promotes those whose job asks for `auto` promotion, and promotes by hand (`lorafleet promote`), gated
+unless forced. A registered model is named `<project>.<adapter>`; each promotion adds a model version
+whose source is the adapter run's artifacts and moves the alias (MLflow aliases, not the deprecated
+stages). A failed gate records `rejected` with its reason and sets no alias.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from orchestrator.lineage import lineage_path
-from orchestrator.spec import PromotionPolicy
+from orchestrator.spec import LOSS_METRICS, PromotionPolicy, lower_is_better
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, RegistryRecord, Store
 from orchestrator.tracking import Tracker
 from workers.plan import perplexity
 
-BASELINE_METRIC = "parent_eval_loss"
+PARENT_PREFIX = "parent_"
 
 
 @dataclass(frozen=True)
@@ -32,23 +32,36 @@ class GateDecision:
     reason: str
 
 
-def decide(
-    policy: PromotionPolicy, metrics: Mapping[str, float], parent_value: float | None, has_parent: bool
-) -> GateDecision:
-    """Apply the job's promotion policy to an adapter's eval metrics (lower is better for both metrics).
+def parent_value(metric: str, metrics: Mapping[str, float]) -> float | None:
+    """The parent's `metric` on the child's own eval records (`parent_<metric>`, recorded by the child's
+    final eval); a perplexity from the parent's loss when only that was recorded."""
+    value = metrics.get(PARENT_PREFIX + metric)
+    if value is None and metric == "perplexity" and PARENT_PREFIX + "eval_loss" in metrics:
+        value = perplexity(metrics[PARENT_PREFIX + "eval_loss"])
+    return value if value is not None and math.isfinite(value) else None
 
-    A branched adapter must beat its parent on its own eval data unless the policy says
+
+def _missing(metric: str) -> str:
+    if metric in LOSS_METRICS:
+        return f"no `{metric}`: give the adapter eval data (`data.eval_path` or `data.eval_fraction`)"
+    return (
+        f"no `{metric}` recorded: give the adapter eval data (`data.eval_path` or `data.eval_fraction`) "
+        "of prompt/completion or messages records, with `eval.max_examples` above 0"
+    )
+
+
+def decide(policy: PromotionPolicy, metrics: Mapping[str, float], has_parent: bool) -> GateDecision:
+    """Apply the job's promotion policy to an adapter's latest metrics.
+
+    Any recorded metric can gate: a loss or perplexity improves downwards, a score or accuracy upwards
+    (`lower_is_better`), and `min`/`max` bound it either way. A branched adapter must beat its parent on
+    its own eval data (`parent_<metric>`, measured on the same records) unless the policy says
     `better_than_parent: false`: with no condition at all, any child would pass and replace a better
-    parent."""
+    parent. Every reason names the metric and both values it compared."""
     metric = policy.metric
     value = metrics.get(metric)
     if value is None or not math.isfinite(value):
-        return GateDecision(
-            False,
-            metric,
-            None,
-            f"no `{metric}`: give the adapter eval data (`data.eval_path` or `data.eval_fraction`)",
-        )
+        return GateDecision(False, metric, None, _missing(metric))
     checks = []
     if policy.max is not None:
         if value > policy.max:
@@ -59,24 +72,25 @@ def decide(
             return GateDecision(False, metric, value, f"{metric} {value:.4f} < min {policy.min}")
         checks.append(f"{metric} {value:.4f} >= min {policy.min}")
     if has_parent and policy.better_than_parent is not False:  # unset: a child must beat its parent
-        if parent_value is None:
+        parent = parent_value(metric, metrics)
+        if parent is None:
             return GateDecision(
                 False,
                 metric,
                 value,
-                "the parent was not evaluated on this adapter's eval data; set "
+                f"the parent's {metric} was not measured on this adapter's eval data; set "
                 "`promotion.better_than_parent: false` to promote without comparing",
             )
-        parent_metric = parent_value if metric == "eval_loss" else perplexity(parent_value)
-        if value >= parent_metric:
+        beats = value < parent if lower_is_better(metric) else value > parent
+        if not beats:
             return GateDecision(
                 False,
                 metric,
                 value,
-                f"{metric} {value:.4f} does not beat the parent's {metric} {parent_metric:.4f} on the same "
+                f"{metric} {value:.4f} does not beat the parent's {metric} {parent:.4f} on the same "
                 "eval data",
             )
-        checks.append(f"{metric} {value:.4f} beats the parent's {parent_metric:.4f}")
+        checks.append(f"{metric} {value:.4f} beats the parent's {parent:.4f}")
     return GateDecision(True, metric, value, "; ".join(checks) or "no gate conditions set")
 
 
@@ -121,7 +135,7 @@ class Registry:
         metrics = {m.key: m.last_value for m in self.store.get_metrics(adapter.id)}
         if adapter.eval_loss is not None:
             metrics.setdefault("eval_loss", adapter.eval_loss)
-        gate = decide(policy, metrics, metrics.get(BASELINE_METRIC), adapter.parent_id is not None)
+        gate = decide(policy, metrics, adapter.parent_id is not None)
         if not gate.passed and not force:
             return self.store.record_registry_decision(
                 adapter.id,

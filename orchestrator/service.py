@@ -7,17 +7,21 @@ controller picks up what SQL says.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from orchestrator import decisions, lineage, preflight
 from orchestrator.auth import ADMIN, Principal
 from orchestrator.settings import Settings
-from orchestrator.spec import BranchSpec, JobSpec, SpecError, check_parent, load_source
+from orchestrator.spec import BranchSpec, JobSpec, ScoreOrder, SpecError, check_parent, load_source
 from orchestrator.states import AdapterState
 from orchestrator.store import AdapterRecord, Conflict, JobRecord, NewAdapter, NotFound, Store
-from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode
+from orchestrator.views import AdapterPage, AdapterView, EventView, JobView, LineageNode, Score, scores
 from workers.data import fingerprint
-from workers.plan import LoraConfig
+from workers.plan import EvalConfig, LoraConfig
 
 if TYPE_CHECKING:
     from orchestrator.controller import Controller
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
 _PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
 MAX_PAGE = 1000  # adapters in one page of a list
+SCORE_ORDERS_KEPT = 256  # jobs whose scores' order a service keeps
 
 
 class Service:
@@ -38,6 +43,8 @@ class Service:
             max_tokens=settings.max_tokens_per_adapter,
             max_record_bytes=settings.max_record_bytes,
         )
+        self._orders: OrderedDict[str, ScoreOrder] = OrderedDict()  # job id -> its scores' order, LRU
+        self._orders_lock = threading.Lock()
 
     # ---- jobs ----
 
@@ -100,6 +107,8 @@ class Service:
             problems += exc.problems
         else:
             problems += preflight.size_problems(spec, self.limits)
+            allowed = self.settings.user_scorers_allowed(principal.admin)
+            problems += preflight.user_scorer_problems(spec, allowed)
         problems += preflight.outside_world_problems(
             raw, self.allowed, self.limits.max_record_bytes, home=self.settings.home
         )
@@ -287,7 +296,9 @@ class Service:
     def lineage(self, project: str, name: str) -> LineageNode:
         """The whole tree the adapter belongs to, from its root."""
         adapter = self.store.get_adapter(project, name)
-        return lineage.nested(lineage.tree_of(self.store, adapter), adapter.root_id, self._metrics)
+        nodes = lineage.tree_of(self.store, adapter)
+        metrics = self.store.last_metrics([n.id for n in nodes])  # one query for the whole tree
+        return lineage.nested(nodes, adapter.root_id, metrics.__getitem__)
 
     def branch(self, project: str, parent: str, child: BranchSpec, principal: Principal = ADMIN) -> JobView:
         """A one-adapter job whose adapter starts from `parent`'s final weights."""
@@ -303,23 +314,63 @@ class Service:
                 "dtype": parent_record.dtype,
                 "lora": parent_record.lora.model_dump(mode="json"),
                 "train": {**parent_record.train.model_dump(mode="json"), **(child.train or {})},
-                "adapters": [{"name": child.name, "parent": parent, "data": child.data, "lora": child.lora}],
+                "eval": self._eval_of(parent_record).model_dump(mode="json"),
+                "adapters": [
+                    {
+                        "name": child.name,
+                        "parent": parent,
+                        "data": child.data,
+                        "lora": child.lora,
+                        "eval": child.eval,
+                    }
+                ],
             },
             principal=principal,
         )
 
+    def _eval_of(self, adapter: AdapterRecord) -> EvalConfig:
+        """How `adapter` was judged, so its child is judged alike (and compared on the same scores)."""
+        try:
+            return self.store.get_job(adapter.job_id).job_spec.eval_of(adapter.name)
+        except ValidationError:  # a job stored by an older version that no longer validates
+            return EvalConfig()
+
     # ---- views ----
 
-    def _metrics(self, adapter_id: str) -> dict[str, float]:
-        return {m.key: m.last_value for m in self.store.get_metrics(adapter_id)}
+    def _scores(
+        self, records: list[AdapterRecord], metrics: dict[str, dict[str, float]]
+    ) -> dict[str, list[Score]]:
+        """Each adapter's task scores, its gate's metric and its scorers first."""
+        orders = self._score_orders({a.job_id for a in records})
+        return {a.id: scores(metrics.get(a.id, {}), orders[a.job_id](a.name)) for a in records}
+
+    def _score_orders(self, job_ids: set[str]) -> dict[str, ScoreOrder]:
+        """The jobs' `ScoreOrder`s: read from their specs in one query for those not kept yet. A spec
+        never changes, so the last `SCORE_ORDERS_KEPT` are kept: a job watched with `--wait` (a view
+        every half second) reads its spec once, not once per poll."""
+        with self._orders_lock:
+            missing = job_ids - self._orders.keys()
+        found = (
+            {i: ScoreOrder.of(spec) for i, spec in self.store.job_specs(missing).items()} if missing else {}
+        )
+        with self._orders_lock:
+            self._orders.update(found)
+            for job_id in job_ids & self._orders.keys():
+                found.setdefault(job_id, self._orders[job_id])
+                self._orders.move_to_end(job_id)
+            while len(self._orders) > SCORE_ORDERS_KEPT:
+                self._orders.popitem(last=False)
+        return {i: found.get(i, ScoreOrder.of({})) for i in job_ids}
 
     def _adapter_view(self, a: AdapterRecord) -> AdapterView:
         return self._adapter_views([a])[0]
 
     def _adapter_views(self, records: list[AdapterRecord]) -> list[AdapterView]:
-        """Views of many adapters in three queries whatever their number: their metrics, and the names
-        of parents and roots outside the batch (once one query per adapter each: 51 s for 5,000)."""
+        """Views of many adapters in three queries whatever their number (a fourth for the specs of jobs
+        not seen yet: the scorers' order): their metrics, and the names of parents and roots outside the
+        batch (once one query per adapter each: 51 s for 5,000)."""
         metrics = self.store.last_metrics([a.id for a in records])
+        task_scores = self._scores(records, metrics)
         names = {a.id: a.qualified_name for a in records}
         missing = {i for a in records for i in (a.parent_id, a.root_id) if i is not None and i not in names}
         names.update(self.store.qualified_names(missing))
@@ -344,6 +395,7 @@ class Service:
                 error=a.error,
                 waiting=a.waiting if a.state == "queued" else None,
                 metrics=metrics.get(a.id, {}),
+                scores=task_scores[a.id],
                 created_at=a.created_at,
                 updated_at=a.updated_at,
             )

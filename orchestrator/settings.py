@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         default=None,
         description="Hub ids (','-separated, shell patterns like 'Qwen/*') a spec may name; unset: any.",
     )
+    allow_user_scorers: bool | None = Field(
+        default=None,
+        description="Whether a spec may name a `module:function` eval scorer, which runs the submitter's "
+        "code in the workers. Unset: the admin may (embedded use, a home's local service, the admin "
+        "token), a project token may not (on a shared server that code would run next to every other "
+        "tenant's data and weights); true: every caller; false: none.",
+    )
     project_max_adapters: int | None = Field(
         default=None,
         ge=0,
@@ -140,6 +147,10 @@ class Settings(BaseSettings):
         elif not storage.is_remote(self.storage):
             self.storage = str(Path(self.storage).expanduser().resolve())
         return self
+
+    def user_scorers_allowed(self, admin: bool) -> bool:
+        """`allow_user_scorers` for a caller: unset, only the admin may run its own scorer code."""
+        return admin if self.allow_user_scorers is None else self.allow_user_scorers
 
     @property
     def database_url(self) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -26,13 +28,16 @@ from pydantic import (
 )
 
 from workers.plan import (
+    SCORERS,
     Checkpointing,
     DataConfig,
     DType,
+    EvalConfig,
     LoraConfig,
     Quantization,
     TrainConfig,
     check_name,
+    scorer_metric,
 )
 
 
@@ -58,6 +63,7 @@ def _partial(model: type[BaseModel]) -> type[BaseModel]:
 
 LoraOverride = _partial(LoraConfig)
 TrainOverride = _partial(TrainConfig)
+EvalOverride = _partial(EvalConfig)
 
 
 class _Strict(BaseModel):
@@ -74,6 +80,7 @@ class AdapterSpec(_Strict):
     )
     lora: LoraOverride | None = None  # type: ignore[valid-type]
     train: TrainOverride | None = None  # type: ignore[valid-type]
+    eval: EvalOverride | None = None  # type: ignore[valid-type]
     priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000, description="Higher runs first.")] = 0
 
     @field_validator("name")
@@ -112,14 +119,35 @@ def check_alias(value: str) -> str:
     return value
 
 
+LOSS_METRICS = ("eval_loss", "perplexity")
+ALWAYS_MEASURED = (*LOSS_METRICS, "eval_token_accuracy")
+
+
+def lower_is_better(metric: str) -> bool:
+    """A loss or a perplexity improves downwards; every other metric (task scores, accuracy) upwards."""
+    return metric.endswith(("loss", "perplexity"))
+
+
+def measured_metrics(config: EvalConfig) -> list[str]:
+    """The metrics an adapter judged by `config` reports: the loss family at every eval, and each
+    scorer's `eval_<scorer>` when its final eval generates (`max_examples` > 0)."""
+    scores = [scorer_metric(s) for s in config.scorers] if config.max_examples > 0 else []
+    return [*ALWAYS_MEASURED, *scores]
+
+
 class PromotionPolicy(_Strict):
-    metric: Literal["eval_loss", "perplexity"] = "eval_loss"
+    metric: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=200)] = Field(
+        default="eval_loss",
+        description="Any metric the adapters record: `eval_loss`, `perplexity` (lower is better), "
+        "`eval_token_accuracy` or a scorer's `eval_<scorer>` such as `eval_exact_match` (higher is better).",
+    )
     max: float | None = Field(default=None, description="Promote only if the metric is <= max.")
     min: float | None = Field(default=None, description="Promote only if the metric is >= min.")
     better_than_parent: bool | None = Field(
         default=None,
-        description="Also beat the parent on the child's eval data (the parent is measured on it). Unset: "
-        "on for a branched adapter, so a child is never promoted for merely existing; `false` turns it off.",
+        description="Also beat the parent on the child's eval data (the parent is measured on it, "
+        "`parent_<metric>`). Unset: on for a branched adapter, so a child is never promoted for merely "
+        "existing; `false` turns it off.",
     )
     alias: str = "champion"
     auto: bool = Field(default=False, description="Promote when training ends, if the gate passes.")
@@ -159,6 +187,9 @@ class BranchSpec(_Strict):
     data: dict[str, Any] = Field(description="The child's data config: path, eval_path, eval_fraction...")
     lora: dict[str, Any] | None = Field(default=None, description="LoRA overrides (rank must match).")
     train: dict[str, Any] | None = Field(default=None, description="Train overrides, e.g. steps.")
+    eval: dict[str, Any] | None = Field(
+        default=None, description="Eval overrides (scorers...); default: the parent's eval config."
+    )
 
 
 class JobSpec(_Strict):
@@ -172,6 +203,11 @@ class JobSpec(_Strict):
     dtype: DType = "float32"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="How adapters are judged by generation at their final eval; an adapter's `eval` "
+        "overrides it field by field.",
+    )
     adapters: Annotated[list[AdapterSpec], Field(min_length=1)]
     promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
     resources: Resources = Field(default_factory=Resources)
@@ -192,11 +228,15 @@ class JobSpec(_Strict):
                 )
         problems += _cycle_problems(self.adapters)
         for i, _ in enumerate(self.adapters):
-            try:
-                self.adapter_lora(i)
-                self.adapter_train(i)
-            except ValidationError as exc:
-                problems += [(_loc(i, exc, e), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+            for merge in (self.adapter_lora, self.adapter_train, self.adapter_eval):
+                try:
+                    merge(i)
+                except ValidationError as exc:
+                    problems += [
+                        (_loc(i, exc, e), e["msg"].removeprefix("Value error, ")) for e in exc.errors()
+                    ]
+        if not problems:
+            problems += self._eval_problems() + self._promotion_problems()
         if problems:
             raise SpecError(problems)  # pydantic wraps it; `_problems` unwraps the individual fields
         return self
@@ -211,6 +251,86 @@ class JobSpec(_Strict):
         merged = {**self.train.model_dump(), **(override.model_dump(exclude_none=True) if override else {})}
         return TrainConfig.model_validate(merged)
 
+    def adapter_eval(self, index: int) -> EvalConfig:
+        override = self.adapters[index].eval
+        merged = {**self.eval.model_dump(), **(override.model_dump(exclude_none=True) if override else {})}
+        return EvalConfig.model_validate(merged)
+
+    def eval_of(self, name: str) -> EvalConfig:
+        """The merged eval config of the adapter called `name` in this job (the job's if none is)."""
+        for i, adapter in enumerate(self.adapters):
+            if adapter.name == name:
+                return self.adapter_eval(i)
+        return self.eval
+
+    def eval_field(self, index: int, key: str) -> str:
+        """Where adapter `index`'s merged eval `key` came from: its override, else the job's default (so a
+        job-wide problem is reported once, at the job's field)."""
+        override = self.adapters[index].eval
+        if override is not None and getattr(override, key) is not None:
+            return f"adapters.{index}.eval.{key}"
+        return f"eval.{key}"
+
+    def _eval_problems(self) -> list[tuple[str, str]]:
+        """What the scorers need and each adapter's merged config must give: a `regex` scorer its
+        pattern (one that compiles), a `json_schema` scorer a valid schema."""
+        problems: list[tuple[str, str]] = []
+        for i in range(len(self.adapters)):
+            config = self.adapter_eval(i)
+            if "regex" in config.scorers:
+                if config.pattern is None:
+                    problems.append(
+                        (self.eval_field(i, "scorers"), "the `regex` scorer needs `eval.pattern`; set it")
+                    )
+                else:
+                    try:
+                        re.compile(config.pattern)
+                    except (re.error, RecursionError, OverflowError) as exc:  # deep nesting, huge counts
+                        problems.append(
+                            (self.eval_field(i, "pattern"), f"not a valid regular expression: {exc}")
+                        )
+            if "json_schema" in config.scorers:
+                problems += self._schema_problems(i, config)
+        return list(dict.fromkeys(problems))  # a problem of the job's own default is reported once
+
+    def _schema_problems(self, index: int, config: EvalConfig) -> list[tuple[str, str]]:
+        if config.json_schema is None:
+            return [(self.eval_field(index, "scorers"), "the `json_schema` scorer needs `eval.json_schema`")]
+        try:
+            import jsonschema
+        except ImportError:  # not installed here: the worker's scorer says so
+            return []
+
+        try:
+            jsonschema.validators.validator_for(config.json_schema).check_schema(config.json_schema)
+        except jsonschema.SchemaError as exc:
+            return [(self.eval_field(index, "json_schema"), f"not a valid JSON Schema: {exc.message}")]
+        return []
+
+    def _promotion_problems(self) -> list[tuple[str, str]]:
+        """The gate's metric must be one every adapter of the job records: a gate on a score nobody
+        measures would reject every adapter after hours of training, for a typo."""
+        metric = self.promotion.metric
+        for i, adapter in enumerate(self.adapters):
+            config = self.adapter_eval(i)
+            measured = measured_metrics(config)
+            if metric not in measured:
+                scorer = metric.removeprefix("eval_")
+                if metric in (scorer_metric(s) for s in config.scorers):
+                    fix = "set `eval.max_examples` above 0 so its final eval generates"
+                elif scorer in SCORERS and metric != scorer:
+                    fix = f"add `{scorer}` to `eval.scorers`"
+                else:
+                    fix = "choose one it records"
+                return [
+                    (
+                        "promotion.metric",
+                        f"{metric!r} is not recorded for adapter {adapter.name!r} (it records "
+                        f"{measured}); {fix}",
+                    )
+                ]
+        return []
+
     # ---- loading ----
 
     @classmethod
@@ -221,6 +341,34 @@ class JobSpec(_Strict):
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise SpecError(_problems(exc)) from None
+
+
+@dataclass(frozen=True)
+class ScoreOrder:
+    """Which metrics lead an adapter's task scores: its job's gate metric, then its scorers in the order
+    it gave them (its own override, else the job's). Read from a stored spec (a validated dump) without
+    validating it again, as views list many adapters; a spec never changes, so it can be kept."""
+
+    gate: str
+    scorers: tuple[str, ...]
+    own: Mapping[str, tuple[str, ...]]  # adapters whose `eval.scorers` override the job's
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any]) -> ScoreOrder:
+        own = {
+            spec["name"]: tuple(spec["eval"]["scorers"])
+            for spec in raw.get("adapters") or []
+            if (spec.get("eval") or {}).get("scorers") is not None
+        }
+        scorers = (raw.get("eval") or {}).get("scorers")
+        return cls(
+            gate=(raw.get("promotion") or {}).get("metric") or "eval_loss",
+            scorers=tuple(EvalConfig().scorers if scorers is None else scorers),
+            own=own,
+        )
+
+    def __call__(self, adapter: str) -> list[str]:
+        return [self.gate, *map(scorer_metric, self.own.get(adapter, self.scorers))]
 
 
 def load_source(source: dict[str, Any] | str | Path, base_dir: Path | None = None) -> dict[str, Any]:

@@ -5,11 +5,15 @@ kept in SQL, creates the runs it needs, logs each run's metrics with one `log_ba
 uploads finished adapters as artifacts, and only then moves the cursor. If MLflow is unreachable the
 cursor stays put and the same events are mirrored on a later sync, so training never waits for MLflow and
 nothing is lost, even across a controller restart. Each metric is logged once per step: steps an adapter
-redoes after a worker restart (exactly, from its checkpoint) are not logged again.
+redoes after a worker restart (exactly, from its checkpoint) are not logged again. An adapter's final
+eval also leaves its judged samples as a table artifact (`eval_samples.json`), written whole, not
+appended (as `log_table` would), so a replay rewrites the same table rather than doubling it; a finished
+job's run gets `eval_summary.json`, each adapter's main task score and lifts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -21,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lineage import lineage_path
+from orchestrator.spec import ScoreOrder
 from orchestrator.states import ADAPTER_FINISHED, JOB_TERMINAL
 from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
+from orchestrator.views import scores
 from workers import storage
 
 log = logging.getLogger(__name__)
@@ -32,9 +38,11 @@ BATCH_EVENTS = 2000
 # MLflow's log_batch takes at most 1000 entities (metrics + params + tags) and 100 tags per call.
 METRICS_PER_CALL, TAGS_PER_CALL = 900, 100
 STEP_METRICS = {"loss": "train_loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
-EVAL_METRICS = {"eval_loss": "eval_loss", "perplexity": "perplexity"}
+EVAL_METRICS = {"eval_loss": "eval_loss", "perplexity": "perplexity"}  # and the eval's named `metrics`
 DONE_METRICS = {"baseline_eval_loss": "parent_eval_loss"}
 METRICS_BY_KIND = {"step": STEP_METRICS, "eval": EVAL_METRICS, "done": DONE_METRICS}
+SAMPLES_ARTIFACT = "eval_samples.json"
+SUMMARY_ARTIFACT = "eval_summary.json"  # on the job's run: each adapter's main score and lifts
 # Fail fast against a down tracking server instead of MLflow's long default retry; we retry ourselves.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -59,6 +67,41 @@ def _millis(event: EventRecord) -> int:
     """When the engine emitted the event (its `at`), else when SQL recorded it."""
     at = event.payload.get("at")
     return int(float(at) * 1000) if at is not None else int(event.created_at.timestamp() * 1000)
+
+
+def _metrics_of(event: EventRecord) -> dict[str, float]:
+    """The MLflow metrics an event carries: its kind's fixed fields, and an eval's named `metrics`
+    (`eval_token_accuracy`, `eval_<scorer>`, the base's and the parent's)."""
+    names = METRICS_BY_KIND.get(event.kind, {})
+    out = {metric: event.payload.get(key) for key, metric in names.items()}
+    if event.kind == "eval":
+        out |= event.payload.get("metrics") or {}
+    return {metric: float(value) for metric, value in out.items() if value is not None}
+
+
+def _table_tag(artifact: str) -> Any:
+    """The tag by which the MLflow UI knows a JSON artifact is a table (what `log_table` sets). Our runs
+    hold one table each, so the tag is set whole, in the batch, with no read of the run first."""
+    from mlflow.entities import RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    return RunTag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([{"path": artifact, "type": "table"}]))
+
+
+def samples_table(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Judged samples (`EvalSample` dumps) in the table format `MlflowClient.log_table` writes (pandas'
+    `split` orientation): prompt, reference, the base's, the adapter's and (for a child) the parent's
+    output, then one column per score of the adapter's output."""
+    has_parent = any(s.get("parent_output") is not None for s in samples)
+    scores = list(dict.fromkeys(k for s in samples for k in s.get("scores") or {}))
+    columns = ["prompt", "reference", "base output", "adapter output"]
+    columns += ["parent output"] if has_parent else []
+    rows = []
+    for sample in samples:
+        row = [sample.get("prompt"), sample.get("reference"), sample.get("base_output"), sample.get("output")]
+        row += [sample.get("parent_output")] if has_parent else []
+        rows.append(row + [(sample.get("scores") or {}).get(k) for k in scores])
+    return {"columns": columns + scores, "data": rows}
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -189,6 +232,7 @@ class Tracker:
         metrics: dict[str, list[Metric]] = defaultdict(list)
         tags: dict[str, list[RunTag]] = defaultdict(list)
         finished: list[tuple[str, EventRecord]] = []
+        samples: dict[str, list[dict[str, Any]]] = {}
         adapters = self.store.adapters_by_id({e.adapter_id for e in events if e.adapter_id is not None})
         for event in events:
             if event.adapter_id is None or event.adapter_id not in adapters:
@@ -197,12 +241,13 @@ class Tracker:
             run_id = self._adapter_run(adapters[event.adapter_id], start_ms=stamp)
             if run_id != adapters[event.adapter_id].mlflow_run_id:  # the same record for its next events
                 adapters[event.adapter_id] = replace(adapters[event.adapter_id], mlflow_run_id=run_id)
-            names = METRICS_BY_KIND.get(event.kind, {})
             step = int(event.step or 0)
-            for key, metric in names.items():
-                value = event.payload.get(key)
-                if value is not None and self._first_at(run_id, metric, step, pending):
-                    metrics[run_id].append(Metric(metric, float(value), stamp, step))
+            for metric, value in _metrics_of(event).items():
+                if self._first_at(run_id, metric, step, pending):
+                    metrics[run_id].append(Metric(metric, value, stamp, step))
+            if event.kind == "eval" and event.payload.get("final") and event.payload.get("samples"):
+                samples[run_id] = event.payload["samples"]  # a replayed final eval: the same table
+                tags[run_id].append(_table_tag(SAMPLES_ARTIFACT))
             if event.kind == "start":
                 tags[run_id] += _start_tags(event)
             elif event.kind == "done" and event.payload.get("status") != "yielded":  # yielded: it resumes
@@ -218,8 +263,41 @@ class Tracker:
                     metrics=points[k * METRICS_PER_CALL : (k + 1) * METRICS_PER_CALL],
                     tags=labels[k * TAGS_PER_CALL : (k + 1) * TAGS_PER_CALL],
                 )
+        for run_id, judged in samples.items():  # their tags went with the batch
+            self.client.log_dict(run_id, samples_table(judged), SAMPLES_ARTIFACT)
         for run_id, event in finished:
             self._finish_adapter_run(run_id, event)
+
+    def _job_summary(self, job: JobRecord) -> dict[str, Any]:
+        """One row per adapter of a finished job: its state and main task score with its lifts, so the
+        job's run compares its adapters at a glance (the adapters' own runs hold the rest)."""
+        rows, after, order = [], 0, ScoreOrder.of(job.spec)
+        while page := self.store.adapter_page(job_id=job.id, after_seq=after, limit=1000):
+            metrics = self.store.last_metrics([a.id for a in page])
+            for adapter in page:
+                found = scores(metrics[adapter.id], order(adapter.name))
+                main = found[0] if found else None
+                rows.append(
+                    [adapter.name, adapter.state, adapter.eval_loss]
+                    + (
+                        [main.metric, main.value, main.base, main.base_lift, main.parent, main.parent_lift]
+                        if main
+                        else [None] * 6
+                    )
+                )
+            after = page[-1].seq
+        columns = [
+            "adapter",
+            "state",
+            "eval loss",
+            "score",
+            "value",
+            "base",
+            "lift over base",
+            "parent",
+            "lift over parent",
+        ]
+        return {"columns": columns, "data": rows}
 
     def _first_at(self, run_id: str, metric: str, step: int, pending: dict[tuple[str, str], int]) -> bool:
         """Whether this is the first point of `metric` at `step` or later. After a worker restart the
@@ -360,6 +438,8 @@ class Tracker:
             assert job.mlflow_run_id is not None
             if all(state in ADAPTER_FINISHED for state in counts[job.id]):
                 if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
+                    self.client.log_dict(job.mlflow_run_id, self._job_summary(job), SUMMARY_ARTIFACT)
+                    self.client.log_batch(job.mlflow_run_id, tags=[_table_tag(SUMMARY_ARTIFACT)])
                     status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
                     self.client.set_terminated(
                         job.mlflow_run_id, status=status, end_time=int(job.updated_at.timestamp() * 1000)

@@ -484,6 +484,15 @@ class Store:
                 names.update({i: f"{p}/{n}" for i, p, n in s.execute(query)})
         return names
 
+    def job_specs(self, job_ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The stored spec of each job id, in one query per 500 ids (what views read scorers from)."""
+        specs: dict[str, dict[str, Any]] = {}
+        with self._session("look up job specs") as s:
+            for chunk in _chunks(list(set(job_ids))):
+                rows = s.execute(select(JobRow.id, JobRow.spec).where(JobRow.id.in_(chunk)))
+                specs.update({job_id: spec for job_id, spec in rows})
+        return specs
+
     def update_adapter(self, adapter_id: str, state: str | None = None, **fields: Any) -> AdapterRecord:
         """Move an adapter to `state` (checked against its lifecycle) and/or set fields.
 
@@ -854,6 +863,22 @@ class Store:
         with self._session(f"list events of job {job_id!r}") as s:
             rows = s.scalars(query.order_by(EventRow.id).limit(limit))
             return [row.to_entity() for row in rows]
+
+    def final_eval(self, adapter: AdapterRecord) -> EventRecord | None:
+        """The adapter's latest final eval event (its scores and judged samples live in the event log;
+        rare reads, such as an export's model card, find them there rather than in a table of their own)."""
+        query = (
+            select(EventRow)
+            .where(
+                EventRow.job_id == adapter.job_id, EventRow.adapter_id == adapter.id, EventRow.kind == "eval"
+            )
+            .order_by(EventRow.id.desc())
+        )
+        with self._session(f"final eval of adapter {adapter.id!r}") as s:
+            for row in s.scalars(query):
+                if row.payload.get("final"):
+                    return row.to_entity()
+        return None
 
     # ---- cursors ----
 

@@ -380,3 +380,30 @@ def test_retry_requeues_a_failed_jobs_failed_adapters_once(
     assert twice.status_code == 409 and "no failed adapters" in twice.json()["detail"]["message"]
     other = token(api, "q")
     assert api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(other)).status_code == 404
+
+
+def test_a_project_token_may_not_run_its_own_scorer_code_the_admin_may(
+    api: TestClient, tiny_base: Path, roots: dict[str, Path]
+) -> None:
+    """A `module:function` scorer runs the submitter's code in the workers: on a shared server (unset
+    LORAFLEET_ALLOW_USER_SCORERS) a project token is refused with the field and the fix, the admin not."""
+    body = spec("alice", tiny_base, roots["data"] / "a.jsonl")
+    body["adapters"][0]["eval"] = {"scorers": ["exact_match", "evil.module:run"]}
+    refused = api.post("/v1/jobs", json=body, headers=auth(token(api, "alice")))
+    assert refused.status_code == 422, refused.text
+    (problem,) = refused.json()["detail"]["problems"]
+    assert problem["field"] == "adapters.0.eval.scorers"
+    assert "'evil.module:run'" in problem["message"] and "LORAFLEET_ALLOW_USER_SCORERS" in problem["message"]
+    assert "built-in scorers (exact_match" in problem["message"]
+    assert api.post("/v1/jobs", json=body, headers=auth(ADMIN)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("setting", "admin", "member"), [(None, True, False), (True, True, True), (False, False, False)]
+)
+def test_user_scorers_are_allowed_as_the_setting_says(
+    setting: bool | None, admin: bool, member: bool
+) -> None:
+    settings = Settings(allow_user_scorers=setting)
+    assert settings.user_scorers_allowed(admin=True) is admin
+    assert settings.user_scorers_allowed(admin=False) is member

@@ -13,6 +13,8 @@ from workers.plan import (
     AdapterDone,
     CheckpointEvent,
     DataConfig,
+    EvalEvent,
+    EvalSample,
     LoraConfig,
     StartEvent,
     StepEvent,
@@ -110,6 +112,29 @@ def test_events_become_row_changes() -> None:
         adapter("a", "training"), CheckpointEvent(pack_id="k", adapter="a", step=3, path=Path("/c/3"))
     )
     assert ckpt.checkpoint == (3, "/c/3", False)
+
+
+def test_a_final_eval_records_every_named_metric_at_its_step() -> None:
+    final = EvalEvent(
+        pack_id="k",
+        adapter="a",
+        step=40,
+        eval_loss=0.5,
+        perplexity=1.65,
+        eval_tokens=100,
+        final=True,
+        metrics={"eval_token_accuracy": 0.8, "eval_exact_match": 0.92, "base_eval_exact_match": 0.05},
+        samples=[EvalSample(prompt="2+2?", reference="4", output="4", scores={"eval_exact_match": 1.0})],
+    )
+    change = decisions.on_event(adapter("a", "training"), final)
+    assert change.fields == {"eval_loss": 0.5}
+    assert change.metrics == {
+        "eval_loss": (0.5, 40),
+        "perplexity": (1.65, 40),
+        "eval_token_accuracy": (0.8, 40),
+        "eval_exact_match": (0.92, 40),
+        "base_eval_exact_match": (0.05, 40),
+    }
 
 
 def test_done_trains_fails_or_cancels_and_a_settled_adapter_is_left_alone() -> None:

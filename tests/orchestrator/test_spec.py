@@ -129,3 +129,78 @@ def test_json_schema_describes_the_spec() -> None:
 def test_names_are_whole_safe_and_short(name: str) -> None:
     problems = _problems(_minimal(adapters=[{"name": name, "data": {"path": "a.jsonl"}}]))
     assert "adapters.0.name" in problems
+
+
+def _two(job_eval=None, own_eval=None, promotion=None):
+    adapters = [{"name": "a", "data": {"path": "a.jsonl"}}, {"name": "b", "data": {"path": "b.jsonl"}}]
+    if own_eval is not None:
+        adapters[1]["eval"] = own_eval
+    spec = _minimal(adapters=adapters)
+    if job_eval is not None:
+        spec["eval"] = job_eval
+    if promotion is not None:
+        spec["promotion"] = promotion
+    return spec
+
+
+def test_an_adapters_eval_overrides_the_jobs_field_by_field() -> None:
+    spec = JobSpec.parse(_two({"scorers": ["token_f1"], "max_new_tokens": 32}, {"samples": 3}))
+    assert spec.adapter_eval(0).scorers == ["token_f1"] and spec.adapter_eval(0).samples == 10
+    own = spec.adapter_eval(1)
+    assert own.scorers == ["token_f1"] and own.max_new_tokens == 32 and own.samples == 3
+    assert spec.eval_of("b") == own
+    assert JobSpec.parse(_minimal()).adapter_eval(0).scorers == ["exact_match", "token_f1"]  # the default
+
+
+@pytest.mark.parametrize(
+    ("source", "field", "fragment"),
+    [
+        (_two(own_eval={"scorers": ["nope"]}), "adapters.1.eval.scorers", "unknown scorer 'nope'"),
+        (_two(own_eval={"max_new_tokens": 0}), "adapters.1.eval.max_new_tokens", "greater than 0"),
+        (_two(own_eval={"scorer": ["exact_match"]}), "adapters.1.eval.scorer", "unknown field"),
+        (_two({"scorers": ["regex"]}), "eval.scorers", "needs `eval.pattern`"),
+        (_two(own_eval={"scorers": ["regex"], "pattern": "("}), "adapters.1.eval.pattern", "regular expr"),
+        (
+            _two({"scorers": ["json_schema"], "json_schema": {"type": 12}}),
+            "eval.json_schema",
+            "not a valid JSON Schema",
+        ),
+        (
+            _two(own_eval={"scorers": ["token_f1"]}, promotion={"metric": "eval_exact_match"}),
+            "promotion.metric",
+            "not recorded for adapter 'b'",
+        ),
+        (
+            _two(own_eval={"scorers": ["token_f1"]}, promotion={"metric": "eval_exact_match"}),
+            "promotion.metric",
+            "add `exact_match` to `eval.scorers`",
+        ),
+        (
+            _two(own_eval={"max_examples": 0}, promotion={"metric": "eval_exact_match"}),
+            "promotion.metric",
+            "`eval.max_examples` above 0",
+        ),
+        (_minimal(promotion={"metric": "accuracy"}), "promotion.metric", "choose one it records"),
+        (_minimal(promotion={"metric": "a b"}), "promotion.metric", "pattern"),
+    ],
+)
+def test_bad_eval_configs_and_gates_name_the_field(source, field: str, fragment: str) -> None:
+    problems = _problems(source)
+    assert field in problems, problems
+    assert fragment in problems[field]
+
+
+def test_a_gate_on_any_recorded_metric_is_accepted() -> None:
+    """The README's example, a user scorer's metric, the token accuracy every eval records."""
+    readme = {"metric": "eval_exact_match", "min": 0.8, "better_than_parent": True}
+    assert JobSpec.parse(_minimal(promotion=readme)).promotion.metric == "eval_exact_match"
+    user = _two({"scorers": ["my_scorers.grading:polite"]}, promotion={"metric": "eval_polite"})
+    assert JobSpec.parse(user).adapter_eval(1).scorers == ["my_scorers.grading:polite"]
+    JobSpec.parse(_minimal(promotion={"metric": "eval_token_accuracy", "min": 0.5}))
+
+
+def test_the_schema_shows_the_eval_fields() -> None:
+    schema = json_schema()
+    assert "eval" in schema["properties"] and "EvalConfig" in schema["$defs"]
+    assert "eval" in schema["$defs"]["AdapterSpec"]["properties"]
+    assert "eval_exact_match" in schema["$defs"]["PromotionPolicy"]["properties"]["metric"]["description"]

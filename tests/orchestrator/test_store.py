@@ -371,6 +371,24 @@ def test_metric_summaries_keep_last_and_best(store: Store) -> None:
     assert got == {"accuracy": (0.6, 0.7, 3), "margin": (4.0, 3.0, 2), "train_loss": (1.5, 1.0, 3)}
 
 
+def test_an_adapters_final_eval_and_its_jobs_spec_are_found(store: Store) -> None:
+    """The judged samples stay in the event log: the newest final eval of the adapter is found there,
+    not another adapter's nor an intermediate eval; job specs come back by id in one call."""
+    job, (a, b), _ = store.create_job("p", "j", {"eval": {"scorers": ["token_f1"]}}, [new("a"), new("b")])
+    assert store.final_eval(a) is None
+    store.record_events(
+        [
+            NewEvent(job.id, "eval", a.id, 5, {"final": True, "samples": [{"prompt": "old"}]}),
+            NewEvent(job.id, "eval", a.id, 10, {"final": True, "samples": [{"prompt": "new"}]}),
+            NewEvent(job.id, "eval", a.id, 12, {"final": False}),
+            NewEvent(job.id, "eval", b.id, 10, {"final": True, "samples": [{"prompt": "b's"}]}),
+        ]
+    )
+    final = store.final_eval(a)
+    assert final is not None and final.step == 10 and final.payload["samples"] == [{"prompt": "new"}]
+    assert store.job_specs([job.id, "nope"]) == {job.id: {"eval": {"scorers": ["token_f1"]}}}
+
+
 def test_registry_decisions_and_history(store: Store) -> None:
     _, (a,), _ = store.create_job("p", "j", {}, [new("a")])
     walk(store, a.id, A.TRAINING, A.TRAINED, A.EVALUATED)

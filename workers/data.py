@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -66,11 +66,24 @@ class Example:
 
 
 @dataclass(frozen=True)
+class EvalRecord:
+    """One eval record as generation judges it: the prompt's token ids formatted exactly as training
+    formatted them (so the adapter is asked the way it learnt), a readable prompt, and the reference."""
+
+    prompt_ids: tuple[int, ...]
+    prompt: str
+    reference: str
+
+
+@dataclass(frozen=True)
 class AdapterData:
     train: list[Example]
     eval: list[Example]
     fingerprint: str
     kind: str  # the training file's record kind (a key of KINDS): how its prompts were formatted
+    # The first eval records that have a prompt and a reference (`prompt_completion`, `messages`), in
+    # eval order and a subset of `eval`'s records; `text` records have none.
+    eval_records: list[EvalRecord] = field(default_factory=list)
 
 
 # ---- reading ----
@@ -284,6 +297,13 @@ def _preview(value: Any) -> str:
 
 def _tokenize(table: _Table, rows: Sequence[int], tokenizer: Any, max_seq_len: int) -> list[Example]:
     """Examples for `rows` of `table`, truncated to max_seq_len; those left with no target are dropped."""
+    return [example for _, example in _tokenize_rows(table, rows, tokenizer, max_seq_len)]
+
+
+def _tokenize_rows(
+    table: _Table, rows: Sequence[int], tokenizer: Any, max_seq_len: int
+) -> list[tuple[int, Example]]:
+    """(row, Example) for the rows of `rows` kept by `_tokenize`."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
@@ -314,7 +334,7 @@ def _tokenize(table: _Table, rows: Sequence[int], tokenizer: Any, max_seq_len: i
             pairs.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
 
     examples = [Example(tuple(ids[:max_seq_len]), tuple(labels[:max_seq_len])) for ids, labels in pairs]
-    kept = [example for example in examples if example.n_targets > 0]
+    kept = [(row, example) for row, example in zip(rows, examples, strict=True) if example.n_targets > 0]
     if examples and not kept:
         raise DataError(
             f"{table.path}: max_seq_len={max_seq_len} is too small: in all {len(examples)} selected examples "
@@ -330,6 +350,36 @@ def _tokenize(table: _Table, rows: Sequence[int], tokenizer: Any, max_seq_len: i
             max_seq_len,
         )
     return kept
+
+
+def _eval_records(table: _Table, rows: Sequence[int], tokenizer: Any) -> list[EvalRecord]:
+    """Generation records of `rows`: for `prompt` + `completion`, BOS + prompt (as `_tokenize` formats
+    it) and the completion; for `messages`, the conversation before its last assistant turn rendered
+    with the chat template and the generation prompt (as serving asks a chat adapter), and that turn's
+    content. `text` records have no reference to judge an answer against: none."""
+    if table.kind == "prompt_completion":
+        prompts = [table.columns["prompt"][r] for r in rows]
+        completions = [table.columns["completion"][r] for r in rows]
+        return [
+            EvalRecord(tuple(prompt_ids(p, "prompt_completion", tokenizer)), p, c)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    if table.kind != "messages":
+        return []
+    records = []
+    for r in rows:
+        messages = table.columns["messages"][r]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        context = messages[:last]
+        out = tokenizer.apply_chat_template(
+            context, tokenize=True, return_dict=True, add_generation_prompt=True
+        )
+        if len(context) == 1:
+            readable = context[0]["content"]
+        else:
+            readable = "\n".join(f"{m['role']}: {m['content']}" for m in context)
+        records.append(EvalRecord(tuple(out["input_ids"]), readable, messages[last]["content"]))
+    return records
 
 
 def _chat_renderer(path: Path, tokenizer: Any) -> Callable[[list[dict]], tuple[list[int], list[int]]]:
@@ -411,8 +461,10 @@ def load_adapter_data(
     seed: int,
     adapter_name: str,
     max_record_bytes: int = MAX_RECORD_BYTES,
+    eval_records: int = 0,
 ) -> AdapterData:
-    """Shard `cfg.path`, split off the eval set, tokenize both, and fingerprint what determined them."""
+    """Shard `cfg.path`, split off the eval set, tokenize both, and fingerprint what determined them;
+    prepare the first `eval_records` eval records for judging by generation (`EvalRecord`)."""
     table = _read(cfg.path, max_record_bytes)
     n = len(table)
     count, index = cfg.shard.count, cfg.shard.index
@@ -423,8 +475,10 @@ def load_adapter_data(
         raise DataError(
             f"{cfg.path}: shard {index} of {count} is empty: the file has only {n} rows; use fewer shards"
         )
+    eval_table, eval_rows = table, []
     if cfg.eval_path is not None:
-        eval_examples = load_examples(cfg.eval_path, tokenizer, max_seq_len, max_record_bytes)
+        eval_table = _read(Path(cfg.eval_path), max_record_bytes)
+        eval_rows = list(range(len(eval_table)))
         train_rows = rows
     elif cfg.eval_fraction > 0:
         n_eval = max(1, math.ceil(cfg.eval_fraction * len(rows) - 1e-9))
@@ -436,11 +490,18 @@ def load_adapter_data(
         order = _rng(f"{seed}:{adapter_name}:eval-split").permutation(len(rows))
         eval_rows = sorted(rows[k] for k in order[len(rows) - n_eval :])
         train_rows = sorted(rows[k] for k in order[: len(rows) - n_eval])
-        eval_examples = _tokenize(table, eval_rows, tokenizer, max_seq_len)
     else:
-        train_rows, eval_examples = rows, []
+        train_rows = rows
+    kept = _tokenize_rows(eval_table, eval_rows, tokenizer, max_seq_len) if eval_rows else []
+    judged = [row for row, _ in kept[:eval_records]]
     train = _tokenize(table, train_rows, tokenizer, max_seq_len)
-    return AdapterData(train, eval_examples, fingerprint(cfg, seed, adapter_name), table.kind)
+    return AdapterData(
+        train,
+        [example for _, example in kept],
+        fingerprint(cfg, seed, adapter_name),
+        table.kind,
+        _eval_records(eval_table, judged, tokenizer) if judged else [],
+    )
 
 
 def fingerprint(cfg: DataConfig, seed: int, adapter_name: str) -> str:

@@ -96,3 +96,22 @@ def linear_cross_entropy(
     chunk = chunk or chunk_tokens(head.out_features)
     with_gradient = torch.is_grad_enabled() and hidden.requires_grad
     return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, with_gradient)
+
+
+@torch.no_grad()
+def linear_cross_entropy_hits(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses (fp32, as `linear_cross_entropy` computes them) and whether the head's argmax is
+    the target (bool), chunk by chunk: the eval forward gives token accuracy with no full-vocabulary
+    logits tensor and no gradient."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    hits = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    chunk = chunk or chunk_tokens(head.out_features)
+    for start in range(0, hidden.shape[0], chunk):
+        end = start + chunk
+        logits = F.linear(hidden[start:end], head.weight, head.bias).float()
+        picked = logits.gather(1, targets[start:end, None]).squeeze(1)
+        losses[start:end] = torch.logsumexp(logits, dim=-1) - picked
+        hits[start:end] = logits.argmax(dim=-1) == targets[start:end]
+    return losses, hits

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from workers.data import IGNORE_INDEX
 from workers.grouped import GroupIndex, grouped_lora
-from workers.head import linear_cross_entropy, plain_linear_head
+from workers.head import linear_cross_entropy, linear_cross_entropy_hits, plain_linear_head
 
 if TYPE_CHECKING:
     from workers.layout import Batch
@@ -419,9 +419,24 @@ class MultiLoraModel(nn.Module):
         Only target positions reach the head, in chunks whose gradient is taken in forward (`workers.head`),
         so no full-vocabulary logits tensor exists; heads that are more than a linear layer go the full way.
         """
+        return self._segment_sums(batch, training, hits=False)[0]
+
+    @torch.no_grad()
+    def segment_eval(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss (fp32) and the number of target tokens the model's argmax predicts
+        (token accuracy's numerator, as TRL reports it), per segment of `batch`; one eval forward, the
+        head in chunks as in `segment_losses`."""
+        sums, hits = self._segment_sums(batch, training=False, hits=True)
+        assert hits is not None
+        return sums, hits
+
+    def _segment_sums(
+        self, batch: Batch, training: bool, hits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         flat_targets = batch.targets.reshape(-1)
         where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat_targets.index_select(0, where)
+        correct: torch.Tensor | None = None
         with self.routed(batch.segments, training, batch.valid, by_token=True):
             inputs = {
                 "input_ids": batch.input_ids,
@@ -433,15 +448,22 @@ class MultiLoraModel(nn.Module):
             if head is not None:
                 hidden = self.base.get_decoder()(**inputs).last_hidden_state
                 picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
-                losses = linear_cross_entropy(picked, head, targets, self.head_chunk)
+                if hits:
+                    losses, correct = linear_cross_entropy_hits(picked, head, targets, self.head_chunk)
+                else:
+                    losses = linear_cross_entropy(picked, head, targets, self.head_chunk)
             else:
                 logits = self.base(**inputs).logits
                 picked = logits.reshape(-1, logits.shape[-1]).index_select(0, where).float()
                 losses = F.cross_entropy(picked, targets, reduction="none")
+                if hits:
+                    correct = picked.argmax(dim=-1) == targets
         starts = torch.tensor([start for _, start, _ in batch.segments], device=where.device)
         owner = torch.searchsorted(starts, where, right=True) - 1  # the segment of each target token
-        sums = losses.new_zeros(len(batch.segments))
-        return sums.index_add(0, owner, losses)
+        sums = losses.new_zeros(len(batch.segments)).index_add(0, owner, losses)
+        if correct is None:
+            return sums, None
+        return sums, losses.new_zeros(len(batch.segments)).index_add(0, owner, correct.to(losses.dtype))
 
     def merge_adapter(self, name: str) -> None:
         """Fold W += (alpha/r)·B·A into the base linears in place (plain float bases only)."""

@@ -69,6 +69,7 @@ def run_pack(
         checkpointing=plan.activation_checkpointing,
         memory_budget_bytes=plan.memory_budget_bytes,
         max_tokens_per_pass=plan.max_tokens_per_pass,
+        allow_user_scorers=plan.allow_user_scorers,
     )
     capacity = plan.capacity
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -171,6 +171,36 @@ class EvalConfig(_Strict):
             raise ValueError(f"two scorers report under the same metric name: {repeated}")
         return value
 
+    @model_validator(mode="after")
+    def _scorer_settings(self) -> EvalConfig:
+        """A scorer's setting is checked when the spec is submitted, not at the end of training: a
+        missing or broken `pattern` / `json_schema` would otherwise cost a whole run."""
+        if "regex" in self.scorers:
+            if not self.pattern:
+                raise ValueError(
+                    "the `regex` scorer needs `eval.pattern` (a Python regular expression the whole answer "
+                    "must match); give one or drop `regex` from `eval.scorers`"
+                )
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"`eval.pattern` {self.pattern[:80]!r} is not a valid regular expression: {exc}"
+                ) from None
+        if "json_schema" in self.scorers:
+            if self.json_schema is None:
+                raise ValueError(
+                    "the `json_schema` scorer needs `eval.json_schema` (a JSON Schema the answer must "
+                    "match); give one or drop `json_schema` from `eval.scorers`"
+                )
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(self.json_schema).check_schema(self.json_schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"`eval.json_schema` is not a valid JSON Schema: {exc.message}") from None
+        return self
+
 
 class EvalSample(_Strict):
     """One judged eval record, as the MLflow table and the model card show it."""
@@ -242,6 +272,12 @@ class PackPlan(_Strict):
         default="auto",
         description="Recompute each decoder layer in backward instead of keeping its activations. auto: on "
         "for a step whose estimated peak would exceed `memory_budget_bytes` without it (off if no budget).",
+    )
+    allow_user_scorers: bool = Field(
+        default=True,
+        description="Whether adapters may be judged by a user's `module:function` scorer, which runs the "
+        "user's code in the worker (a server's setting); false: such a metric is left out, with the reason "
+        "in `EvalEvent.errors`.",
     )
     max_tokens_per_pass: Annotated[
         int | None,
@@ -316,6 +352,11 @@ class EvalEvent(_Event):
     final: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     samples: list[EvalSample] = Field(default_factory=list)
+    errors: dict[str, str] = Field(
+        default_factory=dict,
+        description="Metrics that could not be computed (a user scorer failed, or is not allowed here), "
+        "each with the reason; the metric is absent from `metrics`, the adapter is still trained.",
+    )
 
 
 class CheckpointEvent(_Event):

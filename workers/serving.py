@@ -3,9 +3,10 @@
 Switching is free by construction: every cached adapter is attached to the same `MultiLoraModel`, and a
 request only changes which row segment points at which adapter. Loading an adapter the first time reads
 its PEFT files once; beyond `capacity` the least recently used one is detached. Requests for different
-adapters are answered in one batched `generate`, each row through its own adapter. Each prompt is
-formatted as the adapter's training formatted prompts (the chat template for a `messages` adapter; the
-record kind is in its `lorafleet.json`), unless the request asks for the raw prompt.
+adapters are answered in one batched `generate` (`workers.generation`), each row through its own
+adapter. Each prompt is formatted as the adapter's training formatted prompts (the chat template for a
+`messages` adapter; the record kind is in its `lorafleet.json`), unless the request asks for the raw
+prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from workers import storage
 from workers.checkpoint import ADAPTER_WEIGHTS, read_adapter, read_meta
 from workers.data import prompt_ids
+from workers.generation import GenerationRequest, generate_greedy
 from workers.model import load_base
 from workers.multilora import MultiLoraModel
 from workers.plan import Device, DType, Quantization
@@ -95,23 +97,8 @@ class AdapterServer:
         """Greedy completions for (adapter dir or None for the bare base, prompt) pairs, in one batch;
         `raw` feeds the prompts as they are, without the adapters' training format."""
         slots = [self.load(adapter) if adapter is not None else None for adapter, _ in requests]
-        ids = [self.prompt_ids(adapter, prompt, raw) for adapter, prompt in requests]
-        order = sorted(range(len(requests)), key=lambda i: slots[i] or "")  # contiguous rows per adapter
-        segments: list[tuple[str | None, int, int]] = []
-        for row, i in enumerate(order):
-            if segments and segments[-1][0] == slots[i]:
-                segments[-1] = (slots[i], segments[-1][1], row + 1)
-            else:
-                segments.append((slots[i], row, row + 1))
-        tok = self.tokenizer
-        tok.padding_side = "left"  # new tokens line up at the right edge for every row
-        batch = tok.pad({"input_ids": [ids[i] for i in order]}, return_tensors="pt").to(self.device)
-        with self.model.routed(segments, training=False):
-            out = self.model.base.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-            )
-        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        answers = [""] * len(requests)
-        for row, i in enumerate(order):
-            answers[i] = texts[row]
-        return answers
+        rows = [
+            GenerationRequest(slot, tuple(self.prompt_ids(adapter, prompt, raw)), max_new_tokens)
+            for slot, (adapter, prompt) in zip(slots, requests, strict=True)
+        ]
+        return generate_greedy(self.model, self.tokenizer, rows, self.device)

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from workers import checkpoint as ckpt
 from workers import memory, storage
-from workers.data import AdapterData, Example, SampleStream, load_adapter_data
+from workers.data import AdapterData, EvalRecord, Example, SampleStream, load_adapter_data
+from workers.generation import GenerationRequest, generate_greedy
 from workers.layout import Batch, Part, attention_weight_of, build_batch
 from workers.model import LoadedBase
 from workers.multilora import Adapter, LoraKernel, MultiLoraModel, linear_module_names
@@ -39,16 +40,19 @@ from workers.plan import (
     CheckpointEvent,
     Checkpointing,
     EvalEvent,
+    EvalSample,
     Event,
     StartEvent,
     StepEvent,
     TrainConfig,
     perplexity,
 )
+from workers.scoring import score
 from workers.varlen import use_varlen_attention
 
 EmitFn = Callable[[Event], None]
 EVAL_TOKENS_PER_FORWARD = 16_384
+SAMPLE_CHARS = 2_000  # a judged sample's prompt, reference and outputs are cut to this many characters
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -129,6 +133,7 @@ class AdapterRun:
     session_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     last_eval_loss: float | None = None
+    parent_eval_loss: float | None = None  # `baseline_from`'s loss on the same eval data (final eval)
     checkpointed_step: int | None = None  # the step of its latest checkpoint written in this pack
     yielding: bool = False  # asked to make room: it leaves at its next optimizer-step boundary
 
@@ -182,6 +187,18 @@ def _token_chunks(items: list[tuple[int, Example]], tokens: int) -> list[list[tu
     return chunks
 
 
+class EvalResult(NamedTuple):
+    """One model's (an adapter's, the base's) eval on a list of examples; NaN where no token counted."""
+
+    loss: float
+    tokens: int
+    token_accuracy: float  # share of target tokens whose argmax prediction is the target
+
+
+def _clip(text: str, limit: int = SAMPLE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -201,6 +218,7 @@ class PackTrainer:
         checkpointing: Checkpointing = "auto",
         memory_budget_bytes: int | None = None,
         max_tokens_per_pass: int | None = None,
+        allow_user_scorers: bool = True,
     ):
         self.model = MultiLoraModel(base.model, kernel=kernel)
         self.tokenizer = base.tokenizer
@@ -214,6 +232,7 @@ class PackTrainer:
         self._all_linear = linear_module_names(base.model)
         self.checkpointing = checkpointing
         self.memory_budget_bytes = memory_budget_bytes
+        self.allow_user_scorers = allow_user_scorers
         cpu = self.device.type == "cpu"
         self.max_tokens_per_pass = max_tokens_per_pass or (memory.CPU_PASS_TOKENS if cpu else None)
         config = base.model.config
@@ -264,6 +283,7 @@ class PackTrainer:
             task.train.seed,
             task.name,
             max_record_bytes=task.max_record_bytes,
+            eval_records=task.eval.max_examples,
         )
         if resume_from is not None:
             _check_same_data(task.name, resume_from, data.fingerprint)
@@ -464,16 +484,17 @@ class PackTrainer:
     # ---- eval ----
 
     @torch.no_grad()
-    def evaluate(self, requests: Sequence[tuple[str | None, Sequence[Example]]]) -> list[tuple[float, int]]:
-        """Mean next-token loss and target-token count per (adapter or None for the base, examples) pair.
+    def evaluate(self, requests: Sequence[tuple[str | None, Sequence[Example]]]) -> list[EvalResult]:
+        """Mean next-token loss, target-token count and token accuracy per (adapter or None for the base,
+        examples) pair.
 
         Examples are packed (exact: attention never crosses documents), `EVAL_TOKENS_PER_FORWARD` tokens
         at a time.
         """
         owned = [(i, ex) for i, (_, examples) in enumerate(requests) for ex in examples]
         mine = owned[self.rank :: self.world]
-        sums = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
-        counts = torch.zeros(len(requests), dtype=torch.float64, device=self.device)
+        # loss sums, target counts, argmax hits per request
+        totals = torch.zeros((3, len(requests)), dtype=torch.float64, device=self.device)
         for chunk in _token_chunks(mine, EVAL_TOKENS_PER_FORWARD):
             runs: list[tuple[int, list[Example]]] = []  # consecutive examples of one request
             for owner, example in chunk:
@@ -484,31 +505,165 @@ class PackTrainer:
             parts = [Part(requests[owner][0], examples) for owner, examples in runs]
             batch = self._batch(parts)
             self.model.set_checkpointing(False)
-            losses = self.model.segment_losses(batch.to(self.device), training=False)
-            for owner, part, loss in zip(owners, parts, losses, strict=True):
-                sums[owner] += loss.double()
-                counts[owner] += sum(ex.n_targets for ex in part.examples)
+            losses, hits = self.model.segment_eval(batch.to(self.device))
+            for owner, part, loss, hit in zip(owners, parts, losses, hits, strict=True):
+                totals[0, owner] += loss.double()
+                totals[1, owner] += sum(ex.n_targets for ex in part.examples)
+                totals[2, owner] += hit.double()
         if self.world > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
-        return [(float(s / c) if c > 0 else float("nan"), int(c)) for s, c in zip(sums, counts, strict=True)]
+            dist.all_reduce(totals)
+        return [
+            EvalResult(float(s / c), int(c), float(h / c)) if c > 0 else EvalResult(math.nan, 0, math.nan)
+            for s, c, h in totals.T.tolist()
+        ]
 
     def _eval_and_report(self, runs: list[AdapterRun]) -> None:
+        """Eval loss and token accuracy of `runs` on their eval splits, in one pass. For those at their
+        last step (`final`), the same for the base and for a child's parent (`baseline_from`, attached
+        for the occasion) on the same records, and every eval record with a prompt judged by generation
+        through the adapter, the base and the parent, all finishing adapters in one batched `generate`."""
         if not runs:
             return
-        results = self.evaluate([(r.name, self._eval_examples(r)) for r in runs])
-        for run, (loss, count) in zip(runs, results, strict=True):
-            run.last_eval_loss = loss
+        finals = [run for run in runs if run.step >= run.cfg.steps]
+        parents = self._attach_parents(finals)
+        try:
+            references = [(run, "base_", None) for run in finals]
+            references += [(run, "parent_", parents[run.name]) for run in finals if run.name in parents]
+            requests = [(run.name, self._eval_examples(run)) for run in runs]
+            requests += [(route, self._eval_examples(run)) for run, _, route in references]
+            results = self.evaluate(requests)
+            judged = self._generate(finals, parents)
+        finally:
+            for name in parents.values():
+                self.model.remove_adapter(name)
+        extra: dict[str, dict[str, float]] = {run.name: {} for run in runs}
+        for (run, prefix, _), result in zip(references, results[len(runs) :], strict=True):
+            extra[run.name].update(
+                {f"{prefix}eval_loss": result.loss, f"{prefix}eval_token_accuracy": result.token_accuracy}
+            )
+            if prefix == "parent_":
+                run.parent_eval_loss = result.loss
+        for run, result in zip(runs, results[: len(runs)], strict=True):
+            run.last_eval_loss = result.loss
+            if self.rank != 0:
+                continue
+            metrics = {"eval_token_accuracy": result.token_accuracy, **extra[run.name]}
+            samples: list[EvalSample] = []
+            errors: dict[str, str] = {}
+            if run.name in judged:
+                scored, samples, errors = self._score(run, *judged[run.name])
+                metrics.update(scored)
             self._emit(
                 EvalEvent(
                     pack_id=self.pack_id,
                     adapter=run.name,
                     step=run.step,
-                    eval_loss=loss,
-                    perplexity=perplexity(loss),
-                    eval_tokens=count,
+                    eval_loss=result.loss,
+                    perplexity=perplexity(result.loss),
+                    eval_tokens=result.tokens,
+                    final=run.step >= run.cfg.steps,
+                    metrics=metrics,
+                    samples=samples,
+                    errors=errors,
                 )
             )
+
+    def _attach_parents(self, runs: list[AdapterRun]) -> dict[str, str]:
+        """Attach each run's `baseline_from` adapter under a name of its own; {run name: that name}."""
+        parents: dict[str, str] = {}
+        try:
+            for run in runs:
+                source = run.task.baseline_from
+                if source is None:
+                    continue
+                files = ckpt.read_adapter(source)
+                name = f"{run.name}@baseline"  # not a valid adapter name, so it cannot clash with a real one
+                self.model.add_adapter(
+                    name,
+                    r=files.r,
+                    alpha=files.alpha,
+                    dropout=0.0,
+                    target_modules=sorted(files.weights),
+                    seed=0,
+                    init=files.weights,
+                )
+                parents[run.name] = name
+        except BaseException:
+            for name in parents.values():
+                self.model.remove_adapter(name)
+            raise
+        return parents
+
+    def _generate(
+        self, runs: list[AdapterRun], parents: dict[str, str]
+    ) -> dict[str, tuple[list[EvalRecord], dict[str, list[str]]]]:
+        """Greedy answers to each run's judged eval records through the adapter ("" prefix), the base
+        ("base_") and the parent ("parent_"), in one batched generation for all runs. With several
+        workers each generates a strided share of the rows and rank 0 gathers them (answers do not
+        depend on their neighbours, so the split changes nothing)."""
+        plan: list[tuple[AdapterRun, list[EvalRecord], list[tuple[str, str | None]]]] = []
+        requests: list[GenerationRequest] = []
+        for run in runs:
+            cfg = run.task.eval
+            records = run.data.eval_records[: cfg.max_examples]
+            if not records or not (cfg.scorers or cfg.samples):
+                continue
+            routes: list[tuple[str, str | None]] = [("", run.name), ("base_", None)]
+            if run.name in parents:
+                routes.append(("parent_", parents[run.name]))
+            plan.append((run, records, routes))
+            for _, route in routes:
+                requests += [GenerationRequest(route, r.prompt_ids, cfg.max_new_tokens) for r in records]
+        if not plan:
+            return {}
+        mine = generate_greedy(self.model, self.tokenizer, requests[self.rank :: self.world], self.device)
+        if self.world > 1:
+            shares: list[list[str] | None] = [None] * self.world
+            dist.all_gather_object(shares, mine)
+            answers = [""] * len(requests)
+            for rank, share in enumerate(shares):
+                answers[rank :: self.world] = share or []
+        else:
+            answers = mine
+        out: dict[str, tuple[list[EvalRecord], dict[str, list[str]]]] = {}
+        at = 0
+        for run, records, routes in plan:
+            by_prefix: dict[str, list[str]] = {}
+            for prefix, _ in routes:
+                by_prefix[prefix] = answers[at : at + len(records)]
+                at += len(records)
+            out[run.name] = (records, by_prefix)
+        return out
+
+    def _score(
+        self, run: AdapterRun, records: list[EvalRecord], answers: dict[str, list[str]]
+    ) -> tuple[dict[str, float], list[EvalSample], dict[str, str]]:
+        """The run's scorers over each model's answers (`eval_*`, `base_eval_*`, `parent_eval_*`), the
+        first `eval.samples` records as samples with the adapter's scores, and the metrics that failed."""
+        cfg = run.task.eval
+        references = [record.reference for record in records]
+        metrics: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        adapter_scores = None
+        for prefix, outputs in answers.items():
+            scores = score(cfg, outputs, references, self.allow_user_scorers)
+            metrics.update(scores.means(prefix))
+            errors.update({prefix + metric: why for metric, why in scores.errors.items()})
+            if prefix == "":
+                adapter_scores = scores
+        assert adapter_scores is not None
+        samples = [
+            EvalSample(
+                prompt=_clip(record.prompt),
+                reference=_clip(record.reference),
+                output=_clip(answers[""][k]),
+                base_output=_clip(answers["base_"][k]),
+                parent_output=_clip(answers["parent_"][k]) if "parent_" in answers else None,
+                scores={metric: values[k] for metric, values in adapter_scores.per_record.items()},
+            )
+            for k, record in enumerate(records[: cfg.samples])
+        ]
+        return metrics, samples, errors
 
     @staticmethod
     def _eval_examples(run: AdapterRun) -> list[Example]:
@@ -545,7 +700,6 @@ class PackTrainer:
     def _finish(self, run: AdapterRun) -> None:
         final_dir = storage.join(run.task.output_dir, ckpt.FINAL_DIR)
         self._checkpoint(run, final_dir, final=True)
-        baseline = self._baseline_loss(run)
         self._detach(run)
         self._record_done(
             run.task,
@@ -556,30 +710,9 @@ class PackTrainer:
                 status="trained",
                 final_dir=final_dir,
                 eval_loss=run.last_eval_loss,
-                baseline_eval_loss=baseline,
+                baseline_eval_loss=run.parent_eval_loss,  # the parent's loss, from the final eval
             ),
         )
-
-    def _baseline_loss(self, run: AdapterRun) -> float | None:
-        """The baseline adapter's (e.g. the parent's) loss on this adapter's eval data, for the gate."""
-        source = run.task.baseline_from
-        if source is None or not run.data.eval:
-            return None
-        files = ckpt.read_adapter(source)
-        name = f"{run.name}@baseline"  # not a valid adapter name, so it cannot clash with a real one
-        self.model.add_adapter(
-            name,
-            r=files.r,
-            alpha=files.alpha,
-            dropout=0.0,
-            target_modules=sorted(files.weights),
-            seed=0,
-            init=files.weights,
-        )
-        try:
-            return self.evaluate([(name, self._eval_examples(run))])[0][0]
-        finally:
-            self.model.remove_adapter(name)
 
     def request_yield(self, name: str) -> None:
         """Ask an adapter to make room for other work: it leaves at its next optimizer-step boundary (now,

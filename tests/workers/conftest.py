@@ -11,7 +11,7 @@ import torch
 
 from workers import storage
 from workers.checkpoint import read_adapter
-from workers.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
+from workers.plan import AdapterTask, DataConfig, EvalConfig, LoraConfig, PackPlan, TrainConfig
 from workers.synthetic import SKILLS, write_skill_data
 
 
@@ -32,6 +32,7 @@ def make_task(tmp_path: Path, skill_files: dict[str, Path]) -> TaskFactory:
         out: str = "out",
         lora: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
+        eval: dict[str, Any] | None = None,
         **train: Any,
     ) -> AdapterTask:
         train_cfg = {
@@ -49,6 +50,8 @@ def make_task(tmp_path: Path, skill_files: dict[str, Path]) -> TaskFactory:
             lora=LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], **(lora or {})}),
             train=TrainConfig(**train_cfg),
             data=DataConfig(**data_cfg),
+            # Short answers: every final eval generates, and a tiny random base never stops on its own.
+            eval=EvalConfig(**{"max_new_tokens": 8, "max_examples": 4, **(eval or {})}),
             output_dir=tmp_path / out / name,
         )
 

@@ -20,6 +20,7 @@ from workers.data import (
     collate,
     load_adapter_data,
     load_examples,
+    prompt_ids,
 )
 from workers.plan import DataConfig, ShardConfig
 
@@ -159,6 +160,47 @@ def test_eval_path_and_fingerprint(tmp_path: Path, tiny_tokenizer) -> None:
     assert load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a").fingerprint != data.fingerprint
     no_eval = load_adapter_data(DataConfig(path=path), tiny_tokenizer, 64, 0, "a")
     assert no_eval.eval == [] and no_eval.fingerprint != data.fingerprint
+
+
+# ---- eval records judged by generation ----
+
+
+def test_prompt_completion_eval_records_are_the_trained_prompts_of_the_kept_eval_records(
+    tmp_path: Path, tiny_tokenizer
+) -> None:
+    records = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(4)]
+    records.insert(1, {"prompt": "the quick brown fox jumps over the lazy dog " * 4, "completion": " x"})
+    train = write(tmp_path / "train.jsonl", records[:1])
+    cfg = DataConfig(path=train, eval_path=write(tmp_path / "eval.jsonl", records))
+    data = load_adapter_data(cfg, tiny_tokenizer, 16, 0, "a", eval_records=2)
+    assert len(data.eval) == 4  # the long prompt leaves no target within 16 tokens: not an eval record
+    assert [(r.prompt, r.reference) for r in data.eval_records] == [("q0", " a0"), ("q1", " a1")]
+    for record, example in zip(data.eval_records, data.eval, strict=False):
+        assert record.prompt_ids == tuple(prompt_ids(record.prompt, "prompt_completion", tiny_tokenizer))
+        assert example.input_ids[: len(record.prompt_ids)] == record.prompt_ids  # as training saw it
+    assert load_adapter_data(cfg, tiny_tokenizer, 16, 0, "a").eval_records == []  # none asked for
+
+
+def test_messages_eval_records_ask_for_the_last_assistant_turn(tmp_path: Path, tiny_tokenizer) -> None:
+    path = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}])
+    data = load_adapter_data(
+        DataConfig(path=path, eval_path=path), tiny_tokenizer, 256, 0, "a", eval_records=9
+    )
+    long, short = data.eval_records
+    assert (long.reference, short.reference) == ("see you", "hello friend")
+    assert short.prompt == "hi there"
+    assert long.prompt == "system: be brief\nuser: hi there\nassistant: hello friend\nuser: bye"
+    assert tiny_tokenizer.decode(long.prompt_ids) == (
+        "<|bos|><|system|>be brief<|end|><|user|>hi there<|end|><|assistant|>hello friend<|end|>"
+        "<|user|>bye<|end|><|assistant|>"
+    )
+    assert data.eval[0].input_ids[: len(long.prompt_ids)] == long.prompt_ids  # the trained conversation
+
+
+def test_text_records_have_nothing_to_judge_by_generation(tmp_path: Path, tiny_tokenizer) -> None:
+    cfg = DataConfig(path=rows_file(tmp_path, 10), eval_fraction=0.5)
+    data = load_adapter_data(cfg, tiny_tokenizer, 64, 0, "a", eval_records=10)
+    assert len(data.eval) == 5 and data.eval_records == []
 
 
 # ---- sample order ----

@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, port: int, plan_json: str, evals: dict) -> No
         events: list = []
         run_pack(PackPlan.model_validate_json(plan_json), emit=events.append)
         if rank == 0:
-            evals.update({e.adapter: e.eval_loss for e in events if isinstance(e, EvalEvent)})
+            evals.update({e.adapter: e.model_dump(mode="json") for e in events if isinstance(e, EvalEvent)})
         else:
             assert not events, "only rank 0 reports"
     finally:
@@ -60,7 +60,14 @@ def test_two_gloo_workers_match_one_process(tiny_base: Path, make_task: TaskFact
 
     for one, two in zip(single_tasks, parallel_tasks, strict=True):
         assert max_weight_diff(final_weights(one), final_weights(two)) <= 1e-5
-    single_evals = {e.adapter: e.eval_loss for e in single_events if isinstance(e, EvalEvent)}
+    single_evals = {e.adapter: e for e in single_events if isinstance(e, EvalEvent)}
     assert single_evals.keys() == parallel_evals.keys() == {"counting", "colors"}
-    for name, loss in single_evals.items():
-        assert abs(loss - parallel_evals[name]) <= 1e-5
+    for name, single in single_evals.items():
+        parallel = EvalEvent.model_validate(parallel_evals[name])
+        assert abs(single.eval_loss - parallel.eval_loss) <= 1e-5
+        # The final eval's generations, split over the workers and gathered, are the one process's.
+        assert single.final and parallel.final and "eval_exact_match" in parallel.metrics
+        assert [s.output for s in parallel.samples] == [s.output for s in single.samples]
+        assert [s.base_output for s in parallel.samples] == [s.base_output for s in single.samples]
+        for metric, value in single.metrics.items():
+            assert abs(value - parallel.metrics[metric]) <= 1e-5, metric

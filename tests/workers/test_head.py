@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.head import chunk_tokens, linear_cross_entropy
+from workers.head import chunk_tokens, linear_cross_entropy, linear_cross_entropy_hits
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
@@ -71,3 +71,17 @@ def test_backward_keeps_one_hidden_sized_tensor_and_no_logits() -> None:
         assert torch.equal(linear_cross_entropy(hidden, head, targets, chunk=16), losses.detach())
     losses.sum().backward()
     assert hidden.grad is not None and hidden.grad.shape == (50, 32)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_eval_losses_and_argmax_hits_equal_the_full_logits(chunk: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    head = nn.Linear(32, 300, bias=True).requires_grad_(False)
+    hidden = torch.randn(50, 32, generator=generator)
+    logits = head(hidden).float()
+    targets = logits.argmax(-1)
+    targets[::2] = torch.randint(0, 300, (25,), generator=generator)  # about half predicted right
+    losses, hits = linear_cross_entropy_hits(hidden, head, targets, chunk)
+    torch.testing.assert_close(losses, F.cross_entropy(logits, targets, reduction="none"), atol=1e-5, rtol=0)
+    assert torch.equal(hits, logits.argmax(-1) == targets)
+    assert 20 <= int(hits.sum()) < 50

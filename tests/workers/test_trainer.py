@@ -13,7 +13,7 @@ from workers.checkpoint import checkpoint_dir, read_adapter
 from workers.data import load_adapter_data
 from workers.model import load_base
 from workers.pack import run_pack
-from workers.plan import AdapterDone, CheckpointEvent, Event, StepEvent
+from workers.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StepEvent
 from workers.synthetic import SKILLS
 from workers.trainer import PackTrainer, adapter_passes
 
@@ -235,9 +235,14 @@ def test_zero_steps_from_a_parent_keeps_its_weights_bit_for_bit(
             "baseline_from": Path(parent.output_dir) / "final",
         }
     )
-    done, _ = _train(tiny_base, child)
+    done, events = _train(tiny_base, child)
     assert done["child"].status == "trained" and done["child"].eval_loss is not None
     assert done["child"].baseline_eval_loss == done["child"].eval_loss  # same weights, same eval data
+    (final,) = [e for e in events if isinstance(e, EvalEvent)]
+    assert final.final and final.samples and final.metrics["parent_eval_loss"] == final.eval_loss
+    assert all(s.parent_output == s.output for s in final.samples)  # and the same answers
+    for metric in ("eval_token_accuracy", "eval_exact_match", "eval_token_f1"):
+        assert final.metrics["parent_" + metric] == final.metrics[metric]
     for key, value in final_weights(parent).items():
         assert torch.equal(value, final_weights(child)[key])
 

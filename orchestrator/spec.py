@@ -236,7 +236,7 @@ class JobSpec(_Strict):
                         (_loc(i, exc, e), e["msg"].removeprefix("Value error, ")) for e in exc.errors()
                     ]
         if not problems:
-            problems += self._eval_problems() + self._promotion_problems()
+            problems += self._promotion_problems()  # scorer settings: `EvalConfig` checks them
         if problems:
             raise SpecError(problems)  # pydantic wraps it; `_problems` unwraps the individual fields
         return self
@@ -270,42 +270,6 @@ class JobSpec(_Strict):
         if override is not None and getattr(override, key) is not None:
             return f"adapters.{index}.eval.{key}"
         return f"eval.{key}"
-
-    def _eval_problems(self) -> list[tuple[str, str]]:
-        """What the scorers need and each adapter's merged config must give: a `regex` scorer its
-        pattern (one that compiles), a `json_schema` scorer a valid schema."""
-        problems: list[tuple[str, str]] = []
-        for i in range(len(self.adapters)):
-            config = self.adapter_eval(i)
-            if "regex" in config.scorers:
-                if config.pattern is None:
-                    problems.append(
-                        (self.eval_field(i, "scorers"), "the `regex` scorer needs `eval.pattern`; set it")
-                    )
-                else:
-                    try:
-                        re.compile(config.pattern)
-                    except (re.error, RecursionError, OverflowError) as exc:  # deep nesting, huge counts
-                        problems.append(
-                            (self.eval_field(i, "pattern"), f"not a valid regular expression: {exc}")
-                        )
-            if "json_schema" in config.scorers:
-                problems += self._schema_problems(i, config)
-        return list(dict.fromkeys(problems))  # a problem of the job's own default is reported once
-
-    def _schema_problems(self, index: int, config: EvalConfig) -> list[tuple[str, str]]:
-        if config.json_schema is None:
-            return [(self.eval_field(index, "scorers"), "the `json_schema` scorer needs `eval.json_schema`")]
-        try:
-            import jsonschema
-        except ImportError:  # not installed here: the worker's scorer says so
-            return []
-
-        try:
-            jsonschema.validators.validator_for(config.json_schema).check_schema(config.json_schema)
-        except jsonschema.SchemaError as exc:
-            return [(self.eval_field(index, "json_schema"), f"not a valid JSON Schema: {exc.message}")]
-        return []
 
     def _promotion_problems(self) -> list[tuple[str, str]]:
         """The gate's metric must be one every adapter of the job records: a gate on a score nobody

@@ -158,11 +158,11 @@ def test_an_adapters_eval_overrides_the_jobs_field_by_field() -> None:
         (_two(own_eval={"scorers": ["nope"]}), "adapters.1.eval.scorers", "unknown scorer 'nope'"),
         (_two(own_eval={"max_new_tokens": 0}), "adapters.1.eval.max_new_tokens", "greater than 0"),
         (_two(own_eval={"scorer": ["exact_match"]}), "adapters.1.eval.scorer", "unknown field"),
-        (_two({"scorers": ["regex"]}), "eval.scorers", "needs `eval.pattern`"),
-        (_two(own_eval={"scorers": ["regex"], "pattern": "("}), "adapters.1.eval.pattern", "regular expr"),
+        (_two({"scorers": ["regex"]}), "eval", "needs `eval.pattern`"),
+        (_two(own_eval={"scorers": ["regex"], "pattern": "("}), "adapters.1.eval", "regular expr"),
         (
             _two({"scorers": ["json_schema"], "json_schema": {"type": 12}}),
-            "eval.json_schema",
+            "eval",
             "not a valid JSON Schema",
         ),
         (

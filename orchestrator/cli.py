@@ -815,7 +815,7 @@ def models_list(
 
 @app.command()
 def quickstart(
-    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 40,
+    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 30,
     as_json: JsonFlag = False,
 ) -> None:
     """Pull a real small base (once), train 4 adapters on made-up skills and a branched child, and show

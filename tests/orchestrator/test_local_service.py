@@ -173,16 +173,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_the_example_job_runs_as_is(home: Path) -> None:
-    example = Path(__file__).resolve().parents[2] / "examples" / "job.yaml"
-    job = submit(home, example)
-    view = until(home, job["id"], lambda v: v["state"] not in ("pending", "running"))
-    assert view["state"] == "succeeded", view
-    assert {a["name"]: a["state"] for a in view["adapters"]} == dict.fromkeys(
-        ("counting", "colors", "colors-more"), "evaluated"
-    )
-
-
 def test_cancel_from_another_process_stops_a_running_job(
     home: Path, tiny_base: Path, data_dir: Path, tmp_path: Path
 ) -> None:

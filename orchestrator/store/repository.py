@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from sqlalchemy import Engine, bindparam, case, func, insert, select, update
+from sqlalchemy import Engine, bindparam, case, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer, sessionmaker
@@ -608,6 +608,15 @@ class Store:
                 by_keys.setdefault(keys, []).append({"_id": adapter_id, **{f"_{k}": fields[k] for k in keys}})
         table = AdapterRow.__table__
         for keys, params in by_keys.items():
+            if s.get_bind().dialect.name == "postgresql":  # one statement, whatever the number of rows
+                rows = [{"id": p["_id"], **{k: p[f"_{k}"] for k in keys}} for p in params]
+                sets = ", ".join(f"{k} = v.{k}" for k in keys)
+                source = _recordset(s, table, ["id", *keys])
+                sql = (
+                    f"UPDATE {table.name} AS a SET {sets}, updated_at = :now FROM {source} WHERE a.id = v.id"
+                )
+                s.execute(text(sql), {"rows": _rows_json(rows), "now": now})
+                continue
             values = {k: bindparam(f"_{k}") for k in keys} | {"updated_at": now}
             s.execute(update(table).where(table.c.id == bindparam("_id")).values(values), params)
 
@@ -640,6 +649,19 @@ class Store:
                 if default_lower_is_better(key) == lower
             ]
             if not rows:
+                continue
+            if dialect == "postgresql":  # one statement for the batch
+                columns = list(rows[0])
+                better = "<" if lower else ">"
+                sql = (
+                    f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)} "
+                    f"FROM {_recordset(s, table, columns)} ON CONFLICT (adapter_id, key) DO UPDATE SET "
+                    "last_value = EXCLUDED.last_value, step = EXCLUDED.step, "
+                    "updated_at = EXCLUDED.updated_at, "
+                    f"best_value = CASE WHEN EXCLUDED.best_value {better} {table.name}.best_value "
+                    f"THEN EXCLUDED.best_value ELSE {table.name}.best_value END"
+                )
+                s.execute(text(sql), {"rows": _rows_json(rows)})
                 continue
             stmt = dialect_insert(table)
             new = stmt.excluded.best_value
@@ -950,8 +972,7 @@ class Store:
                         "event_id": e.event_id,
                     }
                 )
-            if rows:
-                s.execute(insert(EventRow.__table__), rows)  # Core: one multi-row INSERT per 1,000
+            _insert_many(s, EventRow.__table__, rows)
         return len(rows)
 
     def unrecorded(self, event_ids: Sequence[str]) -> set[str]:
@@ -1196,6 +1217,32 @@ def _rollback_quietly(session: Session) -> None:
 def _first_line(error: BaseException | None) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _recordset(s: Session, table: Any, columns: Sequence[str]) -> str:
+    """`json_to_recordset(:rows) AS v(c type, ...)`: a batch of rows as one JSON parameter (PostgreSQL),
+    so a batch is one statement, not one per row (psycopg's executemany sends each row on its own)."""
+    dialect = s.get_bind().dialect
+    types = ", ".join(f"{c} {table.c[c].type.compile(dialect=dialect)}" for c in columns)
+    return f"json_to_recordset(CAST(:rows AS json)) AS v({types})"
+
+
+def _rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps(list(rows), default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+
+
+def _insert_many(s: Session, table: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert rows: on PostgreSQL one `INSERT ... SELECT FROM json_to_recordset(...)` per 10,000,
+    elsewhere an executemany."""
+    if not rows:
+        return
+    if s.get_bind().dialect.name != "postgresql":
+        s.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    for chunk in _chunks(rows, 10_000):
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)}"
+        s.execute(text(f"{sql} FROM {_recordset(s, table, columns)}"), {"rows": _rows_json(chunk)})
 
 
 def _finite(value: Any) -> Any:

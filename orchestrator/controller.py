@@ -171,6 +171,9 @@ class Controller:
         # a base's shape, or why its config cannot load; filled outside the lock (`_prepare`)
         self._infos: dict[sched.BaseKey, sched.BaseModelInfo | Exception] = {}
         self._cluster: ClusterView | None = None  # read once per tick (`_prepare`)
+        self._queued: dict[str, AdapterRecord] = {}  # queued adapters as last read (`_queued_adapters`)
+        self._judged: dict[tuple[str, PackShape, int], str | None] = {}  # `_never_fits`' verdicts
+        self._demands: dict[str, tuple[AdapterRecord, sched.AdapterDemand]] = {}  # `_demand`'s, by record
         # adapters asked to yield that have not left their pack yet -> when they were asked (monotonic)
         self._yielding: dict[str, float] = {}
         self._cancelling: set[str] = set()  # adapters whose cancel their pack has not confirmed yet
@@ -397,10 +400,46 @@ class Controller:
 
     # ---- scheduling ----
 
+    def _queued_adapters(self) -> list[AdapterRecord]:
+        """Queued adapters in scheduling order (priority, then first come). Only rows new or changed
+        since the last tick are read whole (by `updated_at`): at 10,000 queued, reading and validating
+        every row each tick cost the tick seconds."""
+        versions = self.store.queued_versions()
+        known = self._queued
+        stale = [i for i, at in versions.items() if i not in known or known[i].updated_at != at]
+        fresh = self.store.adapters_by_id(stale)
+        self._queued = {
+            i: fresh.get(i, known.get(i))  # type: ignore[misc]
+            for i in versions
+            if i in fresh or (i in known and i not in stale)
+        }
+        queued = [a for a in self._queued.values() if a.state == AdapterState.QUEUED.value]
+        return sorted(queued, key=lambda a: (-a.priority, a.seq))
+
+    def _never_fits(
+        self, shape: PackShape, demands: list[sched.AdapterDemand], infos: dict[sched.BaseKey, Any]
+    ) -> list[tuple[str, str]]:
+        """`scheduler.unplaceable` against an idle worker of `shape`, judged once per adapter and
+        budget (a demand does not change while it waits), not again each tick for all the queue."""
+        idle = self._idle_workers(shape, 1)
+        budget = idle[0].memory_bytes
+        unjudged = [d for d in demands if (d.adapter_id, shape, budget) not in self._judged]
+        verdicts = dict(sched.unplaceable(unjudged, idle, infos)) if unjudged else {}
+        for d in unjudged:
+            self._judged[(d.adapter_id, shape, budget)] = verdicts.get(d.adapter_id)
+        never = []
+        for d in demands:
+            reason = self._judged[(d.adapter_id, shape, budget)]
+            if reason is not None:
+                never.append((d.adapter_id, reason))
+        return never
+
     def _schedule(self) -> None:
-        queued = self.store.list_adapters(states=[AdapterState.QUEUED.value])
-        parent_ids = {a.parent_id for a in queued if a.parent_id}
-        parents = {i: self.store.get_adapter_by_id(i) for i in parent_ids}
+        queued = self._queued_adapters()
+        live = {a.id for a in queued}
+        self._judged = {k: v for k, v in self._judged.items() if k[0] in live}
+        self._demands = {i: kept for i, kept in self._demands.items() if i in live}
+        parents = self.store.adapters_by_id({a.parent_id for a in queued if a.parent_id})
         ready, orphans = decisions.ready(queued, parents)
         self._apply(orphans)
         reasons = decisions.parent_waits(queued, parents)  # why each adapter left queued waits
@@ -415,16 +454,18 @@ class Controller:
             records = {a.id: a for a in adapters}
             idle = self._idle_workers(shape, free_slots)
             workers = idle + [self._worker_state(p) for p in self.running.values() if p.shape == shape]
-            infos = {d.base: self._info(d.base) for d in demands}
+            infos = {base: self._info(base) for base in {d.base for d in demands}}
             # judged against an idle worker of this shape, whether or not one is free now
-            never = sched.unplaceable(demands, self._idle_workers(shape, 1), infos)
+            never = self._never_fits(shape, demands, infos)
             failures, too_big = decisions.never_fits(adapters, never, fixed)
             self._apply(failures)
             reasons |= too_big
             never_ids = {adapter_id for adapter_id, _ in never}
             demands = [d for d in demands if d.adapter_id not in never_ids]
             share = self._share()  # counts every running pack, this tick's launches included
-            placements = sched.schedule(demands, workers, infos, share)
+            # every slot taken: nothing can be placed, and 10,000 queued would cost the tick seconds
+            room = any(len(w.running_adapters) < w.max_adapters for w in workers)
+            placements = sched.schedule(demands, workers, infos, share) if room else []
             unplaced = sched.waiting_reasons(demands, placements, share)
             reasons |= unplaced
             waiting_for_worker += [
@@ -605,6 +646,16 @@ class Controller:
         return int(view.memory_bytes * 0.8 / max(1, view.total_cpus))
 
     def _demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
+        """What the scheduler knows of an adapter; kept while its record is the one read (a queue of
+        10,000 is asked each tick)."""
+        kept = self._demands.get(adapter.id)
+        if kept is not None and kept[0] is adapter:
+            return kept[1]
+        demand = self._new_demand(adapter)
+        self._demands[adapter.id] = (adapter, demand)
+        return demand
+
+    def _new_demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
         spec = self._spec(adapter.job_id)
         lora, train = adapter.lora, adapter.train
         targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)

@@ -67,11 +67,15 @@ class SimulatedPacks:
         memory_bytes: int = 64 * 2**30,
         steps_per_drain: int = 1,
         fixed: bool = True,
+        advance_on_drain: bool = True,
     ) -> None:
         self.nodes, self.cpus_per_node, self.gpus_per_node = nodes, cpus_per_node, gpus_per_node
         self.memory_bytes = memory_bytes
         self.steps_per_drain = steps_per_drain
         self.fixed = fixed
+        # False: the caller advances the packs (`advance`) apart from the drain, e.g. outside a timing
+        self.advance_on_drain = advance_on_drain
+        self._posted: list[str] = []  # event batches advanced but not drained yet
         self.launched = 0  # packs started so far
         self._packs: dict[str, _Pack] = {}
         self._stored: dict[str, int] = {}  # output dir -> step of its newest checkpoint ("storage")
@@ -108,14 +112,21 @@ class SimulatedPacks:
             self._packs.pop(handle, None)
 
     def drain(self) -> list[str]:
+        if self.advance_on_drain:
+            self.advance()
         with self._lock:
-            batches = []
+            batches, self._posted = self._posted, []
+            return batches
+
+    def advance(self) -> None:
+        """Every running pack trains `steps_per_drain` steps of each adapter; their events are posted
+        (one batch per pack) for the next drain."""
+        with self._lock:
             for pack in self._packs.values():
                 if not pack.ended:
                     events = self._advance(pack)
                     if events:
-                        batches.append(EVENTS.dump_json(events).decode())
-            return batches
+                        self._posted.append(EVENTS.dump_json(events).decode())
 
     def offer(self, pack_id: str, tasks_json: list[str]) -> None:
         with self._lock:

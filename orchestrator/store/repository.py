@@ -60,6 +60,7 @@ from orchestrator.store.records import (
     RegistryRecord,
     TokenRecord,
     config_hash,
+    utc,
 )
 
 log = logging.getLogger(__name__)
@@ -523,6 +524,15 @@ class Store:
         )
         with self._session("list the bases of queued adapters") as s:
             return [(b, q, d) for b, q, d in s.execute(query)]
+
+    def queued_versions(self) -> dict[str, datetime]:
+        """`{id: updated_at}` of the queued adapters: a reader that keeps their records re-reads only
+        the rows that are new or changed (every write to an adapter moves its `updated_at`)."""
+        query = select(AdapterRow.id, AdapterRow.updated_at).where(
+            AdapterRow.state == AdapterState.QUEUED.value
+        )
+        with self._session("list queued adapters' versions") as s:
+            return {adapter_id: utc(at) for adapter_id, at in s.execute(query)}
 
     def adapter_states(self, adapter_ids: Collection[str]) -> dict[str, str]:
         """The state of each adapter, in one query per 500 ids (ids not found are absent): what the

@@ -13,7 +13,7 @@ through the service layer, then:
 2. *burst*: `--burst-ticks` ticks back to back with every adapter advancing `--burst-steps` steps per
    drain: events ingested into SQL per second of tick.
 
-    python benchmarks/bench_fleet.py --sizes 100,1000,10000      # SQLite and the PostgreSQL at LORAFLEET_BENCH_PG
+    python benchmarks/bench_fleet.py --sizes 100,1000,10000   # SQLite, and PostgreSQL at LORAFLEET_BENCH_PG
     python benchmarks/bench_fleet.py --sizes 100 --ticks 5 --backends sqlite   # a smoke run
     python benchmarks/bench_fleet.py --profile 1000 --backends postgresql      # cProfile of steady ticks
 
@@ -32,7 +32,6 @@ import platform
 import pstats
 import shutil
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -154,7 +153,9 @@ class LagMeter:
         self.thread.start()
 
     def note_newest(self) -> None:
-        events = self.store.list_events(None, after_id=self.newest[-1][1] if self.newest else 0, limit=100_000)
+        events = self.store.list_events(
+            None, after_id=self.newest[-1][1] if self.newest else 0, limit=100_000
+        )
         if events:
             self.newest.append((time.monotonic(), events[-1].id))
 
@@ -179,7 +180,10 @@ class LagMeter:
             else:
                 lags.append(caught - when)
         mirrored = self.reached[-1][1] if self.reached else 0
+        moved = [(t, c) for t, c in self.reached if c > 0]
+        span = moved[-1][0] - self.reached[0][0] if moved else 0.0
         return {
+            "mirror_events_per_s": round(mirrored / span) if span > 0 else None,
             "lag_p50_s": _quantile(lags, 0.5),
             "lag_max_s": max(lags) if lags else None,
             "samples_never_mirrored": behind,
@@ -248,9 +252,13 @@ def _measure(
     started = time.perf_counter()
     job_ids = submit_fleet(Service(settings, store), home, adapters, steps=ARGS.steps)
     submit_s = time.perf_counter() - started
-    packs = SimulatedPacks(nodes=ARGS.workers, cpus_per_node=1, memory_bytes=64 * 2**30, advance_on_drain=False)
+    packs = SimulatedPacks(
+        nodes=ARGS.workers, cpus_per_node=1, memory_bytes=64 * 2**30, advance_on_drain=False
+    )
     controller = Controller(settings, store, packs=packs)
-    tracker = Tracker(store, str(settings.mlflow_uri), home / "mlflow-artifacts", batch_events=ARGS.mlflow_batch)
+    tracker = Tracker(
+        store, str(settings.mlflow_uri), home / "mlflow-artifacts", batch_events=ARGS.mlflow_batch
+    )
     controller.tick()  # the first tick launches the packs: measured apart, it is not the steady state
     first_tick_s = time.perf_counter() - started - submit_s
     api = ApiServer(settings)
@@ -314,6 +322,7 @@ def _measure(
         "mlflow_lag_max_s": _round(mirror["lag_max_s"]),
         "mlflow_samples_never_mirrored": mirror["samples_never_mirrored"],
         "mlflow_events_mirrored": mirror["events_mirrored"],
+        "mlflow_events_per_s": mirror["mirror_events_per_s"],
         "api_calls": len(latencies),
         "api_errors": prober.errors,
         "api_p50_ms": _ms(_quantile(latencies, 0.5)),
@@ -369,7 +378,9 @@ def machine() -> dict[str, Any]:
 
 def write_report(rows: list[dict[str, Any]], info: dict[str, Any], tag: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"machine": info, "args": vars(ARGS), "rows": rows}, indent=2))
+    (RESULTS / f"{tag}.json").write_text(
+        json.dumps({"machine": info, "args": vars(ARGS), "rows": rows}, indent=2)
+    )
     columns = [
         ("backend", "backend"),
         ("adapters", "adapters"),
@@ -382,6 +393,8 @@ def write_report(rows: list[dict[str, Any]], info: dict[str, Any], tag: str) -> 
         ("mlflow_lag_p50_s", "MLflow lag p50 s"),
         ("mlflow_lag_max_s", "MLflow lag max s"),
         ("mlflow_samples_never_mirrored", "samples not mirrored"),
+        ("mlflow_events_mirrored", "events mirrored / total"),
+        ("mlflow_events_per_s", "mirror events/s"),
         ("api_p50_ms", "API p50 ms"),
         ("api_max_ms", "API max ms"),
         ("submit_s", "submit s"),
@@ -392,15 +405,16 @@ def write_report(rows: list[dict[str, Any]], info: dict[str, Any], tag: str) -> 
         f"Machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, PostgreSQL "
         f"{info['postgresql']}, SQLAlchemy {info['sqlalchemy']}, psycopg {info['psycopg']}, MLflow "
         f"{info['mlflow']} (SQLite tracking store, in process), FastAPI {info['fastapi']}, uvicorn "
-        f"{info['uvicorn']}. Load average before: {', '.join(f'{x:.2f}' for x in info['load_average_before'])}"
-        f"; after: {', '.join(f'{x:.2f}' for x in info.get('load_average_after', ()))} (a shared machine).",
+        f"{info['uvicorn']}. Load average before: {_loads(info['load_average_before'])}; after: "
+        f"{_loads(info.get('load_average_after', ()))} (a shared machine).",
         "",
         f"Simulated packs: {ARGS.workers} single-worker packs of up to {ARGS.per_worker} adapters; jobs of "
         f"{ADAPTERS_PER_JOB} adapters of {ARGS.steps} steps (eval every 25, checkpoint every 50). Steady: "
         f"{ARGS.ticks} ticks every {ARGS.tick_seconds} s, each adapter one step per tick, MLflow mirror "
         f"(batches of {ARGS.mlflow_batch} events) and an API client (a job's view and a page of 100 "
         f"adapters, every 0.1 s) running. Burst: {ARGS.burst_ticks} ticks back to back, "
-        f"{ARGS.burst_steps} steps per adapter per tick. MLflow lag: after each tick, the time until the "
+        f"{ARGS.burst_steps} steps per adapter per tick; events/s is per second of tick. "
+        "MLflow lag: after each tick, the time until the "
         "mirror's cursor reached SQL's newest event (samples not mirrored: still behind when the run ended, "
         f"after up to {ARGS.mlflow_drain} s of draining).",
         "",
@@ -408,7 +422,8 @@ def write_report(rows: list[dict[str, Any]], info: dict[str, Any], tag: str) -> 
         "|" + "---|" * len(columns),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(key, "")) for key, _ in columns) + " |")
+        cells = {**row, "mlflow_events_mirrored": f"{row['mlflow_events_mirrored']} / {row['events_total']}"}
+        lines.append("| " + " | ".join(str(cells.get(key, "")) for key, _ in columns) + " |")
     lines += ["", "Targets (at 1,000 active adapters, PostgreSQL):", ""]
     for row in rows:
         if row["active_adapters"] >= 1000 and row["backend"] == "postgresql":
@@ -421,6 +436,10 @@ def write_report(rows: list[dict[str, Any]], info: dict[str, Any], tag: str) -> 
             ]
     (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
     plot(rows, tag)
+
+
+def _loads(values: Any) -> str:
+    return ", ".join(f"{x:.2f}" for x in values)
 
 
 def plot(rows: list[dict[str, Any]], tag: str) -> None:

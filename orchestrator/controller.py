@@ -445,8 +445,11 @@ class Controller:
         reasons = decisions.parent_waits(queued, parents)  # why each adapter left queued waits
         waiting_for_worker: list[sched.AdapterDemand] = []
         by_shape: dict[PackShape, list[AdapterRecord]] = {}
+        shapes: dict[str, PackShape] = {}  # by job
         for adapter in self._placeable(ready):
-            by_shape.setdefault(PackShape.of(self._spec(adapter.job_id)), []).append(adapter)
+            if adapter.job_id not in shapes:
+                shapes[adapter.job_id] = PackShape.of(self._spec(adapter.job_id))
+            by_shape.setdefault(shapes[adapter.job_id], []).append(adapter)
         free_slots = self._free_slots()
         fixed = self._capacity().fixed
         for shape, adapters in by_shape.items():
@@ -553,10 +556,14 @@ class Controller:
         placeable = []
         failed_jobs: set[str] = set()
         capacity = self._capacity()
+        problems: dict[tuple[str, sched.BaseKey], str | None] = {}  # judged once per job and base
         for adapter in ready:
             if adapter.job_id in failed_jobs:
                 continue
-            reason = self._job_problem(adapter, capacity)
+            key = (adapter.job_id, self._base_key(adapter))
+            if key not in problems:
+                problems[key] = self._job_problem(adapter, capacity)
+            reason = problems[key]
             if reason is None:
                 placeable.append(adapter)
             else:

@@ -24,19 +24,19 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import psutil
 import ray
 
 from orchestrator import decisions
 from orchestrator import scheduler as sched
 from orchestrator.decisions import AdapterChange
-from orchestrator.packrun import EVENTS, EventLog, PackChannel, fit_pack_task
+from orchestrator.packrun import EVENTS, EventLog, RayPacks
+from orchestrator.runtime import ClusterView, PackRuntime
 from orchestrator.settings import Settings
 from orchestrator.spec import JobSpec
-from orchestrator.states import AdapterState, InvalidTransition, JobState
+from orchestrator.states import AdapterState, JobState
 from orchestrator.store import AdapterRecord, Conflict, DatabaseUnavailable, NewEvent, Store
 from workers import checkpoint as ckpt
 from workers import storage
@@ -53,6 +53,7 @@ from workers.plan import (
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_BUDGET_GB = 16.0
+WRITE_BATCH = 5000  # events recorded per batch: a tick of 1,000 adapters' steps in one
 YIELD_ASK_SECONDS = 300.0  # an adapter asked to yield leaves within a step; one that has not is asked again
 
 
@@ -178,19 +179,32 @@ def ray_session_dir() -> str | None:
 
 class Controller:
     def __init__(
-        self, settings: Settings, store: Store, on_events: Callable[[list[Event]], None] | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        on_events: Callable[[list[Event]], None] | None = None,
+        packs: PackRuntime | None = None,
     ):
         self.settings = settings
         self.store = store
         self.on_events = on_events
+        # Ray Train by default; `simulated.SimulatedPacks` drives the control plane without training
+        self.packs: PackRuntime = packs or RayPacks(
+            lambda: connect_ray(settings), fixed=settings.ray_address is None
+        )
         self.running: dict[str, RunningPack] = {}
         self._specs: dict[str, JobSpec] = {}
-        self._infos: dict[sched.BaseKey, sched.BaseModelInfo] = {}
-        self._channel: Any = None
+        # a base's shape, or why its config cannot load; filled outside the lock (`_prepare`)
+        self._infos: dict[sched.BaseKey, sched.BaseModelInfo | Exception] = {}
+        self._cluster: ClusterView | None = None  # read once per tick (`_prepare`)
+        self._queued: dict[str, AdapterRecord] = {}  # queued adapters as last read (`_queued_adapters`)
+        self._judged: dict[tuple[str, PackShape, int], str | None] = {}  # `_never_fits`' verdicts
+        self._demands: dict[str, tuple[AdapterRecord, sched.AdapterDemand]] = {}  # `_demand`'s, by record
         # adapters asked to yield that have not left their pack yet -> when they were asked (monotonic)
         self._yielding: dict[str, float] = {}
         self._cancelling: set[str] = set()  # adapters whose cancel their pack has not confirmed yet
-        self._unwritten: list[tuple[Event, str]] = []  # drained from Ray, not yet in SQL, oldest first
+        # drained from Ray, not yet in SQL, oldest first, each with its adapter's record from when it joined
+        self._unwritten: list[tuple[Event, AdapterRecord]] = []
         self._exited: dict[str, ExitedPack] = {}  # reaped on Ray, not yet settled in SQL
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -216,7 +230,7 @@ class Controller:
             self._thread = None
         if abandon_running:
             for pack in self.running.values():
-                ray.cancel(pack.ref, force=True, recursive=True)
+                self.packs.kill(pack.ref)
             self.running.clear()
 
     def _loop(self) -> None:
@@ -229,9 +243,7 @@ class Controller:
                 log.exception("controller tick failed")
 
     def _ensure_ray(self) -> None:
-        connect_ray(self.settings)
-        if self._channel is None:
-            self._channel = PackChannel.remote()
+        self.packs.connect()
 
     def reconcile(self) -> None:
         """Adopt SQL's view after a restart: packs SQL thinks run belonged to a dead controller."""
@@ -248,11 +260,15 @@ class Controller:
 
     def tick(self) -> None:
         """Take everything Ray has to say first (it is said once), then write it: a database outage
-        mid-tick leaves it in `_unwritten` and `_exited`, written first, in order, on a later tick."""
+        mid-tick leaves it in `_unwritten` and `_exited`, written first, in order, on a later tick.
+
+        The slow facts (a new base model's config, what the cluster offers) are gathered before the lock
+        is taken, so a `cancel` or `retry` never waits on them."""
+        self._prepare()
         with self._lock:
             self._ensure_ray()
             refs = [p.ref for p in self.running.values()]
-            done_refs, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+            done_refs = self.packs.ended(refs)
             self._take_events(self._drain())
             for pack in [p for p in self.running.values() if p.ref in done_refs]:
                 self._exited[pack.pack_id] = self._reap(pack)
@@ -265,27 +281,31 @@ class Controller:
             self._settle_jobs()
 
     def _apply(self, changes: list[AdapterChange]) -> None:
-        """The one place the controller changes adapters. A change the lifecycle no longer allows (the
-        adapter moved on meanwhile, e.g. a cancel raced a finish) is moot, not an error."""
-        announced: list[NewEvent] = []
-        for change in changes:
-            try:
-                if change.state is not None or change.fields:
-                    record = self.store.update_adapter(change.adapter_id, state=change.state, **change.fields)
-                    if change.announce:
-                        announced.append(_done_event(record))
-                if change.metrics:
-                    self.store.upsert_metrics(change.adapter_id, dict(change.metrics))
-                if change.checkpoint is not None:
-                    self.store.add_checkpoint(change.adapter_id, *change.checkpoint)
-            except InvalidTransition as exc:
-                log.debug("skipped a moot change: %s", exc)
+        """The one place the controller changes adapters, in one transaction per call. A change the
+        lifecycle no longer allows (the adapter moved on meanwhile, e.g. a cancel raced a finish) is
+        moot, not an error (`Store.apply_changes` skips it)."""
+        announced = self.store.apply_changes(changes)
         if announced:
-            self.store.record_events(announced)
+            self.store.record_events([_done_event(record) for record in announced])
+
+    def _prepare(self) -> None:
+        """Outside the lock: what the cluster offers now, and the config of every base model a queued
+        adapter names that this controller has not loaded yet (`AutoConfig.from_pretrained` may read
+        the hub or convert a GGUF header: seconds that would otherwise block a cancel)."""
+        self._ensure_ray()
+        self._cluster = self.packs.cluster()
+        try:
+            bases = self.store.queued_bases()
+        except DatabaseUnavailable:
+            return  # the tick takes what Ray says and keeps it until the database answers
+        for base in bases:
+            key = sched.BaseKey(*base)
+            if key not in self._infos:
+                self._infos[key] = self._load_info(key)
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
-        for batch in ray.get(self._channel.drain.remote()):
+        for batch in self.packs.drain():
             try:
                 events += EVENTS.validate_json(batch)
             except ValueError:  # a worker of another version: drop its batch, keep the tick
@@ -300,7 +320,7 @@ class Controller:
             pack = self.running.get(event.pack_id)
             adapter_id = pack.members.get(event.adapter) if pack else None
             if pack is not None and adapter_id is not None:
-                placed.append((event, adapter_id))
+                placed.append((event, pack.owners[event.adapter]))
                 if isinstance(event, StartEvent):  # its time slice counts from here, not from the offer
                     pack.began[event.adapter] = time.monotonic()
                 if isinstance(event, AdapterDone):  # its slot and memory are free for a refill
@@ -315,60 +335,68 @@ class Controller:
         written: a batch that fails (the database is down) is retried whole on the next tick, and the
         events' ids keep a batch written twice (half written before the failure) recorded once."""
         while self._unwritten:
-            batch = self._unwritten[:500]
+            batch = self._unwritten[:WRITE_BATCH]
             self._record(batch)
             del self._unwritten[: len(batch)]
             # a cancel is confirmed once the adapter's `done` is recorded (a yield crossing it then
             # ended the adapter as cancelled, see `decisions.on_event`)
-            self._cancelling.difference_update(a for e, a in batch if isinstance(e, AdapterDone))
+            self._cancelling.difference_update(a.id for e, a in batch if isinstance(e, AdapterDone))
 
-    def _record(self, placed: list[tuple[Event, str]]) -> None:
+    def _record(self, placed: list[tuple[Event, AdapterRecord]]) -> None:
         """Record events (each engine event once, by its id) and apply the new ones to their adapters:
-        one row update per adapter for a run of step events (the last one carries the state)."""
+        one row update per adapter for a run of step events (the last one carries the state).
+
+        The records come with the events (their adapters' rows when they joined the pack); only the
+        states, which may have moved since (a cancel), are read again, in one query: decisions about
+        events read an adapter's id and state, and reading whole rows cost a tick more than writing."""
         if not placed:
             return
         fresh = self.store.unrecorded([e.id for e, _ in placed])
         placed = [(e, a) for e, a in placed if e.id in fresh]
-        last_step = {a: i for i, (e, a) in enumerate(placed) if isinstance(e, StepEvent)}
-        job_of: dict[str, str] = {}
+        last_step = {a.id: i for i, (e, a) in enumerate(placed) if isinstance(e, StepEvent)}
+        states = self.store.adapter_states({a.id for _, a in placed})
+        adapters = {
+            a.id: a if a.state == states[a.id] else replace(a, state=states[a.id])
+            for _, a in placed
+            if a.id in states
+        }
         rows: list[NewEvent] = []
-        for i, (event, adapter_id) in enumerate(placed):
-            if adapter_id not in job_of:
-                job_of[adapter_id] = self.store.get_adapter_by_id(adapter_id).job_id
+        changes: list[AdapterChange] = []
+        for i, (event, joined) in enumerate(placed):
+            adapter_id = joined.id
+            if adapter_id not in adapters:
+                continue  # deleted meanwhile: nothing to record it against
+            adapter = adapters[adapter_id]
             payload = event.model_dump(mode="json")
-            rows.append(NewEvent(job_of[adapter_id], event.kind, adapter_id, event.step, payload, event.id))
+            rows.append(NewEvent(adapter.job_id, event.kind, adapter_id, event.step, payload, event.id))
             if isinstance(event, StepEvent) and last_step[adapter_id] != i:
                 continue
-            cancelling = adapter_id in self._cancelling
-            change = decisions.on_event(self.store.get_adapter_by_id(adapter_id), event, cancelling)
-            self._apply([change] if change else [])
+            change = decisions.on_event(adapter, event, adapter_id in self._cancelling)
+            if change is not None:
+                changes.append(change)
+                if change.state is not None:  # what the next event of it sees
+                    adapters[adapter_id] = replace(adapter, state=str(change.state))
+        self._apply(changes)
         self.store.record_events(rows)
 
     def _replay(self, pack_id: str) -> None:
         """Record what a dead controller's pack logged but the controller never heard (its last
         events, often its last checkpoints and completions), so nothing the engine reported is lost."""
-        names = {}
-        for member in self.store.list_pack_members(pack_id):
-            names[self.store.get_adapter_by_id(member.adapter_id).name] = member.adapter_id
+        members = self.store.adapters_by_id([m.adapter_id for m in self.store.list_pack_members(pack_id)])
+        names = {adapter.name: adapter for adapter in members.values()}
         events = EventLog(self.settings.storage_root, pack_id).read()
         placed = [(e, names[e.adapter]) for e in events if e.adapter in names]
-        for i in range(0, len(placed), 500):
-            self._record(placed[i : i + 500])
+        for i in range(0, len(placed), WRITE_BATCH):
+            self._record(placed[i : i + WRITE_BATCH])
 
     def _reap(self, pack: RunningPack) -> ExitedPack:
         """The Ray side of a pack's end (no SQL): `_settle_exit` records it, once the database answers."""
         self.running.pop(pack.pack_id, None)
         for adapter_id in pack.members.values():
             self._yielding.pop(adapter_id, None)
-        try:
-            error = ray.get(pack.ref)
-        except Exception as exc:  # the Ray task itself died (not the training inside it)
-            error = f"{type(exc).__name__}: {exc}"
+        error = self.packs.outcome(pack.ref)
         error = decisions.failure_reason(error) if error else None
-        withdrawn = [
-            AdapterTask.model_validate_json(t).name
-            for t in ray.get(self._channel.withdraw.remote(pack.pack_id))
-        ]
+        withdrawn = [AdapterTask.model_validate_json(t).name for t in self.packs.withdraw(pack.pack_id)]
         return ExitedPack(pack.pack_id, dict(pack.members), withdrawn, error)
 
     def _settle_exit(self, exited: ExitedPack) -> None:
@@ -376,7 +404,8 @@ class Controller:
         Runs after the pack's events are written, so those that finished are already settled by them.
         SQL then learns every complete checkpoint storage holds of them (a failing pack may have written
         one whose event never arrived)."""
-        members = {name: self.store.get_adapter_by_id(i) for name, i in exited.members.items()}
+        found = self.store.adapters_by_id(exited.members.values())
+        members = {name: found[i] for name, i in exited.members.items() if i in found}
         self._apply(decisions.on_pack_exit(members, exited.withdrawn, exited.error))
         for adapter in members.values():
             self._record_stored_checkpoints(adapter)
@@ -397,34 +426,75 @@ class Controller:
 
     # ---- scheduling ----
 
+    def _queued_adapters(self) -> list[AdapterRecord]:
+        """Queued adapters in scheduling order (priority, then first come). Only rows new or changed
+        since the last tick are read whole (by `updated_at`): at 10,000 queued, reading and validating
+        every row each tick cost the tick seconds."""
+        versions = self.store.queued_versions()
+        known = self._queued
+        stale = [i for i, at in versions.items() if i not in known or known[i].updated_at != at]
+        fresh = self.store.adapters_by_id(stale)
+        self._queued = {
+            i: fresh.get(i, known.get(i))  # type: ignore[misc]
+            for i in versions
+            if i in fresh or (i in known and i not in stale)
+        }
+        queued = [a for a in self._queued.values() if a.state == AdapterState.QUEUED.value]
+        return sorted(queued, key=lambda a: (-a.priority, a.seq))
+
+    def _never_fits(
+        self, shape: PackShape, demands: list[sched.AdapterDemand], infos: dict[sched.BaseKey, Any]
+    ) -> list[tuple[str, str]]:
+        """`scheduler.unplaceable` against an idle worker of `shape`, judged once per adapter and
+        budget (a demand does not change while it waits), not again each tick for all the queue."""
+        idle = self._idle_workers(shape, 1)
+        budget = idle[0].memory_bytes
+        unjudged = [d for d in demands if (d.adapter_id, shape, budget) not in self._judged]
+        verdicts = dict(sched.unplaceable(unjudged, idle, infos)) if unjudged else {}
+        for d in unjudged:
+            self._judged[(d.adapter_id, shape, budget)] = verdicts.get(d.adapter_id)
+        never = []
+        for d in demands:
+            reason = self._judged[(d.adapter_id, shape, budget)]
+            if reason is not None:
+                never.append((d.adapter_id, reason))
+        return never
+
     def _schedule(self) -> None:
-        queued = self.store.list_adapters(states=[AdapterState.QUEUED.value])
-        parent_ids = {a.parent_id for a in queued if a.parent_id}
-        parents = {i: self.store.get_adapter_by_id(i) for i in parent_ids}
+        queued = self._queued_adapters()
+        live = {a.id for a in queued}
+        self._judged = {k: v for k, v in self._judged.items() if k[0] in live}
+        self._demands = {i: kept for i, kept in self._demands.items() if i in live}
+        parents = self.store.adapters_by_id({a.parent_id for a in queued if a.parent_id})
         ready, orphans = decisions.ready(queued, parents)
         self._apply(orphans)
         reasons = decisions.parent_waits(queued, parents)  # why each adapter left queued waits
         waiting_for_worker: list[sched.AdapterDemand] = []
         by_shape: dict[PackShape, list[AdapterRecord]] = {}
+        shapes: dict[str, PackShape] = {}  # by job
         for adapter in self._placeable(ready):
-            by_shape.setdefault(PackShape.of(self._spec(adapter.job_id)), []).append(adapter)
+            if adapter.job_id not in shapes:
+                shapes[adapter.job_id] = PackShape.of(self._spec(adapter.job_id))
+            by_shape.setdefault(shapes[adapter.job_id], []).append(adapter)
         free_slots = self._free_slots()
-        fixed = self.settings.ray_address is None
+        fixed = self._capacity().fixed
         for shape, adapters in by_shape.items():
             demands = [self._demand(a) for a in adapters]
             records = {a.id: a for a in adapters}
             idle = self._idle_workers(shape, free_slots)
             workers = idle + [self._worker_state(p) for p in self.running.values() if p.shape == shape]
-            infos = {d.base: self._info(d.base) for d in demands}
+            infos = {base: self._info(base) for base in {d.base for d in demands}}
             # judged against an idle worker of this shape, whether or not one is free now
-            never = sched.unplaceable(demands, self._idle_workers(shape, 1), infos)
+            never = self._never_fits(shape, demands, infos)
             failures, too_big = decisions.never_fits(adapters, never, fixed)
             self._apply(failures)
             reasons |= too_big
             never_ids = {adapter_id for adapter_id, _ in never}
             demands = [d for d in demands if d.adapter_id not in never_ids]
             share = self._share()  # counts every running pack, this tick's launches included
-            placements = sched.schedule(demands, workers, infos, share)
+            # every slot taken: nothing can be placed, and 10,000 queued would cost the tick seconds
+            room = any(len(w.running_adapters) < w.max_adapters for w in workers)
+            placements = sched.schedule(demands, workers, infos, share) if room else []
             unplaced = sched.waiting_reasons(demands, placements, share)
             reasons |= unplaced
             waiting_for_worker += [
@@ -502,7 +572,7 @@ class Controller:
             log.info(
                 "asking %s to yield its place in pack %s to %s", name, pack.pack_id, record.qualified_name
             )
-            ray.get(self._channel.ask_yield.remote(pack.pack_id, [name]))
+            self.packs.ask_yield(pack.pack_id, [name])
             self._yielding[adapter_id] = now
         return handed_over
 
@@ -512,10 +582,14 @@ class Controller:
         placeable = []
         failed_jobs: set[str] = set()
         capacity = self._capacity()
+        problems: dict[tuple[str, sched.BaseKey], str | None] = {}  # judged once per job and base
         for adapter in ready:
             if adapter.job_id in failed_jobs:
                 continue
-            reason = self._job_problem(adapter, capacity)
+            key = (adapter.job_id, self._base_key(adapter))
+            if key not in problems:
+                problems[key] = self._job_problem(adapter, capacity)
+            reason = problems[key]
             if reason is None:
                 placeable.append(adapter)
             else:
@@ -546,10 +620,13 @@ class Controller:
             self._apply(decisions.fail_all(self.store.list_adapters(job_id=job_id), reason))
 
     def _capacity(self) -> decisions.Capacity:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
-        gpus = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
-        return decisions.Capacity(cpus, gpus, len(nodes), fixed=self.settings.ray_address is None)
+        return self._view().capacity
+
+    def _view(self) -> ClusterView:
+        """This tick's view of the cluster (read by `_prepare`; a call outside a tick reads it now)."""
+        if self._cluster is None:
+            self._cluster = self.packs.cluster()
+        return self._cluster
 
     def _unique_names(self, adapters: list[AdapterRecord]) -> list[AdapterRecord]:
         """Same-named adapters of different projects cannot share a pack; the rest wait a tick."""
@@ -563,8 +640,8 @@ class Controller:
 
     def _free_slots(self) -> int:
         """Packs that may start now: one per GPU on a GPU cluster, else one per CPU (Ray queues the rest)."""
-        resources = ray.cluster_resources()
-        total = max(1, int(resources.get("GPU", 0)) or int(resources.get("CPU", 1)))
+        view = self._view()
+        total = max(1, view.total_gpus or view.total_cpus)
         return max(0, total - len(self.running))
 
     def _idle_workers(self, shape: PackShape, count: int) -> list[sched.WorkerState]:
@@ -598,10 +675,20 @@ class Controller:
             return int(shape.memory_gb * 2**30)
         if shape.gpus_per_worker > 0:
             return int(DEFAULT_GPU_BUDGET_GB * 2**30)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        return int(psutil.virtual_memory().total * 0.8 / cpus)
+        view = self._view()
+        return int(view.memory_bytes * 0.8 / max(1, view.total_cpus))
 
     def _demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
+        """What the scheduler knows of an adapter; kept while its record is the one read (a queue of
+        10,000 is asked each tick)."""
+        kept = self._demands.get(adapter.id)
+        if kept is not None and kept[0] is adapter:
+            return kept[1]
+        demand = self._new_demand(adapter)
+        self._demands[adapter.id] = (adapter, demand)
+        return demand
+
+    def _new_demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
         spec = self._spec(adapter.job_id)
         lora, train = adapter.lora, adapter.train
         targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
@@ -629,17 +716,21 @@ class Controller:
         return sched.BaseKey(adapter.base_model, adapter.quantization, adapter.dtype)
 
     def _info(self, base: sched.BaseKey) -> sched.BaseModelInfo:
-        """The base's shape, from its config (loaded once; a failure is remembered, not retried each tick)."""
+        """The base's shape, from its config (loaded once, by `_prepare` outside the lock; a failure is
+        remembered, not retried each tick)."""
         if base not in self._infos:
-            try:
-                config = base_config(base.base_model, self.settings.home)  # a catalogued name, a GGUF file
-                self._infos[base] = sched.model_info_from_config(config.to_dict())
-            except Exception as exc:
-                self._infos[base] = exc  # type: ignore[assignment]
+            self._infos[base] = self._load_info(base)
         found = self._infos[base]
         if isinstance(found, Exception):
             raise found
         return found
+
+    def _load_info(self, base: sched.BaseKey) -> sched.BaseModelInfo | Exception:
+        try:
+            config = base_config(base.base_model, self.settings.home)  # a catalogued name, a GGUF file
+            return sched.model_info_from_config(config.to_dict())
+        except Exception as exc:
+            return exc
 
     def _spec(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
@@ -700,7 +791,7 @@ class Controller:
             "storage_path": self.settings.storage_root,
             "num_threads": max(1, int(shape.cpus_per_worker)),
         }
-        ref = fit_pack_task.remote(plan.model_dump_json(), self._channel, options)
+        ref = self.packs.launch(plan, options)
         info = self._info(placement.base)  # the base, and one pass's activations if steps run in passes
         base_bytes = sched.base_memory_bytes(placement.base, info)
         base_bytes += sched.pass_memory_bytes(self._demand(adapters[0]), info)
@@ -712,37 +803,43 @@ class Controller:
         adapters = [a for a in adapters if a.name not in pack.members]
         if adapters:
             tasks = [self._task(a).model_dump_json() for a in adapters]
-            ray.get(self._channel.offer.remote(pack.pack_id, tasks))
+            self.packs.offer(pack.pack_id, tasks)
             self._join(pack, adapters)
 
     def _join(self, pack: RunningPack, adapters: list[AdapterRecord]) -> None:
         info = self._info(pack.base)
         for adapter in adapters:
             pack.members[adapter.name] = adapter.id
-            pack.owners[adapter.name] = adapter
+            pack.owners[adapter.name] = replace(
+                adapter, state=AdapterState.TRAINING.value
+            )  # as applied below
             pack.member_bytes[adapter.name] = sched.adapter_memory_bytes(self._demand(adapter), info)
             self.store.add_pack_member(pack.pack_id, adapter.id)
-            self._apply([AdapterChange(adapter.id, AdapterState.TRAINING)])
+        self._apply([AdapterChange(adapter.id, AdapterState.TRAINING) for adapter in adapters])
 
     # ---- jobs ----
 
     def _settle_jobs(self) -> None:
-        for job in self.store.list_jobs(states=[JobState.PENDING.value, JobState.RUNNING.value]):
-            adapters = self.store.list_adapters(job_id=job.id)
+        """Jobs whose adapters all settled get their outcome. Judged on counts of states (one query for
+        every open job); only a job that settles now has its adapters read, for its failures."""
+        jobs = self.store.job_states([JobState.PENDING.value, JobState.RUNNING.value])
+        counts = self.store.adapter_counts(list(jobs))
+        for job_id, state in jobs.items():
             try:
-                auto = self._spec(job.id).promotion.auto
+                auto = self._spec(job_id).promotion.auto
             except Exception:
                 auto = False
-            outcome = decisions.job_outcome([a.state for a in adapters], auto)
-            if outcome is None or outcome == job.state:
+            outcome = decisions.job_outcome(list(counts[job_id]), auto)
+            if outcome is None or outcome == state:
                 continue
             if outcome == JobState.PENDING:
                 continue  # never back from running
+            adapters = self.store.list_adapters(job_id=job_id)
             failures = [
                 f"{a.name}: {a.error}" for a in adapters if a.state == AdapterState.FAILED and a.error
             ]
             error = "; ".join(failures)[:4000] if failures else None
-            self.store.set_job_state(job.id, outcome.value, error=error)
+            self.store.set_job_state(job_id, outcome.value, error=error)
 
     def retry_job(self, job_id: str, fresh: Collection[str] = ()) -> None:
         """Requeue a finished job's failed adapters (under the lock: a tick settling the job at the same
@@ -814,7 +911,7 @@ class Controller:
                 by_pack.setdefault(pack.pack_id, {})[name] = adapter_id
             for pack_id, members in by_pack.items():
                 self._ensure_ray()
-                withdrawn = ray.get(self._channel.cancel.remote(pack_id, list(members)))
+                withdrawn = self.packs.cancel(pack_id, list(members))
                 self._cancelling.update(members.values())  # a yield crossing this cancel must not requeue it
                 pack = self.running[pack_id]
                 for name in set(withdrawn) & set(members):  # only offered, never taken: never started

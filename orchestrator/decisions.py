@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.states import (
@@ -27,23 +27,11 @@ from orchestrator.states import (
     JobState,
     job_state_from_adapters,
 )
-from orchestrator.store import AdapterRecord
+from orchestrator.store import AdapterChange, AdapterRecord
 from workers.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
 from workers.storage import FULL_ERRNOS, READ_ONLY_ERRNOS, describe_fault
 
 _A = AdapterState
-
-
-@dataclass(frozen=True)
-class AdapterChange:
-    """One adapter row update: a new state (or None to keep it) and fields to set."""
-
-    adapter_id: str
-    state: AdapterState | None = None
-    fields: Mapping[str, Any] = field(default_factory=dict)
-    metrics: Mapping[str, tuple[float, int]] = field(default_factory=dict)
-    checkpoint: tuple[int, str, bool] | None = None  # (step, path, final)
-    announce: bool = False  # the controller decided it (no engine event says so): log a `done` event
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from pydantic import TypeAdapter
 
+from orchestrator.decisions import Capacity
+from orchestrator.runtime import ClusterView
 from workers import storage
 from workers.plan import AdapterTask, Event, PackPlan, StartEvent
 
@@ -241,3 +245,63 @@ def fit_pack(
 def fit_pack_task(plan_json: str, channel: Any, options: dict[str, Any]) -> str | None:
     """`TorchTrainer.fit` blocks, so each pack's fit runs in its own Ray task: packs run concurrently."""
     return fit_pack(plan_json, channel, **options)
+
+
+class RayPacks:
+    """`runtime.PackRuntime` on Ray: each pack a Ray Train run in its own task, messages through one
+    `PackChannel` actor."""
+
+    def __init__(self, connect: Callable[[], None], fixed: bool) -> None:
+        self._connect = connect  # joins the configured cluster or starts a local Ray
+        self._fixed = fixed  # a local Ray never grows
+        self._channel: Any = None
+
+    def connect(self) -> None:
+        self._connect()
+        if self._channel is None:
+            self._channel = PackChannel.remote()
+
+    def cluster(self) -> ClusterView:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+        gpus = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+        total = ray.cluster_resources()
+        return ClusterView(
+            capacity=Capacity(cpus, gpus, len(nodes), fixed=self._fixed),
+            total_cpus=int(total.get("CPU", 1)),
+            total_gpus=int(total.get("GPU", 0)),
+            memory_bytes=psutil.virtual_memory().total,
+        )
+
+    def launch(self, plan: PackPlan, options: dict[str, Any]) -> Any:
+        return fit_pack_task.remote(plan.model_dump_json(), self._channel, options)
+
+    def ended(self, handles: Sequence[Any]) -> list[Any]:
+        if not handles:
+            return []
+        done, _ = ray.wait(list(handles), num_returns=len(handles), timeout=0)
+        return done
+
+    def outcome(self, handle: Any) -> str | None:
+        try:
+            return ray.get(handle)
+        except Exception as exc:  # the Ray task itself died (not the training inside it)
+            return f"{type(exc).__name__}: {exc}"
+
+    def kill(self, handle: Any) -> None:
+        ray.cancel(handle, force=True, recursive=True)
+
+    def drain(self) -> list[str]:
+        return ray.get(self._channel.drain.remote())
+
+    def offer(self, pack_id: str, tasks_json: list[str]) -> None:
+        ray.get(self._channel.offer.remote(pack_id, tasks_json))
+
+    def cancel(self, pack_id: str, names: list[str]) -> list[str]:
+        return ray.get(self._channel.cancel.remote(pack_id, names))
+
+    def ask_yield(self, pack_id: str, names: list[str]) -> None:
+        ray.get(self._channel.ask_yield.remote(pack_id, names))
+
+    def withdraw(self, pack_id: str) -> list[str]:
+        return ray.get(self._channel.withdraw.remote(pack_id))

@@ -17,6 +17,7 @@ from orchestrator.store.errors import (
 )
 from orchestrator.store.migrate import VERSION_TABLE, downgrade, upgrade
 from orchestrator.store.records import (
+    AdapterChange,
     AdapterRecord,
     CheckpointRecord,
     EventRecord,
@@ -34,6 +35,7 @@ from orchestrator.store.repository import Store
 
 __all__ = [
     "VERSION_TABLE",
+    "AdapterChange",
     "AdapterRecord",
     "CheckpointRecord",
     "Conflict",

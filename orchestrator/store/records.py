@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -153,6 +154,20 @@ class AdapterRecord:
     @property
     def qualified_name(self) -> str:
         return f"{self.project}/{self.name}"
+
+
+@dataclass(frozen=True)
+class AdapterChange:
+    """One adapter row update: a new state (or None to keep it) and fields to set, metric values to fold
+    into its summaries and a checkpoint to record. `decisions` makes them; `Store.apply_changes` writes
+    a batch of them in one transaction."""
+
+    adapter_id: str
+    state: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+    checkpoint: tuple[int, str, bool] | None = None  # (step, path, final)
+    announce: bool = False  # the controller decided it (no engine event says so): log a `done` event
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ number. On SQLite writes take the database lock at BEGIN (see engine.py), which 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import secrets
@@ -23,10 +24,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from orchestrator.states import ADAPTER_FINISHED, AdapterState, InvalidTransition, check_transition
 from orchestrator.store import migrate
@@ -46,6 +47,7 @@ from orchestrator.store.models import (
     TokenRow,
 )
 from orchestrator.store.records import (
+    AdapterChange,
     AdapterRecord,
     CheckpointRecord,
     EventRecord,
@@ -58,6 +60,7 @@ from orchestrator.store.records import (
     RegistryRecord,
     TokenRecord,
     config_hash,
+    utc,
 )
 
 log = logging.getLogger(__name__)
@@ -374,6 +377,13 @@ class Store:
         with self._session("list jobs") as s:
             return [row.to_entity() for row in s.scalars(query)]
 
+    def job_states(self, states: Collection[str]) -> dict[str, str]:
+        """`{job id: state}` of the jobs in `states`, without their specs: what a controller tick reads
+        of every open job (decoding 200 jobs' specs each tick once cost it more than its writes)."""
+        query = select(JobRow.id, JobRow.state).where(JobRow.state.in_([str(x) for x in states]))
+        with self._session("list job states") as s:
+            return dict(s.execute(query.order_by(JobRow.created_at, JobRow.id)).tuples().all())
+
     def update_job(self, job_id: str, state: str | None = None, **fields: Any) -> JobRecord:
         """Move a job to `state` (checked against the job lifecycle) and/or set `error`, `mlflow_run_id`."""
         _check_fields("job", fields, JOB_FIELDS)
@@ -513,6 +523,214 @@ class Store:
             row.updated_at = now
             s.flush()
             return row.to_entity()
+
+    def queued_bases(self) -> list[tuple[str, str, str]]:
+        """The distinct (base_model, quantization, dtype) of queued adapters: the base models whose
+        configs the next schedule needs (the controller loads new ones before it takes its lock)."""
+        query = (
+            select(AdapterRow.base_model, AdapterRow.quantization, AdapterRow.dtype)
+            .where(AdapterRow.state == AdapterState.QUEUED.value)
+            .distinct()
+        )
+        with self._session("list the bases of queued adapters") as s:
+            return [(b, q, d) for b, q, d in s.execute(query)]
+
+    def queued_versions(self) -> dict[str, datetime]:
+        """`{id: updated_at}` of the queued adapters: a reader that keeps their records re-reads only
+        the rows that are new or changed (every write to an adapter moves its `updated_at`)."""
+        query = select(AdapterRow.id, AdapterRow.updated_at).where(
+            AdapterRow.state == AdapterState.QUEUED.value
+        )
+        with self._session("list queued adapters' versions") as s:
+            return {adapter_id: utc(at) for adapter_id, at in s.execute(query)}
+
+    def adapter_states(self, adapter_ids: Collection[str]) -> dict[str, str]:
+        """The state of each adapter, in one query per 500 ids (ids not found are absent): what the
+        controller's decisions about events read, without the cost of whole rows."""
+        states: dict[str, str] = {}
+        with self._session("read adapter states") as s:
+            for chunk in _chunks(sorted(set(adapter_ids))):
+                query = select(AdapterRow.id, AdapterRow.state).where(AdapterRow.id.in_(chunk))
+                states.update(dict(s.execute(query).tuples().all()))
+        return states
+
+    def apply_changes(self, changes: Sequence[AdapterChange]) -> list[AdapterRecord]:
+        """Apply adapter changes in order, in one transaction, as `update_adapter`, `upsert_metrics` and
+        `add_checkpoint` would one by one, but in a few statements whatever their number (1,000 adapters
+        reporting a step each once cost a tick 3,000 transactions). A change its adapter's lifecycle no
+        longer allows (it moved on meanwhile, e.g. a cancel raced a finish) is skipped whole: it is moot,
+        not an error.
+
+        Adapters whose state changes are locked and moved through their lifecycle one change at a time;
+        the others (the common case: a step, an eval) get their newest fields in one UPDATE per set of
+        fields. Metric values are folded per adapter and key in order, then upserted; checkpoints
+        already recorded (an event re-applied after an outage) are not added twice.
+
+        Returns the records, right after their change, of the applied changes that `announce` (the
+        controller logs a `done` event for each)."""
+        if not changes:
+            return []
+        for change in changes:
+            _check_fields("adapter", change.fields, ADAPTER_FIELDS)
+        moving = sorted({c.adapter_id for c in changes if c.state is not None})
+        with self._session(f"apply {len(changes)} adapter changes", write=True) as s:
+            if missing := {c.adapter_id for c in changes} - self._existing_adapters(s, changes):
+                raise NotFound(f"adapters not found: {sorted(missing)}")
+            rows: dict[str, AdapterRow] = {}
+            for chunk in _chunks(
+                moving
+            ):  # locked in id order: two writers never wait on each other in a cycle
+                query = select(AdapterRow).where(AdapterRow.id.in_(chunk)).order_by(AdapterRow.id)
+                query = query.options(defer(AdapterRow.lora), defer(AdapterRow.train), defer(AdapterRow.data))
+                rows.update({row.id: row for row in s.scalars(query.with_for_update())})
+            now = _now()
+            applied: list[AdapterChange] = []
+            announced: list[AdapterRecord] = []
+            newest: dict[str, dict[str, Any]] = {}  # adapters that keep their state: fields to set
+            for change in changes:
+                row = rows.get(change.adapter_id)
+                if row is None:
+                    newest.setdefault(change.adapter_id, {}).update(change.fields)
+                    applied.append(change)
+                    continue
+                if change.state is not None:
+                    try:
+                        self._transition(s, row, str(change.state), now)
+                    except InvalidTransition as exc:
+                        log.debug("skipped a moot change: %s", exc)
+                        continue
+                for key, value in change.fields.items():
+                    setattr(row, key, value)
+                row.updated_at = now
+                applied.append(change)
+                if change.announce:
+                    announced.append(row.to_entity())
+            s.flush()
+            self._set_fields(s, newest, now)
+            self._fold_metrics(s, applied, now)
+            self._add_checkpoints(s, applied, now)
+            return announced
+
+    @staticmethod
+    def _existing_adapters(s: Session, changes: Sequence[AdapterChange]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted({c.adapter_id for c in changes})):
+            found.update(s.scalars(select(AdapterRow.id).where(AdapterRow.id.in_(chunk))))
+        return found
+
+    @staticmethod
+    def _set_fields(s: Session, newest: Mapping[str, Mapping[str, Any]], now: datetime) -> None:
+        """One executemany UPDATE per set of field names (most ticks: one, `step`)."""
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for adapter_id, fields in newest.items():
+            if fields:
+                keys = tuple(sorted(fields))
+                by_keys.setdefault(keys, []).append({"_id": adapter_id, **{f"_{k}": fields[k] for k in keys}})
+        table = AdapterRow.__table__
+        for keys, params in by_keys.items():
+            if s.get_bind().dialect.name == "postgresql":  # one statement, whatever the number of rows
+                rows = [{"id": p["_id"], **{k: p[f"_{k}"] for k in keys}} for p in params]
+                sets = ", ".join(f"{k} = v.{k}" for k in keys)
+                source = _recordset(s, table, ["id", *keys])
+                sql = (
+                    f"UPDATE {table.name} AS a SET {sets}, updated_at = :now FROM {source} WHERE a.id = v.id"
+                )
+                s.execute(text(sql), {"rows": _rows_json(rows), "now": now})
+                continue
+            values = {k: bindparam(f"_{k}") for k in keys} | {"updated_at": now}
+            s.execute(update(table).where(table.c.id == bindparam("_id")).values(values), params)
+
+    @staticmethod
+    def _fold_metrics(s: Session, applied: Sequence[AdapterChange], now: datetime) -> None:
+        """Each (adapter, key)'s values in this batch folded in order (last value and step, best value),
+        then upserted into its summary in one statement per direction (as `upsert_metrics`)."""
+        folded: dict[tuple[str, str], dict[str, Any]] = {}
+        for change in applied:
+            for key, (value, step) in change.metrics.items():
+                value = float(value)
+                if math.isnan(value):
+                    continue
+                row = folded.setdefault((change.adapter_id, key), {"best_value": value})
+                better = min if default_lower_is_better(key) else max
+                row.update(last_value=value, step=int(step), best_value=better(row["best_value"], value))
+        if not folded:
+            return
+        dialect = s.get_bind().dialect.name
+        if dialect not in ("postgresql", "sqlite"):  # no upsert: one summary at a time
+            for (adapter_id, key), row in folded.items():
+                Store._fold_one(s, adapter_id, key, row, now)
+            return
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        table = MetricSummaryRow.__table__
+        for lower in (True, False):
+            rows = [
+                {"adapter_id": adapter_id, "key": key, **row, "updated_at": now}
+                for (adapter_id, key), row in folded.items()
+                if default_lower_is_better(key) == lower
+            ]
+            if not rows:
+                continue
+            if dialect == "postgresql":  # one statement for the batch
+                columns = list(rows[0])
+                better = "<" if lower else ">"
+                sql = (
+                    f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)} "
+                    f"FROM {_recordset(s, table, columns)} ON CONFLICT (adapter_id, key) DO UPDATE SET "
+                    "last_value = EXCLUDED.last_value, step = EXCLUDED.step, "
+                    "updated_at = EXCLUDED.updated_at, "
+                    f"best_value = CASE WHEN EXCLUDED.best_value {better} {table.name}.best_value "
+                    f"THEN EXCLUDED.best_value ELSE {table.name}.best_value END"
+                )
+                s.execute(text(sql), {"rows": _rows_json(rows)})
+                continue
+            stmt = dialect_insert(table)
+            new = stmt.excluded.best_value
+            improves = new < table.c.best_value if lower else new > table.c.best_value
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["adapter_id", "key"],
+                set_={
+                    "last_value": stmt.excluded.last_value,
+                    "step": stmt.excluded.step,
+                    "updated_at": stmt.excluded.updated_at,
+                    "best_value": case((improves, new), else_=table.c.best_value),
+                },
+            )
+            s.execute(stmt, rows)  # executemany: compiled once, sent in batches (insertmanyvalues)
+
+    @staticmethod
+    def _fold_one(s: Session, adapter_id: str, key: str, folded: Mapping[str, Any], now: datetime) -> None:
+        row = s.get(MetricSummaryRow, (adapter_id, key), with_for_update=True)
+        if row is None:
+            s.add(MetricSummaryRow(adapter_id=adapter_id, key=key, **folded, updated_at=now))
+            return
+        better = min if default_lower_is_better(key) else max
+        row.best_value = better(row.best_value, folded["best_value"])
+        row.last_value, row.step, row.updated_at = folded["last_value"], folded["step"], now
+
+    @staticmethod
+    def _add_checkpoints(s: Session, applied: Sequence[AdapterChange], now: datetime) -> None:
+        wanted = {
+            (c.adapter_id, c.checkpoint[0], str(c.checkpoint[1]), c.checkpoint[2]): None
+            for c in applied
+            if c.checkpoint is not None
+        }
+        if not wanted:
+            return
+        ids = sorted({adapter_id for adapter_id, *_ in wanted})
+        steps = sorted({step for _, step, *_ in wanted})
+        for chunk in _chunks(ids):
+            query = select(
+                CheckpointRow.adapter_id, CheckpointRow.step, CheckpointRow.path, CheckpointRow.final
+            )
+            query = query.where(CheckpointRow.adapter_id.in_(chunk), CheckpointRow.step.in_(steps))
+            for known in s.execute(query).tuples():
+                wanted.pop(tuple(known), None)  # type: ignore[arg-type]
+        rows = [
+            {"adapter_id": a, "step": step, "path": path, "final": final, "created_at": now}
+            for a, step, path, final in wanted
+        ]
+        if rows:
+            s.execute(insert(CheckpointRow), rows)
 
     def transition_adapters(self, adapter_ids: Sequence[str], state: str) -> list[AdapterRecord]:
         """Move many adapters to `state` in one transaction (rows read and written in batches, not one
@@ -833,8 +1051,7 @@ class Store:
                         "event_id": e.event_id,
                     }
                 )
-            if rows:
-                s.execute(insert(EventRow), rows)
+            _insert_many(s, EventRow.__table__, rows)
         return len(rows)
 
     def unrecorded(self, event_ids: Sequence[str]) -> set[str]:
@@ -1097,11 +1314,48 @@ def _first_line(error: BaseException | None) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _recordset(s: Session, table: Any, columns: Sequence[str]) -> str:
+    """`json_to_recordset(:rows) AS v(c type, ...)`: a batch of rows as one JSON parameter (PostgreSQL),
+    so a batch is one statement, not one per row (psycopg's executemany sends each row on its own)."""
+    dialect = s.get_bind().dialect
+    types = ", ".join(f"{c} {table.c[c].type.compile(dialect=dialect)}" for c in columns)
+    return f"json_to_recordset(CAST(:rows AS json)) AS v({types})"
+
+
+def _rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps(list(rows), default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+
+
+def _insert_many(s: Session, table: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert rows: on PostgreSQL one `INSERT ... SELECT FROM json_to_recordset(...)` per 10,000,
+    elsewhere an executemany."""
+    if not rows:
+        return
+    if s.get_bind().dialect.name != "postgresql":
+        s.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    for chunk in _chunks(rows, 10_000):
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)}"
+        s.execute(text(f"{sql} FROM {_recordset(s, table, columns)}"), {"rows": _rows_json(chunk)})
+
+
 def _finite(value: Any) -> Any:
+    """`value` with non-finite floats as None (checked first in C: almost every payload has none)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except ValueError:
+        return _finite_walk(value)
+    except TypeError:  # not JSON as is (e.g. a tuple key): walked, as before
+        return _finite_walk(value)
+
+
+def _finite_walk(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _finite_walk(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [_finite_walk(v) for v in value]
     return value

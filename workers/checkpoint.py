@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workers import storage
-from workers.multilora import Adapter, LoraWeights
+from workers.multilora import Adapter, LoraWeights, MultiLoraModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,6 +64,20 @@ class AdapterFiles:
     target_modules: list[str] | str
     base_model: str | None
     weights: dict[str, LoraWeights]
+
+
+def attach_frozen(model: MultiLoraModel, name: str, files: AdapterFiles) -> None:
+    """Attach a saved adapter to `model` under `name` for inference (no dropout): how serving, a child's
+    parent at its final eval, and tests load one. Its modules are the paths it was saved with."""
+    model.add_adapter(
+        name,
+        r=files.r,
+        alpha=files.alpha,
+        dropout=0.0,
+        seed=0,
+        target_modules=sorted(files.weights),
+        init=files.weights,
+    )
 
 
 def _target_names(paths: list[str]) -> list[str]:

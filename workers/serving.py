@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from workers import storage
-from workers.checkpoint import ADAPTER_WEIGHTS, read_adapter, read_meta
+from workers.checkpoint import ADAPTER_WEIGHTS, attach_frozen, read_adapter, read_meta
 from workers.data import prompt_ids
 from workers.generation import GenerationRequest, generate_greedy
 from workers.model import load_base
@@ -62,15 +62,7 @@ class AdapterServer:
         self._serial += 1
         name = f"cached-{self._serial}"
         self._formats[name] = read_meta(where).get("data_format")
-        self.model.add_adapter(
-            name,
-            r=files.r,
-            alpha=files.alpha,
-            dropout=0.0,
-            seed=0,
-            target_modules=sorted(files.weights),
-            init=files.weights,
-        )
+        attach_frozen(self.model, name, files)
         self._cache[key] = name
         while len(self._cache) > self.capacity:
             _, evicted = self._cache.popitem(last=False)

@@ -578,15 +578,7 @@ class PackTrainer:
                     continue
                 files = ckpt.read_adapter(source)
                 name = f"{run.name}@baseline"  # not a valid adapter name, so it cannot clash with a real one
-                self.model.add_adapter(
-                    name,
-                    r=files.r,
-                    alpha=files.alpha,
-                    dropout=0.0,
-                    target_modules=sorted(files.weights),
-                    seed=0,
-                    init=files.weights,
-                )
+                ckpt.attach_frozen(self.model, name, files)
                 parents[run.name] = name
         except BaseException:
             for name in parents.values():

@@ -11,7 +11,7 @@ import torch
 
 from tests.workers.conftest import TaskFactory, plan_of
 from workers import storage
-from workers.checkpoint import read_adapter
+from workers.checkpoint import attach_frozen, read_adapter
 from workers.data import IGNORE_INDEX, Example, load_adapter_data
 from workers.model import load_base
 from workers.multilora import MultiLoraModel
@@ -44,16 +44,7 @@ def _full_logits_eval(base: Path, adapter_dir: str | None, examples: list[Exampl
     model = MultiLoraModel(loaded.model)
     route = None
     if adapter_dir is not None:
-        files = read_adapter(adapter_dir)
-        model.add_adapter(
-            "a",
-            r=files.r,
-            alpha=files.alpha,
-            dropout=0.0,
-            seed=0,
-            target_modules=sorted(files.weights),
-            init=files.weights,
-        )
+        attach_frozen(model, "a", read_adapter(adapter_dir))
         route = "a"
     loss = hits = count = 0.0
     with torch.no_grad():

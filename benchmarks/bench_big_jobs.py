@@ -22,8 +22,8 @@ from typing import Any
 
 from sqlalchemy import event
 
-from orchestrator.controller import Controller
-from orchestrator.service import Service
+from orchestrator.control.controller import Controller
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
 from orchestrator.store import Store
 

@@ -1,5 +1,5 @@
 """The control plane at fleet size: the real controller, store, event log and MLflow mirror, and the HTTP
-API, against simulated packs (`orchestrator.simulated.SimulatedPacks`) that train nothing.
+API, against simulated packs (`orchestrator.control.simulated.SimulatedPacks`) that train nothing.
 
 Per backend (SQLite, PostgreSQL) and per fleet size (adapters in jobs of 5, over `--workers` simulated
 single-worker packs of `--per-worker` adapters each; what does not fit waits queued), it submits the jobs
@@ -41,12 +41,12 @@ from typing import Any
 
 import httpx
 
-from orchestrator.controller import Controller
-from orchestrator.service import Service
+from orchestrator.control.controller import Controller
+from orchestrator.control.simulated import SimulatedPacks
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.simulated import SimulatedPacks
 from orchestrator.store import Store
-from orchestrator.tracking import Tracker
+from orchestrator.tracking.mirror import Tracker
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -86,12 +86,12 @@ class Database:
 
 
 class ApiServer:
-    """The real HTTP API (`orchestrator.api.create_app`, its controller not started) on a free port."""
+    """The real HTTP API (`orchestrator.server.app.create_app`, its controller not started) on a free port."""
 
     def __init__(self, settings: Settings) -> None:
         import uvicorn
 
-        from orchestrator.api import create_app
+        from orchestrator.server.app import create_app
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

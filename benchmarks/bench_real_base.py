@@ -7,9 +7,9 @@ smollm2-135m-instruct` (same LORAFLEET_HOME):
     python benchmarks/bench_real_base.py --ks 1,4 --steps 8
 
 Each configuration runs in a fresh child process, so its peak RSS (VmHWM) is its own. The pack trains the
-example job's recipe (LoRA r=8 on q/v, lr 5e-3, batch 4) on the real skills of `workers/skills.py` (route,
-names, dates, orbit: one per adapter) and is judged as users judge it: the mean held-out exact match the
-adapters reach at their final eval (greedy generation), next to the base's on the same records, so a
+example job's recipe (LoRA r=8 on q/v, lr 5e-3, batch 4) on the real skills of `workers/evaluation/skills.py`
+(route, names, dates, orbit: one per adapter) and is judged as users judge it: the mean held-out exact match
+the adapters reach at their final eval (greedy generation), next to the base's on the same records, so a
 precision that trains fast but learns worse shows it. Throughput is target tokens per second over the
 steps after the warm-up. Writes `benchmarks/results/real-base-<device>.{json,md}`.
 """
@@ -51,9 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(config: dict[str, Any]) -> dict[str, Any]:
     """One pack in this process: load the base, train K adapters, time the steady steps."""
-    from workers.model import load_base
-    from workers.pack import run_pack
-    from workers.plan import (
+    from workers.contract.plan import (
         AdapterTask,
         DataConfig,
         EvalConfig,
@@ -63,7 +61,9 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
         StepEvent,
         TrainConfig,
     )
-    from workers.skills import write_skill
+    from workers.engine.model import load_base
+    from workers.evaluation.skills import write_skill
+    from workers.training.pack import run_pack
 
     if config.get("load_only"):
         started = time.perf_counter()
@@ -144,7 +144,8 @@ def render(doc: dict[str, Any]) -> str:
         f"{m['transformers']}, peft {m['peft']}, bitsandbytes {doc['bitsandbytes']}; {m['date']}.",
         "",
         "LoRA r=8 on q/v, fp32 LoRA weights and AdamW, lr 5e-3, batch 4 per adapter, padding-free packing; "
-        "one adapter per real skill of `workers/skills.py` (route, names, dates, orbit). Target tokens per "
+        "one adapter per real skill of `workers/evaluation/skills.py` (route, names, dates, orbit). "
+        "Target tokens per "
         "second over the steps after the warm-up; peak RSS is the child process's high-water mark (VmHWM) "
         "while training; load s, base weights (parameter and buffer bytes as stored, k-bit packed) and base "
         "peak RSS come from a separate child that only loads the base. Exact match: the mean over the "

@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator.scheduler import (
+from orchestrator.scheduling.scheduler import (
     AdapterDemand,
     BaseKey,
     BaseModelInfo,

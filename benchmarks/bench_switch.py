@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoint import write_checkpoint
-from workers.multilora import MultiLoraModel, linear_module_names
+from workers.bases.tiny import build_tiny_base
+from workers.engine.multilora import MultiLoraModel, linear_module_names
 from workers.serving import AdapterServer
-from workers.tiny import build_tiny_base
+from workers.training.checkpoint import write_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 

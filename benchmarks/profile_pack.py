@@ -78,9 +78,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
 
-    from workers.pack import run_pack
-    from workers.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
-    from workers.tiny import TOKENIZER_DIR
+    from workers.bases.tiny import TOKENIZER_DIR
+    from workers.contract.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
+    from workers.training.pack import run_pack
 
     harness.quiet_libraries()
     base = build_model(args.config, args.workdir)

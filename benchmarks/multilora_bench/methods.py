@@ -59,8 +59,9 @@ class RunSpec:
 
     @property
     def tokenizer_dir(self) -> str:
-        """The base's tokenizer (`workers.tiny.TOKENIZER_DIR`: its own class, whatever the model type)."""
-        from workers.tiny import TOKENIZER_DIR
+        """The base's tokenizer (`workers.bases.tiny.TOKENIZER_DIR`: its own class, whatever the model
+        type)."""
+        from workers.bases.tiny import TOKENIZER_DIR
 
         alone = Path(self.base_dir) / TOKENIZER_DIR
         return str(alone) if alone.is_dir() else self.base_dir
@@ -110,7 +111,7 @@ def useful_work(spec: RunSpec, batches: dict[str, list[list[Any]]]) -> dict[str,
 
 
 def pack_plan(spec: RunSpec) -> Any:
-    from workers.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
+    from workers.contract.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
 
     targets = list(spec.targets) if isinstance(spec.targets, tuple) else spec.targets
     train = TrainConfig(
@@ -150,8 +151,8 @@ def pack_plan(spec: RunSpec) -> Any:
 class EngineProbe:
     """What the engine actually computed, counted inside a benchmark child (engine files untouched).
 
-    Wraps, in this process only, `workers.trainer.build_batch` (the padded shape of every pass the engine
-    forwards), `MultiLoraLinear._use_grouped` (which LoRA kernel each wrapped linear took) and
+    Wraps, in this process only, `workers.training.trainer.build_batch` (the padded shape of every pass the
+    engine forwards), `MultiLoraLinear._use_grouped` (which LoRA kernel each wrapped linear took) and
     `MultiLoraModel.set_checkpointing` (whether a pass recomputed its layers).
     """
 
@@ -161,9 +162,9 @@ class EngineProbe:
     checkpointed_passes: int = 0
 
     def install(self) -> EngineProbe:
-        import workers.trainer as trainer
+        import workers.training.trainer as trainer
         from multilora_bench.harness import current_rss_mb
-        from workers.multilora import MultiLoraLinear, MultiLoraModel
+        from workers.engine.multilora import MultiLoraLinear, MultiLoraModel
 
         build, use_grouped = trainer.build_batch, MultiLoraLinear._use_grouped
         set_checkpointing = MultiLoraModel.set_checkpointing
@@ -206,8 +207,8 @@ def run_pack_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
     """lorafleet; `barrier` (procs) lines the K children up after their warm-up steps."""
     from transformers import AutoTokenizer
 
-    from workers.pack import run_pack
-    from workers.plan import StepEvent
+    from workers.contract.plan import StepEvent
+    from workers.training.pack import run_pack
 
     probe = EngineProbe().install()
     trace = StepTrace()
@@ -252,7 +253,7 @@ def run_pack_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
 
 def init_like_lorafleet(peft_model: Any, name: str, seed: int) -> None:
     """Give PEFT's lora_A the initial values lorafleet draws for (seed, adapter, module); B stays zero."""
-    from workers.multilora import seeded_generator
+    from workers.engine.adapters import seeded_generator
 
     with torch.no_grad():
         for path, module in peft_model.base_model.model.named_modules():
@@ -267,7 +268,7 @@ def init_like_lorafleet(peft_model: Any, name: str, seed: int) -> None:
 
 def padded_batch(rows: list[Any], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """Dynamic padding: rows right-padded to the batch's longest; (inputs, shifted targets, padded)."""
-    from workers.layout import Part, build_batch
+    from workers.engine.layout import Part, build_batch
 
     batch = build_batch([Part(None, rows, packing=False)], pad_id)
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
@@ -276,7 +277,7 @@ def padded_batch(rows: list[Any], pad_id: int) -> tuple[dict[str, torch.Tensor],
 
 def flattened_batch(rows: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """`DataCollatorWithFlattening`: one row of all documents, position ids restarting, no mask."""
-    from workers.data import IGNORE_INDEX
+    from workers.engine.examples import IGNORE_INDEX
 
     ids, positions, targets = [], [], []
     for ex in rows:
@@ -295,9 +296,9 @@ def peft_train_one(
     from torch.nn import functional as F
     from torch.optim.lr_scheduler import LambdaLR
 
-    from workers.data import IGNORE_INDEX
-    from workers.plan import TrainConfig
-    from workers.trainer import lr_factor
+    from workers.contract.plan import TrainConfig
+    from workers.engine.examples import IGNORE_INDEX
+    from workers.training.trainer import lr_factor
 
     targets = list(spec.targets) if isinstance(spec.targets, tuple) else spec.targets
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=targets)

@@ -129,13 +129,14 @@ def notes() -> list[str]:
         " (padded rows, the pre-packing engine). grouped % = share of LoRA layer calls on the grouped"
         " kernel.",
         "pad % = padded positions forwarded / all positions (pack: as the engine laid them out).",
-        "est. MB = the scheduler's memory estimate for the pack (orchestrator.scheduler: base + K adapters"
+        "est. MB = the scheduler's memory estimate for the pack (orchestrator.scheduling.scheduler: "
+        "base + K adapters"
         " at batch × seq tokens each, or on CPU one pass of ≤ 1,024 tokens + each adapter's excess over it;"
         " with checkpointing where the row used it), beside the measured"
         " peak RSS. +ckpt = the pack recomputed its decoder layers in backward (activation"
         " checkpointing: forced by --checkpointing on, or turned on by the memory model). (1 pass) = the"
         " whole pack step in one forward/backward; by default a CPU pack runs passes of ≤ 1,024 tokens of"
-        " whole adapters (workers.memory.CPU_PASS_TOKENS).",
+        " whole adapters (workers.contract.memory.CPU_PASS_TOKENS).",
     ]
 
 

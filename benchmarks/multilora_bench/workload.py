@@ -2,7 +2,7 @@
 
 Bases are random-init models of the shapes in `benchmarks/configs/*.json` (SmolLM2-135M, Qwen2.5-0.5B,
 Llama-3.2-1B), saved and loaded back through `from_pretrained`, with a word-level tokenizer of exactly
-the config's vocabulary (`workers.tiny.build_base`): no weights are downloaded, and token ids are drawn
+the config's vocabulary (`workers.bases.tiny.build_base`): no weights are downloaded, and token ids are drawn
 across the whole vocabulary, so the output head is as wide as the real model's.
 
 Documents have log-normal lengths (median `MEDIAN_TOKENS`, sigma `SIGMA`), truncated at max_seq_len:
@@ -41,7 +41,7 @@ def load_config(name: str) -> dict[str, Any]:
 
 def build_model(name: str, workdir: Path) -> Path:
     """The random-init base of config `name` under `workdir/models/` (built once, then reused)."""
-    from workers.tiny import build_base
+    from workers.bases.tiny import build_base
 
     return build_base(workdir / "models" / name, load_config(name), save_dtype="bfloat16")
 
@@ -55,7 +55,7 @@ def document_lengths(n: int, max_seq_len: int, seed: int) -> list[int]:
 
 def write_dataset(path: Path, vocab_size: int, max_seq_len: int, seed: int) -> Path:
     """Text records whose tokenization (bos + words + eos) has exactly the drawn lengths."""
-    from workers.tiny import FIRST_WORD_ID, word_text
+    from workers.bases.tiny import FIRST_WORD_ID, word_text
 
     if path.exists():
         return path
@@ -91,7 +91,7 @@ def flop_model(base_dir: str, targets: tuple[str, ...] | str, r: int) -> FlopMod
     """Count linear weights and LoRA shapes on a meta-device copy of the base (no weights loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.multilora import resolve_target_modules
+    from workers.engine.multilora import resolve_target_modules
 
     config = AutoConfig.from_pretrained(base_dir)
     with torch.device("meta"):
@@ -118,8 +118,8 @@ def draw_batches(
     seed: int,
 ) -> dict[str, list[list[Any]]]:
     """Each adapter's micro-batch per step, drawn exactly as the engine draws them (same SampleStream)."""
-    from workers.data import SampleStream, load_adapter_data
-    from workers.plan import DataConfig
+    from workers.contract.plan import DataConfig
+    from workers.training.data import SampleStream, load_adapter_data
 
     batches: dict[str, list[list[Any]]] = {}
     for name, path in zip(names, data_paths, strict=True):

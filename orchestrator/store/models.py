@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from orchestrator.store import records as r
-from workers.plan import DataConfig, LoraConfig, TrainConfig
+from workers.contract.plan import DataConfig, LoraConfig, TrainConfig
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

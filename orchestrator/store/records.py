@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from workers.plan import DataConfig, LoraConfig, TrainConfig
+from workers.contract.plan import DataConfig, LoraConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from orchestrator.spec import JobSpec
+    from orchestrator.spec.job import JobSpec
 
 
 def utc(value: datetime) -> datetime:
@@ -113,7 +113,7 @@ class JobRecord:
     def job_spec(self) -> JobSpec:
         """The stored spec as the typed `JobSpec` (raises `pydantic.ValidationError` if it cannot be one:
         the raw `spec` stays readable so a bad row never breaks a listing)."""
-        from orchestrator.spec import JobSpec
+        from orchestrator.spec.job import JobSpec
 
         return JobSpec.model_validate(self.spec)
 

@@ -3,7 +3,7 @@
 Shaped like MLflow's SQL store: one class, rows that turn into immutable records (`to_entity()`) before
 the session closes, and one managed session (`_session`) that commits on success, rolls back on any
 error, and turns database errors into typed ones (`Conflict`, `DatabaseUnavailable`). Lookups that miss
-raise `NotFound`; state changes are checked against `orchestrator.states` and raise `InvalidTransition`.
+raise `NotFound`; state changes are checked against `orchestrator.spec.states` and raise `InvalidTransition`.
 
 Concurrency: on PostgreSQL a row about to change state is read `FOR UPDATE`, and FIFO numbers come from a
 counter row bumped by an UPDATE (which holds the row lock until commit), so two submitters never share a
@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from orchestrator.states import ADAPTER_FINISHED, AdapterState, InvalidTransition, check_transition
+from orchestrator.spec.states import ADAPTER_FINISHED, AdapterState, InvalidTransition, check_transition
 from orchestrator.store import migrate
 from orchestrator.store.engine import ensure_sqlite_dir, make_engine, writer
 from orchestrator.store.errors import Conflict, DatabaseRefused, DatabaseUnavailable, NotFound, StoreError

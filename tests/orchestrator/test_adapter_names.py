@@ -24,13 +24,13 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
-from orchestrator.api import create_app
-from orchestrator.embedded import EmbeddedBackend
+from orchestrator.server.app import create_app
+from orchestrator.service.backend import EmbeddedBackend
 from orchestrator.settings import Settings
 from orchestrator.store import NewEvent
-from workers import checkpoint as ckpt
 from workers import storage
-from workers.data import fingerprint
+from workers.training import checkpoint as ckpt
+from workers.training.data import fingerprint
 
 ADMIN = "admin-secret"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}

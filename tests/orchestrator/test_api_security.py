@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.api import create_app
+from orchestrator.server.app import create_app
 from orchestrator.settings import Settings
 
 ADMIN = "admin-secret"
@@ -285,9 +285,9 @@ def test_a_parent_in_a_project_the_token_cannot_read_is_missing(
 def test_a_lineage_tree_across_projects_keeps_the_target_and_hides_the_rest() -> None:
     """alice/a -> bob/b -> alice/c -> bob/d: bob asking for bob/d once got bob/b with its child alice/c
     pruned, and bob/d gone with it."""
-    from orchestrator.api import _visible_tree
-    from orchestrator.auth import Principal
-    from orchestrator.views import LineageNode
+    from orchestrator.server.app import _visible_tree
+    from orchestrator.service.auth import Principal
+    from orchestrator.spec.views import LineageNode
 
     def node(name: str, parent: str | None, *children: LineageNode) -> LineageNode:
         return LineageNode(name=name, parent=parent, status="evaluated", metrics={}, children=list(children))
@@ -346,7 +346,7 @@ def test_the_cli_says_a_full_or_read_only_disk_first_in_one_line(
     """Before: the CLI printed a traceback whose last line held the cause (`EROFS`, `ENOSPC`)."""
     import typer
 
-    from orchestrator.cli import _run
+    from orchestrator.cli.commands import _run
 
     with pytest.raises(typer.Exit) as full:
         _run(lambda: (small_storage / "big").write_bytes(b"x" * 2**20))

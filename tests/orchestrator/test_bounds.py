@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from orchestrator.api import create_app
-from orchestrator.client import Client
-from orchestrator.controller import Controller
-from orchestrator.service import Service
+from orchestrator.client.client import Client
+from orchestrator.control.controller import Controller
+from orchestrator.server.app import create_app
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
 from orchestrator.store import Store, upgrade
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.client import retry_delay
+from orchestrator.client.client import retry_delay
 
 
 def test_retry_delay_backs_off_honours_retry_after_and_is_capped() -> None:

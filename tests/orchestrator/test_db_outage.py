@@ -31,15 +31,15 @@ from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from orchestrator.api import create_app
-from orchestrator.client import Client
-from orchestrator.controller import Controller
-from orchestrator.embedded import EmbeddedBackend
-from orchestrator.packrun import EventLog
+from orchestrator.client.client import Client
+from orchestrator.control.controller import Controller
+from orchestrator.control.packrun import EventLog
+from orchestrator.server.app import create_app
+from orchestrator.service.backend import EmbeddedBackend
 from orchestrator.settings import Settings
 from orchestrator.store import DatabaseUnavailable
 from tests.orchestrator.conftest import OwnPostgres
-from workers.synthetic import write_skill_data
+from workers.training.synthetic import write_skill_data
 
 ADMIN = "s3cret"
 STEPS = 40  # enough that the database goes down mid-job however fast the tiny base trains

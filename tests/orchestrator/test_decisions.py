@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator import decisions
-from orchestrator.decisions import AdapterChange, Ask, Capacity
-from orchestrator.states import AdapterState, JobState
+from orchestrator.control import decisions
+from orchestrator.control.decisions import AdapterChange, Ask, Capacity
+from orchestrator.spec.states import AdapterState, JobState
 from orchestrator.store import AdapterRecord
-from workers.plan import (
+from workers.contract.plan import (
     AdapterDone,
     CheckpointEvent,
     DataConfig,

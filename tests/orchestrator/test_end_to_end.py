@@ -17,14 +17,14 @@ import pytest
 import ray
 
 from orchestrator import Client
-from orchestrator import scheduler as sched
-from orchestrator.controller import Controller
-from orchestrator.embedded import EmbeddedBackend
-from orchestrator.localservice import stop_service
+from orchestrator.control.controller import Controller
+from orchestrator.scheduling import scheduler as sched
+from orchestrator.server.local import stop_service
+from orchestrator.service.backend import EmbeddedBackend
 from orchestrator.settings import Settings
-from orchestrator.spec import JobSpec, SpecError
-from workers.checkpoint import read_adapter
-from workers.synthetic import write_skill_data
+from orchestrator.spec.job import JobSpec, SpecError
+from workers.training.checkpoint import read_adapter
+from workers.training.synthetic import write_skill_data
 
 pytestmark = pytest.mark.slow
 TRAINED = {"trained", "evaluated"}  # the registry marks trained adapters evaluated shortly after
@@ -250,7 +250,7 @@ def test_a_cancelled_adapter_retried_by_name_resumes_from_its_newest_checkpoint(
     """Issue 17: a cancelled (or failed) adapter trains again under its own name, resuming from its
     newest complete checkpoint (the steps up to it are not trained again), and its job runs again to
     success. Before: its name was taken for good, with no retry and no delete."""
-    from workers import checkpoint as ckpt
+    from workers.training import checkpoint as ckpt
 
     backend = EmbeddedBackend(settings=settings)
     spec = _restart_spec(tiny_base, data_dir)
@@ -468,7 +468,7 @@ def test_remote_client_against_a_real_server(tiny_base: Path, data_dir: Path, tm
             view = job.wait(timeout=300)
             assert view.state == "succeeded"
             assert client.adapter("counting").state in TRAINED
-            from orchestrator.client import ApiError
+            from orchestrator.client.client import ApiError
 
             with pytest.raises(ApiError) as missing:
                 client.job("does-not-exist")
@@ -505,7 +505,7 @@ def test_storage_full_fails_with_the_cause_first_and_retry_resumes_from_the_newe
     codes; SQL's newest checkpoint is the newest complete one on storage; once space is freed, `retry`
     finishes the adapter from it, redoing no step before it. Before: the cause was cut off the end of a
     Ray traceback, SQL could name an older checkpoint, and a failed adapter could never train again."""
-    from workers import checkpoint as ckpt
+    from workers.training import checkpoint as ckpt
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_storage)], check=True)
     settings = Settings(home=tmp_path / "home", storage=str(small_storage), tick_seconds=0.2)

@@ -1,5 +1,5 @@
-"""The controller's tick at fleet scale, driven by simulated packs (`orchestrator.simulated`): the real
-controller, service and store (SQLite and PostgreSQL), no Ray and no training.
+"""The controller's tick at fleet scale, driven by simulated packs (`orchestrator.control.simulated`): the
+real controller, service and store (SQLite and PostgreSQL), no Ray and no training.
 
 - an adapter no worker can ever hold fails once, with the reason, and its neighbours train on;
 - a `cancel` is served while a tick loads a new base model's config (the lock is not held meanwhile);
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.controller import Controller
-from orchestrator.service import Service
+from orchestrator.control.controller import Controller
+from orchestrator.control.simulated import SimulatedPacks
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.simulated import SimulatedPacks
-from orchestrator.states import AdapterState
+from orchestrator.spec.states import AdapterState
 from orchestrator.store import AdapterChange, NewAdapter, Store
 
 SETTLED = {"succeeded", "partial", "failed", "cancelled"}

@@ -38,10 +38,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from orchestrator.api import create_app
-from orchestrator.service import Service
+from orchestrator.server.app import create_app
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.spec import JobSpec, SpecError, json_schema
+from orchestrator.spec.job import JobSpec, SpecError, json_schema
 from orchestrator.store import Store
 
 ADMIN = "fuzz-admin-secret"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.quickstart import CHILD, PARENT, SKILLS, held_out_example
-from orchestrator.spec import load_source
+from orchestrator.cli.quickstart import CHILD, PARENT, SKILLS, held_out_example
+from orchestrator.spec.job import load_source
 from tests.conftest import RealBase
 from tests.orchestrator.test_local_service import _stopped, cli, submit, until
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from orchestrator import Client
-from orchestrator.cli import app
-from orchestrator.localservice import stop_service
+from orchestrator.cli.commands import app
+from orchestrator.server.local import stop_service
 from orchestrator.settings import Settings
 from workers.serving import AdapterServer
-from workers.synthetic import write_skill_data
+from workers.training.synthetic import write_skill_data
 
 pytestmark = pytest.mark.slow
 

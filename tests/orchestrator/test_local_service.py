@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.localservice import _group_alive, kill_ray_session, read_info, stop_service
-from workers.synthetic import write_skill_data
+from orchestrator.server.local import _group_alive, kill_ray_session, read_info, stop_service
+from workers.training.synthetic import write_skill_data
 
 pytestmark = pytest.mark.slow
 
@@ -393,7 +393,7 @@ def test_a_stale_pid_file_naming_a_stranger_is_no_service_and_the_stranger_lives
         info = read_info(home)
         assert info is not None and info.pid != stranger.pid and stranger.poll() is None
         # the pid and the start time the service recorded name it; the same pid started at another time not
-        from orchestrator.localservice import _is_service
+        from orchestrator.server.local import _is_service
 
         assert _is_service(info)
         assert not _is_service(dataclasses.replace(info, process_started=info.process_started - 3600))
@@ -450,7 +450,7 @@ def test_a_killed_train_worker_resumes_from_its_s3_checkpoint_and_mlflow_shows_e
     """With `LORAFLEET_STORAGE=s3://...` on a real S3-compatible server: checkpoints, the packs' event
     logs and Ray Train's run storage live in the bucket; a killed worker resumes from the S3 checkpoint;
     the adapter exports and serves from S3; nothing of it lands on the local disk."""
-    from workers.checkpoint import read_adapter
+    from workers.training.checkpoint import read_adapter
 
     home = tmp_path / "home"
     prefix = "team/lorafleet"

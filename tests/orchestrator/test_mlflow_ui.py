@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from orchestrator.store import NewAdapter, NewEvent, Store
-from orchestrator.tracking import Tracker, experiment_name
+from orchestrator.tracking.mirror import Tracker, experiment_name
 
 pytestmark = pytest.mark.slow
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.service import Service
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.spec import SpecError
+from orchestrator.spec.job import SpecError
 from orchestrator.store import Store
 from tests.conftest import RealBase
-from workers.bases import CATALOG, converted_dir
+from workers.bases.catalog import CATALOG, converted_dir
 
 
 def models(home: Path, *args: str, **pip_env: str) -> subprocess.CompletedProcess:

@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from orchestrator import Client
-from orchestrator.localservice import kill_ray_session
-from workers.synthetic import write_skill_data
+from orchestrator.server.local import kill_ray_session
+from workers.training.synthetic import write_skill_data
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")

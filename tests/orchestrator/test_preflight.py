@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.service import Service
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.spec import SpecError
+from orchestrator.spec.job import SpecError
 from orchestrator.store import Store
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.cli import progress_info
-from orchestrator.views import Score
+from orchestrator.cli.commands import progress_info
+from orchestrator.spec.views import Score
 
 
 def test_the_progress_line_says_train_loss_while_training_and_eval_loss_once_evaluated() -> None:

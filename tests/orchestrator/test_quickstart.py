@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.quickstart import CHILD, PARENT, SKILLS, held_out_example, quickstart_spec, score_line
-from orchestrator.spec import JobSpec, load_source
-from orchestrator.views import AdapterView
-from workers.skills import SKILLS as ALL_SKILLS
-from workers.skills import main as write_all
-from workers.skills import skill_records
+from orchestrator.cli.quickstart import CHILD, PARENT, SKILLS, held_out_example, quickstart_spec, score_line
+from orchestrator.spec.job import JobSpec, load_source
+from orchestrator.spec.views import AdapterView
+from workers.evaluation.skills import SKILLS as ALL_SKILLS
+from workers.evaluation.skills import main as write_all
+from workers.evaluation.skills import skill_records
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

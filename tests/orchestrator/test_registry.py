@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from orchestrator.registry import decide
-from orchestrator.spec import PromotionPolicy
+from orchestrator.registry.promotion import decide
+from orchestrator.spec.job import PromotionPolicy
 
 SCORES = {"eval_exact_match": 0.92, "base_eval_exact_match": 0.05, "eval_loss": 1.1}
 CHILD = {**SCORES, "parent_eval_exact_match": 0.80, "parent_eval_loss": 1.2}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.controller import Controller
-from orchestrator.packrun import EVENTS, EventLog
+from orchestrator.control.controller import Controller
+from orchestrator.control.packrun import EVENTS, EventLog
 from orchestrator.settings import Settings
 from orchestrator.store import NewAdapter, NewEvent, Store
-from workers.plan import AdapterDone, CheckpointEvent, StartEvent, StepEvent
+from workers.contract.plan import AdapterDone, CheckpointEvent, StartEvent, StepEvent
 
 
 def test_reconcile_replays_what_the_dead_controller_never_recorded(tmp_path: Path) -> None:

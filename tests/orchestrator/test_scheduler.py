@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.scheduler import (
+from orchestrator.scheduling.scheduler import (
     RUNTIME_OVERHEAD_BYTES,
     AdapterDemand,
     BaseKey,
@@ -41,12 +41,16 @@ from orchestrator.scheduler import (
     waiting_reasons,
     yields,
 )
-from workers.memory import CPU_LORA_BYTES_PER_PARAM, CPU_LORA_BYTES_PER_PARAM_BELOW_FP32, CPU_PASS_TOKENS
+from workers.contract.memory import (
+    CPU_LORA_BYTES_PER_PARAM,
+    CPU_LORA_BYTES_PER_PARAM_BELOW_FP32,
+    CPU_PASS_TOKENS,
+)
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
 
-TINY_CONFIG = {  # what workers/tiny.py writes for "tiny"
+TINY_CONFIG = {  # what workers/bases/tiny.py writes for "tiny"
     "model_type": "llama",
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -174,15 +178,16 @@ def test_memory_estimates_move_the_right_way():
     deep = replace(d, base=C)  # 10 layers: checkpointing keeps 2 layers' sets + every layer's input
     assert adapter_memory_bytes(deep, INFOS[C], checkpointing=True) < adapter_memory_bytes(deep, INFOS[C])
     lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, 8, ("q_proj", "v_proj"))
-    # activations (workers.memory): per layer (4 h + 3 i) x 4 bytes + 2.25 h fp32 = 5184 bytes; kept by
-    # 2 layers, + 1 layer of gradients, + half a layer per layer of CPU fragmentation; + 2 h fp32 and a
+    # activations (workers.contract.memory): per layer (4 h + 3 i) x 4 bytes + 2.25 h fp32 = 5184 bytes; kept
+    # by 2 layers, + 1 layer of gradients, + half a layer per layer of CPU fragmentation; + 2 h fp32 and a
     # 256-byte mask row outside the layers
     layer = (4 * 64 + 3 * 128) * 4 + 2.25 * 64 * 4
     assert need(d) == lora_state + 4 * 256 * (2 * layer + layer + 0.5 * 2 * layer + 2 * 64 * 4 + 256)
 
 
 def test_cpu_adapters_on_a_bf16_base_count_the_allocator_growth_measured_below_fp32():
-    """On CPU a bf16 pack's resident set grows by more per adapter than an fp32 one's (workers.memory)."""
+    """On CPU a bf16 pack's resident set grows by more per adapter than an fp32 one's
+    (workers.contract.memory)."""
     info = INFOS[A]
     passes = replace(
         demand("x", batch_size=4, max_seq_len=256), pass_tokens=1024
@@ -461,7 +466,7 @@ def test_same_input_same_output_whatever_the_order_and_hash_seed():
     assert schedule(list(reversed(demands)), workers, infos) == expected
     code = (
         "from tests.orchestrator.test_scheduler import _mixed_scenario as m; "
-        "from orchestrator.scheduler import schedule; print(repr(schedule(*m(0))))"
+        "from orchestrator.scheduling.scheduler import schedule; print(repr(schedule(*m(0))))"
     )
     outputs = {
         subprocess.run(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import JobSpec, SpecError, json_schema
+from orchestrator.spec.job import JobSpec, SpecError, json_schema
 
 DESIGN_EXAMPLE = """
 name: support-bots

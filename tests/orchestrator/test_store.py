@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from orchestrator.states import (
+from orchestrator.spec.states import (
     ADAPTER_FINISHED,
     AdapterState,
     InvalidTransition,
@@ -28,7 +28,7 @@ from orchestrator.store import (
     config_hash,
 )
 from orchestrator.store.models import AdapterRow, JobRow, ProjectRow
-from workers.plan import DataConfig, LoraConfig, TrainConfig
+from workers.contract.plan import DataConfig, LoraConfig, TrainConfig
 
 A = AdapterState
 

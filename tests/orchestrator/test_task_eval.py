@@ -25,19 +25,19 @@ import uvicorn
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from orchestrator import decisions
-from orchestrator.api import create_app
-from orchestrator.cli import app
-from orchestrator.controller import Controller
-from orchestrator.export import export_adapter
-from orchestrator.registry import Registry
-from orchestrator.service import Service
+from orchestrator.cli.commands import app
+from orchestrator.control import decisions
+from orchestrator.control.controller import Controller
+from orchestrator.registry.export import export_adapter
+from orchestrator.registry.promotion import Registry
+from orchestrator.server.app import create_app
+from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.spec import BranchSpec
+from orchestrator.spec.job import BranchSpec
+from orchestrator.spec.views import scores
 from orchestrator.store import AdapterRecord, NewEvent, Store
-from orchestrator.tracking import CURSOR, SAMPLES_ARTIFACT, SUMMARY_ARTIFACT, Tracker
-from orchestrator.views import scores
-from workers.plan import AdapterDone, EvalConfig, EvalEvent, EvalSample, Event, StartEvent, StepEvent
+from orchestrator.tracking.mirror import CURSOR, SAMPLES_ARTIFACT, SUMMARY_ARTIFACT, Tracker
+from workers.contract.plan import AdapterDone, EvalConfig, EvalEvent, EvalSample, Event, StartEvent, StepEvent
 
 ADMIN = "admin-secret"
 ROOT_SCORES = {

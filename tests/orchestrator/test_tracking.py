@@ -12,9 +12,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from orchestrator.registry import Registry
+from orchestrator.registry.promotion import Registry
 from orchestrator.store import NewAdapter, NewEvent, Store
-from orchestrator.tracking import CURSOR, Tracker, experiment_name
+from orchestrator.tracking.mirror import CURSOR, Tracker, experiment_name
 
 
 def _free_port() -> int:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from workers import storage
-from workers.checkpoint import read_adapter
-from workers.plan import AdapterTask, DataConfig, EvalConfig, LoraConfig, PackPlan, TrainConfig
-from workers.synthetic import SKILLS, write_skill_data
+from workers.contract.plan import AdapterTask, DataConfig, EvalConfig, LoraConfig, PackPlan, TrainConfig
+from workers.training.checkpoint import read_adapter
+from workers.training.synthetic import SKILLS, write_skill_data
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import RealBase
-from workers.bases import (
+from workers.bases.catalog import (
     CATALOG,
     MARKER,
     BaseModelError,
@@ -24,7 +24,7 @@ from workers.bases import (
     pull,
     resolve_base,
 )
-from workers.model import load_base
+from workers.engine.model import load_base
 
 
 def _cache_state(home: Path) -> dict[str, tuple[int, int]]:

@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from workers import checkpoint as ckpt
-from workers.multilora import MultiLoraModel, linear_module_names
+from workers.engine.multilora import MultiLoraModel, linear_module_names
+from workers.training import checkpoint as ckpt
 
 
 def _base(path: Path):

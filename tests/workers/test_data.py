@@ -1,4 +1,5 @@
-"""workers.data: formats, loss masks, truncation, sharding, eval split, sample order, collate, errors."""
+"""workers.training.data: formats, loss masks, truncation, sharding, eval split, sample order, collate,
+errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workers.data import (
+from workers.contract.plan import DataConfig, ShardConfig
+from workers.training.data import (
     IGNORE_INDEX,
     DataError,
     Example,
@@ -22,7 +24,6 @@ from workers.data import (
     load_examples,
     prompt_ids,
 )
-from workers.plan import DataConfig, ShardConfig
 
 CONVERSATION = [
     {"role": "system", "content": "be brief"},

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
-from workers.pack import run_pack
-from workers.plan import EvalEvent, PackPlan
+from workers.contract.plan import EvalEvent, PackPlan
+from workers.training.pack import run_pack
 
 
 def _free_port() -> int:

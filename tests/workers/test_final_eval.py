@@ -11,14 +11,15 @@ import torch
 
 from tests.workers.conftest import TaskFactory, plan_of
 from workers import storage
-from workers.checkpoint import attach_frozen, read_adapter
-from workers.data import IGNORE_INDEX, Example, load_adapter_data
-from workers.model import load_base
-from workers.multilora import MultiLoraModel
-from workers.pack import run_pack
-from workers.plan import AdapterDone, EvalConfig, EvalEvent, Event
-from workers.scoring import score
+from workers.contract.plan import AdapterDone, EvalConfig, EvalEvent, Event
+from workers.engine.examples import IGNORE_INDEX, Example
+from workers.engine.model import load_base
+from workers.engine.multilora import MultiLoraModel
+from workers.evaluation.scoring import score
 from workers.serving import AdapterServer
+from workers.training.checkpoint import attach_frozen, read_adapter
+from workers.training.data import load_adapter_data
+from workers.training.pack import run_pack
 
 SCORERS = ["exact_match", "token_f1", "contains", "tests.workers.test_scoring:first_word"]
 FAILING = "tests.workers.test_scoring:raises"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.generation import GenerationRequest, generate_greedy, stop_token_ids
-from workers.model import LoadedBase, load_base
-from workers.multilora import MultiLoraModel
+from workers.engine.model import LoadedBase, load_base
+from workers.engine.multilora import MultiLoraModel
+from workers.evaluation.generation import GenerationRequest, generate_greedy, stop_token_ids
 
 
 @pytest.fixture(scope="module")

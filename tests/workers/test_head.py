@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.head import chunk_tokens, linear_cross_entropy, linear_cross_entropy_hits
+from workers.engine.head import chunk_tokens, linear_cross_entropy, linear_cross_entropy_hits
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.data import IGNORE_INDEX, Example
-from workers.layout import Part, build_batch, choose_width, next_fit
-from workers.multilora import MultiLoraModel
+from workers.engine.examples import IGNORE_INDEX, Example
+from workers.engine.layout import Part, build_batch, choose_width, next_fit
+from workers.engine.multilora import MultiLoraModel
 
 
 def _doc(n: int, seed: int, prompt: int = 0) -> Example:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.scheduler import (
+from orchestrator.scheduling.scheduler import (
     AdapterDemand,
     BaseKey,
     adapter_memory_bytes,
@@ -26,7 +26,7 @@ from orchestrator.scheduler import (
     model_info_from_config,
     pass_memory_bytes,
 )
-from workers.tiny import FIRST_WORD_ID, build_base, word_text
+from workers.bases.tiny import FIRST_WORD_ID, build_base, word_text
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1.25
@@ -50,8 +50,8 @@ RUN = """
 import json, sys
 from pathlib import Path
 import torch
-from workers.pack import run_pack
-from workers.plan import PackPlan
+from workers.training.pack import run_pack
+from workers.contract.plan import PackPlan
 torch.set_num_threads(2)
 result = run_pack(PackPlan.model_validate_json(sys.argv[1]))
 assert all(d.status == "trained" for d in result.adapters.values()), result
@@ -79,7 +79,7 @@ def smol4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_memory_estimate_bounds_the_measured_peak_rss(
     smol4: tuple[Path, Path], tmp_path: Path, checkpointing: bool
 ) -> None:
-    from workers.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
+    from workers.contract.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
 
     base, data = smol4
     targets = ["q_proj", "v_proj"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.multilora import MultiLoraModel, linear_module_names, resolve_target_modules
+from workers.engine.multilora import MultiLoraModel, linear_module_names, resolve_target_modules
 
 
 def _base(path: Path):

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from orchestrator.packrun import EVENTS, EventLog
+from orchestrator.control.packrun import EVENTS, EventLog
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
-from workers import checkpoint as ckpt
 from workers import storage
-from workers.multilora import MultiLoraModel, linear_module_names
-from workers.pack import run_pack
-from workers.plan import CheckpointEvent, Event, StepEvent
+from workers.contract.plan import CheckpointEvent, Event, StepEvent
+from workers.engine.multilora import MultiLoraModel, linear_module_names
+from workers.training import checkpoint as ckpt
+from workers.training.pack import run_pack
 
 
 def _adapter(tiny_base: Path) -> MultiLoraModel:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff
-from workers.model import load_base
-from workers.multilora import MultiLoraModel
-from workers.pack import run_pack
-from workers.plan import PackPlan, StepEvent
+from workers.contract.plan import PackPlan, StepEvent
+from workers.engine.model import load_base
+from workers.engine.multilora import MultiLoraModel
+from workers.training.pack import run_pack
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency: pip install -e .")
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning")  # its bf16->fp16 cast, per call

@@ -9,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff
-from workers.data import IGNORE_INDEX, Example
-from workers.layout import Part, build_batch
-from workers.model import load_base
-from workers.multilora import MultiLoraModel
-from workers.pack import run_pack
-from workers.plan import PackPlan
-from workers.trainer import PackTrainer
+from workers.contract.plan import PackPlan
+from workers.engine.examples import IGNORE_INDEX, Example
+from workers.engine.layout import Part, build_batch
+from workers.engine.model import load_base
+from workers.engine.multilora import MultiLoraModel
+from workers.training.pack import run_pack
+from workers.training.trainer import PackTrainer
 
 
 def _doc(n: int, seed: int) -> Example:

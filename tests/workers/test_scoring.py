@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from workers.plan import SCORERS, EvalConfig, scorer_metric
-from workers.scoring import BUILTIN, normalize, score
+from workers.contract.plan import SCORERS, EvalConfig, scorer_metric
+from workers.evaluation.scoring import BUILTIN, normalize, score
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 CONFIG = EvalConfig(scorers=list(SCORERS), pattern=r"\d{3}-\d{4}", json_schema=SCHEMA)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from tests.workers.conftest import TaskFactory, plan_of
 from workers import storage
-from workers.checkpoint import read_meta
-from workers.data import load_examples
-from workers.pack import run_pack
 from workers.serving import AdapterServer
-from workers.synthetic import skill_records
+from workers.training.checkpoint import read_meta
+from workers.training.data import load_examples
+from workers.training.pack import run_pack
+from workers.training.synthetic import skill_records
 
 
 def _chat_file(path: Path, n: int) -> Path:

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
-from workers.checkpoint import checkpoint_dir, read_adapter
-from workers.data import load_adapter_data
-from workers.model import load_base
-from workers.pack import run_pack
-from workers.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StepEvent
-from workers.synthetic import SKILLS
-from workers.trainer import PackTrainer, adapter_passes
+from workers.contract.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StepEvent
+from workers.engine.model import load_base
+from workers.training.checkpoint import checkpoint_dir, read_adapter
+from workers.training.data import load_adapter_data
+from workers.training.pack import run_pack
+from workers.training.synthetic import SKILLS
+from workers.training.trainer import PackTrainer, adapter_passes
 
 
 def _train(base: Path, *tasks, **kw) -> tuple[dict[str, AdapterDone], list[Event]]:
@@ -57,7 +57,7 @@ def test_grouped_and_loop_kernels_train_the_same_adapters(
 
 
 def test_adapter_passes_take_whole_adapters_up_to_the_token_limit() -> None:
-    from workers.data import Example
+    from workers.engine.examples import Example
 
     def docs(*lengths: int) -> list[Example]:
         return [Example(tuple(range(n)), tuple(range(n))) for n in lengths]
@@ -340,8 +340,8 @@ def test_a_yielded_adapter_resumes_exactly_where_it_left_off(tiny_base: Path, ma
 
 
 def test_length_groups_split_only_when_it_saves_padding() -> None:
-    from workers.data import Example
-    from workers.trainer import length_groups
+    from workers.engine.examples import Example
+    from workers.training.trainer import length_groups
 
     def ex(n: int) -> Example:
         return Example(tuple(range(n)), tuple(range(n)))

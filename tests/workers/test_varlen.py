@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.workers.test_layout import PARTS, _model, worst_gap_to_alone
-from workers import varlen
-from workers.layout import Part, build_batch
+from workers.engine import varlen
+from workers.engine.layout import Part, build_batch
 
 
 def _varlen(model) -> None:

@@ -1,0 +1,1 @@
+"""The Python way in: `Client()` speaks the HTTP API to a local or a team's server."""

@@ -1,0 +1,1 @@
+"""The adapter tree across jobs: who started from whom."""

@@ -1,0 +1,1 @@
+"""After training: the promotion gate, MLflow's model registry, and export to PEFT or merged models."""

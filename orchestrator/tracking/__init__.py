@@ -1,0 +1,1 @@
+"""The MLflow mirror: a projection of SQL's event log into runs, metrics and artifacts."""

@@ -1,0 +1,1 @@
+"""Base models: real ones from GGUF files converted once, random-init ones from real configs."""

@@ -1,0 +1,1 @@
+"""A pack's run: data, batches, the training loop, checkpoints."""

@@ -53,7 +53,6 @@ SIZES: dict[str, TinyModelSize] = {
 def build_tokenizer(out_dir: Path, vocab_size: int = 512):
     """Train a byte-level BPE on the shipped corpus; every byte stays encodable."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     corpus = resources.files("workers.assets").joinpath("corpus.txt").read_text(encoding="utf-8")
     bpe = Tokenizer(models.BPE())
@@ -66,16 +65,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
         show_progress=False,
     )
     bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
+    return _save_tokenizer(bpe, out_dir)
 
 
 def build_tiny_base(out_dir: str | Path, size: str = "tiny", vocab_size: int = 512, seed: int = 0) -> Path:
@@ -122,14 +112,20 @@ def word_text(ids: list[int] | tuple[int, ...]) -> str:
 def build_word_tokenizer(out_dir: Path, vocab_size: int):
     """A tokenizer of exactly `vocab_size` ids: the special tokens first, then word `t<i>` = id i."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
     word = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|pad|>"))
     word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _save_tokenizer(word, out_dir)
+
+
+def _save_tokenizer(tokenizer_object: Any, out_dir: str | Path) -> Any:
+    """Both test tokenizers alike: our special tokens and chat template, saved where a base loads them."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word,
+        tokenizer_object=tokenizer_object,
         bos_token="<|bos|>",
         eos_token="<|eos|>",
         pad_token="<|pad|>",

@@ -95,8 +95,8 @@ class _Table:
         return f"line {self.lines[i]}"
 
 
-def _read(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> _Table:
-    path = Path(path)
+def _format_of(path: Path, missing_hint: str = "") -> str:
+    """The file's format from its suffix, once it is known to be a non-empty file; else why not."""
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
@@ -105,9 +105,15 @@ def _read(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> _Table:
         )
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"{path}: data file {what} (relative paths are from {Path.cwd()})")
+        raise DataError(f"{path}: data file {what}{missing_hint}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; it needs at least one record")
+    return fmt
+
+
+def _read(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> _Table:
+    path = Path(path)
+    fmt = _format_of(path, f" (relative paths are from {Path.cwd()})")
     if fmt == "json":
         arrow = _read_json(path, max_record_bytes)
     elif fmt == "csv":
@@ -587,17 +593,7 @@ def check_head(path: Path, records: int = 100, max_record_bytes: int = MAX_RECOR
     by reading it all, which is the worker's job; it then fails that adapter with the same kind of message.
     """
     path = Path(path)
-    fmt = SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)} "
-            "(JSON Lines, Parquet or CSV)"
-        )
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"{path}: data file {what}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty; it needs at least one record")
+    fmt = _format_of(path)
     if fmt == "json":
         return _validate_json_lines(path, records, max_record_bytes)
     if fmt == "parquet":

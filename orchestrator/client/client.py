@@ -1,6 +1,7 @@
 """`Client()`: the Python way in. Local (`Client()`: the home's background service, started on first use)
 or remote (`Client(url, token)`: a team's `lorafleet server`); both speak the same HTTP API, have the same
-methods and return the same views.
+methods and return the same views. Each method is one request through one transport (`Client._call`):
+adding an operation to the API adds one method here.
 
 A local client never runs the controller itself: jobs train in the service whether or not any client is
 attached, `wait()` only watches, and interrupting it stops the watching, never the job.
@@ -17,9 +18,7 @@ from typing import Any, TypeVar
 from orchestrator.spec.job import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.spec.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 
-NEXT_PAGE_HEADER = (
-    "X-Next-After"  # as orchestrator.server.app sends it (not imported: the client stays light)
-)
+NEXT_PAGE_HEADER = "X-Next-After"  # as orchestrator.server.routes.adapters sends it (the client stays light)
 ProgressFn = Callable[["JobView", list[EventView]], None]
 
 log = logging.getLogger(__name__)
@@ -95,11 +94,11 @@ class Job:
         return self._client.adapters(job_id=self.id)
 
     def refresh(self) -> JobView:
-        self.view = self._client._backend.job(self.id)
+        self.view = self._client.job(self.id).view
         return self.view
 
     def events(self, after_id: int = 0) -> list[EventView]:
-        return self._client._backend.events(self.id, after_id)
+        return self._client.events(self.id, after_id)
 
     def wait(
         self, timeout: float | None = None, progress: ProgressFn | None = None, poll: float = 0.5
@@ -128,7 +127,8 @@ class Job:
 
 
 class Client:
-    """`Client()` local, or `Client("http://host:8000", token)` remote; the same methods either way."""
+    """`Client()` local, or `Client("http://host:8000", token)` remote; the same methods either way.
+    Errors come back as `ApiError` or `SpecError` with their fields."""
 
     def __init__(
         self,
@@ -139,6 +139,7 @@ class Client:
         home: str | Path | None = None,
     ) -> None:
         self.project = project
+        self._reconnect: Callable[[], tuple[str, str]] | None = None
         if url is None:
             from orchestrator.server.local import ensure_service
             from orchestrator.settings import Settings
@@ -148,9 +149,9 @@ class Client:
             def connect() -> tuple[str, str]:
                 return ensure_service(where)
 
-            self._backend = RemoteBackend(*connect(), reconnect=connect)
-        else:
-            self._backend = RemoteBackend(url, token)
+            self._reconnect = connect  # the local service: restart it if it died, then retry once
+            url, token = connect()
+        self._connect(url, token)
 
     def _ref(self, name: str, project: str | None) -> tuple[str, str]:
         if "/" in name:
@@ -158,18 +159,38 @@ class Client:
             return proj, short
         return project or self.project, name
 
+    # ---- jobs ----
+
     def submit(self, spec: JobSpec | dict[str, Any] | str | Path, idempotency_key: str | None = None) -> Job:
         raw = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else load_source(spec)
-        return Job(self, self._backend.submit(raw, idempotency_key))  # the service checks it all at once
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        # the service checks it all at once
+        return Job(self, JobView.model_validate(self._call("POST", "/v1/jobs", json=raw, headers=headers)))
 
     def job(self, job_id: str) -> Job:
-        return Job(self, self._backend.job(job_id))
+        return Job(self, JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}")))
 
     def jobs(self, project: str | None = None) -> list[JobView]:
-        return self._backend.jobs(project)
+        params = {"project": project} if project else {}
+        return [JobView.model_validate(j) for j in self._call("GET", "/v1/jobs", params=params)]
+
+    def events(self, job_id: str, after_id: int = 0) -> list[EventView]:
+        """The job's events after the one numbered `after_id` (a page of them)."""
+        rows = self._call("GET", f"/v1/jobs/{job_id}/events", params={"after": after_id})
+        return [EventView.model_validate(e) for e in rows]
+
+    def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def retry(self, job_id: str) -> JobView:
+        """Train the job's failed adapters again, each from its newest complete checkpoint."""
+        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/retry"))
+
+    # ---- adapters ----
 
     def adapter(self, name: str, project: str | None = None) -> AdapterView:
-        return self._backend.adapter(*self._ref(name, project))
+        project, name = self._ref(name, project)
+        return AdapterView.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}"))
 
     def adapters(self, project: str | None = None, job_id: str | None = None) -> list[AdapterView]:
         """Every adapter (of a project, of a job), first come first, fetched page by page."""
@@ -178,14 +199,34 @@ class Client:
     def iter_adapters(
         self, project: str | None = None, job_id: str | None = None, page_size: int = 1000
     ) -> Iterator[AdapterView]:
-        """Adapters page by page, holding one page at a time."""
+        """Adapters page by page, holding one page at a time; the server names the next page's cursor."""
+        params: dict[str, Any] = {k: v for k, v in (("project", project), ("job_id", job_id)) if v}
         after: int | None = 0
         while after is not None:
-            page, after = self._backend.adapter_page(project, job_id, after, page_size)
-            yield from page
+            response = self._answer(
+                "GET", "/v1/adapters", params={**params, "after": after, "limit": page_size}
+            )
+            following = response.headers.get(NEXT_PAGE_HEADER)
+            after = int(following) if following is not None else None
+            yield from (AdapterView.model_validate(a) for a in response.json())
+
+    def retry_adapter(self, name: str, project: str | None = None) -> AdapterView:
+        """Train a failed or cancelled adapter again under its name: from its newest complete
+        checkpoint, or from step 0 if its data changed since (the fixed data is what it learns)."""
+        project, name = self._ref(name, project)
+        return AdapterView.model_validate(self._call("POST", f"/v1/adapters/{project}/{name}/retry"))
+
+    def delete_adapter(self, name: str, project: str | None = None) -> AdapterView:
+        """Delete an adapter (its rows, files and MLflow run), freeing its name; returns what it was.
+        Refused (`ApiError` 409, with the reason) if promoted, queued, training, or a parent."""
+        project, name = self._ref(name, project)
+        return AdapterView.model_validate(self._call("DELETE", f"/v1/adapters/{project}/{name}"))
+
+    # ---- lineage ----
 
     def lineage(self, name: str, project: str | None = None) -> LineageNode:
-        return self._backend.lineage(*self._ref(name, project))
+        project, name = self._ref(name, project)
+        return LineageNode.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}/lineage"))
 
     def branch(
         self,
@@ -206,36 +247,37 @@ class Client:
             data_cfg["eval_path"] = str(Path(eval_data).resolve())
         proj, parent_name = self._ref(parent, project)
         child = BranchSpec(name=name, data=data_cfg, lora=lora, train=train, eval=eval)
-        return Job(self, self._backend.branch(proj, parent_name, child))
+        path = f"/v1/adapters/{proj}/{parent_name}/branch"
+        return Job(self, JobView.model_validate(self._call("POST", path, json=child.model_dump(mode="json"))))
 
-    def cancel(self, job_id: str) -> JobView:
-        return self._backend.cancel(job_id)
-
-    def retry(self, job_id: str) -> JobView:
-        """Train the job's failed adapters again, each from its newest complete checkpoint."""
-        return self._backend.retry(job_id)
-
-    def retry_adapter(self, name: str, project: str | None = None) -> AdapterView:
-        """Train a failed or cancelled adapter again under its name: from its newest complete
-        checkpoint, or from step 0 if its data changed since (the fixed data is what it learns)."""
-        return self._backend.retry_adapter(*self._ref(name, project))
-
-    def delete_adapter(self, name: str, project: str | None = None) -> AdapterView:
-        """Delete an adapter (its rows, files and MLflow run), freeing its name; returns what it was.
-        Refused (`ApiError` 409, with the reason) if promoted, queued, training, or a parent."""
-        return self._backend.delete_adapter(*self._ref(name, project))
+    # ---- registry and serving ----
 
     def promote(
         self, name: str, alias: str | None = None, force: bool = False, project: str | None = None
     ) -> RegistryView:
         """Register the adapter in MLflow and point `alias` at it, if the job's gate passes (or `force`)."""
-        return self._backend.promote(*self._ref(name, project), alias, force)
+        project, name = self._ref(name, project)
+        body = {"alias": alias, "force": force}
+        return RegistryView.model_validate(
+            self._call("POST", f"/v1/adapters/{project}/{name}/promote", json=body)
+        )
 
     def export(
         self, name: str, out_dir: str | Path, merged: bool = False, project: str | None = None
     ) -> Path:
-        """Write the PEFT adapter (or, `merged`, the base with it merged in) to `out_dir`."""
-        return self._backend.export(*self._ref(name, project), Path(out_dir), merged)
+        """Write the PEFT adapter (or, `merged`, the base with it merged in) to `out_dir`, which must be
+        new or empty: the server's zip, unpacked."""
+        import io
+        import zipfile
+
+        project, name = self._ref(name, project)
+        out_dir = Path(out_dir)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise ValueError(f"`out_dir` {str(out_dir)!r} exists and is not empty; choose a new directory")
+        response = self._answer("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            archive.extractall(out_dir)
+        return out_dir
 
     def generate(
         self,
@@ -248,39 +290,44 @@ class Client:
         """Greedy completion of `prompt` through the adapter (cached in RAM over one shared base). The
         prompt is formatted as the adapter's training data was (in the chat template as a user turn, for
         an adapter trained on `messages`); `raw` feeds it as is."""
-        return self._backend.generate(*self._ref(name, project), prompt, max_new_tokens, raw)
+        project, name = self._ref(name, project)
+        body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "raw": raw}
+        return self._call("POST", f"/v1/adapters/{project}/{name}/generate", json=body)["text"]
 
     # ---- tokens (the admin token only) ----
 
     def create_token(self, project: str, role: str = "member", name: str | None = None) -> dict[str, Any]:
         """A new token for `project` (`member`: read and change; `reader`: read only). The returned
         `token` is shown this once: only its hash is kept."""
-        return self._backend.create_token(project, role, name)
+        return self._call("POST", "/v1/tokens", json={"project": project, "role": role, "name": name})
 
     def tokens(self, project: str | None = None) -> list[TokenView]:
-        return self._backend.tokens(project)
+        params = {"project": project} if project else {}
+        return [TokenView.model_validate(t) for t in self._call("GET", "/v1/tokens", params=params)]
 
     def revoke_token(self, token_id: str) -> TokenView:
-        return self._backend.revoke_token(token_id)
+        return TokenView.model_validate(self._call("DELETE", f"/v1/tokens/{token_id}"))
 
-    def close(self) -> None:
-        self._backend.close()
+    # ---- the transport: every method above goes through `_call` (or `_answer`, for headers or bytes) ----
 
-    def __enter__(self) -> Client:
-        return self
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The server's JSON answer, or its refusal raised as `SpecError` / `ApiError`."""
+        return self._answer(method, path, **kwargs).json()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RemoteBackend:
-    """The HTTP API, spoken with httpx; errors come back as `ApiError` or `SpecError` with their fields."""
-
-    def __init__(
-        self, url: str, token: str | None, reconnect: Callable[[], tuple[str, str]] | None = None
-    ) -> None:
-        self._reconnect = reconnect  # the local service: restart it if it died, then retry once
-        self._connect(url, token)
+    def _answer(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The server's answer, or its refusal raised; a read is safe to repeat, so it waits out a
+        database outage (503) for a while."""
+        response = self._request(method, path, **kwargs)
+        if method == "GET":
+            deadline = time.monotonic() + RETRY_UNAVAILABLE_S
+            attempt = 0
+            while response.status_code == UNAVAILABLE and time.monotonic() < deadline:
+                delay = retry_delay(attempt, response.headers.get("retry-after"))
+                log.warning("the lorafleet server's database is unreachable; retrying in %.0f s", delay)
+                time.sleep(delay)
+                attempt += 1
+                response = self._request(method, path, **kwargs)
+        return _checked(response)
 
     def _connect(self, url: str, token: str | None) -> None:
         import httpx
@@ -300,122 +347,27 @@ class RemoteBackend:
             self._connect(*self._reconnect())
             return self._http.request(method, path, **kwargs)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._checked(self._sent(method, path, **kwargs)).json()
-
-    def _sent(self, method: str, path: str, **kwargs: Any) -> Any:
-        """The server's answer; a read is safe to repeat, so it waits out a database outage for a while."""
-        response = self._request(method, path, **kwargs)
-        if method == "GET":
-            deadline = time.monotonic() + RETRY_UNAVAILABLE_S
-            attempt = 0
-            while response.status_code == UNAVAILABLE and time.monotonic() < deadline:
-                delay = retry_delay(attempt, response.headers.get("retry-after"))
-                log.warning("the lorafleet server's database is unreachable; retrying in %.0f s", delay)
-                time.sleep(delay)
-                attempt += 1
-                response = self._request(method, path, **kwargs)
-        return response
-
-    def _checked(self, response: Any) -> Any:
-        """The response, or the server's refusal raised as `SpecError` / `ApiError`."""
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", {})
-            except ValueError:
-                detail = {"message": response.text}
-            if isinstance(detail, str):
-                detail = {"message": detail}
-            problems = [(p["field"], p["message"]) for p in detail.get("problems", [])]
-            if response.status_code == 422 and problems:
-                raise SpecError(problems)
-            raise ApiError(response.status_code, detail.get("message", response.text), problems)
-        return response
-
-    def submit(self, raw: dict[str, Any], idempotency_key: str | None) -> JobView:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return JobView.model_validate(self._call("POST", "/v1/jobs", json=raw, headers=headers))
-
-    def job(self, job_id: str) -> JobView:
-        return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
-
-    def jobs(self, project: str | None) -> list[JobView]:
-        params = {"project": project} if project else {}
-        return [JobView.model_validate(j) for j in self._call("GET", "/v1/jobs", params=params)]
-
-    def events(self, job_id: str, after_id: int) -> list[EventView]:
-        rows = self._call("GET", f"/v1/jobs/{job_id}/events", params={"after": after_id})
-        return [EventView.model_validate(e) for e in rows]
-
-    def adapter(self, project: str, name: str) -> AdapterView:
-        return AdapterView.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}"))
-
-    def adapter_page(
-        self, project: str | None, job_id: str | None, after: int, limit: int
-    ) -> tuple[list[AdapterView], int | None]:
-        """One page, and the cursor of the next (None: this was the last)."""
-        params: dict[str, Any] = {k: v for k, v in (("project", project), ("job_id", job_id)) if v}
-        response = self._checked(
-            self._sent("GET", "/v1/adapters", params={**params, "after": after, "limit": limit})
-        )
-        following = response.headers.get(NEXT_PAGE_HEADER)
-        views = [AdapterView.model_validate(a) for a in response.json()]
-        return views, int(following) if following is not None else None
-
-    def lineage(self, project: str, name: str) -> LineageNode:
-        return LineageNode.model_validate(self._call("GET", f"/v1/adapters/{project}/{name}/lineage"))
-
-    def branch(self, project: str, parent: str, child: BranchSpec) -> JobView:
-        body = child.model_dump(mode="json")
-        return JobView.model_validate(
-            self._call("POST", f"/v1/adapters/{project}/{parent}/branch", json=body)
-        )
-
-    def cancel(self, job_id: str) -> JobView:
-        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
-
-    def retry(self, job_id: str) -> JobView:
-        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/retry"))
-
-    def retry_adapter(self, project: str, name: str) -> AdapterView:
-        return AdapterView.model_validate(self._call("POST", f"/v1/adapters/{project}/{name}/retry"))
-
-    def delete_adapter(self, project: str, name: str) -> AdapterView:
-        return AdapterView.model_validate(self._call("DELETE", f"/v1/adapters/{project}/{name}"))
-
-    def promote(self, project: str, name: str, alias: str | None, force: bool) -> RegistryView:
-        body = {"alias": alias, "force": force}
-        return RegistryView.model_validate(
-            self._call("POST", f"/v1/adapters/{project}/{name}/promote", json=body)
-        )
-
-    def export(self, project: str, name: str, out_dir: Path, merged: bool) -> Path:
-        """Download the export as a zip and unpack it into `out_dir` (which must be new or empty)."""
-        import io
-        import zipfile
-
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise ValueError(f"`out_dir` {str(out_dir)!r} exists and is not empty; choose a new directory")
-        response = self._checked(
-            self._sent("GET", f"/v1/adapters/{project}/{name}/export", params={"merged": merged})
-        )
-        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
-            archive.extractall(out_dir)
-        return out_dir
-
-    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int, raw: bool) -> str:
-        body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "raw": raw}
-        return self._call("POST", f"/v1/adapters/{project}/{name}/generate", json=body)["text"]
-
-    def create_token(self, project: str, role: str, name: str | None) -> dict[str, Any]:
-        return self._call("POST", "/v1/tokens", json={"project": project, "role": role, "name": name})
-
-    def tokens(self, project: str | None) -> list[TokenView]:
-        params = {"project": project} if project else {}
-        return [TokenView.model_validate(t) for t in self._call("GET", "/v1/tokens", params=params)]
-
-    def revoke_token(self, token_id: str) -> TokenView:
-        return TokenView.model_validate(self._call("DELETE", f"/v1/tokens/{token_id}"))
-
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _checked(response: Any) -> Any:
+    """The response, or the server's refusal raised as `SpecError` / `ApiError`."""
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", {})
+        except ValueError:
+            detail = {"message": response.text}
+        if isinstance(detail, str):
+            detail = {"message": detail}
+        problems = [(p["field"], p["message"]) for p in detail.get("problems", [])]
+        if response.status_code == 422 and problems:
+            raise SpecError(problems)
+        raise ApiError(response.status_code, detail.get("message", response.text), problems)
+    return response

@@ -1,43 +1,74 @@
-"""The service layer: every user-facing operation, once. The HTTP API and the embedded client both call it.
+"""The service layer: every user-facing operation (use case), once. The HTTP API's routes call it
+directly; nothing forwards to it.
 
 It validates against the outside world (data files, existing parents in the store), writes through the
 store in one transaction per operation, and turns records into views. It never talks to Ray: the
-controller picks up what SQL says.
+controller picks up what SQL says, and the few use cases that must reach running packs (cancel, retry,
+delete) ask the controller. Who may call which use case is the route's to check (`service.auth`).
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
 from orchestrator.control import decisions
 from orchestrator.lineage import tree as lineage
+from orchestrator.registry.export import export_adapter
 from orchestrator.service import preflight
 from orchestrator.service.auth import ADMIN, Principal
 from orchestrator.settings import Settings
 from orchestrator.spec.job import BranchSpec, JobSpec, ScoreOrder, SpecError, check_parent, load_source
 from orchestrator.spec.states import AdapterState
-from orchestrator.spec.views import AdapterPage, AdapterView, EventView, JobView, LineageNode, Score, scores
+from orchestrator.spec.views import (
+    AdapterPage,
+    AdapterView,
+    EventView,
+    JobView,
+    LineageNode,
+    RegistryView,
+    Score,
+    TokenView,
+    scores,
+)
 from orchestrator.store import AdapterRecord, Conflict, JobRecord, NewAdapter, NotFound, Store
 from workers.contract.plan import EvalConfig, LoraConfig
 from workers.training.data import fingerprint
 
 if TYPE_CHECKING:
     from orchestrator.control.controller import Controller
+    from orchestrator.registry.promotion import Registry
     from orchestrator.tracking.mirror import Tracker
 
 _PARENT_MUST_MATCH = ("base_model", "quantization", "dtype")
 MAX_PAGE = 1000  # adapters in one page of a list
 SCORE_ORDERS_KEPT = 256  # jobs whose scores' order a service keeps
+T = TypeVar("T")
 
 
 class Service:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    """Every use case, once. Built over a store alone it checks, stores and reads (tests and benchmarks
+    build it so); the use cases that reach running packs, MLflow or the registry need the `controller`,
+    `tracker` and `registry` that `ControlPlane` (`service.plane`) builds and gives it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        controller: Controller | None = None,
+        tracker: Tracker | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self._controller, self._tracker, self._registry = controller, tracker, registry
+        self._servers: dict[tuple[str, str, str], Any] = {}  # one generation server per base, on first use
         self.allowed = preflight.Allowed(settings.data_roots, settings.model_roots, settings.allowed_models)
         self.limits = preflight.Limits(
             max_adapters=settings.max_adapters_per_job,
@@ -47,6 +78,18 @@ class Service:
         )
         self._orders: OrderedDict[str, ScoreOrder] = OrderedDict()  # job id -> its scores' order, LRU
         self._orders_lock = threading.Lock()
+
+    @property
+    def controller(self) -> Controller:
+        return _given(self._controller, "controller")
+
+    @property
+    def tracker(self) -> Tracker:
+        return _given(self._tracker, "tracker")
+
+    @property
+    def registry(self) -> Registry:
+        return _given(self._registry, "registry")
 
     # ---- jobs ----
 
@@ -216,22 +259,22 @@ class Service:
             )
         return views
 
-    def cancel(self, job_id: str, controller: Controller) -> JobView:
+    def cancel(self, job_id: str) -> JobView:
         """Cancel a job's unfinished adapters, through the controller: it changes adapters' states (under
         its lock: it may be placing those very adapters) and tells the packs that hold them."""
         self.store.get_job(job_id)  # 404 for an unknown job
-        controller.cancel_job(job_id)
+        self.controller.cancel_job(job_id)
         return self.job(job_id)
 
-    def retry(self, job_id: str, controller: Controller) -> JobView:
+    def retry(self, job_id: str) -> JobView:
         """Train a job's failed adapters again, each from its newest complete checkpoint, or from step 0
         if its data changed meanwhile (`decisions.fresh_start` says why)."""
         failed = self.store.list_adapters(job_id=job_id, states=[AdapterState.FAILED.value])
         fresh = {a.id for a in failed if decisions.fresh_start(a.data_fingerprint, _data_now(a))}
-        controller.retry_job(job_id, fresh)
+        self.controller.retry_job(job_id, fresh)
         return self.job(job_id)
 
-    def retry_adapter(self, project: str, name: str, controller: Controller) -> AdapterView:
+    def retry_adapter(self, project: str, name: str) -> AdapterView:
         """Train one failed or cancelled adapter again under its own name (409 with the reason for any
         other). It resumes from its newest complete checkpoint where one exists, unless its data
         changed since that attempt began: then it starts again from step 0, on the fixed data
@@ -242,12 +285,10 @@ class Service:
         if refusal is not None:
             raise Conflict(refusal)
         fresh = decisions.fresh_start(adapter.data_fingerprint, _data_now(adapter))
-        controller.retry_adapter(adapter.id, fresh)
+        self.controller.retry_adapter(adapter.id, fresh)
         return self.adapter(project, name)
 
-    def delete_adapter(
-        self, project: str, name: str, controller: Controller, tracker: Tracker
-    ) -> AdapterView:
+    def delete_adapter(self, project: str, name: str) -> AdapterView:
         """Delete an adapter that is not promoted, not queued or training and has no children (409
         with the reason otherwise), freeing its name; returns what it was.
 
@@ -262,8 +303,8 @@ class Service:
         if refusal is not None:
             raise Conflict(refusal)
 
-        with tracker.adapter_run_deleted(adapter.id):
-            controller.delete_adapter(adapter.id)
+        with self.tracker.adapter_run_deleted(adapter.id):
+            self.controller.delete_adapter(adapter.id)
         return view
 
     def missing_adapter(self, project: str, name: str, principal: Principal = ADMIN) -> NotFound:
@@ -336,6 +377,68 @@ class Service:
             return self.store.get_job(adapter.job_id).job_spec.eval_of(adapter.name)
         except ValidationError:  # a job stored by an older version that no longer validates
             return EvalConfig()
+
+    # ---- registry and serving ----
+
+    def promote(self, project: str, name: str, alias: str | None = None, force: bool = False) -> RegistryView:
+        """Register the adapter in MLflow and point `alias` at it, if its job's gate passes (or `force`)."""
+        adapter = self.store.get_adapter(project, name)
+        return RegistryView.of(self.registry.promote(adapter.id, alias=alias, force=force))
+
+    def export(self, project: str, name: str, out_dir: Path, merged: bool = False) -> Path:
+        """The PEFT adapter directory (or, `merged`, the base with it merged in), written to `out_dir`."""
+        adapter = self.store.get_adapter(project, name)
+        return export_adapter(self.store, adapter, out_dir, merged=merged, home=self.settings.home)
+
+    def generate(self, project: str, name: str, prompt: str, max_new_tokens: int, raw: bool = False) -> str:
+        """Greedy completion through the adapter: one base in memory per base model (loaded on first use,
+        kept for the service's life), the adapters cached on it."""
+        adapter = self.store.get_adapter(project, name)
+        if not adapter.final_checkpoint:
+            raise ValueError(
+                f"adapter {adapter.qualified_name} is {adapter.state}: nothing to generate with yet"
+            )
+        key = (adapter.base_model, adapter.quantization, adapter.dtype)
+        if key not in self._servers:  # one base in memory per base model; adapters cached on it
+            from workers.serving import AdapterServer
+
+            self._servers[key] = AdapterServer(
+                adapter.base_model,
+                quantization=adapter.quantization,  # type: ignore[arg-type]
+                dtype=adapter.dtype,
+                home=self.settings.home,  # where a catalogued or GGUF base was converted
+            )  # type: ignore[arg-type]
+        server = self._servers[key]
+        return server.generate([(adapter.final_checkpoint, prompt)], max_new_tokens, raw=raw)[0]
+
+    # ---- tokens ----
+
+    def principal(self, secret: str | None) -> Principal | None:
+        """Who presents `secret` (a bearer token): the admin, a project token's holder, or None (unknown).
+        A service whose settings hold no admin token is open: everyone is admin."""
+        if not self.settings.api_token:
+            return ADMIN
+        if not secret:
+            return None
+        if secrets.compare_digest(secret, self.settings.api_token):
+            return ADMIN
+        token = self.store.find_token(secret)
+        if token is None:
+            return None
+        return Principal(token.role, token.project, token.id)  # type: ignore[arg-type]
+
+    def create_token(
+        self, project: str, role: str = "member", name: str | None = None
+    ) -> tuple[TokenView, str]:
+        """A new project token and its secret, which is shown this once: only its hash is stored."""
+        record, secret = self.store.create_token(project, role, name)
+        return TokenView.of(record), secret
+
+    def tokens(self, project: str | None = None) -> list[TokenView]:
+        return [TokenView.of(t) for t in self.store.list_tokens(project)]
+
+    def revoke_token(self, token_id: str) -> TokenView:
+        return TokenView.of(self.store.revoke_token(token_id))
 
     # ---- views ----
 
@@ -422,6 +525,12 @@ class Service:
             adapter_count=sum(counts.values()),
             adapter_states=counts,
         )
+
+
+def _given(part: T | None, name: str) -> T:
+    if part is None:
+        raise RuntimeError(f"this Service was built without a {name}; a `ControlPlane` builds it with one")
+    return part
 
 
 def _data_now(adapter: AdapterRecord) -> str:

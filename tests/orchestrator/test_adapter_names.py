@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
 from orchestrator.server.app import create_app
-from orchestrator.service.backend import EmbeddedBackend
+from orchestrator.service.plane import ControlPlane
 from orchestrator.settings import Settings
 from orchestrator.store import NewEvent
 from workers import storage
@@ -62,8 +62,8 @@ def data(tmp_path: Path) -> Path:
     return path
 
 
-def backend(api: TestClient) -> EmbeddedBackend:
-    return api.app.state.backend  # type: ignore[attr-defined]
+def plane(api: TestClient) -> ControlPlane:
+    return api.app.state.plane  # type: ignore[attr-defined]
 
 
 def spec(base: Path, data: Path, *names: str, project: str = "default", parent: str | None = None) -> dict:
@@ -79,7 +79,7 @@ def submit(api: TestClient, body: dict, headers: dict[str, str] = HEADERS) -> di
     return answer.json()
 
 
-def walk(b: EmbeddedBackend, adapter_id: str, *states: str, **fields) -> None:
+def walk(b: ControlPlane, adapter_id: str, *states: str, **fields) -> None:
     """Move an adapter through `states` as the controller would (fields set with the last move)."""
     for i, state in enumerate(states):
         b.store.update_adapter(adapter_id, state=state, **(fields if i == len(states) - 1 else {}))
@@ -96,7 +96,7 @@ def test_a_failed_adapter_trains_again_under_its_name_resuming_unless_its_data_w
     """Retry resumes from the newest complete checkpoint when the data is as it was; once the person
     fixed the data file, the old checkpoints (trained on the old rows) are dropped and it starts over."""
     job = submit(api, spec(tiny_base, data, "skill"))
-    b = backend(api)
+    b = plane(api)
     a = b.store.get_adapter("default", "skill")
     assert api.post("/v1/adapters/default/skill/retry", headers=HEADERS).status_code == 409  # queued
 
@@ -137,7 +137,7 @@ def test_a_job_retry_also_starts_over_an_adapter_whose_data_was_fixed(
     api: TestClient, tiny_base: Path, data: Path
 ) -> None:
     job = submit(api, spec(tiny_base, data, "skill"))
-    b = backend(api)
+    b = plane(api)
     a = b.store.get_adapter("default", "skill")
     walk(b, a.id, "training", data_fingerprint=fingerprint(a.data, a.train.seed, a.name), step=3)
     storage.write_bytes(storage.join(ckpt.checkpoint_dir(a.output_dir, 3), ckpt.META), b"{}")
@@ -152,7 +152,7 @@ def test_a_cancelled_adapter_is_retried_but_not_before_a_parent_that_cannot_give
     api: TestClient, tiny_base: Path, data: Path
 ) -> None:
     submit(api, spec(tiny_base, data, "parent", "other"))
-    b = backend(api)
+    b = plane(api)
     parent, other = b.store.get_adapter("default", "parent"), b.store.get_adapter("default", "other")
     b.store.update_adapter(other.id, state="cancelled")
     assert api.post("/v1/adapters/default/other/retry", headers=HEADERS).json()["state"] == "queued"
@@ -171,7 +171,7 @@ def test_delete_frees_the_name_with_its_files_and_run_and_refuses_what_must_stay
     api: TestClient, tiny_base: Path, data: Path, settings: Settings
 ) -> None:
     job = submit(api, spec(tiny_base, data, "skill", "kept"))
-    b = backend(api)
+    b = plane(api)
     a, kept = b.store.get_adapter("default", "skill"), b.store.get_adapter("default", "kept")
     final = storage.join(a.output_dir, ckpt.FINAL_DIR)
     storage.write_bytes(storage.join(final, ckpt.META), b"{}")
@@ -231,7 +231,7 @@ def test_a_delete_that_storage_refuses_leaves_the_adapter_and_its_run_as_they_we
     )
     with TestClient(create_app(settings, start_controller=False)) as api:
         job = submit(api, spec(tiny_base, data, "skill", project="readonly"))
-        b = backend(api)
+        b = plane(api)
         a = b.store.get_adapter("readonly", "skill")
         final = storage.join(a.output_dir, ckpt.FINAL_DIR)
         storage.write_bytes(storage.join(final, ckpt.META), b"{}")
@@ -260,7 +260,7 @@ def test_a_child_of_a_failed_or_cancelled_parent_is_refused_at_submit_with_the_f
 ) -> None:
     """Before: accepted at submit, then failed ('parent ... is failed'), burning the child's name."""
     submit(api, spec(tiny_base, data, "broken", "training"))
-    b = backend(api)
+    b = plane(api)
     b.store.update_adapter(b.store.get_adapter("default", "broken").id, state="failed")
     refused = api.post("/v1/jobs", json=spec(tiny_base, data, "child", parent="broken"), headers=HEADERS)
     assert refused.status_code == 422, refused.text
@@ -311,7 +311,7 @@ def test_a_name_looked_up_in_the_wrong_project_says_where_it_is_but_never_a_hidd
         hidden = api.request(method, path, headers=research)
         assert hidden.status_code == 404 and "secret" in hidden.json()["detail"]["message"]
         assert "exists in" in hidden.text and "project(s) research" in hidden.text
-    assert backend(api).store.get_adapter("secret", "shared").state == "queued"
+    assert plane(api).store.get_adapter("secret", "shared").state == "queued"
     missing = api.get("/v1/adapters/default/nowhere", headers=HEADERS)
     assert missing.status_code == 404 and message(missing) == "adapter default/nowhere not found"
 
@@ -354,10 +354,10 @@ def test_the_cli_at_80_columns_keeps_ids_and_states_whole_and_retries_and_delete
         while not server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.1)
-        b: EmbeddedBackend = server.config.app.state.backend
+        b: ControlPlane = server.config.app.state.plane
         body = spec(tiny_base, data, "a-rather-long-adapter-name-for-a-table", project="a-long-project-name")
         body["name"] = "a-job-name-long-enough-to-crowd-an-80-column-terminal"
-        job = b.submit(body, None)
+        job = b.service.submit(body, None)
         (adapter,) = job.adapters
         b.store.update_adapter(adapter.id, state="cancelled")
         b.store.set_job_state(job.id, "cancelled")

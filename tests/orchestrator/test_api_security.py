@@ -285,7 +285,7 @@ def test_a_parent_in_a_project_the_token_cannot_read_is_missing(
 def test_a_lineage_tree_across_projects_keeps_the_target_and_hides_the_rest() -> None:
     """alice/a -> bob/b -> alice/c -> bob/d: bob asking for bob/d once got bob/b with its child alice/c
     pruned, and bob/d gone with it."""
-    from orchestrator.server.app import _visible_tree
+    from orchestrator.server.routes.lineage import visible_tree
     from orchestrator.service.auth import Principal
     from orchestrator.spec.views import LineageNode
 
@@ -295,11 +295,11 @@ def test_a_lineage_tree_across_projects_keeps_the_target_and_hides_the_rest() ->
     d = node("bob/d", "alice/c", node("bob/e", "bob/d"), node("alice/f", "bob/d"))
     tree = node("alice/a", None, node("bob/b", "alice/a", node("alice/c", "bob/b", d)))
     bob = Principal("reader", "bob")
-    shown = _visible_tree(tree, bob, "bob/d")
+    shown = visible_tree(tree, bob, "bob/d")
     assert (shown.name, shown.parent, [c.name for c in shown.children]) == ("bob/d", None, ["bob/e"])
-    upper = _visible_tree(tree, bob, "bob/b")
+    upper = visible_tree(tree, bob, "bob/b")
     assert (upper.name, upper.parent, upper.children) == ("bob/b", None, [])
-    assert _visible_tree(tree, Principal("admin"), "bob/d") == tree
+    assert visible_tree(tree, Principal("admin"), "bob/d") == tree
 
 
 def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
@@ -323,7 +323,7 @@ def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
         (checkpoint / "adapter_config.json").write_text("{}")
         (checkpoint / "adapter_model.safetensors").write_bytes(os.urandom(2**20))
         (checkpoint / "lorafleet.json").write_text("{}")
-        store = api.app.state.backend.store
+        store = api.app.state.plane.store
         adapter = store.get_adapter("p", "a")
         store.update_adapter(adapter.id, state="training")
         store.update_adapter(adapter.id, state="trained", final_checkpoint=str(checkpoint))
@@ -366,7 +366,7 @@ def test_retry_requeues_a_failed_jobs_failed_adapters_once(
     job = api.post(
         "/v1/jobs", json=spec("p", tiny_base, roots["data"] / "a.jsonl"), headers=auth(ADMIN)
     ).json()
-    store = api.app.state.backend.store
+    store = api.app.state.plane.store
     adapter = store.get_adapter("p", "a")
     store.update_adapter(adapter.id, state="failed", error="storage is full (ENOSPC)")
     store.set_job_state(job["id"], "failed", error="a: storage is full (ENOSPC)")

@@ -133,8 +133,8 @@ def test_the_client_pages_through_a_job_bigger_than_its_view(tmp_path: Path, dat
     settings = Settings(home=tmp_path / "api", job_view_adapters=3)
     with TestClient(create_app(settings, start_controller=False)) as http:
         client = Client("http://testserver")
-        client._backend._http.close()
-        client._backend._http = http  # the real app, in process
+        client._http.close()
+        client._http = http  # the real app, in process
         job = client.submit(job_spec("wide", 30, data))
         assert len(job.view.adapters) == 3 and job.view.adapter_count == 30
         names = [f"wide-{i}" for i in range(30)]

@@ -5,7 +5,7 @@ the API must say 503 (JSON, `Retry-After`) meanwhile, to admin and project token
 
 The controller is ticked by the test (not by its thread), so the outage covers exactly what it should:
 events drained and a pack reaped while the database is down. The API is a real uvicorn server on the same
-backend; Ray is the shared local one.
+plane; Ray is the shared local one.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from orchestrator.client.client import Client
 from orchestrator.control.controller import Controller
 from orchestrator.control.packrun import EventLog
 from orchestrator.server.app import create_app
-from orchestrator.service.backend import EmbeddedBackend
+from orchestrator.service.plane import ControlPlane
 from orchestrator.settings import Settings
 from orchestrator.store import DatabaseUnavailable
 from tests.orchestrator.conftest import OwnPostgres
@@ -74,8 +74,8 @@ def _is_down(cluster: OwnPostgres) -> bool:
 
 
 @pytest.fixture
-def served(tmp_path: Path, outage_db: str) -> Iterator[tuple[str, EmbeddedBackend]]:
-    """A real HTTP server (uvicorn, in a thread) over a backend on the outage database; its controller is
+def served(tmp_path: Path, outage_db: str) -> Iterator[tuple[str, ControlPlane]]:
+    """A real HTTP server (uvicorn, in a thread) over a plane on the outage database; its controller is
     not started: the test ticks it."""
     settings = Settings(home=tmp_path / "home", db_url=outage_db, api_token=ADMIN, tick_seconds=0.2)
     with socket.socket() as sock:
@@ -88,7 +88,7 @@ def served(tmp_path: Path, outage_db: str) -> Iterator[tuple[str, EmbeddedBacken
     url = f"http://127.0.0.1:{port}"
     _wait_until(lambda: server.started)
     try:
-        yield url, app.state.backend
+        yield url, app.state.plane
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -115,19 +115,19 @@ def _spec(base: Path, data: Path) -> dict:
 
 
 def test_database_restart_mid_job_loses_nothing_settles_the_job_and_answers_503(
-    tiny_base: Path, tmp_path: Path, own_postgres: OwnPostgres, served: tuple[str, EmbeddedBackend]
+    tiny_base: Path, tmp_path: Path, own_postgres: OwnPostgres, served: tuple[str, ControlPlane]
 ) -> None:
-    url, backend = served
-    controller = backend.controller
+    url, plane = served
+    controller = plane.controller
     data = tmp_path / "counting.jsonl"
     write_skill_data(data, "counting", 40)
     with Client(url, ADMIN) as client:
         job = client.submit(_spec(tiny_base, data))
         reader = client.create_token("default", "reader")["token"]
-    adapter_id = backend.store.list_adapters(job_id=job.id)[0].id
-    _wait_until(lambda: backend.store.get_adapter_by_id(adapter_id).step >= 2, tick=controller)
-    (pack,) = backend.store.list_packs()
-    durable = EventLog(backend.settings.storage_root, pack.id)
+    adapter_id = plane.store.list_adapters(job_id=job.id)[0].id
+    _wait_until(lambda: plane.store.get_adapter_by_id(adapter_id).step >= 2, tick=controller)
+    (pack,) = plane.store.list_packs()
+    durable = EventLog(plane.settings.storage_root, pack.id)
 
     env = {**os.environ, "LORAFLEET_HOME": str(tmp_path / "cli-home"), "LORAFLEET_TOKEN": reader}
     status_wait = [
@@ -142,7 +142,7 @@ def test_database_restart_mid_job_loses_nothing_settles_the_job_and_answers_503(
         url,
     ]
     waiting: subprocess.Popen | None = None
-    assert backend.tracker.sync() > 0  # MLflow's mirror has the job's start; its cursor is mid-job
+    assert plane.tracker.sync() > 0  # MLflow's mirror has the job's start; its cursor is mid-job
     own_postgres.stop()  # the outage begins mid-job
     try:
         for token in (ADMIN, reader):  # a project token is looked up in SQL before any route runs
@@ -156,7 +156,7 @@ def test_database_restart_mid_job_loses_nothing_settles_the_job_and_answers_503(
         assert any(e.kind == "done" for e in durable.read())
         assert waiting.poll() is None, waiting.communicate()  # still waiting, not failed
         own_postgres.start()
-        _wait_until(lambda: backend.job(job.id).done, timeout=120, tick=controller)
+        _wait_until(lambda: plane.service.job(job.id).done, timeout=120, tick=controller)
         stdout, stderr = waiting.communicate(timeout=300)
     finally:
         if _is_down(own_postgres):
@@ -167,21 +167,21 @@ def test_database_restart_mid_job_loses_nothing_settles_the_job_and_answers_503(
     assert waiting.returncode == 0, stderr
     assert json.loads(stdout)["state"] == "succeeded" and "database is unreachable" in stderr
 
-    view = backend.job(job.id)
+    view = plane.service.job(job.id)
     assert view.state == "succeeded" and view.adapters[0].step == STEPS, view
-    assert [p.state for p in backend.store.list_packs()] == ["succeeded"]
+    assert [p.state for p in plane.store.list_packs()] == ["succeeded"]
     # Everything the engine reported (steps, checkpoints, done) is in SQL, once, in the engine's order.
     reported = [e.id for e in durable.read()]
     assert {"step", "checkpoint", "done"} <= {e.kind for e in durable.read()}
-    events = backend.store.list_events(job.id, limit=10_000)
+    events = plane.store.list_events(job.id, limit=10_000)
     recorded = [e.payload.get("id") for e in events]
     assert [i for i in recorded if i in set(reported)] == reported
     assert [e.step for e in events if e.kind == "step"] == list(range(1, STEPS + 1))
-    checkpoints = [(c.step, c.path, c.final) for c in backend.store.list_checkpoints(adapter_id)]
+    checkpoints = [(c.step, c.path, c.final) for c in plane.store.list_checkpoints(adapter_id)]
     assert len(checkpoints) == len(set(checkpoints)) and checkpoints[-1][0] == STEPS, checkpoints
     # The MLflow mirror follows SQL's event log by cursor: what was written late reaches it too.
-    backend.tracker.sync()
-    mlflow = MlflowClient(str(backend.settings.mlflow_uri))
+    plane.tracker.sync()
+    mlflow = MlflowClient(str(plane.settings.mlflow_uri))
     (run,) = mlflow.search_runs(
         [mlflow.get_experiment_by_name("lorafleet/default").experiment_id], "tags.`lorafleet.adapter` != ''"
     )

@@ -20,7 +20,7 @@ from orchestrator import Client
 from orchestrator.control.controller import Controller
 from orchestrator.scheduling import scheduler as sched
 from orchestrator.server.local import stop_service
-from orchestrator.service.backend import EmbeddedBackend
+from orchestrator.service.plane import ControlPlane
 from orchestrator.settings import Settings
 from orchestrator.spec.job import JobSpec, SpecError
 from workers.training.checkpoint import read_adapter
@@ -163,8 +163,8 @@ def _assert_mirrored_in_mlflow(settings: Settings, view) -> None:
 
 
 def test_two_jobs_share_one_pack(tiny_base: Path, data_dir: Path, settings: Settings) -> None:
-    backend = EmbeddedBackend(settings=settings)
-    first = backend.service.submit(
+    plane = ControlPlane(settings=settings)
+    first = plane.service.submit(
         JobSpec.parse(
             _spec(
                 tiny_base,
@@ -174,7 +174,7 @@ def test_two_jobs_share_one_pack(tiny_base: Path, data_dir: Path, settings: Sett
             )
         )
     )
-    second = backend.service.submit(
+    second = plane.service.submit(
         JobSpec.parse(
             _spec(
                 tiny_base,
@@ -184,17 +184,17 @@ def test_two_jobs_share_one_pack(tiny_base: Path, data_dir: Path, settings: Sett
             )
         )
     )
-    backend.ensure_running()
+    plane.start()
     try:
-        _wait_until(lambda: all(backend.job(j.id).done for j in (first, second)), timeout=300)
-        assert {backend.job(j.id).state for j in (first, second)} == {"succeeded"}
-        _wait_until(lambda: all(p.state != "running" for p in backend.store.list_packs()))  # the fit returns
-        packs = backend.store.list_packs()
+        _wait_until(lambda: all(plane.service.job(j.id).done for j in (first, second)), timeout=300)
+        assert {plane.service.job(j.id).state for j in (first, second)} == {"succeeded"}
+        _wait_until(lambda: all(p.state != "running" for p in plane.store.list_packs()))  # the fit returns
+        packs = plane.store.list_packs()
         assert len(packs) == 1 and packs[0].state == "succeeded"
-        members = {m.adapter_id for m in backend.store.list_pack_members(packs[0].id)}
+        members = {m.adapter_id for m in plane.store.list_pack_members(packs[0].id)}
         assert members == {first.adapters[0].id, second.adapters[0].id}
     finally:
-        backend.close()
+        plane.stop()
 
 
 def test_cancel_stops_a_running_job(tiny_base: Path, data_dir: Path, settings: Settings) -> None:
@@ -211,34 +211,34 @@ def test_cancel_stops_a_running_job(tiny_base: Path, data_dir: Path, settings: S
 def test_controller_restart_mid_job_resumes_from_checkpoints(
     tiny_base: Path, data_dir: Path, settings: Settings
 ) -> None:
-    backend = EmbeddedBackend(settings=settings)
-    job = backend.submit(JobSpec.parse(_restart_spec(tiny_base, data_dir)), None)
-    backend.ensure_running()
+    plane = ControlPlane(settings=settings)
+    job = plane.service.submit(JobSpec.parse(_restart_spec(tiny_base, data_dir)), None)
+    plane.start()
     try:
-        _wait_until(lambda: backend.store.latest_checkpoint(job.adapters[0].id) is not None, timeout=180)
-        backend.controller.stop(abandon_running=True)  # the controller dies; SQL still says "running"
-        checkpointed = backend.store.latest_checkpoint(job.adapters[0].id).step
-        assert backend.job(job.id).state == "running"
-        restarted = Controller(settings, backend.store)
+        _wait_until(lambda: plane.store.latest_checkpoint(job.adapters[0].id) is not None, timeout=180)
+        plane.controller.stop(abandon_running=True)  # the controller dies; SQL still says "running"
+        checkpointed = plane.store.latest_checkpoint(job.adapters[0].id).step
+        assert plane.service.job(job.id).state == "running"
+        restarted = Controller(settings, plane.store)
         restarted.start()
         try:
-            _wait_until(lambda: backend.job(job.id).done, timeout=300)
-            _wait_until(lambda: all(p.state != "running" for p in backend.store.list_packs()))
+            _wait_until(lambda: plane.service.job(job.id).done, timeout=300)
+            _wait_until(lambda: all(p.state != "running" for p in plane.store.list_packs()))
         finally:
             restarted.stop()
-        view = backend.job(job.id)
+        view = plane.service.job(job.id)
         assert view.state == "succeeded" and view.adapters[0].step == RESTART_STEPS
-        steps = [e.step for e in backend.service.events(job.id) if e.kind == "step"]
+        steps = [e.step for e in plane.service.events(job.id) if e.kind == "step"]
         # Events posted to the dead controller after its last recorded checkpoint are gone with it.
         assert max(steps) == RESTART_STEPS and set(range(1, checkpointed + 1)) <= set(steps), checkpointed
         # Resumed from the checkpoint, not from scratch: the steps it covered were not trained again.
         assert all(steps.count(s) == 1 for s in range(1, checkpointed + 1)), (checkpointed, steps)
-        assert sorted((p.state, p.error) for p in backend.store.list_packs()) == [
+        assert sorted((p.state, p.error) for p in plane.store.list_packs()) == [
             ("failed", "controller restarted"),
             ("succeeded", None),
         ]
     finally:
-        backend.close()
+        plane.stop()
 
 
 RETRY_STEPS = 100  # the cancel lands a few steps after the first checkpoint, well before the end
@@ -252,33 +252,33 @@ def test_a_cancelled_adapter_retried_by_name_resumes_from_its_newest_checkpoint(
     success. Before: its name was taken for good, with no retry and no delete."""
     from workers.training import checkpoint as ckpt
 
-    backend = EmbeddedBackend(settings=settings)
+    plane = ControlPlane(settings=settings)
     spec = _restart_spec(tiny_base, data_dir)
     spec["train"] |= {"steps": RETRY_STEPS}
-    job = backend.submit(JobSpec.parse(spec), None)
+    job = plane.service.submit(JobSpec.parse(spec), None)
     adapter_id = job.adapters[0].id
-    backend.ensure_running()
+    plane.start()
     try:
-        _wait_until(lambda: backend.store.latest_checkpoint(adapter_id) is not None, timeout=180)
-        backend.cancel(job.id)
-        _wait_until(lambda: backend.job(job.id).done, timeout=120)
-        assert backend.job(job.id).state == "cancelled"
-        cancelled = backend.store.get_adapter_by_id(adapter_id)
+        _wait_until(lambda: plane.store.latest_checkpoint(adapter_id) is not None, timeout=180)
+        plane.service.cancel(job.id)
+        _wait_until(lambda: plane.service.job(job.id).done, timeout=120)
+        assert plane.service.job(job.id).state == "cancelled"
+        cancelled = plane.store.get_adapter_by_id(adapter_id)
         assert cancelled.state == "cancelled" and cancelled.step < RETRY_STEPS
         resumed_from = ckpt.stored_steps(cancelled.output_dir)[-1][0]
 
-        assert backend.retry_adapter("default", "counting").state == "queued"
-        assert backend.job(job.id).state == "running"
-        _wait_until(lambda: backend.job(job.id).done, timeout=300)
-        view = backend.job(job.id)
+        assert plane.service.retry_adapter("default", "counting").state == "queued"
+        assert plane.service.job(job.id).state == "running"
+        _wait_until(lambda: plane.service.job(job.id).done, timeout=300)
+        view = plane.service.job(job.id)
         assert view.state == "succeeded" and view.adapters[0].step == RETRY_STEPS, view
-        events = backend.service.events(job.id)
+        events = plane.service.events(job.id)
         steps = [e.step for e in events if e.kind == "step"]
         assert all(steps.count(s) == 1 for s in range(1, resumed_from + 1)), (resumed_from, steps)
         starts = [(e.step, e.payload["resumed"]) for e in events if e.kind == "start"]
         assert starts == [(0, False), (resumed_from, True)], starts
     finally:
-        backend.close()
+        plane.stop()
 
 
 def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -288,27 +288,27 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
     time slice (checkpointed at the step it left, back to the queue), the small job finishes while the
     big project still trains, and the yielded adapter resumes at the very step it left: nothing redone."""
     settings = Settings(home=tmp_path / "home", tick_seconds=0.2, yield_after_seconds=8)
-    backend = EmbeddedBackend(settings=settings)
+    plane = ControlPlane(settings=settings)
 
     def job(project: str, name: str, steps: int):
         adapters = [{"name": name, "data": {"path": str(data_dir / "counting.jsonl")}}]
         spec = _spec(tiny_base, data_dir, name, steps, project=project, adapters=adapters)
         spec["resources"] = {"cpus_per_worker": 1, "max_adapters_per_worker": 1}
         spec["train"]["checkpoint_every"] = 1_000_000  # only the yield writes a checkpoint
-        return backend.service.submit(JobSpec.parse(spec))
+        return plane.service.submit(JobSpec.parse(spec))
 
     def events(job_id: str) -> list:
         found: list = []
-        while page := backend.service.events(job_id, after_id=found[-1].id if found else 0):
+        while page := plane.service.events(job_id, after_id=found[-1].id if found else 0):
             found += page
         return found
 
     endless = {name: job("big", name, 1_000_000) for name in ("endless-a", "endless-b")}
-    backend.ensure_running()
+    plane.start()
     try:
 
         def adapters() -> list:
-            return [backend.job(j.id).adapters[0] for j in endless.values()]
+            return [plane.service.job(j.id).adapters[0] for j in endless.values()]
 
         # both packs launched (no free worker left), and one of them trains
         _wait_until(
@@ -316,10 +316,10 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
             timeout=300,
         )
         small = job("small", "quick", 10)
-        _wait_until(lambda: backend.job(small.id).adapters[0].waiting == sched.WAITING_FOR_WORKER, 60)
-        _wait_until(lambda: backend.job(small.id).done, timeout=300)
-        assert backend.job(small.id).state == "succeeded"
-        assert {backend.job(j.id).state for j in endless.values()} == {"running"}
+        _wait_until(lambda: plane.service.job(small.id).adapters[0].waiting == sched.WAITING_FOR_WORKER, 60)
+        _wait_until(lambda: plane.service.job(small.id).done, timeout=300)
+        assert plane.service.job(small.id).state == "succeeded"
+        assert {plane.service.job(j.id).state for j in endless.values()} == {"running"}
 
         yielded = [
             e
@@ -329,7 +329,7 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
         ]
         left = min(yielded, key=lambda e: e.id)
         other = next(j for name, j in endless.items() if name != left.adapter)
-        backend.cancel(other.id)  # its worker, too, is free now: the yielded adapter gets one
+        plane.service.cancel(other.id)  # its worker, too, is free now: the yielded adapter gets one
 
         def resumed() -> list:
             starts = [e for e in events(endless[left.adapter].id) if e.kind == "start"]
@@ -337,13 +337,13 @@ def test_one_project_cannot_hold_every_worker(tiny_base: Path, data_dir: Path, t
 
         _wait_until(lambda: resumed(), timeout=300)
         assert resumed()[0].step == left.step  # it starts again exactly where it left
-        backend.cancel(endless[left.adapter].id)
-        _wait_until(lambda: all(backend.job(j.id).done for j in endless.values()), timeout=120)
+        plane.service.cancel(endless[left.adapter].id)
+        _wait_until(lambda: all(plane.service.job(j.id).done for j in endless.values()), timeout=120)
         for name, j in endless.items():
             steps = [e.step for e in events(j.id) if e.kind == "step"]
             assert steps == list(range(1, len(steps) + 1)), f"{name}: a step was redone or skipped"
     finally:
-        backend.close()
+        plane.stop()
 
 
 RESTART_STEPS = 300  # long enough that the controller dies mid-job however fast the tiny base trains
@@ -509,30 +509,30 @@ def test_storage_full_fails_with_the_cause_first_and_retry_resumes_from_the_newe
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_storage)], check=True)
     settings = Settings(home=tmp_path / "home", storage=str(small_storage), tick_seconds=0.2)
-    backend = EmbeddedBackend(settings=settings)
+    plane = ControlPlane(settings=settings)
     spec = _restart_spec(tiny_base, data_dir)
     spec["resources"] = {"max_failures": 0}
-    job = backend.submit(JobSpec.parse(spec), None)
+    job = plane.service.submit(JobSpec.parse(spec), None)
     adapter_id = job.adapters[0].id
-    backend.ensure_running()
+    plane.start()
     try:
-        _wait_until(lambda: backend.store.latest_checkpoint(adapter_id) is not None, timeout=180)
+        _wait_until(lambda: plane.store.latest_checkpoint(adapter_id) is not None, timeout=180)
         filler = _fill(small_storage)
-        _wait_until(lambda: backend.job(job.id).done, timeout=120)
-        failed = backend.store.get_adapter_by_id(adapter_id)
+        _wait_until(lambda: plane.service.job(job.id).done, timeout=120)
+        failed = plane.store.get_adapter_by_id(adapter_id)
         assert failed.state == "failed", failed
         first = failed.error.splitlines()[0]
         assert first.startswith("storage is full (ENOSPC") and "\x1b" not in failed.error, failed.error
         newest = ckpt.latest_checkpoint(failed.output_dir)
-        assert newest is not None and backend.store.latest_checkpoint(adapter_id).path == newest
-        resumed_from = backend.store.latest_checkpoint(adapter_id).step
+        assert newest is not None and plane.store.latest_checkpoint(adapter_id).path == newest
+        resumed_from = plane.store.latest_checkpoint(adapter_id).step
 
         filler.unlink()  # the operator frees space, then retries
-        assert backend.retry(job.id).state == "running"
-        _wait_until(lambda: backend.job(job.id).done, timeout=300)
-        view = backend.job(job.id)
+        assert plane.service.retry(job.id).state == "running"
+        _wait_until(lambda: plane.service.job(job.id).done, timeout=300)
+        view = plane.service.job(job.id)
         assert view.state == "succeeded" and view.adapters[0].step == RESTART_STEPS
-        steps = [e.step for e in backend.service.events(job.id) if e.kind == "step"]
+        steps = [e.step for e in plane.service.events(job.id) if e.kind == "step"]
         assert all(steps.count(s) == 1 for s in range(1, resumed_from + 1)), (resumed_from, steps)
     finally:
-        backend.close()
+        plane.stop()

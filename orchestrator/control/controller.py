@@ -44,6 +44,7 @@ from workers.contract.plan import (
     AdapterDone,
     AdapterTask,
     Event,
+    Outcome,
     PackPlan,
     StartEvent,
     StepEvent,
@@ -119,9 +120,11 @@ class ExitedPack:
 
 def _done_event(adapter: AdapterRecord) -> NewEvent:
     """The `done` event of an adapter the controller settled (failed before or outside its pack, or
-    cancelled while queued): the event log, its watchers and the MLflow mirror learn it like any other."""
+    cancelled while queued): the event log, its watchers and the MLflow mirror learn it like any other,
+    in the engine's words (the controller settles an adapter only as failed or cancelled)."""
+    status = {AdapterState.FAILED: Outcome.FAILED, AdapterState.CANCELLED: Outcome.CANCELLED}[adapter.state]
     done = AdapterDone(
-        pack_id="", adapter=adapter.name, step=adapter.step, status=adapter.state, error=adapter.error
+        pack_id="", adapter=adapter.name, step=adapter.step, status=status, error=adapter.error
     )
     return NewEvent(adapter.job_id, "done", adapter.id, adapter.step, done.model_dump(mode="json"))
 

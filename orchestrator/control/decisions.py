@@ -25,10 +25,19 @@ from orchestrator.spec.states import (
     ADAPTER_TRAINED,
     AdapterState,
     JobState,
+    adapter_state_after,
     job_state_from_adapters,
 )
 from orchestrator.store import AdapterChange, AdapterRecord
-from workers.contract.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
+from workers.contract.plan import (
+    AdapterDone,
+    CheckpointEvent,
+    EvalEvent,
+    Event,
+    Outcome,
+    StartEvent,
+    StepEvent,
+)
 from workers.storage import FULL_ERRNOS, READ_ONLY_ERRNOS, describe_fault
 
 _A = AdapterState
@@ -183,10 +192,9 @@ def on_done(adapter: AdapterRecord, done: AdapterDone, cancelling: bool = False)
     adapter would train again although its job was cancelled."""
     if adapter.state in ADAPTER_FINISHED:
         return None  # already settled (e.g. cancelled by the user before the pack noticed)
-    if done.status == "yielded" and cancelling:
-        return AdapterChange(adapter.id, _A.CANCELLED, {"step": done.step}, announce=True)
-    if done.status == "yielded":
-        return AdapterChange(adapter.id, _A.QUEUED, {"step": done.step})
+    state = adapter_state_after(done.status, cancelling)
+    if done.status == Outcome.YIELDED:  # announced if a cancel crossed it: the engine said `yielded`
+        return AdapterChange(adapter.id, state, {"step": done.step}, announce=state == _A.CANCELLED)
     fields: dict[str, Any] = {"step": done.step, "error": failure_reason(done.error) if done.error else None}
     if done.final_dir is not None:
         fields["final_checkpoint"] = str(done.final_dir)
@@ -195,7 +203,6 @@ def on_done(adapter: AdapterRecord, done: AdapterDone, cancelling: bool = False)
     metrics = {}
     if done.baseline_eval_loss is not None:  # the parent on this adapter's eval data, for the gate
         metrics["parent_eval_loss"] = (done.baseline_eval_loss, done.step)
-    state = {"trained": _A.TRAINED, "failed": _A.FAILED, "cancelled": _A.CANCELLED}[done.status]
     return AdapterChange(adapter.id, state, fields, metrics=metrics)
 
 

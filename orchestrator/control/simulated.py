@@ -32,6 +32,7 @@ from workers.contract.plan import (
     CheckpointEvent,
     EvalEvent,
     Event,
+    Outcome,
     PackPlan,
     StartEvent,
     StepEvent,
@@ -166,7 +167,9 @@ class SimulatedPacks:
         for name, member in list(pack.members.items()):
             task = member.task
             if name in pack.cancelled:
-                events.append(AdapterDone(pack_id=pid, adapter=name, step=member.step, status="cancelled"))
+                events.append(
+                    AdapterDone(pack_id=pid, adapter=name, step=member.step, status=Outcome.CANCELLED)
+                )
                 del pack.members[name]
                 continue
             if not member.started:
@@ -184,7 +187,9 @@ class SimulatedPacks:
                 )
             if name in pack.yields:
                 events += self._checkpoint(pack, member)
-                events.append(AdapterDone(pack_id=pid, adapter=name, step=member.step, status="yielded"))
+                events.append(
+                    AdapterDone(pack_id=pid, adapter=name, step=member.step, status=Outcome.YIELDED)
+                )
                 del pack.members[name]
                 continue
             for _ in range(self.steps_per_drain):
@@ -242,7 +247,7 @@ class SimulatedPacks:
                 pack_id=pid,
                 adapter=task.name,
                 step=step,
-                status="trained",
+                status=Outcome.TRAINED,
                 final_dir=final_dir,
                 eval_loss=evaluation.eval_loss,
             ),

@@ -106,6 +106,8 @@ ADAPTER_FINISHED = ADAPTER_TRAINED | ADAPTER_TERMINAL
 """Not queued or training any more."""
 ADAPTER_ACTIVE = frozenset({_A.QUEUED, _A.TRAINING})
 """Waiting for or holding a place in a pack."""
+ADAPTER_AWAITING_GATE = frozenset({_A.TRAINED, _A.EVALUATED})
+"""Trained, with no promotion decision yet: a job that auto-promotes is not done while one is."""
 
 
 class InvalidTransition(ValueError):
@@ -136,7 +138,7 @@ def check_transition(kind: Kind | str, from_state: str, to_state: str, entity: s
         raise InvalidTransition(kind, from_state, to_state, entity)
 
 
-def job_state_from_adapters(states: Iterable[str]) -> JobState:
+def job_state_from_adapters(states: Iterable[AdapterState]) -> JobState:
     """What a job's state is, given its adapters' states.
 
     - any adapter still queued or training: `pending` if all are queued, else `running`

@@ -28,7 +28,7 @@ from orchestrator.lineage.tree import lineage_path
 from orchestrator.spec.job import ScoreOrder
 from orchestrator.spec.states import ADAPTER_FINISHED, JOB_TERMINAL, JobState, adapter_state_after
 from orchestrator.spec.views import scores
-from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
+from orchestrator.store import AdapterChange, AdapterRecord, EventRecord, JobRecord, Store
 from orchestrator.tracking.status import run_status
 from workers import storage
 from workers.contract.plan import Outcome
@@ -389,7 +389,7 @@ class Tracker:
             "parent_checkpoint": adapter.parent_checkpoint or "",
         }
         self._log_params(run.info.run_id, params)
-        self.store.update_adapter(adapter.id, mlflow_run_id=run.info.run_id)
+        self.store.update_adapter(AdapterChange(adapter.id, mlflow_run_id=run.info.run_id))
         self._new_runs.add(run.info.run_id)
         return run.info.run_id
 
@@ -432,7 +432,7 @@ class Tracker:
     def _close_finished_jobs(self) -> None:
         jobs = [
             job
-            for job in self.store.list_jobs(states=sorted(JOB_TERMINAL))
+            for job in self.store.list_jobs(states=JOB_TERMINAL)
             if job.mlflow_run_id and job.id not in self._closed_jobs
         ]
         counts = self.store.adapter_counts([job.id for job in jobs])  # one query, not a job's adapters each
@@ -444,7 +444,7 @@ class Tracker:
                     self.client.log_batch(job.mlflow_run_id, tags=[_table_tag(SUMMARY_ARTIFACT)])
                     self.client.set_terminated(
                         job.mlflow_run_id,
-                        status=run_status(JobState(job.state)),
+                        status=run_status(job.state),
                         end_time=int(job.updated_at.timestamp() * 1000),
                     )
                 self._closed_jobs.add(job.id)

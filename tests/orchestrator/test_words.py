@@ -1,18 +1,29 @@
 """One word per concept: the engine's outcome becomes an adapter's state in one place, a state becomes
-MLflow's run status in one place, and every outcome and state has its answer. Pure: no SQL, Ray or MLflow
-server."""
+MLflow's run status in one place, and every outcome and state has its answer (pure: no SQL, Ray or MLflow
+server); records, views and the API hold the lifecycle's enums while SQL and JSON keep the same words."""
 
 from __future__ import annotations
 
-import pytest
-from mlflow.entities import RunStatus
+import json
+from pathlib import Path
 
+import pytest
+from fastapi.testclient import TestClient
+from mlflow.entities import RunStatus
+from sqlalchemy import select
+
+from orchestrator.server.app import create_app
+from orchestrator.settings import Settings
 from orchestrator.spec.states import (
     ADAPTER_TRANSITIONS,
     AdapterState,
     JobState,
+    PackState,
     adapter_state_after,
 )
+from orchestrator.spec.views import JobView
+from orchestrator.store import AdapterChange, NewAdapter, Store
+from orchestrator.store.models import AdapterRow, JobRow
 from orchestrator.tracking.status import run_status
 from workers.contract.plan import AdapterDone, Outcome
 
@@ -87,3 +98,70 @@ def test_a_plain_string_is_not_a_state_to_map() -> None:
     """`failed` names both an adapter's and a job's state: the mapping takes only the enums."""
     with pytest.raises(TypeError, match="AdapterState or a JobState"):
         run_status("failed")  # type: ignore[arg-type]
+
+
+# ---- records, views and the API hold the enums; SQL and JSON hold the same strings as ever ----
+
+
+def test_records_hold_the_lifecycle_enums(store: Store) -> None:
+    job, (adapter,), _ = store.create_job(
+        "p", "j", {}, [NewAdapter(name="a", base_model="tiny", data={"path": "a.jsonl"})]
+    )
+    assert type(job.state) is JobState and job.state is J.PENDING
+    assert type(adapter.state) is AdapterState and adapter.state is A.QUEUED
+    pack = store.create_pack("pk", base_model="tiny")
+    assert type(pack.state) is PackState and pack.state is PackState.RUNNING
+    store.add_pack_member(pack.id, adapter.id)
+    trained = store.update_adapter(
+        AdapterChange(adapter.id, "training")
+    )  # a plain string is read as its enum
+    assert trained.state is A.TRAINING
+    store.update_adapter(AdapterChange(adapter.id, A.TRAINED, final_checkpoint="/f"))
+    (member,) = store.list_pack_members(pack_id=pack.id)
+    assert member.outcome == "trained"
+    decision = store.record_registry_decision(adapter.id, A.REJECTED, reason="below the gate")
+    assert type(decision.decision) is AdapterState and decision.decision is A.REJECTED
+    assert store.get_adapter_by_id(adapter.id).state is A.REJECTED
+    assert store.adapter_states([adapter.id]) == {adapter.id: A.REJECTED}
+    assert all(type(s) is AdapterState for s in store.adapter_counts([job.id])[job.id])
+    assert store.job_states([J.PENDING]) == {job.id: J.PENDING}
+    with store.engine.connect() as c:  # the column holds the word, not the enum's name
+        assert c.scalar(select(AdapterRow.state).where(AdapterRow.id == adapter.id)) == "rejected"
+        assert c.scalar(select(JobRow.state).where(JobRow.id == job.id)) == "pending"
+
+
+def test_a_change_sets_only_the_fields_it_names() -> None:
+    change = AdapterChange("a", A.FAILED, error="boom", step=3)
+    assert change.fields == {"step": 3, "error": "boom"}
+    assert AdapterChange("a", error=None).fields == {"error": None}  # None clears; unset keeps
+    assert repr(change) == "AdapterChange('a', state=<AdapterState.FAILED: 'failed'>, step=3, error='boom')"
+    with pytest.raises(ValueError, match="'finished' is not a valid AdapterState"):
+        AdapterChange("a", "finished")  # type: ignore[arg-type]
+
+
+def test_the_api_json_keeps_the_words_and_views_hold_the_enums(tmp_path: Path, tiny_base: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    settings = Settings(
+        home=tmp_path / "home", api_token="admin", data_roots=str(data), model_roots=str(tiny_base.parent)
+    )
+    settings.home.mkdir()
+    headers = {"Authorization": "Bearer admin"}
+    spec = {
+        "name": "job",
+        "project": "p",
+        "base_model": str(tiny_base),
+        "adapters": [{"name": "a", "data": {"path": str(data / "a.jsonl")}}],
+    }
+    with TestClient(create_app(settings, start_controller=False)) as api:
+        made = api.post("/v1/jobs", json=spec, headers=headers)
+        assert made.status_code == 201, made.text
+        shown = api.get(f"/v1/jobs/{made.json()['id']}", headers=headers).json()
+    assert shown["state"] == "pending"
+    assert [a["state"] for a in shown["adapters"]] == ["queued"]
+    assert shown["adapter_states"] == {"queued": 1}
+    view = JobView.model_validate(shown)  # what the remote client makes of it
+    assert type(view.state) is JobState and type(view.adapters[0].state) is AdapterState
+    assert [type(s) for s in view.adapter_states] == [AdapterState]
+    assert view.model_dump(mode="json") == shown  # and back: the same JSON

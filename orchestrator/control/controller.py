@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
@@ -32,7 +32,7 @@ import ray
 from orchestrator.control import decisions
 from orchestrator.control.decisions import AdapterChange
 from orchestrator.control.packrun import EVENTS, EventLog, RayPacks
-from orchestrator.control.runtime import ClusterView, PackRuntime
+from orchestrator.control.runtime import ClusterView, FitOptions, PackRuntime
 from orchestrator.scheduling import scheduler as sched
 from orchestrator.settings import Settings
 from orchestrator.spec.job import JobSpec
@@ -75,14 +75,30 @@ class PackShape:
     def of(cls, spec: JobSpec) -> PackShape:
         r = spec.resources
         return cls(
-            r.workers,
-            r.cpus_per_worker,
-            r.gpus_per_worker,
-            r.max_failures,
-            r.memory_gb_per_worker,
-            r.max_adapters_per_worker,
-            r.activation_checkpointing,
-            r.max_tokens_per_pass,
+            workers=r.workers,
+            cpus_per_worker=r.cpus_per_worker,
+            gpus_per_worker=r.gpus_per_worker,
+            max_failures=r.max_failures,
+            memory_gb=r.memory_gb_per_worker,
+            max_adapters=r.max_adapters_per_worker,
+            activation_checkpointing=r.activation_checkpointing,
+            max_tokens_per_pass=r.max_tokens_per_pass,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What the pack's row keeps of its shape (`PackRecord.resources`): every field, by name."""
+        return asdict(self)
+
+    def fit_options(self, storage_path: str) -> FitOptions:
+        """How Ray runs a pack of this shape: its workers and what each asks of a node; torch in each
+        worker uses as many threads as it has CPUs."""
+        return FitOptions(
+            workers=self.workers,
+            cpus_per_worker=self.cpus_per_worker,
+            gpus_per_worker=self.gpus_per_worker,
+            max_failures=self.max_failures,
+            storage_path=storage_path,
+            num_threads=max(1, int(self.cpus_per_worker)),
         )
 
 
@@ -784,18 +800,10 @@ class Controller:
             base_model=plan.base_model,
             quantization=plan.quantization,
             dtype=plan.dtype,
-            resources=shape.__dict__,
+            resources=shape.record(),
             ray_run_name=f"pack-{pack_id}",
         )
-        options = {
-            "workers": shape.workers,
-            "cpus_per_worker": shape.cpus_per_worker,
-            "gpus_per_worker": shape.gpus_per_worker,
-            "max_failures": shape.max_failures,
-            "storage_path": self.settings.storage_root,
-            "num_threads": max(1, int(shape.cpus_per_worker)),
-        }
-        ref = self.packs.launch(plan, options)
+        ref = self.packs.launch(plan, shape.fit_options(self.settings.storage_root))
         info = self._info(placement.base)  # the base, and one pass's activations if steps run in passes
         base_bytes = sched.base_memory_bytes(placement.base, info)
         base_bytes += sched.pass_memory_bytes(self._demand(adapters[0]), info)

@@ -24,7 +24,7 @@ from typing import Any
 
 from orchestrator.control.decisions import Capacity
 from orchestrator.control.packrun import EVENTS
-from orchestrator.control.runtime import ClusterView
+from orchestrator.control.runtime import ClusterView, FitOptions
 from workers import storage
 from workers.contract.plan import (
     AdapterDone,
@@ -95,7 +95,7 @@ class SimulatedPacks:
             memory_bytes=self.memory_bytes,
         )
 
-    def launch(self, plan: PackPlan, options: dict[str, Any]) -> Any:
+    def launch(self, plan: PackPlan, options: FitOptions) -> Any:
         with self._lock:
             self._packs[plan.pack_id] = _Pack(plan, list(plan.adapters))
             self.launched += 1

@@ -5,6 +5,7 @@ server); records, views and the API hold the lifecycle's enums while SQL and JSO
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,12 @@ from fastapi.testclient import TestClient
 from mlflow.entities import RunStatus
 from sqlalchemy import select
 
+from orchestrator.control.controller import PackShape
+from orchestrator.control.packrun import fit_pack
+from orchestrator.control.runtime import FitOptions
 from orchestrator.server.app import create_app
 from orchestrator.settings import Settings
+from orchestrator.spec.job import JobSpec
 from orchestrator.spec.states import (
     ADAPTER_TRANSITIONS,
     AdapterState,
@@ -165,3 +170,38 @@ def test_the_api_json_keeps_the_words_and_views_hold_the_enums(tmp_path: Path, t
     assert type(view.state) is JobState and type(view.adapters[0].state) is AdapterState
     assert [type(s) for s in view.adapter_states] == [AdapterState]
     assert view.model_dump(mode="json") == shown  # and back: the same JSON
+
+
+# ---- typed boundaries: a pack's shape, what its row keeps, what Ray is asked for ----
+
+
+def test_a_pack_shape_says_what_its_row_keeps_and_what_ray_runs() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "name": "j",
+            "base_model": "tiny",
+            "adapters": [{"name": "a", "data": {"path": "a.jsonl"}}],
+            "resources": {"workers": 2, "cpus_per_worker": 3, "max_failures": 1, "memory_gb_per_worker": 4},
+        }
+    )
+    shape = PackShape.of(spec)
+    assert (shape.workers, shape.cpus_per_worker, shape.memory_gb, shape.max_adapters) == (2, 3.0, 4.0, 8)
+    assert shape.record() == {  # the pack row's `resources`, as before: every field by name
+        "workers": 2,
+        "cpus_per_worker": 3.0,
+        "gpus_per_worker": 0,
+        "max_failures": 1,
+        "memory_gb": 4.0,
+        "max_adapters": 8,
+        "activation_checkpointing": "auto",
+        "max_tokens_per_pass": None,
+    }
+    options = shape.fit_options("/runs")
+    assert options == FitOptions(
+        workers=2, cpus_per_worker=3.0, gpus_per_worker=0, max_failures=1, storage_path="/runs", num_threads=3
+    )
+    assert options.resources_per_worker == {"CPU": 3.0}  # no GPU key on a CPU pack
+    gpu = replace(shape, gpus_per_worker=1, cpus_per_worker=0.5).fit_options("/runs")
+    assert gpu.resources_per_worker == {"CPU": 0.5, "GPU": 1} and gpu.num_threads == 1
+    with pytest.raises(TypeError):  # keywords only past the plan and channel: no options dict to spread
+        fit_pack("{}", None, **shape.record())  # type: ignore[call-arg]

@@ -45,6 +45,7 @@ from orchestrator.control.controller import Controller
 from orchestrator.control.simulated import SimulatedPacks
 from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
+from orchestrator.spec.states import AdapterState
 from orchestrator.store import Store
 from orchestrator.tracking.mirror import Tracker
 
@@ -306,7 +307,7 @@ def _measure(
         "adapters": adapters,
         "jobs": len(job_ids),
         "active_adapters": active,
-        "queued_adapters": len(store.list_adapters(states=["queued"])),
+        "queued_adapters": len(store.list_adapters(states=[AdapterState.QUEUED])),
         "packs": len(controller.running),
         "submit_s": round(submit_s, 2),
         "first_tick_s": round(first_tick_s, 3),

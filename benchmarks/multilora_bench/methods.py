@@ -207,7 +207,7 @@ def run_pack_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
     """lorafleet; `barrier` (procs) lines the K children up after their warm-up steps."""
     from transformers import AutoTokenizer
 
-    from workers.contract.plan import StepEvent
+    from workers.contract.plan import Outcome, StepEvent
     from workers.training.pack import run_pack
 
     probe = EngineProbe().install()
@@ -227,7 +227,7 @@ def run_pack_method(spec: RunSpec, barrier: Any = None) -> dict[str, Any]:
 
     started = time.monotonic()
     result = run_pack(pack_plan(spec), emit, kernel=spec.kernel)
-    failed = {n: d.error for n, d in result.adapters.items() if d.status != "trained"}
+    failed = {n: d.error for n, d in result.adapters.items() if d.status != Outcome.TRAINED}
     if failed:
         raise RuntimeError(f"adapters failed: {failed}")
     start = warm_at[0]

@@ -180,7 +180,7 @@ def _adapters_table(job: JobView | None, adapters: list[Any]) -> Table:
 
 
 def progress_info(
-    state: str, train_loss: float | None, eval_loss: float | None, score: Score | None = None
+    state: AdapterState, train_loss: float | None, eval_loss: float | None, score: Score | None = None
 ) -> str:
     """The text after an adapter's bar: its state and the loss that state has, named for what it is.
 
@@ -189,8 +189,8 @@ def progress_info(
     reads as the eval loss, and the two differ: the label always says which one it is. Once judged,
     the main task score follows, with its lifts.
     """
-    if state in ("queued", "training") or eval_loss is None:
-        return state if train_loss is None else f"{state} · train loss {train_loss:.3f}"
+    if state in ADAPTER_ACTIVE or eval_loss is None:
+        return str(state) if train_loss is None else f"{state} · train loss {train_loss:.3f}"
     return f"{state} · eval loss {eval_loss:.3f}" + (f" · {score.label}" if score is not None else "")
 
 
@@ -214,7 +214,9 @@ def _wait_with_progress(job: Job) -> JobView:
                 score = a.scores[0] if a.scores else None
                 info = progress_info(a.state, train_losses.get(a.name), a.eval_loss, score)
                 progress.update(
-                    bars[a.name], completed=a.step if a.steps else int(a.state != "queued"), info=info
+                    bars[a.name],
+                    completed=a.step if a.steps else int(a.state != AdapterState.QUEUED),
+                    info=info,
                 )
 
         return job.wait(progress=update)
@@ -236,7 +238,7 @@ def _show_job(client: Client, job: Job, wait: bool, as_json: bool) -> None:
     else:  # every adapter: the view holds the first ones, the job's pages the rest
         out.print(_adapters_table(view, job.adapters if view.has_more_adapters else view.adapters))
     client.close()
-    if wait and view.state != "succeeded":
+    if wait and view.state != JobState.SUCCEEDED:
         raise typer.Exit(1)
 
 
@@ -452,14 +454,14 @@ def promote(
     decision = _run(lambda: _client(url, token, project).promote(name, alias=alias, force=force))
     if as_json:
         _emit_json(decision)
-    elif decision.decision == "promoted":
+    elif decision.decision == AdapterState.PROMOTED:
         out.print(
             f"promoted {decision.model_name} version {decision.version} as @{decision.alias}: "
             f"{decision.reason}"
         )
     else:
         err.print(f"rejected: {decision.reason}")
-    if decision.decision != "promoted":
+    if decision.decision != AdapterState.PROMOTED:
         raise typer.Exit(1)
 
 
@@ -909,7 +911,7 @@ def quickstart(
     view = _run(lambda: run_quickstart(steps=steps, progress=None if as_json else _wait_with_progress))
     if as_json:
         _emit_json(view)
-    if any(v.state != "succeeded" for v in view):
+    if any(v.state != JobState.SUCCEEDED for v in view):
         raise typer.Exit(1)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from orchestrator.client.client import Client, Job
 from orchestrator.settings import Settings
+from orchestrator.spec.states import AdapterState, JobState
 from orchestrator.spec.views import AdapterView, JobView
 from workers.bases.catalog import CATALOG, StageFn, converted_dir, is_converted, pull
 from workers.evaluation.skills import DESCRIPTIONS, skill_records, write_skill
@@ -95,7 +96,7 @@ def summary(client: Client, view: JobView) -> list[str]:
     lines = [f"job {view.id} {view.state}: what each adapter learnt, on records it never trained on"]
     for adapter in client.adapters(project=PROJECT, job_id=view.id):
         lines.append(f"  {score_line(adapter)}  ({DESCRIPTIONS.get(adapter.name, '')})")
-        if adapter.state != "evaluated":
+        if adapter.state != AdapterState.EVALUATED:
             continue
         prompt, answer = held_out_example(adapter.name)
         said = client.generate(adapter.name, prompt, max_new_tokens=16, project=PROJECT).strip()
@@ -128,7 +129,7 @@ def run_quickstart(
     with Client(project=PROJECT) as client:
         job = client.submit(spec, idempotency_key=f"quickstart-{BASE_MODEL}-v{DATA_VERSION}-{steps}")
         view = progress(job) if progress is not None else job.wait()
-        lines = summary(client, view) if view.state == "succeeded" else [f"job {view.id} {view.state}"]
+        lines = summary(client, view) if view.state == JobState.SUCCEEDED else [f"job {view.id} {view.state}"]
     hints = [
         f"everything is under {settings.home}",
         "  lorafleet jobs                                  # all jobs",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.spec.job import BranchSpec, JobSpec, SpecError, load_source
+from orchestrator.spec.states import JobState
 from orchestrator.spec.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
 
 NEXT_PAGE_HEADER = "X-Next-After"  # as orchestrator.server.routes.adapters sends it (the client stays light)
@@ -82,7 +83,7 @@ class Job:
         return self.view.id
 
     @property
-    def state(self) -> str:
+    def state(self) -> JobState:
         return self.view.state
 
     @property
@@ -123,7 +124,7 @@ class Job:
             time.sleep(poll)
 
     def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, name={self.view.name!r}, state={self.state!r})"
+        return f"Job(id={self.id!r}, name={self.view.name!r}, state={self.state.value!r})"
 
 
 class Client:

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
@@ -32,11 +32,11 @@ import ray
 from orchestrator.control import decisions
 from orchestrator.control.decisions import AdapterChange
 from orchestrator.control.packrun import EVENTS, EventLog, RayPacks
-from orchestrator.control.runtime import ClusterView, PackRuntime
+from orchestrator.control.runtime import ClusterView, FitOptions, PackRuntime
 from orchestrator.scheduling import scheduler as sched
 from orchestrator.settings import Settings
 from orchestrator.spec.job import JobSpec
-from orchestrator.spec.states import AdapterState, JobState
+from orchestrator.spec.states import AdapterState, JobState, PackState
 from orchestrator.store import AdapterRecord, Conflict, DatabaseUnavailable, NewEvent, Store
 from workers import storage
 from workers.bases.catalog import base_config
@@ -44,6 +44,7 @@ from workers.contract.plan import (
     AdapterDone,
     AdapterTask,
     Event,
+    Outcome,
     PackPlan,
     StartEvent,
     StepEvent,
@@ -74,14 +75,30 @@ class PackShape:
     def of(cls, spec: JobSpec) -> PackShape:
         r = spec.resources
         return cls(
-            r.workers,
-            r.cpus_per_worker,
-            r.gpus_per_worker,
-            r.max_failures,
-            r.memory_gb_per_worker,
-            r.max_adapters_per_worker,
-            r.activation_checkpointing,
-            r.max_tokens_per_pass,
+            workers=r.workers,
+            cpus_per_worker=r.cpus_per_worker,
+            gpus_per_worker=r.gpus_per_worker,
+            max_failures=r.max_failures,
+            memory_gb=r.memory_gb_per_worker,
+            max_adapters=r.max_adapters_per_worker,
+            activation_checkpointing=r.activation_checkpointing,
+            max_tokens_per_pass=r.max_tokens_per_pass,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What the pack's row keeps of its shape (`PackRecord.resources`): every field, by name."""
+        return asdict(self)
+
+    def fit_options(self, storage_path: str) -> FitOptions:
+        """How Ray runs a pack of this shape: its workers and what each asks of a node; torch in each
+        worker uses as many threads as it has CPUs."""
+        return FitOptions(
+            workers=self.workers,
+            cpus_per_worker=self.cpus_per_worker,
+            gpus_per_worker=self.gpus_per_worker,
+            max_failures=self.max_failures,
+            storage_path=storage_path,
+            num_threads=max(1, int(self.cpus_per_worker)),
         )
 
 
@@ -119,9 +136,11 @@ class ExitedPack:
 
 def _done_event(adapter: AdapterRecord) -> NewEvent:
     """The `done` event of an adapter the controller settled (failed before or outside its pack, or
-    cancelled while queued): the event log, its watchers and the MLflow mirror learn it like any other."""
+    cancelled while queued): the event log, its watchers and the MLflow mirror learn it like any other,
+    in the engine's words (the controller settles an adapter only as failed or cancelled)."""
+    status = {AdapterState.FAILED: Outcome.FAILED, AdapterState.CANCELLED: Outcome.CANCELLED}[adapter.state]
     done = AdapterDone(
-        pack_id="", adapter=adapter.name, step=adapter.step, status=adapter.state, error=adapter.error
+        pack_id="", adapter=adapter.name, step=adapter.step, status=status, error=adapter.error
     )
     return NewEvent(adapter.job_id, "done", adapter.id, adapter.step, done.model_dump(mode="json"))
 
@@ -248,12 +267,12 @@ class Controller:
     def reconcile(self) -> None:
         """Adopt SQL's view after a restart: packs SQL thinks run belonged to a dead controller."""
         with self._lock:
-            for pack in self.store.list_packs(states=["running"]):
+            for pack in self.store.list_packs(states=[PackState.RUNNING]):
                 if pack.id not in self.running:
                     self._replay(pack.id)
-                    self.store.finish_pack(pack.id, "failed", error="controller restarted")
+                    self.store.finish_pack(pack.id, PackState.FAILED, error="controller restarted")
             held = [a for p in self.running.values() for a in p.members.values()]
-            training = self.store.list_adapters(states=[AdapterState.TRAINING.value])
+            training = self.store.list_adapters(states=[AdapterState.TRAINING])
             self._apply(decisions.reconcile(training, held))
 
     # ---- one tick ----
@@ -277,7 +296,7 @@ class Controller:
                 self._settle_exit(exited)
                 del self._exited[exited.pack_id]
             self._schedule()
-            self._apply(decisions.evaluated(self.store.list_adapters(states=[AdapterState.TRAINED.value])))
+            self._apply(decisions.evaluated(self.store.list_adapters(states=[AdapterState.TRAINED])))
             self._settle_jobs()
 
     def _apply(self, changes: list[AdapterChange]) -> None:
@@ -375,7 +394,7 @@ class Controller:
             if change is not None:
                 changes.append(change)
                 if change.state is not None:  # what the next event of it sees
-                    adapters[adapter_id] = replace(adapter, state=str(change.state))
+                    adapters[adapter_id] = replace(adapter, state=change.state)
         self._apply(changes)
         self.store.record_events(rows)
 
@@ -409,7 +428,8 @@ class Controller:
         self._apply(decisions.on_pack_exit(members, exited.withdrawn, exited.error))
         for adapter in members.values():
             self._record_stored_checkpoints(adapter)
-        self.store.finish_pack(exited.pack_id, "failed" if exited.error else "succeeded", error=exited.error)
+        state = PackState.FAILED if exited.error else PackState.SUCCEEDED
+        self.store.finish_pack(exited.pack_id, state, error=exited.error)
         self._cancelling.difference_update(exited.members.values())
 
     def _record_stored_checkpoints(self, adapter: AdapterRecord) -> None:
@@ -439,7 +459,7 @@ class Controller:
             for i in versions
             if i in fresh or (i in known and i not in stale)
         }
-        queued = [a for a in self._queued.values() if a.state == AdapterState.QUEUED.value]
+        queued = [a for a in self._queued.values() if a.state == AdapterState.QUEUED]
         return sorted(queued, key=lambda a: (-a.priority, a.seq))
 
     def _never_fits(
@@ -742,7 +762,7 @@ class Controller:
         if adapter.parent_id is not None:
             parent = self.store.get_adapter_by_id(adapter.parent_id)
             init_from = parent.final_checkpoint
-            self.store.update_adapter(adapter.id, parent_checkpoint=init_from)
+            self.store.update_adapter(AdapterChange(adapter.id, parent_checkpoint=init_from))
         return AdapterTask(
             name=adapter.name,
             lora=adapter.lora,
@@ -780,18 +800,10 @@ class Controller:
             base_model=plan.base_model,
             quantization=plan.quantization,
             dtype=plan.dtype,
-            resources=shape.__dict__,
+            resources=shape.record(),
             ray_run_name=f"pack-{pack_id}",
         )
-        options = {
-            "workers": shape.workers,
-            "cpus_per_worker": shape.cpus_per_worker,
-            "gpus_per_worker": shape.gpus_per_worker,
-            "max_failures": shape.max_failures,
-            "storage_path": self.settings.storage_root,
-            "num_threads": max(1, int(shape.cpus_per_worker)),
-        }
-        ref = self.packs.launch(plan, options)
+        ref = self.packs.launch(plan, shape.fit_options(self.settings.storage_root))
         info = self._info(placement.base)  # the base, and one pass's activations if steps run in passes
         base_bytes = sched.base_memory_bytes(placement.base, info)
         base_bytes += sched.pass_memory_bytes(self._demand(adapters[0]), info)
@@ -810,9 +822,7 @@ class Controller:
         info = self._info(pack.base)
         for adapter in adapters:
             pack.members[adapter.name] = adapter.id
-            pack.owners[adapter.name] = replace(
-                adapter, state=AdapterState.TRAINING.value
-            )  # as applied below
+            pack.owners[adapter.name] = replace(adapter, state=AdapterState.TRAINING)  # as applied below
             pack.member_bytes[adapter.name] = sched.adapter_memory_bytes(self._demand(adapter), info)
             self.store.add_pack_member(pack.pack_id, adapter.id)
         self._apply([AdapterChange(adapter.id, AdapterState.TRAINING) for adapter in adapters])
@@ -822,7 +832,7 @@ class Controller:
     def _settle_jobs(self) -> None:
         """Jobs whose adapters all settled get their outcome. Judged on counts of states (one query for
         every open job); only a job that settles now has its adapters read, for its failures."""
-        jobs = self.store.job_states([JobState.PENDING.value, JobState.RUNNING.value])
+        jobs = self.store.job_states([JobState.PENDING, JobState.RUNNING])
         counts = self.store.adapter_counts(list(jobs))
         for job_id, state in jobs.items():
             try:
@@ -839,7 +849,7 @@ class Controller:
                 f"{a.name}: {a.error}" for a in adapters if a.state == AdapterState.FAILED and a.error
             ]
             error = "; ".join(failures)[:4000] if failures else None
-            self.store.set_job_state(job_id, outcome.value, error=error)
+            self.store.set_job_state(job_id, outcome, error=error)
 
     def retry_job(self, job_id: str, fresh: Collection[str] = ()) -> None:
         """Requeue a finished job's failed adapters (under the lock: a tick settling the job at the same
@@ -853,8 +863,8 @@ class Controller:
             for change in changes:
                 if change.adapter_id in fresh:
                     self._forget_progress(change.adapter_id)
-            if job.state != JobState.RUNNING.value:
-                self.store.update_job(job_id, JobState.RUNNING.value, error=None)
+            if job.state != JobState.RUNNING:
+                self.store.update_job(job_id, JobState.RUNNING, error=None)
             self._apply(changes)
 
     def retry_adapter(self, adapter_id: str, fresh: bool) -> None:
@@ -871,9 +881,9 @@ class Controller:
             if fresh:
                 self._forget_progress(adapter_id)
             job = self.store.get_job(adapter.job_id)
-            if job.state != JobState.RUNNING.value:
-                self.store.update_job(job.id, JobState.RUNNING.value, error=None)
-            self._apply([AdapterChange(adapter_id, AdapterState.QUEUED, {"error": None})])
+            if job.state != JobState.RUNNING:
+                self.store.update_job(job.id, JobState.RUNNING, error=None)
+            self._apply([AdapterChange(adapter_id, AdapterState.QUEUED, error=None)])
 
     def _forget_progress(self, adapter_id: str) -> None:
         """Files first, then SQL: a crash between them leaves SQL naming checkpoints that are gone,

@@ -16,19 +16,28 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from orchestrator.spec.states import (
     ADAPTER_ACTIVE,
+    ADAPTER_AWAITING_GATE,
     ADAPTER_FINISHED,
     ADAPTER_TERMINAL,
     ADAPTER_TRAINED,
     AdapterState,
     JobState,
+    adapter_state_after,
     job_state_from_adapters,
 )
-from orchestrator.store import AdapterChange, AdapterRecord
-from workers.contract.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent
+from orchestrator.store import UNSET, AdapterChange, AdapterRecord
+from workers.contract.plan import (
+    AdapterDone,
+    CheckpointEvent,
+    EvalEvent,
+    Event,
+    Outcome,
+    StartEvent,
+    StepEvent,
+)
 from workers.storage import FULL_ERRNOS, READ_ONLY_ERRNOS, describe_fault
 
 _A = AdapterState
@@ -74,7 +83,7 @@ def ready(
             placeable.append(adapter)
         elif parent.state in ADAPTER_TERMINAL:
             reason = f"parent {parent.qualified_name} is {parent.state}; nothing to branch from"
-            failed.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}, announce=True))
+            failed.append(AdapterChange(adapter.id, _A.FAILED, error=reason, announce=True))
     return placeable, failed
 
 
@@ -103,7 +112,7 @@ def never_fits(
             continue
         if fixed:
             text = f"no worker can hold it: {reason}"
-            failures.append(AdapterChange(adapter_id, _A.FAILED, {"error": text}, announce=True))
+            failures.append(AdapterChange(adapter_id, _A.FAILED, error=text, announce=True))
         else:
             reasons[adapter_id] = f"waiting for a bigger worker (none can hold it now): {reason}"
     return failures, reasons
@@ -113,7 +122,7 @@ def waiting(queued: Iterable[AdapterRecord], reasons: Mapping[str, str]) -> list
     """Record why queued adapters wait, writing only the reasons that changed (one row per change, not
     one per adapter per tick)."""
     return [
-        AdapterChange(a.id, None, {"waiting": reasons[a.id]})
+        AdapterChange(a.id, None, waiting=reasons[a.id])
         for a in queued
         if a.state == _A.QUEUED and a.id in reasons and a.waiting != reasons[a.id]
     ]
@@ -145,7 +154,7 @@ def infeasible(ask: Ask, capacity: Capacity) -> str | None:
 def fail_all(adapters: Iterable[AdapterRecord], reason: str) -> list[AdapterChange]:
     """A job-level problem (bad base model, impossible resources): its unfinished adapters fail, once."""
     return [
-        AdapterChange(a.id, _A.FAILED, {"error": reason}, announce=True)
+        AdapterChange(a.id, _A.FAILED, error=reason, announce=True)
         for a in adapters
         if a.state in ADAPTER_ACTIVE
     ]
@@ -159,16 +168,16 @@ def on_event(adapter: AdapterRecord, event: Event, cancelling: bool = False) -> 
     `cancelling`: the user cancelled the adapter and its pack has not confirmed yet (see `on_done`)."""
     if isinstance(event, StartEvent):
         state = _A.TRAINING if adapter.state == _A.QUEUED else None
-        return AdapterChange(adapter.id, state, {"data_fingerprint": event.data_fingerprint})
+        return AdapterChange(adapter.id, state, data_fingerprint=event.data_fingerprint)
     if isinstance(event, StepEvent):
         state = _A.TRAINING if adapter.state == _A.QUEUED else None
         return AdapterChange(
-            adapter.id, state, {"step": event.step}, metrics={"train_loss": (event.loss, event.step)}
+            adapter.id, state, step=event.step, metrics={"train_loss": (event.loss, event.step)}
         )
     if isinstance(event, EvalEvent):  # the losses, and every named metric (scores, base's, parent's)
         metrics = {name: (value, event.step) for name, value in event.metrics.items()}
         metrics |= {"eval_loss": (event.eval_loss, event.step), "perplexity": (event.perplexity, event.step)}
-        return AdapterChange(adapter.id, None, {"eval_loss": event.eval_loss}, metrics=metrics)
+        return AdapterChange(adapter.id, None, eval_loss=event.eval_loss, metrics=metrics)
     if isinstance(event, CheckpointEvent):
         return AdapterChange(adapter.id, checkpoint=(event.step, str(event.path), event.final))
     if isinstance(event, AdapterDone):
@@ -183,20 +192,21 @@ def on_done(adapter: AdapterRecord, done: AdapterDone, cancelling: bool = False)
     adapter would train again although its job was cancelled."""
     if adapter.state in ADAPTER_FINISHED:
         return None  # already settled (e.g. cancelled by the user before the pack noticed)
-    if done.status == "yielded" and cancelling:
-        return AdapterChange(adapter.id, _A.CANCELLED, {"step": done.step}, announce=True)
-    if done.status == "yielded":
-        return AdapterChange(adapter.id, _A.QUEUED, {"step": done.step})
-    fields: dict[str, Any] = {"step": done.step, "error": failure_reason(done.error) if done.error else None}
-    if done.final_dir is not None:
-        fields["final_checkpoint"] = str(done.final_dir)
-    if done.eval_loss is not None:
-        fields["eval_loss"] = done.eval_loss
+    state = adapter_state_after(done.status, cancelling)
+    if done.status == Outcome.YIELDED:  # announced if a cancel crossed it: the engine said `yielded`
+        return AdapterChange(adapter.id, state, step=done.step, announce=state == _A.CANCELLED)
     metrics = {}
     if done.baseline_eval_loss is not None:  # the parent on this adapter's eval data, for the gate
         metrics["parent_eval_loss"] = (done.baseline_eval_loss, done.step)
-    state = {"trained": _A.TRAINED, "failed": _A.FAILED, "cancelled": _A.CANCELLED}[done.status]
-    return AdapterChange(adapter.id, state, fields, metrics=metrics)
+    return AdapterChange(
+        adapter.id,
+        state,
+        step=done.step,
+        error=failure_reason(done.error) if done.error else None,
+        final_checkpoint=UNSET if done.final_dir is None else str(done.final_dir),
+        eval_loss=UNSET if done.eval_loss is None else done.eval_loss,
+        metrics=metrics,
+    )
 
 
 def on_pack_exit(
@@ -213,7 +223,7 @@ def on_pack_exit(
             changes.append(AdapterChange(adapter.id, _A.QUEUED))
         else:
             reason = error or "the pack ended without reporting this adapter"
-            changes.append(AdapterChange(adapter.id, _A.FAILED, {"error": reason}, announce=True))
+            changes.append(AdapterChange(adapter.id, _A.FAILED, error=reason, announce=True))
     return changes
 
 
@@ -262,7 +272,7 @@ def retry(adapters: Iterable[AdapterRecord]) -> list[AdapterChange]:
     """A person's retry of a job, once the cause is fixed (storage freed, remounted): its failed
     adapters go back to the queue, their error cleared. Each resumes from the newest complete checkpoint
     in its output directory (the engine looks there first), so no finished step is trained twice."""
-    return [AdapterChange(a.id, _A.QUEUED, {"error": None}) for a in adapters if a.state == _A.FAILED]
+    return [AdapterChange(a.id, _A.QUEUED, error=None) for a in adapters if a.state == _A.FAILED]
 
 
 def evaluated(trained: Iterable[AdapterRecord]) -> list[AdapterChange]:
@@ -302,17 +312,17 @@ def reconcile(training: Iterable[AdapterRecord], held: Iterable[str]) -> list[Ad
 # ---- jobs ----
 
 
-def job_outcome(states: Sequence[str], auto_promote: bool) -> JobState | None:
+def job_outcome(states: Iterable[AdapterState], auto_promote: bool) -> JobState | None:
     """The state a job should show now, or None to leave it.
 
     A job is done only once every adapter settled: trained adapters of a job with auto-promotion must
     first be promoted or rejected, so a user who sees `succeeded` also sees the registry's answer.
     """
-    waiting = {_A.QUEUED, _A.TRAINING, _A.TRAINED} | ({_A.EVALUATED} if auto_promote else set())
+    waiting = ADAPTER_ACTIVE | ADAPTER_AWAITING_GATE if auto_promote else ADAPTER_ACTIVE | {_A.TRAINED}
     found = {AdapterState(s) for s in states}
     if found & waiting:
         return JobState.PENDING if found == {_A.QUEUED} else JobState.RUNNING
-    return job_state_from_adapters(states)
+    return job_state_from_adapters(found)
 
 
 # ---- one adapter, by name: retry, delete, branch ----

@@ -22,7 +22,7 @@ import ray
 from pydantic import TypeAdapter
 
 from orchestrator.control.decisions import Capacity
-from orchestrator.control.runtime import ClusterView
+from orchestrator.control.runtime import ClusterView, FitOptions
 from workers import storage
 from workers.contract.plan import AdapterTask, Event, PackPlan, StartEvent
 
@@ -200,38 +200,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reporter.flush()
 
 
-def fit_pack(
-    plan_json: str,
-    channel: Any,
-    *,
-    workers: int,
-    cpus_per_worker: float,
-    gpus_per_worker: float,
-    max_failures: int,
-    storage_path: str,
-    num_threads: int | None = None,
-) -> str | None:
+def fit_pack(plan_json: str, channel: Any, options: FitOptions) -> str | None:
     """Run one pack with Ray Train and return the error text, or None on success (blocking)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     plan = PackPlan.model_validate_json(plan_json)
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "plan": plan_json,
             "channel": channel,
-            "num_threads": num_threads,
-            "storage_path": storage_path,
+            "num_threads": options.num_threads,
+            "storage_path": options.storage_path,
         },
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=options.workers,
+            use_gpu=options.gpus_per_worker > 0,
+            resources_per_worker=options.resources_per_worker,
         ),
         run_config=RunConfig(
             name=f"pack-{plan.pack_id}",
-            storage_path=storage.join(storage_path, "ray"),
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=storage.join(options.storage_path, "ray"),
+            failure_config=FailureConfig(max_failures=options.max_failures),
         ),
     )
     try:
@@ -242,9 +233,9 @@ def fit_pack(
 
 
 @ray.remote(num_cpus=0)
-def fit_pack_task(plan_json: str, channel: Any, options: dict[str, Any]) -> str | None:
+def fit_pack_task(plan_json: str, channel: Any, options: FitOptions) -> str | None:
     """`TorchTrainer.fit` blocks, so each pack's fit runs in its own Ray task: packs run concurrently."""
-    return fit_pack(plan_json, channel, **options)
+    return fit_pack(plan_json, channel, options)
 
 
 class RayPacks:
@@ -273,7 +264,7 @@ class RayPacks:
             memory_bytes=psutil.virtual_memory().total,
         )
 
-    def launch(self, plan: PackPlan, options: dict[str, Any]) -> Any:
+    def launch(self, plan: PackPlan, options: FitOptions) -> Any:
         return fit_pack_task.remote(plan.model_dump_json(), self._channel, options)
 
     def ended(self, handles: Sequence[Any]) -> list[Any]:

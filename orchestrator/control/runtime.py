@@ -30,6 +30,28 @@ class ClusterView:
     memory_bytes: int  # one machine's RAM: a CPU worker's budget is a share of it
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How a pack runs on the cluster, beside its plan: its workers, what each asks of a node, how often
+    Ray Train restarts it, where its run keeps its state. Crosses to the pack's Ray task as one typed
+    value (pickled by Ray), not as keyword arguments spread from a dict."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    storage_path: str
+    num_threads: int | None = None  # torch's threads in each worker (None: torch's default)
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """What each worker asks of a Ray node (no GPU key on a CPU pack)."""
+        return {
+            "CPU": self.cpus_per_worker,
+            **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
+        }
+
+
 class PackRuntime(Protocol):
     """Launches packs, carries messages to and from them, and says when they end."""
 
@@ -39,7 +61,7 @@ class PackRuntime(Protocol):
     def cluster(self) -> ClusterView:
         """What the cluster offers now (read once per tick)."""
 
-    def launch(self, plan: PackPlan, options: dict[str, Any]) -> Any:
+    def launch(self, plan: PackPlan, options: FitOptions) -> Any:
         """Start a pack; returns its handle (opaque to the controller)."""
 
     def ended(self, handles: Sequence[Any]) -> list[Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from orchestrator.control.decisions import Capacity
 from orchestrator.control.packrun import EVENTS
-from orchestrator.control.runtime import ClusterView
+from orchestrator.control.runtime import ClusterView, FitOptions
 from workers import storage
 from workers.contract.plan import (
     AdapterDone,
@@ -32,6 +32,7 @@ from workers.contract.plan import (
     CheckpointEvent,
     EvalEvent,
     Event,
+    Outcome,
     PackPlan,
     StartEvent,
     StepEvent,
@@ -94,7 +95,7 @@ class SimulatedPacks:
             memory_bytes=self.memory_bytes,
         )
 
-    def launch(self, plan: PackPlan, options: dict[str, Any]) -> Any:
+    def launch(self, plan: PackPlan, options: FitOptions) -> Any:
         with self._lock:
             self._packs[plan.pack_id] = _Pack(plan, list(plan.adapters))
             self.launched += 1
@@ -166,7 +167,9 @@ class SimulatedPacks:
         for name, member in list(pack.members.items()):
             task = member.task
             if name in pack.cancelled:
-                events.append(AdapterDone(pack_id=pid, adapter=name, step=member.step, status="cancelled"))
+                events.append(
+                    AdapterDone(pack_id=pid, adapter=name, step=member.step, status=Outcome.CANCELLED)
+                )
                 del pack.members[name]
                 continue
             if not member.started:
@@ -184,7 +187,9 @@ class SimulatedPacks:
                 )
             if name in pack.yields:
                 events += self._checkpoint(pack, member)
-                events.append(AdapterDone(pack_id=pid, adapter=name, step=member.step, status="yielded"))
+                events.append(
+                    AdapterDone(pack_id=pid, adapter=name, step=member.step, status=Outcome.YIELDED)
+                )
                 del pack.members[name]
                 continue
             for _ in range(self.steps_per_drain):
@@ -242,7 +247,7 @@ class SimulatedPacks:
                 pack_id=pid,
                 adapter=task.name,
                 step=step,
-                status="trained",
+                status=Outcome.TRAINED,
                 final_dir=final_dir,
                 eval_loss=evaluation.eval_loss,
             ),

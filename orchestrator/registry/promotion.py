@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from orchestrator.lineage.tree import lineage_path
 from orchestrator.spec.job import LOSS_METRICS, PromotionPolicy, lower_is_better
-from orchestrator.spec.states import AdapterState
+from orchestrator.spec.states import ADAPTER_TRAINED, AdapterState
 from orchestrator.store import AdapterRecord, RegistryRecord, Store
 from orchestrator.tracking.mirror import Tracker
 from workers.contract.plan import perplexity
@@ -110,7 +110,7 @@ class Registry:
         """Auto-promotion: evaluated adapters of jobs that ask for it are judged by the gate, once the
         mirror has synced (the run and its artifacts must exist before a model version points at them)."""
         policies: dict[str, PromotionPolicy] = {}
-        for adapter in self.store.list_adapters(states=[AdapterState.EVALUATED.value]):
+        for adapter in self.store.list_adapters(states=[AdapterState.EVALUATED]):
             if adapter.job_id not in policies:
                 policies[adapter.job_id] = self._policy(adapter)
             if policies[adapter.job_id].auto:
@@ -124,8 +124,7 @@ class Registry:
 
     def _promote(self, adapter_id: str, alias: str | None, force: bool) -> RegistryRecord:
         adapter = self.store.get_adapter_by_id(adapter_id)
-        allowed = (AdapterState.TRAINED, AdapterState.EVALUATED, AdapterState.PROMOTED, AdapterState.REJECTED)
-        if adapter.state not in {s.value for s in allowed}:
+        if adapter.state not in ADAPTER_TRAINED:
             raise ValueError(
                 f"adapter {adapter.qualified_name} is {adapter.state}; only a trained adapter "
                 "can be promoted: wait for it to finish"
@@ -139,24 +138,24 @@ class Registry:
         if not gate.passed and not force:
             return self.store.record_registry_decision(
                 adapter.id,
-                "rejected",
+                AdapterState.REJECTED,
                 metric=gate.metric,
                 value=gate.value,
                 reason=gate.reason,
-                transition=adapter.state != AdapterState.PROMOTED.value,
+                transition=adapter.state != AdapterState.PROMOTED,
             )
         name, version = self._register(adapter, metrics, alias)
         reason = gate.reason if gate.passed else f"forced past a failed gate: {gate.reason}"
         return self.store.record_registry_decision(
             adapter.id,
-            "promoted",
+            AdapterState.PROMOTED,
             model_name=name,
             version=version,
             alias=alias,
             metric=gate.metric,
             value=gate.value,
             reason=reason,
-            transition=adapter.state != AdapterState.PROMOTED.value,
+            transition=adapter.state != AdapterState.PROMOTED,
         )
 
     def _register(self, adapter: AdapterRecord, metrics: Mapping[str, float], alias: str) -> tuple[str, int]:

@@ -269,7 +269,7 @@ class Service:
     def retry(self, job_id: str) -> JobView:
         """Train a job's failed adapters again, each from its newest complete checkpoint, or from step 0
         if its data changed meanwhile (`decisions.fresh_start` says why)."""
-        failed = self.store.list_adapters(job_id=job_id, states=[AdapterState.FAILED.value])
+        failed = self.store.list_adapters(job_id=job_id, states=[AdapterState.FAILED])
         fresh = {a.id for a in failed if decisions.fresh_start(a.data_fingerprint, _data_now(a))}
         self.controller.retry_job(job_id, fresh)
         return self.job(job_id)
@@ -498,7 +498,7 @@ class Service:
                 data_fingerprint=a.data_fingerprint,
                 config_hash=a.config_hash,
                 error=a.error,
-                waiting=a.waiting if a.state == "queued" else None,
+                waiting=a.waiting if a.state == AdapterState.QUEUED else None,
                 metrics=metrics.get(a.id, {}),
                 scores=task_scores[a.id],
                 created_at=a.created_at,

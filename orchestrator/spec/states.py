@@ -2,7 +2,9 @@
 
 Every state change in lorafleet goes through `check_transition`, so the allowed moves live in one table
 per entity that tests (and people) can read, not in `if` chains spread over the controller. Pure: no SQL,
-no Ray. States are `StrEnum`s, so `AdapterState.QUEUED == "queued"` and records can keep plain strings.
+no Ray. States are `StrEnum`s, so records, views and events hold the enum while SQL and JSON keep the same
+strings (`AdapterState.QUEUED == "queued"`). The engine's word for how an adapter left its pack
+(`Outcome`) becomes an adapter state in one place, `adapter_state_after`.
 
 Two choices that go beyond the picture in DESIGN.md, both because a job's state is *derived* from its
 adapters' states, sampled once per controller tick:
@@ -17,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Literal
+
+from workers.contract.plan import Outcome
 
 
 class JobState(StrEnum):
@@ -102,6 +106,8 @@ ADAPTER_FINISHED = ADAPTER_TRAINED | ADAPTER_TERMINAL
 """Not queued or training any more."""
 ADAPTER_ACTIVE = frozenset({_A.QUEUED, _A.TRAINING})
 """Waiting for or holding a place in a pack."""
+ADAPTER_AWAITING_GATE = frozenset({_A.TRAINED, _A.EVALUATED})
+"""Trained, with no promotion decision yet: a job that auto-promotes is not done while one is."""
 
 
 class InvalidTransition(ValueError):
@@ -132,7 +138,7 @@ def check_transition(kind: Kind | str, from_state: str, to_state: str, entity: s
         raise InvalidTransition(kind, from_state, to_state, entity)
 
 
-def job_state_from_adapters(states: Iterable[str]) -> JobState:
+def job_state_from_adapters(states: Iterable[AdapterState]) -> JobState:
     """What a job's state is, given its adapters' states.
 
     - any adapter still queued or training: `pending` if all are queued, else `running`
@@ -151,3 +157,19 @@ def job_state_from_adapters(states: Iterable[str]) -> JobState:
     if AdapterState.CANCELLED in found:
         return JobState.CANCELLED
     return JobState.SUCCEEDED
+
+
+def adapter_state_after(outcome: Outcome | str, cancelling: bool = False) -> AdapterState:
+    """The state an adapter goes to when it leaves its pack with `outcome`: the one place the engine's
+    word becomes the lifecycle's. `yielded` goes back to the queue (to resume from the checkpoint it wrote
+    as it left), unless the user's cancel crossed it (`cancelling`: asked, not yet confirmed by the pack):
+    queued again, it would train although its job was cancelled."""
+    match Outcome(outcome):
+        case Outcome.TRAINED:
+            return AdapterState.TRAINED
+        case Outcome.FAILED:
+            return AdapterState.FAILED
+        case Outcome.CANCELLED:
+            return AdapterState.CANCELLED
+        case Outcome.YIELDED:
+            return AdapterState.CANCELLED if cancelling else AdapterState.QUEUED

@@ -1,7 +1,8 @@
 """What users see: plain JSON-able models shared by the service, the HTTP API, the client and the CLI.
 
 The remote client parses the API's JSON into these same classes, so embedded and remote use give the same
-objects, and `--json` output is their `model_dump`.
+objects, and `--json` output is their `model_dump`. States are the lifecycle's enums (`StrEnum`s), whose
+JSON is the same strings as ever.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.spec.states import JOB_TERMINAL
+from orchestrator.spec.states import JOB_TERMINAL, AdapterState, JobState
 
 
 class _View(BaseModel):
@@ -79,7 +80,7 @@ class AdapterView(_View):
     project: str
     name: str
     job_id: str
-    state: str
+    state: AdapterState
     parent: str | None = Field(description="project/name of the parent adapter, if branched.")
     root: str
     depth: int
@@ -117,7 +118,7 @@ class JobView(_View):
     id: str
     project: str
     name: str
-    state: str
+    state: JobState
     error: str | None
     created_at: datetime
     updated_at: datetime
@@ -127,7 +128,7 @@ class JobView(_View):
         "through all of them, and `Client.job(id).adapters` does so for you."
     )
     adapter_count: int = Field(default=0, description="How many adapters the job has in all.")
-    adapter_states: dict[str, int] = Field(
+    adapter_states: dict[AdapterState, int] = Field(
         default_factory=dict, description="How many of the job's adapters are in each state."
     )
 
@@ -161,7 +162,7 @@ class EventView(_View):
 class LineageNode(_View):
     name: str
     parent: str | None
-    status: str
+    status: AdapterState
     metrics: dict[str, float] = Field(
         description="As `AdapterView.metrics`: the base's and parent's values give each score's lift."
     )
@@ -172,7 +173,7 @@ class RegistryView(_View):
     """One promotion decision: promoted (model version + alias) or rejected, and why."""
 
     adapter_id: str
-    decision: str
+    decision: AdapterState = Field(description="`promoted` or `rejected`.")
     model_name: str | None
     version: int | None
     alias: str | None

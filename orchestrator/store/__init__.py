@@ -17,6 +17,7 @@ from orchestrator.store.errors import (
 )
 from orchestrator.store.migrate import VERSION_TABLE, downgrade, upgrade
 from orchestrator.store.records import (
+    UNSET,
     AdapterChange,
     AdapterRecord,
     CheckpointRecord,
@@ -29,11 +30,13 @@ from orchestrator.store.records import (
     PackRecord,
     RegistryRecord,
     TokenRecord,
+    Unset,
     config_hash,
 )
 from orchestrator.store.repository import Store
 
 __all__ = [
+    "UNSET",
     "VERSION_TABLE",
     "AdapterChange",
     "AdapterRecord",
@@ -54,6 +57,7 @@ __all__ = [
     "Store",
     "StoreError",
     "TokenRecord",
+    "Unset",
     "config_hash",
     "downgrade",
     "upgrade",

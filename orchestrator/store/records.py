@@ -1,8 +1,9 @@
 """What the store hands out and takes in: plain frozen dataclasses, never ORM rows.
 
 A record is a snapshot read inside one transaction; it cannot lazy-load, expire or be written back by
-accident, and it can cross threads. States are plain strings (compare with `states.AdapterState`, a
-`StrEnum`). Times are timezone-aware UTC on every backend.
+accident, and it can cross threads. States are the lifecycle's enums (`JobState`, `AdapterState`,
+`PackState`: `StrEnum`s, so SQL and JSON hold the same strings as ever); a record made from a plain string
+holds the enum. Times are timezone-aware UTC on every backend.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, fields
 from datetime import UTC, datetime
+from enum import Enum, StrEnum
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+from orchestrator.spec.states import AdapterState, JobState, PackState
 from workers.contract.plan import DataConfig, LoraConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -28,6 +31,13 @@ def utc(value: datetime) -> datetime:
 
 def utc_or_none(value: datetime | None) -> datetime | None:
     return None if value is None else utc(value)
+
+
+def _as_enum(record: Any, name: str, enum: type[StrEnum]) -> None:
+    """Hold `record.name` as `enum` (a frozen record made from a plain string, e.g. a row's value)."""
+    value = getattr(record, name)
+    if value is not None and type(value) is not enum:
+        object.__setattr__(record, name, enum(value))
 
 
 def config_hash(
@@ -102,12 +112,15 @@ class JobRecord:
     project: str
     name: str
     spec: dict[str, Any]
-    state: str
+    state: JobState
     idempotency_key: str | None
     error: str | None
     mlflow_run_id: str | None
     created_at: datetime
     updated_at: datetime
+
+    def __post_init__(self) -> None:
+        _as_enum(self, "state", JobState)
 
     @cached_property
     def job_spec(self) -> JobSpec:
@@ -124,7 +137,7 @@ class AdapterRecord:
     project: str
     name: str
     job_id: str
-    state: str
+    state: AdapterState
     priority: int
     seq: int
     base_model: str
@@ -151,23 +164,72 @@ class AdapterRecord:
     finished_at: datetime | None
     waiting: str | None = None  # why it is still queued, in the controller's words
 
+    def __post_init__(self) -> None:
+        _as_enum(self, "state", AdapterState)
+
     @property
     def qualified_name(self) -> str:
         return f"{self.project}/{self.name}"
 
 
+class Unset(Enum):
+    """A field an `AdapterChange` leaves as it is (None is a value: it clears the field)."""
+
+    UNSET = "unset"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
 @dataclass(frozen=True)
 class AdapterChange:
-    """One adapter row update: a new state (or None to keep it) and fields to set, metric values to fold
-    into its summaries and a checkpoint to record. `decisions` makes them; `Store.apply_changes` writes
-    a batch of them in one transaction."""
+    """One adapter row update: a new state (or None to keep it), the fields to set (each left UNSET is
+    kept), metric values to fold into its summaries and a checkpoint to record. `decisions` makes them;
+    `Store.apply_changes` writes a batch of them in one transaction, `Store.update_adapter` one.
+
+    The settable fields are this class's fields, typed: a field the store must not set (a name, a job)
+    cannot be asked for, rather than being refused at run time."""
 
     adapter_id: str
-    state: str | None = None
-    fields: Mapping[str, Any] = field(default_factory=dict)
+    state: AdapterState | None = None
+    _: KW_ONLY
+    step: int | Unset = UNSET
+    eval_loss: float | Unset | None = UNSET
+    error: str | Unset | None = UNSET
+    final_checkpoint: str | Unset | None = UNSET
+    parent_checkpoint: str | Unset | None = UNSET
+    data_fingerprint: str | Unset | None = UNSET
+    output_dir: str | Unset | None = UNSET
+    mlflow_run_id: str | Unset | None = UNSET
+    priority: int | Unset = UNSET
+    waiting: str | Unset | None = UNSET  # why it waits in the queue (leaving `queued` clears it)
     metrics: Mapping[str, tuple[float, int]] = field(default_factory=dict)
     checkpoint: tuple[int, str, bool] | None = None  # (step, path, final)
     announce: bool = False  # the controller decided it (no engine event says so): log a `done` event
+
+    def __post_init__(self) -> None:
+        _as_enum(self, "state", AdapterState)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The row's columns this change sets, with their new values."""
+        return {name: getattr(self, name) for name in ADAPTER_FIELDS if getattr(self, name) is not UNSET}
+
+    def __repr__(self) -> str:  # only what it changes, so a failing test's diff shows the difference
+        shown = {"state": self.state} if self.state is not None else {}
+        shown |= self.fields
+        shown |= {"metrics": self.metrics} if self.metrics else {}
+        shown |= {"checkpoint": self.checkpoint} if self.checkpoint is not None else {}
+        shown |= {"announce": True} if self.announce else {}
+        parts = [repr(self.adapter_id), *(f"{k}={v!r}" for k, v in shown.items())]
+        return f"AdapterChange({', '.join(parts)})"
+
+
+ADAPTER_FIELDS = tuple(f.name for f in fields(AdapterChange) if f.default is UNSET)
+"""The adapter columns an `AdapterChange` may set."""
 
 
 @dataclass(frozen=True)
@@ -177,11 +239,14 @@ class PackRecord:
     quantization: str
     dtype: str
     resources: dict[str, Any]
-    state: str
+    state: PackState
     ray_run_name: str | None
     error: str | None
     created_at: datetime
     finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        _as_enum(self, "state", PackState)
 
 
 @dataclass(frozen=True)
@@ -193,7 +258,7 @@ class PackMemberRecord:
     attempt: int
     joined_at: datetime
     left_at: datetime | None
-    outcome: str | None
+    outcome: str | None  # an `AdapterState`, or the pack's `PackState` if it ended with the adapter inside
 
 
 @dataclass(frozen=True)
@@ -220,7 +285,7 @@ class MetricRecord:
 class RegistryRecord:
     id: int
     adapter_id: str
-    decision: str
+    decision: AdapterState  # promoted or rejected
     model_name: str | None
     version: int | None
     alias: str | None
@@ -228,6 +293,9 @@ class RegistryRecord:
     value: float | None
     reason: str | None
     created_at: datetime
+
+    def __post_init__(self) -> None:
+        _as_enum(self, "decision", AdapterState)
 
 
 @dataclass(frozen=True)

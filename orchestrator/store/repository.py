@@ -29,7 +29,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from orchestrator.spec.states import ADAPTER_FINISHED, AdapterState, InvalidTransition, check_transition
+from orchestrator.spec.states import (
+    ADAPTER_FINISHED,
+    AdapterState,
+    InvalidTransition,
+    JobState,
+    PackState,
+    check_transition,
+)
 from orchestrator.store import migrate
 from orchestrator.store.engine import ensure_sqlite_dir, make_engine, writer
 from orchestrator.store.errors import Conflict, DatabaseRefused, DatabaseUnavailable, NotFound, StoreError
@@ -47,6 +54,7 @@ from orchestrator.store.models import (
     TokenRow,
 )
 from orchestrator.store.records import (
+    UNSET,
     AdapterChange,
     AdapterRecord,
     CheckpointRecord,
@@ -59,6 +67,7 @@ from orchestrator.store.records import (
     PackRecord,
     RegistryRecord,
     TokenRecord,
+    Unset,
     config_hash,
     utc,
 )
@@ -66,22 +75,7 @@ from orchestrator.store.records import (
 log = logging.getLogger(__name__)
 
 ADAPTER_SEQ = "adapter_seq"  # the counter row seeded by the initial migration
-JOB_FIELDS = frozenset({"error", "mlflow_run_id"})
-ADAPTER_FIELDS = frozenset(
-    {
-        "step",
-        "eval_loss",
-        "error",
-        "final_checkpoint",
-        "parent_checkpoint",
-        "data_fingerprint",
-        "output_dir",
-        "mlflow_run_id",
-        "priority",
-        "waiting",
-    }
-)
-REGISTRY_DECISIONS = (AdapterState.PROMOTED.value, AdapterState.REJECTED.value)
+REGISTRY_DECISIONS = (AdapterState.PROMOTED, AdapterState.REJECTED)
 
 
 def _now() -> datetime:
@@ -252,7 +246,7 @@ class Store:
             project=project,
             name=name,
             spec=spec,
-            state="pending",
+            state=JobState.PENDING.value,
             idempotency_key=idempotency_key,
             created_at=now,
             updated_at=now,
@@ -367,7 +361,9 @@ class Store:
         with self._session(f"get job {job_id!r}") as s:
             return self._job(s, job_id).to_entity()
 
-    def list_jobs(self, project: str | None = None, states: Collection[str] | None = None) -> list[JobRecord]:
+    def list_jobs(
+        self, project: str | None = None, states: Collection[JobState] | None = None
+    ) -> list[JobRecord]:
         """Jobs, newest first."""
         query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id)
         if project is not None:
@@ -377,30 +373,40 @@ class Store:
         with self._session("list jobs") as s:
             return [row.to_entity() for row in s.scalars(query)]
 
-    def job_states(self, states: Collection[str]) -> dict[str, str]:
+    def job_states(self, states: Collection[JobState]) -> dict[str, JobState]:
         """`{job id: state}` of the jobs in `states`, without their specs: what a controller tick reads
         of every open job (decoding 200 jobs' specs each tick once cost it more than its writes)."""
         query = select(JobRow.id, JobRow.state).where(JobRow.state.in_([str(x) for x in states]))
         with self._session("list job states") as s:
-            return dict(s.execute(query.order_by(JobRow.created_at, JobRow.id)).tuples().all())
+            rows = s.execute(query.order_by(JobRow.created_at, JobRow.id)).tuples()
+            return {job_id: JobState(state) for job_id, state in rows}
 
-    def update_job(self, job_id: str, state: str | None = None, **fields: Any) -> JobRecord:
-        """Move a job to `state` (checked against the job lifecycle) and/or set `error`, `mlflow_run_id`."""
-        _check_fields("job", fields, JOB_FIELDS)
+    def update_job(
+        self,
+        job_id: str,
+        state: JobState | None = None,
+        *,
+        error: str | Unset | None = UNSET,
+        mlflow_run_id: str | Unset | None = UNSET,
+    ) -> JobRecord:
+        """Move a job to `state` (checked against the job lifecycle) and/or set `error`, `mlflow_run_id`
+        (each left UNSET is kept)."""
         with self._session(f"update job {job_id!r}", write=True) as s:
             row = self._job(s, job_id, lock=True)
             if state is not None:
                 check_transition("job", row.state, state, entity=job_id)
-                row.state = str(state)
-            for key, value in fields.items():
-                setattr(row, key, value)
+                row.state = JobState(state).value
+            if not isinstance(error, Unset):
+                row.error = error
+            if not isinstance(mlflow_run_id, Unset):
+                row.mlflow_run_id = mlflow_run_id
             row.updated_at = _now()
             s.flush()
             return row.to_entity()
 
-    def set_job_state(self, job_id: str, state: str, error: str | None = None) -> JobRecord:
+    def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> JobRecord:
         """Move a job to `state`; `error` (if given) says why it failed."""
-        return self.update_job(job_id, state, **({"error": error} if error is not None else {}))
+        return self.update_job(job_id, state, error=UNSET if error is None else error)
 
     @staticmethod
     def _job(s: Session, job_id: str, lock: bool = False) -> JobRow:
@@ -425,7 +431,10 @@ class Store:
             return self._adapter(s, adapter_id).to_entity()
 
     def list_adapters(
-        self, project: str | None = None, job_id: str | None = None, states: Collection[str] | None = None
+        self,
+        project: str | None = None,
+        job_id: str | None = None,
+        states: Collection[AdapterState] | None = None,
     ) -> list[AdapterRecord]:
         """Adapters in scheduling order: higher priority first, then first come first served (`seq`)."""
         query = select(AdapterRow).order_by(AdapterRow.priority.desc(), AdapterRow.seq)
@@ -469,9 +478,9 @@ class Store:
         with self._session("list a page of adapters") as s:
             return [row.to_entity() for row in s.scalars(query.order_by(AdapterRow.seq).limit(limit))]
 
-    def adapter_counts(self, job_ids: Collection[str]) -> dict[str, dict[str, int]]:
+    def adapter_counts(self, job_ids: Collection[str]) -> dict[str, dict[AdapterState, int]]:
         """How many adapters of each job are in each state, in one query: `{job_id: {state: count}}`."""
-        counts: dict[str, dict[str, int]] = {job_id: {} for job_id in job_ids}
+        counts: dict[str, dict[AdapterState, int]] = {job_id: {} for job_id in job_ids}
         with self._session("count adapters by state") as s:
             for chunk in _chunks(list(job_ids)):
                 query = (
@@ -480,7 +489,7 @@ class Store:
                     .group_by(AdapterRow.job_id, AdapterRow.state)
                 )
                 for job_id, state, count in s.execute(query):
-                    counts[job_id][state] = count
+                    counts[job_id][AdapterState(state)] = count
         return counts
 
     def qualified_names(self, adapter_ids: Collection[str]) -> dict[str, str]:
@@ -503,25 +512,25 @@ class Store:
                 specs.update({job_id: spec for job_id, spec in rows})
         return specs
 
-    def update_adapter(self, adapter_id: str, state: str | None = None, **fields: Any) -> AdapterRecord:
-        """Move an adapter to `state` (checked against its lifecycle) and/or set fields.
+    def update_adapter(self, change: AdapterChange) -> AdapterRecord:
+        """Apply one change to its adapter, as `apply_changes` does, but a move its lifecycle does not
+        allow raises `InvalidTransition` (nothing written), and the adapter's record comes back.
 
-        Fields: step, eval_loss, error, final_checkpoint, parent_checkpoint, data_fingerprint,
-        output_dir, mlflow_run_id, priority, waiting. Leaving `queued` clears `waiting` (the reason it
-        waited); entering `training` stamps `started_at` (the first time);
-        leaving queued/training for good stamps `finished_at`; leaving `training` closes the adapter's
-        open pack attempt with the new state as its outcome.
+        Leaving `queued` clears `waiting` (the reason it waited); entering `training` stamps
+        `started_at` (the first time); leaving queued/training for good stamps `finished_at`; leaving
+        `training` closes the adapter's open pack attempt with the new state as its outcome.
         """
-        _check_fields("adapter", fields, ADAPTER_FIELDS)
-        with self._session(f"update adapter {adapter_id!r}", write=True) as s:
-            row = self._adapter(s, adapter_id, lock=True)
+        with self._session(f"update adapter {change.adapter_id!r}", write=True) as s:
+            row = self._adapter(s, change.adapter_id, lock=True)
             now = _now()
-            if state is not None:
-                self._transition(s, row, str(state), now)
-            for key, value in fields.items():
+            if change.state is not None:
+                self._transition(s, row, change.state, now)
+            for key, value in change.fields.items():
                 setattr(row, key, value)
             row.updated_at = now
             s.flush()
+            self._fold_metrics(s, [change], now)
+            self._add_checkpoints(s, [change], now)
             return row.to_entity()
 
     def queued_bases(self) -> list[tuple[str, str, str]]:
@@ -544,14 +553,14 @@ class Store:
         with self._session("list queued adapters' versions") as s:
             return {adapter_id: utc(at) for adapter_id, at in s.execute(query)}
 
-    def adapter_states(self, adapter_ids: Collection[str]) -> dict[str, str]:
+    def adapter_states(self, adapter_ids: Collection[str]) -> dict[str, AdapterState]:
         """The state of each adapter, in one query per 500 ids (ids not found are absent): what the
         controller's decisions about events read, without the cost of whole rows."""
-        states: dict[str, str] = {}
+        states: dict[str, AdapterState] = {}
         with self._session("read adapter states") as s:
             for chunk in _chunks(sorted(set(adapter_ids))):
                 query = select(AdapterRow.id, AdapterRow.state).where(AdapterRow.id.in_(chunk))
-                states.update(dict(s.execute(query).tuples().all()))
+                states.update({i: AdapterState(state) for i, state in s.execute(query).tuples()})
         return states
 
     def apply_changes(self, changes: Sequence[AdapterChange]) -> list[AdapterRecord]:
@@ -570,8 +579,6 @@ class Store:
         controller logs a `done` event for each)."""
         if not changes:
             return []
-        for change in changes:
-            _check_fields("adapter", change.fields, ADAPTER_FIELDS)
         moving = sorted({c.adapter_id for c in changes if c.state is not None})
         with self._session(f"apply {len(changes)} adapter changes", write=True) as s:
             if missing := {c.adapter_id for c in changes} - self._existing_adapters(s, changes):
@@ -595,7 +602,7 @@ class Store:
                     continue
                 if change.state is not None:
                     try:
-                        self._transition(s, row, str(change.state), now)
+                        self._transition(s, row, change.state, now)
                     except InvalidTransition as exc:
                         log.debug("skipped a moot change: %s", exc)
                         continue
@@ -732,7 +739,7 @@ class Store:
         if rows:
             s.execute(insert(CheckpointRow), rows)
 
-    def transition_adapters(self, adapter_ids: Sequence[str], state: str) -> list[AdapterRecord]:
+    def transition_adapters(self, adapter_ids: Sequence[str], state: AdapterState) -> list[AdapterRecord]:
         """Move many adapters to `state` in one transaction (rows read and written in batches, not one
         transaction per adapter: cancelling 2,000 once took 56 s under the controller's lock). An
         adapter the lifecycle no longer lets move (it finished meanwhile) is left as it is; returns
@@ -750,7 +757,7 @@ class Store:
                 ).all()
                 for row in rows:
                     try:
-                        self._transition(s, row, str(state), now)
+                        self._transition(s, row, state, now)
                     except InvalidTransition:
                         continue
                     row.updated_at = now
@@ -759,9 +766,10 @@ class Store:
             return [row.to_entity() for row in moved]
 
     @staticmethod
-    def _transition(s: Session, row: AdapterRow, state: str, now: datetime) -> None:
+    def _transition(s: Session, row: AdapterRow, state: AdapterState, now: datetime) -> None:
         check_transition("adapter", row.state, state, entity=f"{row.project}/{row.name}")
-        old, row.state = row.state, state
+        state = AdapterState(state)
+        old, row.state = row.state, state.value
         if state != AdapterState.QUEUED:
             row.waiting = None
         if state == AdapterState.TRAINING and row.started_at is None:
@@ -899,7 +907,7 @@ class Store:
             quantization=quantization,
             dtype=dtype,
             resources=dict(resources or {}),
-            state="running",
+            state=PackState.RUNNING.value,
             ray_run_name=ray_run_name,
             created_at=_now(),
         )
@@ -908,7 +916,7 @@ class Store:
             s.flush()
             return row.to_entity()
 
-    def finish_pack(self, pack_id: str, state: str, error: str | None = None) -> PackRecord:
+    def finish_pack(self, pack_id: str, state: PackState, error: str | None = None) -> PackRecord:
         """End a pack (`succeeded`, `failed` or `cancelled`); attempts still open end with that outcome."""
         with self._session(f"finish pack {pack_id!r}", write=True) as s:
             row = self._pack(s, pack_id, lock=True)
@@ -927,7 +935,7 @@ class Store:
         with self._session(f"get pack {pack_id!r}") as s:
             return self._pack(s, pack_id).to_entity()
 
-    def list_packs(self, states: Collection[str] | None = None) -> list[PackRecord]:
+    def list_packs(self, states: Collection[PackState] | None = None) -> list[PackRecord]:
         """Packs, oldest first."""
         query = select(PackRow).order_by(PackRow.created_at, PackRow.id)
         if states is not None:
@@ -939,7 +947,7 @@ class Store:
         """Record that `adapter_id` joined the running pack `pack_id`: its next attempt (1, 2, ...)."""
         with self._session(f"add adapter {adapter_id!r} to pack {pack_id!r}", write=True) as s:
             pack = self._pack(s, pack_id)
-            if pack.state != "running":
+            if pack.state != PackState.RUNNING:
                 raise Conflict(f"pack {pack_id!r} is {pack.state}; only a running pack takes adapters")
             self._adapter(s, adapter_id)
             last = s.scalar(
@@ -1181,7 +1189,7 @@ class Store:
     def record_registry_decision(
         self,
         adapter_id: str,
-        decision: str,
+        decision: AdapterState,
         *,
         model_name: str | None = None,
         version: int | None = None,
@@ -1194,12 +1202,13 @@ class Store:
         """Keep a promotion gate's decision and why; with `transition`, move the adapter to `decision`
         (`promoted` or `rejected`) in the same transaction, so state and history never disagree."""
         if decision not in REGISTRY_DECISIONS:
-            raise ValueError(f"registry `decision` must be one of {REGISTRY_DECISIONS}; got {decision!r}")
+            allowed = [d.value for d in REGISTRY_DECISIONS]
+            raise ValueError(f"registry `decision` must be one of {allowed}; got {str(decision)!r}")
         with self._session(f"record {decision} decision for adapter {adapter_id!r}", write=True) as s:
             adapter = self._adapter(s, adapter_id, lock=transition)
             now = _now()
             if transition:
-                self._transition(s, adapter, str(decision), now)
+                self._transition(s, adapter, decision, now)
                 adapter.updated_at = now
             row = RegistryEntryRow(
                 adapter_id=adapter_id,
@@ -1279,12 +1288,6 @@ TOKEN_ROLES = ("reader", "member")
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _check_fields(kind: str, fields: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise TypeError(f"cannot set {unknown} on a {kind}; settable fields: {sorted(allowed)}")
 
 
 def _chunks(items: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:

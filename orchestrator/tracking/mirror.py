@@ -26,10 +26,12 @@ from typing import Any
 
 from orchestrator.lineage.tree import lineage_path
 from orchestrator.spec.job import ScoreOrder
-from orchestrator.spec.states import ADAPTER_FINISHED, JOB_TERMINAL
+from orchestrator.spec.states import ADAPTER_FINISHED, JOB_TERMINAL, JobState, adapter_state_after
 from orchestrator.spec.views import scores
-from orchestrator.store import AdapterRecord, EventRecord, JobRecord, Store
+from orchestrator.store import AdapterChange, AdapterRecord, EventRecord, JobRecord, Store
+from orchestrator.tracking.status import run_status
 from workers import storage
+from workers.contract.plan import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,7 @@ class Tracker:
                 tags[run_id].append(_table_tag(SAMPLES_ARTIFACT))
             if event.kind == "start":
                 tags[run_id] += _start_tags(event)
-            elif event.kind == "done" and event.payload.get("status") != "yielded":  # yielded: it resumes
+            elif event.kind == "done" and event.payload.get("status") != Outcome.YIELDED:  # it resumes
                 finished.append((run_id, event))
                 if event.payload.get("error"):
                     tags[run_id].append(RunTag("lorafleet.error", str(event.payload["error"])[:5000]))
@@ -387,7 +389,7 @@ class Tracker:
             "parent_checkpoint": adapter.parent_checkpoint or "",
         }
         self._log_params(run.info.run_id, params)
-        self.store.update_adapter(adapter.id, mlflow_run_id=run.info.run_id)
+        self.store.update_adapter(AdapterChange(adapter.id, mlflow_run_id=run.info.run_id))
         self._new_runs.add(run.info.run_id)
         return run.info.run_id
 
@@ -399,13 +401,13 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def _finish_adapter_run(self, run_id: str, event: EventRecord) -> None:
-        status = event.payload.get("status")
+        outcome = Outcome(event.payload["status"])
         final_dir = event.payload.get("final_dir")
-        if status == "trained" and final_dir and storage.exists(final_dir):
+        if outcome == Outcome.TRAINED and final_dir and storage.exists(final_dir):
             with storage.local_copy(final_dir) as local:  # MLflow uploads files (object storage: a copy)
                 self.client.log_artifacts(run_id, str(local), "adapter")
-        run_status = {"trained": "FINISHED", "cancelled": "KILLED"}.get(str(status), "FAILED")
-        self.client.set_terminated(run_id, status=run_status, end_time=_millis(event))
+        status = run_status(adapter_state_after(outcome))
+        self.client.set_terminated(run_id, status=status, end_time=_millis(event))
 
     @contextmanager
     def adapter_run_deleted(self, adapter_id: str) -> Iterator[None]:
@@ -430,18 +432,19 @@ class Tracker:
     def _close_finished_jobs(self) -> None:
         jobs = [
             job
-            for job in self.store.list_jobs(states=sorted(JOB_TERMINAL))
+            for job in self.store.list_jobs(states=JOB_TERMINAL)
             if job.mlflow_run_id and job.id not in self._closed_jobs
         ]
         counts = self.store.adapter_counts([job.id for job in jobs])  # one query, not a job's adapters each
         for job in jobs:
             assert job.mlflow_run_id is not None
             if all(state in ADAPTER_FINISHED for state in counts[job.id]):
-                if self.client.get_run(job.mlflow_run_id).info.status == "RUNNING":
+                if self.client.get_run(job.mlflow_run_id).info.status == run_status(JobState.RUNNING):
                     self.client.log_dict(job.mlflow_run_id, self._job_summary(job), SUMMARY_ARTIFACT)
                     self.client.log_batch(job.mlflow_run_id, tags=[_table_tag(SUMMARY_ARTIFACT)])
-                    status = {"succeeded": "FINISHED", "cancelled": "KILLED"}.get(job.state, "FAILED")
                     self.client.set_terminated(
-                        job.mlflow_run_id, status=status, end_time=int(job.updated_at.timestamp() * 1000)
+                        job.mlflow_run_id,
+                        status=run_status(job.state),
+                        end_time=int(job.updated_at.timestamp() * 1000),
                     )
                 self._closed_jobs.add(job.id)

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from orchestrator.server.app import create_app
 from orchestrator.service.plane import ControlPlane
 from orchestrator.settings import Settings
-from orchestrator.store import NewEvent
+from orchestrator.store import AdapterChange, NewEvent
 from workers import storage
 from workers.training import checkpoint as ckpt
 from workers.training.data import fingerprint
@@ -82,7 +82,9 @@ def submit(api: TestClient, body: dict, headers: dict[str, str] = HEADERS) -> di
 def walk(b: ControlPlane, adapter_id: str, *states: str, **fields) -> None:
     """Move an adapter through `states` as the controller would (fields set with the last move)."""
     for i, state in enumerate(states):
-        b.store.update_adapter(adapter_id, state=state, **(fields if i == len(states) - 1 else {}))
+        b.store.update_adapter(
+            AdapterChange(adapter_id, state=state, **(fields if i == len(states) - 1 else {}))
+        )
 
 
 def message(answer) -> str:
@@ -154,14 +156,16 @@ def test_a_cancelled_adapter_is_retried_but_not_before_a_parent_that_cannot_give
     submit(api, spec(tiny_base, data, "parent", "other"))
     b = plane(api)
     parent, other = b.store.get_adapter("default", "parent"), b.store.get_adapter("default", "other")
-    b.store.update_adapter(other.id, state="cancelled")
+    b.store.update_adapter(AdapterChange(other.id, state="cancelled"))
     assert api.post("/v1/adapters/default/other/retry", headers=HEADERS).json()["state"] == "queued"
 
     walk(b, parent.id, "training", "trained", final_checkpoint="/nowhere")
     submit(api, spec(tiny_base, data, "child", parent="parent"))
     child = b.store.get_adapter("default", "child")
-    b.store.update_adapter(child.id, state="cancelled")
-    b.store.update_adapter(parent.id, state="failed")  # trained -> failed: its evaluation errored
+    b.store.update_adapter(AdapterChange(child.id, state="cancelled"))
+    b.store.update_adapter(
+        AdapterChange(parent.id, state="failed")
+    )  # trained -> failed: its evaluation errored
     refused = api.post("/v1/adapters/default/child/retry", headers=HEADERS)
     assert refused.status_code == 409 and "retry the parent first" in message(refused), refused.text
     assert b.store.get_adapter_by_id(child.id).state == "cancelled"
@@ -192,7 +196,7 @@ def test_delete_frees_the_name_with_its_files_and_run_and_refuses_what_must_stay
     assert has_child.status_code == 409 and "has children (default/child)" in message(has_child)
     queued = api.delete("/v1/adapters/default/child", headers=HEADERS)
     assert queued.status_code == 409 and "is queued: cancel its job first" in message(queued)
-    b.store.update_adapter(b.store.get_adapter("default", "child").id, state="cancelled")
+    b.store.update_adapter(AdapterChange(b.store.get_adapter("default", "child").id, state="cancelled"))
     assert api.delete("/v1/adapters/default/child", headers=HEADERS).json()["state"] == "cancelled"
 
     deleted = api.delete("/v1/adapters/default/skill", headers=HEADERS)
@@ -261,7 +265,7 @@ def test_a_child_of_a_failed_or_cancelled_parent_is_refused_at_submit_with_the_f
     """Before: accepted at submit, then failed ('parent ... is failed'), burning the child's name."""
     submit(api, spec(tiny_base, data, "broken", "training"))
     b = plane(api)
-    b.store.update_adapter(b.store.get_adapter("default", "broken").id, state="failed")
+    b.store.update_adapter(AdapterChange(b.store.get_adapter("default", "broken").id, state="failed"))
     refused = api.post("/v1/jobs", json=spec(tiny_base, data, "child", parent="broken"), headers=HEADERS)
     assert refused.status_code == 422, refused.text
     (problem,) = refused.json()["detail"]["problems"]
@@ -359,7 +363,7 @@ def test_the_cli_at_80_columns_keeps_ids_and_states_whole_and_retries_and_delete
         body["name"] = "a-job-name-long-enough-to-crowd-an-80-column-terminal"
         job = b.service.submit(body, None)
         (adapter,) = job.adapters
-        b.store.update_adapter(adapter.id, state="cancelled")
+        b.store.update_adapter(AdapterChange(adapter.id, state="cancelled"))
         b.store.set_job_state(job.id, "cancelled")
 
         listed = cli("jobs")
@@ -383,7 +387,7 @@ def test_the_cli_at_80_columns_keeps_ids_and_states_whole_and_retries_and_delete
         )
         refused = cli("delete", f"a-long-project-name/{adapter.name}")
         assert refused.returncode == 2 and "cancel its job first" in " ".join(refused.stderr.split())
-        b.store.update_adapter(adapter.id, state="cancelled")
+        b.store.update_adapter(AdapterChange(adapter.id, state="cancelled"))
         deleted = cli("delete", f"a-long-project-name/{adapter.name}")
         assert deleted.returncode == 0 and "its name is free" in " ".join(deleted.stdout.split())
     finally:

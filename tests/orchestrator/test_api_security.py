@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator.server.app import create_app
 from orchestrator.settings import Settings
+from orchestrator.store import AdapterChange
 
 ADMIN = "admin-secret"
 
@@ -325,8 +326,8 @@ def test_export_onto_full_or_read_only_storage_answers_507_or_503_as_json(
         (checkpoint / "lorafleet.json").write_text("{}")
         store = api.app.state.plane.store
         adapter = store.get_adapter("p", "a")
-        store.update_adapter(adapter.id, state="training")
-        store.update_adapter(adapter.id, state="trained", final_checkpoint=str(checkpoint))
+        store.update_adapter(AdapterChange(adapter.id, state="training"))
+        store.update_adapter(AdapterChange(adapter.id, state="trained", final_checkpoint=str(checkpoint)))
 
         full = api.get("/v1/adapters/p/a/export", headers=auth(ADMIN))
         assert full.status_code == 507 and full.headers["content-type"] == "application/json"
@@ -368,7 +369,7 @@ def test_retry_requeues_a_failed_jobs_failed_adapters_once(
     ).json()
     store = api.app.state.plane.store
     adapter = store.get_adapter("p", "a")
-    store.update_adapter(adapter.id, state="failed", error="storage is full (ENOSPC)")
+    store.update_adapter(AdapterChange(adapter.id, state="failed", error="storage is full (ENOSPC)"))
     store.set_job_state(job["id"], "failed", error="a: storage is full (ENOSPC)")
     member = token(api, "p")
     retried = api.post(f"/v1/jobs/{job['id']}/retry", headers=auth(member))

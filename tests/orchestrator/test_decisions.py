@@ -102,7 +102,7 @@ def test_events_become_row_changes() -> None:
         queued,
         StartEvent(pack_id="k", adapter="a", step=0, data_fingerprint="f", train_examples=1, eval_examples=0),
     )
-    assert start == AdapterChange("a", A.TRAINING, {"data_fingerprint": "f"})
+    assert start == AdapterChange("a", A.TRAINING, data_fingerprint="f")
     step = decisions.on_event(
         adapter("a", "training"),
         StepEvent(pack_id="k", adapter="a", step=3, loss=1.5, lr=0.1, grad_norm=1, tokens=9, tokens_per_s=1),
@@ -200,11 +200,11 @@ def test_a_job_settles_only_when_its_adapters_have() -> None:
 
 def test_a_yielded_adapter_goes_back_to_the_queue_at_its_step() -> None:
     done = AdapterDone(pack_id="k", adapter="a", step=7, status="yielded")
-    assert decisions.on_done(adapter("a", "training"), done) == AdapterChange("a", A.QUEUED, {"step": 7})
+    assert decisions.on_done(adapter("a", "training"), done) == AdapterChange("a", A.QUEUED, step=7)
     assert decisions.on_done(adapter("a", "cancelled"), done) is None  # the user's cancel stands
     # a yield that crossed the user's cancel (asked of the pack, not confirmed yet) is a cancel
     crossed = decisions.on_event(adapter("a", "training"), done, cancelling=True)
-    assert crossed == AdapterChange("a", A.CANCELLED, {"step": 7}, announce=True)
+    assert crossed == AdapterChange("a", A.CANCELLED, step=7, announce=True)
 
 
 def test_every_queued_adapter_says_why_it_waits_and_only_changes_are_written() -> None:
@@ -218,7 +218,7 @@ def test_every_queued_adapter_says_why_it_waits_and_only_changes_are_written() -
     reasons = {"kid": "waiting for its parent p/parent (training)", "free": "waiting for a free worker"}
     queued = [adapter("kid", waiting=reasons["kid"]), adapter("free"), adapter("gone", "training")]
     changes = decisions.waiting([*queued], reasons | {"gone": "x"})
-    assert changes == [AdapterChange("free", None, {"waiting": "waiting for a free worker"})]
+    assert changes == [AdapterChange("free", None, waiting="waiting for a free worker")]
 
 
 def test_an_adapter_no_worker_can_hold_fails_on_a_fixed_cluster_and_waits_on_a_growing_one() -> None:
@@ -267,7 +267,7 @@ def test_checkpoints_storage_holds_but_sql_missed_are_recorded() -> None:
 def test_retry_requeues_only_failed_adapters_and_clears_their_error() -> None:
     failed = adapter("f", "failed", error="storage is full (ENOSPC)")
     changes = decisions.retry([failed, adapter("t", "trained"), adapter("c", "cancelled")])
-    assert changes == [AdapterChange("f", AdapterState.QUEUED, {"error": None})]
+    assert changes == [AdapterChange("f", AdapterState.QUEUED, error=None)]
 
 
 def test_only_a_parent_that_can_still_give_weights_is_branched_from() -> None:

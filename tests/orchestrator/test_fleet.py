@@ -133,20 +133,20 @@ def test_apply_changes_writes_a_batch_as_one_by_one_updates_would(store: Store) 
     )
     store.create_pack("pk", base_model="base")
     store.add_pack_member("pk", a.id)
-    store.update_adapter(a.id, state="training")
+    store.update_adapter(AdapterChange(a.id, state="training"))
     store.add_checkpoint(a.id, 2, "/out/a/checkpoint-2")
     store.upsert_metrics(a.id, {"train_loss": (1.5, 1), "accuracy": (0.5, 1)})
 
     announced = store.apply_changes(
         [
-            AdapterChange(a.id, None, {"step": 2}, metrics={"train_loss": (1.2, 2), "accuracy": (0.4, 2)}),
+            AdapterChange(a.id, None, step=2, metrics={"train_loss": (1.2, 2), "accuracy": (0.4, 2)}),
             AdapterChange(a.id, checkpoint=(2, "/out/a/checkpoint-2", False)),  # recorded already
-            AdapterChange(a.id, None, {"step": 3}, metrics={"train_loss": (1.3, 3), "accuracy": (0.7, 3)}),
+            AdapterChange(a.id, None, step=3, metrics={"train_loss": (1.3, 3), "accuracy": (0.7, 3)}),
             AdapterChange(a.id, checkpoint=(3, "/out/a/final", True)),
-            AdapterChange(a.id, "trained", {"final_checkpoint": "/out/a/final"}, announce=True),
-            AdapterChange(b.id, "trained", {"step": 9}, announce=True),  # queued -> trained: moot
+            AdapterChange(a.id, "trained", final_checkpoint="/out/a/final", announce=True),
+            AdapterChange(b.id, "trained", step=9, announce=True),  # queued -> trained: moot
             AdapterChange(b.id, "cancelled", announce=True),
-            AdapterChange(b.id, None, {"eval_loss": 0.5}, metrics={"eval_loss": (float("nan"), 1)}),
+            AdapterChange(b.id, None, eval_loss=0.5, metrics={"eval_loss": (float("nan"), 1)}),
         ]
     )
 

@@ -30,7 +30,7 @@ import httpx
 import psutil
 import pytest
 
-from orchestrator.store import NewAdapter, NewEvent, Store
+from orchestrator.store import AdapterChange, NewAdapter, NewEvent, Store
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +221,7 @@ def test_concurrent_state_updates_lose_nothing(store: Store) -> None:
             for r in range(rounds):
                 v = value(t, r)
                 store.upsert_metrics(adapter.id, {"shared_loss": (v, r), f"own_{t}_loss": (v, r)})
-                store.update_adapter(adapter.id, step=t * 1000 + r)
+                store.update_adapter(AdapterChange(adapter.id, step=t * 1000 + r))
                 store.record_events(
                     [NewEvent(job_id=job.id, adapter_id=adapter.id, kind="step", step=r, payload={"t": t})]
                 )

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.store import NewAdapter, NewEvent, Store
+from orchestrator.store import AdapterChange, NewAdapter, NewEvent, Store
 from orchestrator.tracking.mirror import Tracker, experiment_name
 
 pytestmark = pytest.mark.slow
@@ -68,8 +68,8 @@ def _mirrored_job(tmp_path: Path) -> str:
         events.append(NewEvent(job.id, "done", adapter.id, 3, {"status": "trained", "final_dir": None}))
     store.record_events(events)
     for adapter in adapters:
-        store.update_adapter(adapter.id, state="training")
-        store.update_adapter(adapter.id, state="trained")
+        store.update_adapter(AdapterChange(adapter.id, state="training"))
+        store.update_adapter(AdapterChange(adapter.id, state="trained"))
     store.set_job_state(job.id, "succeeded")
     backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert Tracker(store, backend, tmp_path / "mlflow-artifacts").sync() == len(events)

@@ -8,7 +8,7 @@ from pathlib import Path
 from orchestrator.control.controller import Controller
 from orchestrator.control.packrun import EVENTS, EventLog
 from orchestrator.settings import Settings
-from orchestrator.store import NewAdapter, NewEvent, Store
+from orchestrator.store import AdapterChange, NewAdapter, NewEvent, Store
 from workers.contract.plan import AdapterDone, CheckpointEvent, StartEvent, StepEvent
 
 
@@ -28,7 +28,7 @@ def test_reconcile_replays_what_the_dead_controller_never_recorded(tmp_path: Pat
     store.create_pack("pk", base_model="base")
     for adapter in (a, b):
         store.add_pack_member("pk", adapter.id)
-        store.update_adapter(adapter.id, state="training")
+        store.update_adapter(AdapterChange(adapter.id, state="training"))
 
     def step(name: str, s: int) -> StepEvent:
         return StepEvent(

@@ -35,7 +35,7 @@ from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
 from orchestrator.spec.job import BranchSpec
 from orchestrator.spec.views import scores
-from orchestrator.store import AdapterRecord, NewEvent, Store
+from orchestrator.store import AdapterChange, AdapterRecord, NewEvent, Store
 from orchestrator.tracking.mirror import CURSOR, SAMPLES_ARTIFACT, SUMMARY_ARTIFACT, Tracker
 from workers.contract.plan import AdapterDone, EvalConfig, EvalEvent, EvalSample, Event, StartEvent, StepEvent
 
@@ -98,8 +98,7 @@ def _feed(store: Store, adapter: AdapterRecord, events: list[Event]) -> None:
     for event in events:
         change = decisions.on_event(store.get_adapter_by_id(adapter.id), event)
         if change is not None:
-            store.update_adapter(adapter.id, state=change.state, **change.fields)
-            store.upsert_metrics(adapter.id, dict(change.metrics))
+            store.update_adapter(change)  # its fields, metric values and checkpoint
 
 
 def _events(name: str, steps: int, scores: dict[str, float], final_dir: Path, parent: bool) -> list[Event]:
@@ -170,7 +169,7 @@ def fleet(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for name in ("adapter_config.json", "lorafleet.json"):  # the marker makes it a complete checkpoint
             (final_dir / name).write_text("{}")
         _feed(store, adapter, _events(adapter.name, steps, reported, final_dir, adapter is child))
-        store.update_adapter(adapter.id, state="evaluated")
+        store.update_adapter(AdapterChange(adapter.id, state="evaluated"))
     store.set_job_state(job.id, "succeeded")
     tracker = Tracker(store, str(settings.mlflow_uri), settings.mlflow_artifact_root)
     tracker.sync()

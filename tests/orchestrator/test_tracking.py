@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from orchestrator.registry.promotion import Registry
-from orchestrator.store import NewAdapter, NewEvent, Store
+from orchestrator.store import AdapterChange, NewAdapter, NewEvent, Store
 from orchestrator.tracking.mirror import CURSOR, Tracker, experiment_name
 
 
@@ -62,8 +62,8 @@ def _job_with_events(store: Store, final_dir: Path) -> tuple[str, dict[str, str]
         )
     store.record_events(events)
     for name in ("root", "child"):
-        store.update_adapter(ids[name], state="training")
-        store.update_adapter(ids[name], state="trained", final_checkpoint=str(final_dir))
+        store.update_adapter(AdapterChange(ids[name], state="training"))
+        store.update_adapter(AdapterChange(ids[name], state="trained", final_checkpoint=str(final_dir)))
     store.set_job_state(job.id, "succeeded")
     return job.id, ids
 
@@ -255,9 +255,11 @@ def test_concurrent_promotions_while_the_mirror_syncs_leave_no_orphan_runs(tmp_p
         events.append(
             NewEvent(job.id, "done", adapter.id, 3, {"status": "trained", "final_dir": str(final_dir)})
         )
-        store.update_adapter(adapter.id, state="training")
-        store.update_adapter(adapter.id, state="trained", final_checkpoint=str(final_dir), eval_loss=1.5)
-        store.update_adapter(adapter.id, state="evaluated")
+        store.update_adapter(AdapterChange(adapter.id, state="training"))
+        store.update_adapter(
+            AdapterChange(adapter.id, state="trained", final_checkpoint=str(final_dir), eval_loss=1.5)
+        )
+        store.update_adapter(AdapterChange(adapter.id, state="evaluated"))
     store.record_events(events)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -12,6 +12,7 @@ import os
 import re
 import time
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -367,12 +368,22 @@ class CheckpointEvent(_Event):
     final: bool = False
 
 
+class Outcome(StrEnum):
+    """How an adapter left its pack: the engine's word. The control plane turns it into the adapter's
+    lifecycle state in one place (`orchestrator.spec.states.adapter_state_after`)."""
+
+    TRAINED = "trained"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    YIELDED = "yielded"  # made room at a step boundary, right after a checkpoint: it resumes from there
+
+
 class AdapterDone(_Event):
     """An adapter left its pack. `yielded`: it made room for other work at a step boundary, right after a
     checkpoint of that step, and goes back to the queue to resume from it (nothing is redone)."""
 
     kind: Literal["done"] = "done"
-    status: Literal["trained", "failed", "cancelled", "yielded"]
+    status: Outcome
     final_dir: Location | None = None
     eval_loss: float | None = None
     baseline_eval_loss: float | None = None

@@ -37,6 +37,7 @@ from workers.contract.plan import (
     EvalEvent,
     EvalSample,
     Event,
+    Outcome,
     StartEvent,
     StepEvent,
     TrainConfig,
@@ -263,7 +264,7 @@ class PackTrainer:
                     pack_id=self.pack_id,
                     adapter=task.name,
                     step=meta.get("step", task.train.steps),
-                    status="trained",
+                    status=Outcome.TRAINED,
                     final_dir=final_dir,
                     eval_loss=meta.get("eval_loss"),
                 ),
@@ -701,7 +702,7 @@ class PackTrainer:
                 pack_id=self.pack_id,
                 adapter=run.name,
                 step=run.step,
-                status="trained",
+                status=Outcome.TRAINED,
                 final_dir=final_dir,
                 eval_loss=run.last_eval_loss,
                 baseline_eval_loss=run.parent_eval_loss,  # the parent's loss, from the final eval
@@ -728,7 +729,8 @@ class PackTrainer:
                     ckpt.prune_checkpoints(run.task.output_dir, run.cfg.keep_checkpoints)
             self._detach(run)
             self._record_done(
-                run.task, AdapterDone(pack_id=self.pack_id, adapter=run.name, step=run.step, status="yielded")
+                run.task,
+                AdapterDone(pack_id=self.pack_id, adapter=run.name, step=run.step, status=Outcome.YIELDED),
             )
 
     def cancel(self, name: str) -> None:
@@ -737,7 +739,8 @@ class PackTrainer:
         if run is not None:
             self._detach(run)
             self._record_done(
-                run.task, AdapterDone(pack_id=self.pack_id, adapter=name, step=run.step, status="cancelled")
+                run.task,
+                AdapterDone(pack_id=self.pack_id, adapter=name, step=run.step, status=Outcome.CANCELLED),
             )
 
     def _finish_failed(self, task: AdapterTask, error: str, step: int = 0) -> None:
@@ -745,7 +748,9 @@ class PackTrainer:
             self._detach(self.runs[task.name])
         self._record_done(
             task,
-            AdapterDone(pack_id=self.pack_id, adapter=task.name, step=step, status="failed", error=error),
+            AdapterDone(
+                pack_id=self.pack_id, adapter=task.name, step=step, status=Outcome.FAILED, error=error
+            ),
         )
 
     def _detach(self, run: AdapterRun) -> None:

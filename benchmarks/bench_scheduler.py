@@ -22,14 +22,14 @@ from pathlib import Path
 from orchestrator.scheduling.scheduler import (
     AdapterDemand,
     BaseKey,
-    BaseModelInfo,
     WorkerState,
     adapter_memory_bytes,
     base_memory_bytes,
-    model_info_from_config,
     schedule,
     unplaceable,
 )
+from workers.contract.memory import BaseModelInfo, model_info_from_config
+from workers.contract.plan import LoraConfig
 
 GIB = 2**30
 N_DEMANDS, N_GPU_WORKERS, N_CPU_WORKERS, REPEATS, SEED = 10_000, 160, 40, 5, 0
@@ -63,6 +63,10 @@ CPU_BASES = [BaseKey("tiny", "none", "float32"), BaseKey("qwen-1.5b", "none", "f
 TARGETS = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), "all-linear"]
 
 
+def _lora(r: int, targets: tuple[str, ...] | str) -> LoraConfig:
+    return LoraConfig(r=r, target_modules=targets if isinstance(targets, str) else list(targets))
+
+
 def scene(seed: int = SEED) -> tuple[list[AdapterDemand], list[WorkerState], dict[BaseKey, BaseModelInfo]]:
     rng = random.Random(seed)
     infos = {b: model_info_from_config(CONFIGS[b.base_model]) for b in GPU_BASES + CPU_BASES}
@@ -78,8 +82,7 @@ def scene(seed: int = SEED) -> tuple[list[AdapterDemand], list[WorkerState], dic
                 base=rng.choice(GPU_BASES if gpu else CPU_BASES),
                 priority=rng.choice([0, 0, 0, 1, 1, 2, 3]),
                 seq=k,
-                r=rng.choice([8, 16, 32, 64]),
-                target_modules=rng.choice(TARGETS),
+                lora=_lora(rng.choice([8, 16, 32, 64]), rng.choice(TARGETS)),
                 batch_size=rng.randrange(1, 5),
                 max_seq_len=rng.choice([256, 512, 1024, 4096]),
                 needs_gpu=gpu,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from workers.bases.tiny import build_tiny_base
+from workers.contract.plan import LoraConfig
 from workers.engine.multilora import MultiLoraModel, linear_module_names
 from workers.serving import AdapterServer
 from workers.training.checkpoint import write_checkpoint
@@ -35,7 +36,7 @@ def make_adapters(base: Path, out: Path, count: int) -> list[Path]:
     model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(base))
     paths = []
     for i in range(count):
-        adapter = model.add_adapter(f"a{i}", r=8, alpha=16, dropout=0.0, target_modules="all-linear", seed=i)
+        adapter = model.add_adapter(f"a{i}", LoraConfig(r=8, alpha=16, target_modules="all-linear"), seed=i)
         with torch.no_grad():
             for weights in adapter.modules.values():
                 weights.lora_B.normal_(0, 0.02)

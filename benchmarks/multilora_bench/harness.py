@@ -332,17 +332,17 @@ def estimate_mb(
         BaseKey,
         adapter_memory_bytes,
         base_memory_bytes,
-        default_pass_tokens,
-        model_info_from_config,
         pass_memory_bytes,
     )
+    from workers.contract.memory import default_pass_tokens, model_info_from_config
+    from workers.contract.plan import LoraConfig
 
     key = BaseKey("bench", "none", dtype)
     info = model_info_from_config(model_config)
     step = k * batch_size * max_seq_len
     passes = default_pass_tokens(gpu, max_tokens_per_pass, step) if in_passes else None
-    modules = targets if isinstance(targets, str) else tuple(targets)
-    demand = AdapterDemand("a", "p", key, 0, 0, r, modules, batch_size, max_seq_len, gpu, pass_tokens=passes)
+    lora = LoraConfig(r=r, target_modules=targets if isinstance(targets, str) else list(targets))
+    demand = AdapterDemand("a", "p", key, 0, 0, lora, batch_size, max_seq_len, gpu, pass_tokens=passes)
     adapters = k * adapter_memory_bytes(demand, info, checkpointing)
     pack = base_memory_bytes(key, info) + pass_memory_bytes(demand, info, checkpointing)
     return (pack + adapters) / 2**20

@@ -292,16 +292,17 @@ def peft_train_one(
     base: Any, spec: RunSpec, name: str, batches: list[list[Any]], pad_id: int
 ) -> tuple[Any, float, float, int]:
     """Train one adapter with a plain PEFT loop; (bare base, steady seconds, final loss, padded tokens)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from torch.nn import functional as F
     from torch.optim.lr_scheduler import LambdaLR
 
-    from workers.contract.plan import TrainConfig
+    from workers.contract.plan import LoraConfig, TrainConfig
     from workers.engine.examples import IGNORE_INDEX
+    from workers.training.checkpoint import peft_config
     from workers.training.trainer import lr_factor
 
     targets = list(spec.targets) if isinstance(spec.targets, tuple) else spec.targets
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=targets)
+    config = peft_config(LoraConfig(r=spec.r, alpha=spec.alpha, target_modules=targets))
     model = get_peft_model(base, config)  # adapters in fp32 on a bf16 base (autocast_adapter_dtype)
     init_like_lorafleet(model, name, spec.seed)
     model.train()

@@ -40,6 +40,7 @@ from orchestrator.spec.states import AdapterState, JobState, PackState
 from orchestrator.store import AdapterRecord, Conflict, DatabaseUnavailable, NewEvent, Store
 from workers import storage
 from workers.bases.catalog import base_config
+from workers.contract import memory
 from workers.contract.plan import (
     AdapterDone,
     AdapterTask,
@@ -214,7 +215,7 @@ class Controller:
         self.running: dict[str, RunningPack] = {}
         self._specs: dict[str, JobSpec] = {}
         # a base's shape, or why its config cannot load; filled outside the lock (`_prepare`)
-        self._infos: dict[sched.BaseKey, sched.BaseModelInfo | Exception] = {}
+        self._infos: dict[sched.BaseKey, memory.BaseModelInfo | Exception] = {}
         self._cluster: ClusterView | None = None  # read once per tick (`_prepare`)
         self._queued: dict[str, AdapterRecord] = {}  # queued adapters as last read (`_queued_adapters`)
         self._judged: dict[tuple[str, PackShape, int], str | None] = {}  # `_never_fits`' verdicts
@@ -710,21 +711,19 @@ class Controller:
 
     def _new_demand(self, adapter: AdapterRecord) -> sched.AdapterDemand:
         spec = self._spec(adapter.job_id)
-        lora, train = adapter.lora, adapter.train
-        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+        train = adapter.train
         return sched.AdapterDemand(
             adapter_id=adapter.id,
             project=adapter.project,
             base=self._base_key(adapter),
             priority=adapter.priority,
             seq=adapter.seq,
-            r=lora.r,
-            target_modules=targets,
+            lora=adapter.lora,
             batch_size=train.batch_size,
             max_seq_len=train.max_seq_len,
             needs_gpu=spec.resources.gpus_per_worker > 0,
             job=adapter.job_id,
-            pass_tokens=sched.default_pass_tokens(
+            pass_tokens=memory.default_pass_tokens(
                 spec.resources.gpus_per_worker > 0,
                 spec.resources.max_tokens_per_pass,
                 spec.resources.max_adapters_per_worker * train.batch_size * train.max_seq_len,
@@ -735,7 +734,7 @@ class Controller:
     def _base_key(adapter: AdapterRecord) -> sched.BaseKey:
         return sched.BaseKey(adapter.base_model, adapter.quantization, adapter.dtype)
 
-    def _info(self, base: sched.BaseKey) -> sched.BaseModelInfo:
+    def _info(self, base: sched.BaseKey) -> memory.BaseModelInfo:
         """The base's shape, from its config (loaded once, by `_prepare` outside the lock; a failure is
         remembered, not retried each tick)."""
         if base not in self._infos:
@@ -745,10 +744,10 @@ class Controller:
             raise found
         return found
 
-    def _load_info(self, base: sched.BaseKey) -> sched.BaseModelInfo | Exception:
+    def _load_info(self, base: sched.BaseKey) -> memory.BaseModelInfo | Exception:
         try:
             config = base_config(base.base_model, self.settings.home)  # a catalogued name, a GGUF file
-            return sched.model_info_from_config(config.to_dict())
+            return memory.model_info_from_config(config.to_dict())
         except Exception as exc:
             return exc
 

@@ -41,47 +41,33 @@ The rules, in one place:
   "Best fit" = the pack or idle worker with the least free memory that still fits (ties: input order),
   which keeps big workers for big demands.
 
-Memory model (an estimate meant to err high; the engine's own model of itself, `workers.contract.memory`,
-which `tests/workers/test_memory.py` checks against a real run's peak RSS):
-
-- base = frozen weights + `RUNTIME_OVERHEAD_BYTES` + one output-head chunk. Unquantized: `n_params *
-  dtype bytes`. 8bit / 4bit (bitsandbytes): the decoder-layer linears at ~1.02 / ~0.52 bytes per weight,
-  the rest (embeddings, norms, output head) in `dtype`. The engine computes the head and the loss a chunk
-  of target tokens at a time, so logits cost one chunk per pack, never tokens x vocabulary.
-- adapter = `16 * P` for P LoRA parameters (fp32 weights, fp32 grads, two fp32 AdamW moments) plus
-  activations for its rows: at most `batch_size * max_seq_len` tokens (packed rows carry no padding
-  between documents), each keeping per decoder layer about `SAVED_HIDDEN * hidden_size +
-  SAVED_INTERMEDIATE * intermediate_size` values in the compute dtype plus the norms' fp32 upcasts
-  (`workers.contract.memory` has the measured numbers, the inputs LoRA on o_proj/down_proj keeps, the
-  backward's one layer of gradients, and glibc's fragmentation on CPU workers). Without activation
-  checkpointing: the engine turns it on by itself only when a pass would not fit the budget in the plan.
-  Attention uses SDPA's fused kernels, which save no seq x seq matrix. The base GEMM runs over the pack's
-  concatenated rows, so activations add up per adapter.
+Memory model: the engine's own model of itself, `workers.contract.memory` (an estimate meant to err
+high, which `tests/workers/test_memory.py` checks against a real run's peak RSS), called here with what a
+demand says: the base's shape (`model_info_from_config`), its `LoraConfig`, its rows (at most
+`batch_size * max_seq_len` tokens; packed rows carry no padding between documents) and its device.
+A pack's base is paid once; each adapter adds its LoRA state and its activations (the base GEMM runs
+over the pack's concatenated rows, so activations add up per adapter), except that a pack that runs its
+steps in passes of at most `pass_tokens` (CPU by default) pays one pass's activations once and each
+adapter only what its own step has over a pass. Without activation checkpointing: the engine turns it on
+by itself only when a pass would not fit the budget in the plan.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from bisect import bisect_left, insort
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from workers.contract import memory as engine_memory
+from workers.contract import memory
+from workers.contract.memory import BaseModelInfo
+from workers.contract.plan import LoraConfig
 
 __all__ = [
-    "DTYPE_BYTES",
-    "LORA_STATE_BYTES_PER_PARAM",
-    "QUANT_BYTES",
-    "RUNTIME_OVERHEAD_BYTES",
-    "SAVED_HIDDEN",
-    "SAVED_INTERMEDIATE",
     "WAITING_FOR_WORKER",
     "AdapterDemand",
     "BaseKey",
-    "BaseModelInfo",
     "FairShare",
     "Placement",
     "RunningAdapter",
@@ -89,8 +75,7 @@ __all__ = [
     "adapter_memory_bytes",
     "base_memory_bytes",
     "fair_order",
-    "lora_param_count",
-    "model_info_from_config",
+    "pass_memory_bytes",
     "schedule",
     "unplaceable",
     "waiting_reasons",
@@ -98,18 +83,7 @@ __all__ = [
 ]
 
 _GIB = 2**30
-DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bitsandbytes bytes per quantized weight: int8 + fp32 row statistics (4 / in_features, <= 1/64 for
-# in_features >= 256); nf4 + 8-bit absmax per 64-block + fp32 second-level absmax per 256 blocks.
-QUANT_BYTES: Mapping[str, float] = {"8bit": 1.0 + 1 / 64, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-_QUANTIZATIONS = ("none", *QUANT_BYTES)
-# Framework, allocator slack and (on a GPU) the CUDA context: present once per worker whatever the model.
-RUNTIME_OVERHEAD_BYTES = engine_memory.RUNTIME_OVERHEAD_BYTES
-# Values kept for backward per token per decoder layer, in units of hidden_size / intermediate_size.
-SAVED_HIDDEN = engine_memory.SAVED_HIDDEN
-SAVED_INTERMEDIATE = engine_memory.SAVED_INTERMEDIATE
-LORA_STATE_BYTES_PER_PARAM = engine_memory.LORA_STATE_BYTES_PER_PARAM
-
+_QUANTIZATIONS = ("none", *memory.QUANT_BYTES)
 _MEMORY_FIX = "give workers more memory (`resources.memory_gb_per_worker`)"
 
 
@@ -127,42 +101,23 @@ class BaseKey:
     def __post_init__(self) -> None:
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"`quantization` must be one of {_QUANTIZATIONS}; got {self.quantization!r}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"`dtype` must be one of {tuple(DTYPE_BYTES)}; got {self.dtype!r}")
+        if self.dtype not in memory.DTYPE_BYTES:
+            raise ValueError(f"`dtype` must be one of {tuple(memory.DTYPE_BYTES)}; got {self.dtype!r}")
 
     def __str__(self) -> str:
         return f"{self.base_model} ({self.quantization}/{self.dtype})"
 
 
 @dataclass(frozen=True)
-class BaseModelInfo:
-    """The shape of a base model, as far as memory is concerned (see `model_info_from_config`).
-
-    `linear_shapes` has one entry per kind of linear in a decoder layer: `(name, in_features,
-    out_features)`, where `name` is the module's path inside the layer (`"self_attn.q_proj"`) or its bare
-    name (`"q_proj"`). Every one of the `num_layers` layers is assumed to hold each kind once. The output
-    head is not listed: like PEFT's 'all-linear', LoRA never targets it.
-    """
-
-    n_params: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    vocab_size: int
-    linear_shapes: tuple[tuple[str, int, int], ...]
-
-
-@dataclass(frozen=True)
 class AdapterDemand:
-    """One queued adapter, reduced to what placement needs."""
+    """One queued adapter, reduced to what placement needs: its `LoraConfig` as the spec gave it."""
 
     adapter_id: str  # unique
     project: str
     base: BaseKey
     priority: int  # higher first
     seq: int  # submission order: FIFO tie-break, unique
-    r: int
-    target_modules: tuple[str, ...] | str  # a tuple of dotted-suffix names, or "all-linear"
+    lora: LoraConfig
     batch_size: int
     max_seq_len: int
     needs_gpu: bool
@@ -170,15 +125,7 @@ class AdapterDemand:
     job: str = ""  # the job it belongs to: jobs of one project share its workers fairly
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                raise ValueError(
-                    f"`target_modules` of {self.adapter_id!r} must be a tuple of names or 'all-linear'; "
-                    f"got {self.target_modules!r}"
-                )
-        elif not self.target_modules:
-            raise ValueError(f"`target_modules` of {self.adapter_id!r} is empty")
-        for name in ("r", "batch_size", "max_seq_len"):
+        for name in ("batch_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` of {self.adapter_id!r} must be > 0; got {getattr(self, name)}")
 
@@ -247,60 +194,27 @@ class Placement:
     estimated_bytes: int  # the worker's whole estimate after this placement: used + (base) + adapters
 
 
-# ---- memory ----
+# ---- memory: `workers.contract.memory` with a demand's facts ----
 
 
 def base_memory_bytes(base: BaseKey, info: BaseModelInfo) -> int:
-    """Frozen weights in their stored precision, the per-worker runtime overhead, one head chunk."""
-    dtype_bytes = DTYPE_BYTES[base.dtype]
-    if base.quantization == "none":
-        weights = info.n_params * dtype_bytes
-    else:
-        quantized = info.num_layers * sum(i * o for _, i, o in info.linear_shapes)
-        rest = max(0, info.n_params - quantized)
-        weights = math.ceil(quantized * QUANT_BYTES[base.quantization]) + rest * dtype_bytes
-    return weights + RUNTIME_OVERHEAD_BYTES + engine_memory.head_bytes(base.dtype)
-
-
-def _matches(name: str, target: str) -> bool:
-    # PEFT's dotted-suffix match; a target naming one layer's module ("layers.0.self_attn.q_proj") is
-    # counted for every layer, which overestimates and so stays safe.
-    return name == target or name.endswith("." + target) or target.endswith("." + name)
-
-
-def lora_param_count(info: BaseModelInfo, r: int, target_modules: tuple[str, ...] | str) -> int:
-    """LoRA parameters over all layers: `r * (in + out)` per targeted linear (A is r x in, B is out x r)."""
-    if target_modules == "all-linear":
-        shapes = info.linear_shapes
-    else:
-        shapes = tuple(s for s in info.linear_shapes if any(_matches(s[0], t) for t in target_modules))
-    return r * info.num_layers * sum(i + o for _, i, o in shapes)
+    """The loaded base on a worker (`memory.base_bytes`)."""
+    return memory.base_bytes(info, base.quantization, base.dtype)
 
 
 def _activation_bytes(
     info: BaseModelInfo, demand: AdapterDemand, checkpointing: bool = False, tokens: int | None = None
 ) -> int:
     """Activations of `tokens` of the demand's rows (default: all of them, `batch_size * max_seq_len`)."""
-    dims = engine_memory.ModelDims(info.hidden_size, info.intermediate_size, info.num_layers, info.vocab_size)
-    per_token = engine_memory.activation_bytes_per_token(
-        dims,
+    return memory.activation_bytes(
+        info,
         demand.base.dtype,
+        tokens=demand.batch_size * demand.max_seq_len if tokens is None else tokens,
         width=demand.max_seq_len,
         checkpointing=checkpointing,
-        lora=engine_memory.LoraInputs.of(demand.target_modules),
+        targets=demand.lora.target_modules,
         cpu=not demand.needs_gpu,
     )
-    if tokens is None:
-        tokens = demand.batch_size * demand.max_seq_len
-    return math.ceil(tokens * per_token)
-
-
-def default_pass_tokens(needs_gpu: bool, max_tokens_per_pass: int | None, step_tokens: int) -> int | None:
-    """The engine's pass size for a pack: the spec's `resources.max_tokens_per_pass`, else
-    `CPU_PASS_TOKENS` on CPU, else one pass per step (GPU); never more than `step_tokens`, the most a pack
-    step can hold (max adapters x batch x max_seq_len), which is what a pass cap above it amounts to."""
-    cap = max_tokens_per_pass or (None if needs_gpu else engine_memory.CPU_PASS_TOKENS)
-    return None if cap is None else min(cap, step_tokens)
 
 
 def pass_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointing: bool = False) -> int:
@@ -312,7 +226,7 @@ def pass_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointing:
 
 
 def adapter_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointing: bool = False) -> int:
-    """What one adapter adds to a pack: LoRA state (16 bytes/param) + activations of its rows (module doc).
+    """What one adapter adds to a pack: LoRA state + activations of its rows (module doc).
 
     A pack that runs its steps in passes (`pass_tokens`; CPU by default) pays one pass's activations once
     (`pass_memory_bytes`), and an adapter adds only what its own step has over a pass (it then gets a pass
@@ -320,76 +234,20 @@ def adapter_memory_bytes(demand: AdapterDemand, info: BaseModelInfo, checkpointi
     `activation_checkpointing: on`, or `auto` under a budget the pack would not fit otherwise), activations
     are much smaller.
     """
-    params = lora_param_count(info, demand.r, demand.target_modules)
-    return _lora_bytes_per_param(demand) * params + _activation_bytes(
+    params = memory.lora_param_count(info, demand.lora)
+    return _state_bytes(demand, params) + _activation_bytes(
         info, demand, checkpointing, tokens=_own_tokens(demand)
     )
 
 
-def _lora_bytes_per_param(demand: AdapterDemand) -> int:
-    """LoRA state, and on CPU what the allocator keeps of each adapter's per-step temporaries."""
-    if demand.needs_gpu:
-        return LORA_STATE_BYTES_PER_PARAM
-    if engine_memory.DTYPE_BYTES.get(demand.base.dtype, 4) < 4:
-        return engine_memory.CPU_LORA_BYTES_PER_PARAM_BELOW_FP32
-    return engine_memory.CPU_LORA_BYTES_PER_PARAM
+def _state_bytes(demand: AdapterDemand, params: int) -> int:
+    return memory.lora_bytes_per_param(demand.base.dtype, cpu=not demand.needs_gpu) * params
 
 
 def _own_tokens(demand: AdapterDemand) -> int:
     """The tokens of the demand's step that a pass does not already pay for."""
     tokens = demand.batch_size * demand.max_seq_len
     return tokens if demand.pass_tokens is None else max(0, tokens - demand.pass_tokens)
-
-
-def model_info_from_config(config: Mapping[str, Any]) -> BaseModelInfo:
-    """A `BaseModelInfo` from a LLaMA/Mistral/Qwen-style `config.json` dict (dense decoder models).
-
-    Reads `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`,
-    `num_key_value_heads` (default: the attention heads), `head_dim` (default: hidden / heads),
-    `vocab_size`, `tie_word_embeddings` (default false, as in LLaMA, Mistral and Qwen2), `attention_bias`
-    and `mlp_bias`. A multimodal config's `text_config` is used when the top level has no `hidden_size`.
-    """
-    cfg: Mapping[str, Any] = config
-    if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), Mapping):
-        cfg = cfg["text_config"]
-    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    missing = [key for key in required if cfg.get(key) is None]
-    if missing:
-        raise ValueError(
-            f"model config lacks {missing}: lorafleet's memory model reads LLaMA/Mistral/Qwen-style configs "
-            f"with {list(required)}; got keys {sorted(cfg)[:25]}"
-        )
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
-    if experts > 1:
-        raise ValueError(
-            f"model config has {experts} experts (mixture of experts); lorafleet's memory model covers dense "
-            "decoder models only, and would underestimate this one"
-        )
-    h, inter, layers = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
-    heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or h // heads)
-    q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    shapes = (
-        ("self_attn.q_proj", h, q_out),
-        ("self_attn.k_proj", h, kv_out),
-        ("self_attn.v_proj", h, kv_out),
-        ("self_attn.o_proj", q_out, h),
-        ("mlp.gate_proj", h, inter),
-        ("mlp.up_proj", h, inter),
-        ("mlp.down_proj", inter, h),
-    )
-    biases = 0
-    if cfg.get("model_type") == "qwen2" and "attention_bias" not in cfg:  # Qwen2: q/k/v biases, always
-        biases += q_out + 2 * kv_out
-    elif cfg.get("attention_bias"):  # LLaMA's flag: q/k/v/o biases
-        biases += q_out + 2 * kv_out + h
-    if cfg.get("mlp_bias"):
-        biases += 2 * inter + h
-    per_layer = sum(i * o for _, i, o in shapes) + biases + 2 * h  # + the two RMSNorm weights
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    n_params = layers * per_layer + vocab * h * (1 if tied else 2) + h  # + the final norm
-    return BaseModelInfo(n_params, h, inter, layers, vocab, shapes)
 
 
 # ---- order ----
@@ -509,15 +367,16 @@ class _Pool:
 
 
 def _adapter_sizer(infos: Mapping[BaseKey, BaseModelInfo]) -> Callable[[AdapterDemand], int]:
-    """`adapter_memory_bytes`, with the LoRA parameter count per (base, targets) computed once."""
+    """`adapter_memory_bytes`, with the LoRA parameters per rank of each (base, targets) counted once."""
     per_rank: dict[tuple[BaseKey, tuple[str, ...] | str], int] = {}
 
     def size(d: AdapterDemand) -> int:
-        key = (d.base, d.target_modules)
+        targets = d.lora.target_modules
+        key = (d.base, targets if isinstance(targets, str) else tuple(targets))
         if key not in per_rank:
-            per_rank[key] = lora_param_count(infos[d.base], 1, d.target_modules)
+            per_rank[key] = memory.lora_params_per_rank(infos[d.base], targets)
         act = _activation_bytes(infos[d.base], d, tokens=_own_tokens(d))
-        return _lora_bytes_per_param(d) * d.r * per_rank[key] + act
+        return _state_bytes(d, d.lora.r * per_rank[key]) + act
 
     return size
 
@@ -659,7 +518,7 @@ def unplaceable(
             act = _activation_bytes(infos[d.base], d)
             fix = (
                 f"activations are {_gib(act)} of it: lower `train.batch_size` (now {d.batch_size}) or "
-                f"`train.max_seq_len` (now {d.max_seq_len}), or `lora.r` (now {d.r}), or {_MEMORY_FIX}"
+                f"`train.max_seq_len` (now {d.max_seq_len}), or `lora.r` (now {d.lora.r}), or {_MEMORY_FIX}"
             )
         out.append((d.adapter_id, f"{head}; {fix}"))
     return out

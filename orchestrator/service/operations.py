@@ -37,7 +37,7 @@ from orchestrator.spec.views import (
     scores,
 )
 from orchestrator.store import AdapterRecord, Conflict, JobRecord, NewAdapter, NotFound, Store
-from workers.contract.plan import EvalConfig, LoraConfig
+from workers.contract.plan import EvalConfig, LoraConfig, branch_problems
 from workers.training.data import fingerprint
 
 if TYPE_CHECKING:
@@ -566,18 +566,4 @@ def _no_parent(parent: str, project: str) -> str:
 def _compatibility(
     field: str, parent: LoraConfig, child: LoraConfig, parent_name: str | None
 ) -> list[tuple[str, str]]:
-    who = f"parent {parent_name!r}" if parent_name else "its parent"
-    problems = []
-    if parent.r != child.r:
-        problems.append(
-            (field, f"rank `lora.r` {child.r} differs from {who}'s {parent.r}; a child keeps the rank")
-        )
-    if parent.target_modules != child.target_modules:
-        problems.append(
-            (
-                field,
-                f"`lora.target_modules` {child.target_modules!r} differ from {who}'s "
-                f"{parent.target_modules!r}; a child keeps the target modules",
-            )
-        )
-    return problems
+    return [(field, problem) for problem in branch_problems(parent, child, parent_name)]

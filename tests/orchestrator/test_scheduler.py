@@ -21,20 +21,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.scheduling.scheduler import (
-    RUNTIME_OVERHEAD_BYTES,
     AdapterDemand,
     BaseKey,
-    BaseModelInfo,
     FairShare,
     Placement,
     RunningAdapter,
     WorkerState,
     adapter_memory_bytes,
     base_memory_bytes,
-    default_pass_tokens,
     fair_order,
-    lora_param_count,
-    model_info_from_config,
     pass_memory_bytes,
     schedule,
     unplaceable,
@@ -45,7 +40,13 @@ from workers.contract.memory import (
     CPU_LORA_BYTES_PER_PARAM,
     CPU_LORA_BYTES_PER_PARAM_BELOW_FP32,
     CPU_PASS_TOKENS,
+    RUNTIME_OVERHEAD_BYTES,
+    BaseModelInfo,
+    default_pass_tokens,
+    lora_param_count,
+    model_info_from_config,
 )
+from workers.contract.plan import LoraConfig
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +76,10 @@ INFOS[C] = model_info_from_config(MID_CONFIG)
 _seq = itertools.count()
 
 
+def lora(r: int, targets: tuple[str, ...] | str) -> LoraConfig:
+    return LoraConfig(r=r, target_modules=targets if isinstance(targets, str) else list(targets))
+
+
 def demand(
     adapter_id: str,
     *,
@@ -90,7 +95,7 @@ def demand(
 ) -> AdapterDemand:
     seq = next(_seq) if seq is None else seq
     return AdapterDemand(
-        adapter_id, project, base, priority, seq, r, targets, batch_size, max_seq_len, needs_gpu=gpu
+        adapter_id, project, base, priority, seq, lora(r, targets), batch_size, max_seq_len, needs_gpu=gpu
     )
 
 
@@ -154,11 +159,11 @@ def test_model_info_names_missing_keys_and_refuses_mixtures_of_experts():
 def test_lora_params_follow_targets():
     info = INFOS[A]
     per_layer_qv = (64 + 64) + (64 + 32)
-    assert lora_param_count(info, 8, ("q_proj", "v_proj")) == 8 * 2 * per_layer_qv
-    assert lora_param_count(info, 8, ("self_attn.q_proj", "v_proj")) == 8 * 2 * per_layer_qv
+    assert lora_param_count(info, lora(8, ("q_proj", "v_proj"))) == 8 * 2 * per_layer_qv
+    assert lora_param_count(info, lora(8, ("self_attn.q_proj", "v_proj"))) == 8 * 2 * per_layer_qv
     everything = sum(i + o for _, i, o in info.linear_shapes)
-    assert lora_param_count(info, 4, "all-linear") == 4 * 2 * everything
-    assert lora_param_count(info, 4, ("nonexistent",)) == 0
+    assert lora_param_count(info, lora(4, "all-linear")) == 4 * 2 * everything
+    assert lora_param_count(info, lora(4, ("nonexistent",))) == 0
 
 
 def test_memory_estimates_move_the_right_way():
@@ -169,15 +174,15 @@ def test_memory_estimates_move_the_right_way():
     sizes = [base_memory_bytes(b, INFOS[C]) for b in big]
     assert sizes[0] > sizes[1] > sizes[2] > RUNTIME_OVERHEAD_BYTES
     d = demand("x")
-    assert need(replace(d, r=16)) > need(d)
+    assert need(replace(d, lora=lora(16, ("q_proj", "v_proj")))) > need(d)
     assert need(replace(d, batch_size=8)) > need(d)
     assert need(replace(d, max_seq_len=512)) > need(d)
-    assert need(replace(d, target_modules="all-linear")) > need(d)
+    assert need(replace(d, lora=lora(8, "all-linear"))) > need(d)
     assert need(replace(d, base=B)) < need(d)  # bf16 activations
     assert need(replace(d, needs_gpu=True)) < need(d)  # no CPU allocator fragmentation
     deep = replace(d, base=C)  # 10 layers: checkpointing keeps 2 layers' sets + every layer's input
     assert adapter_memory_bytes(deep, INFOS[C], checkpointing=True) < adapter_memory_bytes(deep, INFOS[C])
-    lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, 8, ("q_proj", "v_proj"))
+    lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, lora(8, ("q_proj", "v_proj")))
     # activations (workers.contract.memory): per layer (4 h + 3 i) x 4 bytes + 2.25 h fp32 = 5184 bytes; kept
     # by 2 layers, + 1 layer of gradients, + half a layer per layer of CPU fragmentation; + 2 h fp32 and a
     # 256-byte mask row outside the layers
@@ -192,7 +197,7 @@ def test_cpu_adapters_on_a_bf16_base_count_the_allocator_growth_measured_below_f
     passes = replace(
         demand("x", batch_size=4, max_seq_len=256), pass_tokens=1024
     )  # no activations of its own
-    params = lora_param_count(info, 8, ("q_proj", "v_proj"))
+    params = lora_param_count(info, lora(8, ("q_proj", "v_proj")))
     assert need(passes) == CPU_LORA_BYTES_PER_PARAM * params
     assert need(replace(passes, base=B)) == CPU_LORA_BYTES_PER_PARAM_BELOW_FP32 * params
     assert adapter_memory_bytes(replace(passes, base=B, needs_gpu=True), info) < need(passes)  # GPU: state
@@ -209,7 +214,7 @@ def test_a_pack_that_runs_in_passes_pays_one_pass_of_activations_once():
     info = INFOS[A]
     one_pass = demand("x", batch_size=4, max_seq_len=256)  # 1,024 tokens a step
     passes = replace(one_pass, pass_tokens=1024)
-    lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, 8, ("q_proj", "v_proj"))
+    lora_state = CPU_LORA_BYTES_PER_PARAM * lora_param_count(info, lora(8, ("q_proj", "v_proj")))
     assert need(passes) == lora_state
     assert (
         pass_memory_bytes(passes, info) == need(one_pass) - lora_state
@@ -400,9 +405,9 @@ def test_bad_inputs_are_named():
         schedule([demand("a", base=BaseKey("other", "none", "float32"))], [], INFOS)
     with pytest.raises(ValueError, match="`quantization`"):
         BaseKey("m", "3bit", "float32")
-    with pytest.raises(ValueError, match="`target_modules`"):
+    with pytest.raises(ValueError, match="target_modules"):  # the demand carries a validated LoraConfig
         demand("a", targets="q_proj")
-    with pytest.raises(ValueError, match="`r`"):
+    with pytest.raises(ValueError, match="greater than 0"):
         demand("a", r=0)
     with pytest.raises(ValueError, match="`running_base`"):
         worker("w", 1, running=("a",))
@@ -499,8 +504,7 @@ def fleets(draw) -> tuple[list[AdapterDemand], list[WorkerState]]:
             base=draw(st.sampled_from(BASES)),
             priority=draw(st.integers(0, 2)),
             seq=seqs[k],
-            r=draw(st.sampled_from([1, 8, 64])),
-            target_modules=draw(st.sampled_from(TARGETS)),
+            lora=lora(draw(st.sampled_from([1, 8, 64])), draw(st.sampled_from(TARGETS))),
             batch_size=draw(st.integers(1, 4)),
             max_seq_len=draw(st.sampled_from([16, 128, 512, 1024])),
             needs_gpu=draw(st.booleans()),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec.job import JobSpec, SpecError, json_schema
+from workers.contract.plan import LoraConfig, branch_problems
 
 DESIGN_EXAMPLE = """
 name: support-bots
@@ -204,3 +205,17 @@ def test_the_schema_shows_the_eval_fields() -> None:
     assert "eval" in schema["properties"] and "EvalConfig" in schema["$defs"]
     assert "eval" in schema["$defs"]["AdapterSpec"]["properties"]
     assert "eval_exact_match" in schema["$defs"]["PromotionPolicy"]["properties"]["metric"]["description"]
+
+
+def test_a_child_keeps_its_parents_rank_and_targets_checked_in_one_place():
+    """`branch_problems` is the one check (the service on spec words, the engine on module paths):
+    rank and targets shape the inherited A/B; alpha and dropout are the child's own."""
+    parent = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    assert branch_problems(parent, parent.model_copy(update={"alpha": 32.0, "dropout": 0.2})) == []
+    (rank,) = branch_problems(parent, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), "team/p")
+    assert "`lora.r` 8" in rank and "parent 'team/p''s rank 4" in rank and "keeps its parent's rank" in rank
+    (targets,) = branch_problems(parent, LoraConfig(r=4, target_modules="all-linear"))
+    assert "`lora.target_modules` 'all-linear'" in targets and "its parent's ['q_proj', 'v_proj']" in targets
+    paths = [f"model.layers.{i}.self_attn.q_proj" for i in range(30)]
+    both = branch_problems(LoraConfig(r=2, target_modules=paths), LoraConfig(r=4, target_modules=paths[:2]))
+    assert len(both) == 2 and "... (30 in all)]" in both[1] and len(both[1]) < 600  # long path lists cut

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from workers.contract import plan
 from workers.engine.multilora import MultiLoraModel, linear_module_names
 from workers.training import checkpoint as ckpt
 
@@ -23,7 +24,7 @@ def _ids() -> torch.Tensor:
 
 
 def _trained_looking(model: MultiLoraModel, name: str, **kw) -> None:
-    model.add_adapter(name, seed=0, dropout=0.0, **kw)
+    model.add_adapter(name, plan.LoraConfig(dropout=0.0, **kw), seed=0)
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for weights in model.adapters[name].modules.values():
@@ -66,19 +67,45 @@ def test_peft_made_adapter_loads_into_our_model(tiny_base: Path, tmp_path: Path)
     peft_model.save_pretrained(tmp_path / "made-by-peft")
 
     files = ckpt.read_adapter(tmp_path / "made-by-peft")
-    assert (files.r, files.alpha) == (8, 32.0)
+    assert files.lora == plan.LoraConfig(r=8, alpha=32.0, dropout=0.0, target_modules=["k_proj", "up_proj"])
     ours = MultiLoraModel(_base(tiny_base))
-    ours.add_adapter(
-        "imported",
-        r=files.r,
-        alpha=files.alpha,
-        dropout=0.0,
-        seed=0,
-        target_modules=files.target_modules,
-        init=files.weights,
-    )
+    ckpt.attach_frozen(ours, "imported", files)
     got = ours(_ids(), None, [("imported", 0, 3)])
     assert float((got - expected).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        plan.LoraConfig(),
+        plan.LoraConfig(r=16, alpha=12.5, dropout=0.1, target_modules=["k_proj", "o_proj", "q_proj"]),
+        plan.LoraConfig(r=3, alpha=1.0, target_modules="all-linear"),
+    ],
+)
+def test_our_lora_config_round_trips_through_peft(lora: plan.LoraConfig, tmp_path: Path) -> None:
+    """Ours -> PEFT's -> ours, every field, in memory and through PEFT's own `adapter_config.json`."""
+    assert ckpt.lora_config(ckpt.peft_config(lora)) == lora
+    ckpt.peft_config(lora, base_model="models/tiny").save_pretrained(str(tmp_path))
+    saved = LoraConfig.from_pretrained(str(tmp_path))
+    assert ckpt.lora_config(saved) == lora
+    assert (saved.base_model_name_or_path, saved.task_type, saved.bias) == (
+        "models/tiny",
+        "CAUSAL_LM",
+        "none",
+    )
+
+
+def test_peft_targets_come_back_sorted_or_named_by_the_saved_modules() -> None:
+    """PEFT keeps list targets as a set; a regular expression comes back as the saved modules' names."""
+    unordered = plan.LoraConfig(target_modules=["v_proj", "q_proj"])
+    assert ckpt.lora_config(ckpt.peft_config(unordered)).target_modules == ["q_proj", "v_proj"]
+    regex = LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(q|v)_proj")
+    saved = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert ckpt.lora_config(regex, saved) == plan.LoraConfig(
+        r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]
+    )
+    with pytest.raises(ckpt.CheckpointError, match=r"rank_pattern"):
+        ckpt.lora_config(LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 8}))
 
 
 def test_unsupported_peft_options_are_a_clear_error(tiny_base: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from workers.contract.plan import LoraConfig
 from workers.engine.model import LoadedBase, load_base
 from workers.engine.multilora import MultiLoraModel
 from workers.evaluation.generation import GenerationRequest, generate_greedy, stop_token_ids
@@ -22,7 +23,7 @@ def model(loaded: LoadedBase) -> MultiLoraModel:
     """The tiny base with two adapters whose B is far from zero, so each answers differently."""
     model = MultiLoraModel(loaded.model)
     for seed, (name, targets) in enumerate([("a", ["q_proj", "v_proj"]), ("b", "all-linear")]):
-        adapter = model.add_adapter(name, r=4, alpha=8.0, dropout=0.0, target_modules=targets, seed=seed)
+        adapter = model.add_adapter(name, LoraConfig(r=4, alpha=8.0, target_modules=targets), seed=seed)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for weights in adapter.modules.values():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from workers.contract.plan import LoraConfig
 from workers.engine.examples import IGNORE_INDEX, Example
 from workers.engine.layout import Part, build_batch, choose_width, next_fit
 from workers.engine.multilora import MultiLoraModel
@@ -22,7 +23,7 @@ def _doc(n: int, seed: int, prompt: int = 0) -> Example:
 def _model(tiny_base: Path) -> MultiLoraModel:
     model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32))
     for k, (name, targets) in enumerate((("a", ["q_proj", "v_proj"]), ("b", "all-linear"))):
-        model.add_adapter(name, r=4 + 4 * k, alpha=8.0, dropout=0.0, target_modules=targets, seed=0)
+        model.add_adapter(name, LoraConfig(r=4 + 4 * k, alpha=8.0, target_modules=targets), seed=0)
         generator = torch.Generator().manual_seed(k)
         with torch.no_grad():
             for weights in model.adapters[name].modules.values():

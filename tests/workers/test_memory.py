@@ -22,11 +22,12 @@ from orchestrator.scheduling.scheduler import (
     BaseKey,
     adapter_memory_bytes,
     base_memory_bytes,
-    default_pass_tokens,
-    model_info_from_config,
     pass_memory_bytes,
 )
 from workers.bases.tiny import FIRST_WORD_ID, build_base, word_text
+from workers.contract import memory
+from workers.contract.memory import default_pass_tokens, model_info_from_config
+from workers.contract.plan import LoraConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1.25
@@ -79,10 +80,10 @@ def smol4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_memory_estimate_bounds_the_measured_peak_rss(
     smol4: tuple[Path, Path], tmp_path: Path, checkpointing: bool
 ) -> None:
-    from workers.contract.plan import AdapterTask, DataConfig, LoraConfig, PackPlan, TrainConfig
+    from workers.contract.plan import AdapterTask, DataConfig, PackPlan, TrainConfig
 
     base, data = smol4
-    targets = ["q_proj", "v_proj"]
+    lora = LoraConfig(r=16, alpha=16, target_modules=["q_proj", "v_proj"])
     train = TrainConfig(
         steps=STEPS, batch_size=BATCH, max_seq_len=SEQ, eval_every=0, checkpoint_every=0, seed=0
     )
@@ -93,7 +94,7 @@ def test_memory_estimate_bounds_the_measured_peak_rss(
         adapters=[
             AdapterTask(
                 name=f"a{k}",
-                lora=LoraConfig(r=16, alpha=16, target_modules=targets),
+                lora=lora,
                 train=train,
                 data=DataConfig(path=data),
                 output_dir=tmp_path / f"a{k}",
@@ -116,10 +117,76 @@ def test_memory_estimate_bounds_the_measured_peak_rss(
     key = BaseKey(str(base), "none", "float32")
     info = model_info_from_config(json.loads((base / "config.json").read_text()))
     passes = default_pass_tokens(False, None, K * BATCH * SEQ)  # the engine's CPU default
-    demand = AdapterDemand("a", "p", key, 0, 0, 16, tuple(targets), BATCH, SEQ, False, pass_tokens=passes)
+    demand = AdapterDemand("a", "p", key, 0, 0, lora, BATCH, SEQ, False, pass_tokens=passes)
     pack = base_memory_bytes(key, info) + pass_memory_bytes(demand, info, checkpointing)
     estimate = pack + K * adapter_memory_bytes(demand, info, checkpointing)
     ratio = estimate / measured
     mib = f"estimate {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
     print(f"checkpointing={checkpointing}: {mib}, ratio {ratio:.3f}")
     assert 1.0 <= ratio <= TOLERANCE, f"estimate / measured peak RSS = {ratio:.3f} ({mib})"
+
+
+# ---- one model, two callers ----
+
+LORAS = [
+    LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    LoraConfig(r=8, alpha=8.0, target_modules="all-linear"),
+    LoraConfig(r=2, target_modules=["self_attn.o_proj", "down_proj"]),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_and_the_scheduler_size_a_pack_alike(tiny_base: Path, dtype: str) -> None:
+    """Same base, same `LoraConfig`s: the scheduler (from `config.json` and the configs) and the engine
+    (from the loaded model and the adapters it built) read one shape, count the same LoRA parameters,
+    kept inputs and base weights, and so estimate the same pass; the scheduler's byte numbers are the
+    memory model's."""
+    from workers.engine.model import load_base
+    from workers.training.trainer import PackTrainer
+
+    loaded = load_base(str(tiny_base), dtype=dtype, device="cpu")
+    trainer = PackTrainer(loaded, str(tiny_base), emit=lambda e: None, pack_id="m", memory_budget_bytes=2**40)
+    adapters = [trainer.model.add_adapter(f"a{k}", lora, seed=0) for k, lora in enumerate(LORAS)]
+    info = model_info_from_config(json.loads((tiny_base / "config.json").read_text()))
+    assert trainer._info == info  # one parser, one set of defaults
+
+    for lora, adapter in zip(LORAS, adapters, strict=True):
+        assert memory.lora_param_count(info, lora) == sum(p.numel() for p in adapter.parameters())
+        assert memory.LoraInputs.of(lora.target_modules) == memory.LoraInputs.of(list(adapter.modules))
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    assert memory.base_weight_bytes(info, "none", dtype) == weights
+
+    tokens, width = 3 * 96, 96
+    kept = memory.LoraInputs()
+    for lora in LORAS:
+        kept = kept | memory.LoraInputs.of(lora.target_modules)
+    from_configs = memory.pass_bytes(
+        info,
+        dtype,
+        tokens=tokens,
+        width=0 if trainer._varlen else width,
+        checkpointing=False,
+        lora=kept,
+        lora_params=sum(memory.lora_param_count(info, lora) for lora in LORAS),
+        cpu=True,
+    )
+    assert trainer.pass_estimate(adapters, tokens, width) == from_configs
+
+    key = BaseKey(str(tiny_base), "none", dtype)
+    assert base_memory_bytes(key, info) == memory.base_bytes(info, "none", dtype)
+    for lora in LORAS:
+        demand = AdapterDemand("a", "p", key, 0, 0, lora, 3, width, False)
+        params = memory.lora_param_count(info, lora)
+        activations = memory.activation_bytes(
+            info,
+            dtype,
+            tokens=tokens,
+            width=width,
+            checkpointing=False,
+            targets=lora.target_modules,
+            cpu=True,
+        )
+        assert (
+            adapter_memory_bytes(demand, info)
+            == memory.lora_bytes_per_param(dtype, True) * params + activations
+        )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from workers.contract.plan import LoraConfig
 from workers.engine.multilora import MultiLoraModel, linear_module_names, resolve_target_modules
 
 
@@ -27,8 +28,9 @@ def _randomize_b(model: MultiLoraModel, name: str, seed: int) -> None:
 
 
 def _add(model: MultiLoraModel, name: str, r: int = 4, alpha: float = 8.0, **kw):
-    kw.setdefault("target_modules", ["q_proj", "v_proj"])
-    return model.add_adapter(name, r=r, alpha=alpha, dropout=kw.pop("dropout", 0.0), seed=0, **kw)
+    targets = kw.pop("target_modules", ["q_proj", "v_proj"])
+    lora = LoraConfig(r=r, alpha=alpha, dropout=kw.pop("dropout", 0.0), target_modules=targets)
+    return model.add_adapter(name, lora, seed=0, **kw)
 
 
 def test_fresh_adapter_leaves_logits_identical_to_the_base(tiny_base: Path) -> None:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from orchestrator.control.packrun import EVENTS, EventLog
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
 from workers import storage
-from workers.contract.plan import CheckpointEvent, Event, StepEvent
+from workers.contract.plan import CheckpointEvent, Event, LoraConfig, StepEvent
 from workers.engine.multilora import MultiLoraModel, linear_module_names
 from workers.training import checkpoint as ckpt
 from workers.training.pack import run_pack
@@ -24,7 +24,7 @@ from workers.training.pack import run_pack
 
 def _adapter(tiny_base: Path) -> MultiLoraModel:
     model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32))
-    model.add_adapter("a", r=2, alpha=4.0, dropout=0.0, seed=3, target_modules=["q_proj", "v_proj"])
+    model.add_adapter("a", LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj"]), seed=3)
     with torch.no_grad():
         for weights in model.adapters["a"].modules.values():
             weights.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff
-from workers.contract.plan import PackPlan, StepEvent
+from workers.contract.plan import LoraConfig, PackPlan, StepEvent
 from workers.engine.model import load_base
 from workers.engine.multilora import MultiLoraModel
 from workers.training.pack import run_pack
@@ -86,7 +86,7 @@ def test_on_a_kbit_base_each_segment_computes_as_if_alone(tiny_base: Path, quant
         load_base(str(tiny_base), quantization=quantization, dtype="bfloat16", device="cpu").model
     )
     for seed, name in enumerate("ab"):
-        model.add_adapter(name, r=4, alpha=8.0, dropout=0.0, seed=0, target_modules="all-linear")
+        model.add_adapter(name, LoraConfig(r=4, alpha=8.0, target_modules="all-linear"), seed=0)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for weights in model.adapters[name].modules.values():

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff
-from workers.contract.plan import PackPlan
+from workers.contract.plan import LoraConfig, PackPlan
 from workers.engine.examples import IGNORE_INDEX, Example
 from workers.engine.layout import Part, build_batch
 from workers.engine.model import load_base
@@ -25,8 +25,8 @@ def _doc(n: int, seed: int) -> Example:
 
 def _losses_and_grads(tiny_base: Path, checkpointing: bool, kernel: str):
     model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), kernel)
-    model.add_adapter("a", r=4, alpha=8.0, dropout=0.2, target_modules="all-linear", seed=0)
-    model.add_adapter("b", r=8, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
+    model.add_adapter("a", LoraConfig(r=4, alpha=8.0, dropout=0.2, target_modules="all-linear"), seed=0)
+    model.add_adapter("b", LoraConfig(r=8, alpha=8.0, target_modules=["q_proj", "v_proj"]), seed=0)
     for name in ("a", "b"):
         with torch.no_grad():
             for w in model.adapters[name].modules.values():

@@ -11,7 +11,7 @@ import torch
 from tests.workers.conftest import TaskFactory, final_weights, max_weight_diff, plan_of
 from workers.contract.plan import AdapterDone, CheckpointEvent, EvalEvent, Event, StepEvent
 from workers.engine.model import load_base
-from workers.training.checkpoint import checkpoint_dir, read_adapter
+from workers.training.checkpoint import attach_frozen, checkpoint_dir, read_adapter
 from workers.training.data import load_adapter_data
 from workers.training.pack import run_pack
 from workers.training.synthetic import SKILLS
@@ -131,15 +131,7 @@ def test_each_adapter_learns_its_own_skill(tiny_base: Path, make_task: TaskFacto
     trainer = PackTrainer(loaded, str(tiny_base), emit=lambda e: None, pack_id="eval")
     for task in tasks:
         files = read_adapter(Path(task.output_dir) / "final")
-        trainer.model.add_adapter(
-            task.name,
-            r=files.r,
-            alpha=files.alpha,
-            dropout=0.0,
-            seed=0,
-            target_modules=files.target_modules,
-            init=files.weights,
-        )
+        attach_frozen(trainer.model, task.name, files)
     evals = {t.name: load_adapter_data(t.data, loaded.tokenizer, 48, 0, t.name).eval for t in tasks}
     requests = [(who, evals[skill]) for skill in skills for who in [None, *skills]]
     results = iter(trainer.evaluate(requests))

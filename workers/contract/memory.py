@@ -2,7 +2,14 @@
 
 Two callers share it: the engine (`activation_checkpointing: auto` turns checkpointing on for a pass that
 would not fit the worker's budget without it) and the scheduler (`orchestrator/scheduling/scheduler.py` places
-adapters on workers by the same numbers).
+adapters on workers by the same numbers). Both read a base's shape with `model_info_from_config` and an
+adapter's with its `LoraConfig`, so there is one parser, one set of defaults and one table of bytes.
+
+- **The base**: frozen weights in their stored precision (unquantized: `n_params` x dtype bytes; 8bit /
+  4bit, bitsandbytes: the decoder-layer linears at `QUANT_BYTES` a weight, the rest in the dtype), the
+  runtime (below) and one head chunk.
+- **An adapter**: `LORA_STATE_BYTES_PER_PARAM` a LoRA parameter (more on CPU, below) and the activations
+  of its tokens.
 
 Per token, measured on the engine (saved-tensor bytes of a real forward, `tests/workers/test_memory.py`
 checks the total against a real run's peak RSS):
@@ -29,9 +36,12 @@ checks the total against a real run's peak RSS):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from workers.contract.plan import LoraConfig
 
 CPU_PASS_TOKENS = 1024
 """Default pass size on CPU (`workers.training.trainer.adapter_passes`): a CPU's matmuls are as fast at 1,024
@@ -40,6 +50,10 @@ measured on SmolLM2-135M, a pack of 8 (~2,400 tokens a step) took 3.3 GB instead
 (benchmarks/results/multilora-cpu*.md). So a CPU pack's activations are one pass's, whatever its K."""
 
 DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bitsandbytes bytes per quantized weight: int8 + fp32 row statistics (4 / in_features, <= 1/64 for
+# in_features >= 256); nf4 + 8-bit absmax per 64-block + fp32 second-level absmax per 256 blocks.
+QUANT_BYTES: Mapping[str, float] = {"8bit": 1.0 + 1 / 64, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
+# Framework, allocator slack and (on a GPU) the CUDA context: present once per worker whatever the model.
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20
 SAVED_HIDDEN = 4
 SAVED_HIDDEN_FP32 = 2.25
@@ -65,27 +79,93 @@ _OWN_INPUT = {"o_proj": "hidden", "down_proj": "intermediate"}
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    """What activations depend on: hidden and MLP widths, depth, vocabulary."""
+class BaseModelInfo:
+    """The shape of a base model, as far as memory is concerned (see `model_info_from_config`).
 
-    hidden: int
-    intermediate: int
-    layers: int
-    vocab: int
+    `linear_shapes` has one entry per kind of linear in a decoder layer: `(name, in_features,
+    out_features)`, where `name` is the module's path inside the layer (`"self_attn.q_proj"`) or its bare
+    name (`"q_proj"`). Every one of the `num_layers` layers is assumed to hold each kind once. The output
+    head is not listed: like PEFT's 'all-linear', LoRA never targets it.
+    """
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ModelDims:
-        """From a LLaMA/Mistral/Qwen-style `config.json` dict (or a multimodal one's `text_config`)."""
-        cfg = config
-        if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), Mapping):
-            cfg = cfg["text_config"]
-        hidden = int(cfg["hidden_size"])
-        return cls(
-            hidden=hidden,
-            intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
-            layers=int(cfg["num_hidden_layers"]),
-            vocab=int(cfg["vocab_size"]),
+    n_params: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    linear_shapes: tuple[tuple[str, int, int], ...]
+
+
+def model_info_from_config(config: Mapping[str, Any]) -> BaseModelInfo:
+    """A `BaseModelInfo` from a LLaMA/Mistral/Qwen-style `config.json` dict (dense decoder models).
+
+    Reads `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`,
+    `num_key_value_heads` (default: the attention heads), `head_dim` (default: hidden / heads),
+    `vocab_size`, `tie_word_embeddings` (default false, as in LLaMA, Mistral and Qwen2), `attention_bias`
+    and `mlp_bias`. A multimodal config's `text_config` is used when the top level has no `hidden_size`.
+    """
+    cfg: Mapping[str, Any] = config
+    if cfg.get("hidden_size") is None and isinstance(cfg.get("text_config"), Mapping):
+        cfg = cfg["text_config"]
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [key for key in required if cfg.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"model config lacks {missing}: lorafleet's memory model reads LLaMA/Mistral/Qwen-style configs "
+            f"with {list(required)}; got keys {sorted(cfg)[:25]}"
         )
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
+    if experts > 1:
+        raise ValueError(
+            f"model config has {experts} experts (mixture of experts); lorafleet's memory model covers dense "
+            "decoder models only, and would underestimate this one"
+        )
+    h, inter, layers = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or h // heads)
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    shapes = (
+        ("self_attn.q_proj", h, q_out),
+        ("self_attn.k_proj", h, kv_out),
+        ("self_attn.v_proj", h, kv_out),
+        ("self_attn.o_proj", q_out, h),
+        ("mlp.gate_proj", h, inter),
+        ("mlp.up_proj", h, inter),
+        ("mlp.down_proj", inter, h),
+    )
+    biases = 0
+    if cfg.get("model_type") == "qwen2" and "attention_bias" not in cfg:  # Qwen2: q/k/v biases, always
+        biases += q_out + 2 * kv_out
+    elif cfg.get("attention_bias"):  # LLaMA's flag: q/k/v/o biases
+        biases += q_out + 2 * kv_out + h
+    if cfg.get("mlp_bias"):
+        biases += 2 * inter + h
+    per_layer = sum(i * o for _, i, o in shapes) + biases + 2 * h  # + the two RMSNorm weights
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    n_params = layers * per_layer + vocab * h * (1 if tied else 2) + h  # + the final norm
+    return BaseModelInfo(n_params, h, inter, layers, vocab, shapes)
+
+
+def _matches(name: str, target: str) -> bool:
+    # PEFT's dotted-suffix match; a target naming one layer's module ("layers.0.self_attn.q_proj") is
+    # counted for every layer, which overestimates and so stays safe.
+    return name == target or name.endswith("." + target) or target.endswith("." + name)
+
+
+def lora_params_per_rank(info: BaseModelInfo, target_modules: Iterable[str] | str) -> int:
+    """LoRA parameters over all layers at rank 1: `in + out` per targeted linear (A is r x in, B out x r)."""
+    if target_modules == "all-linear":
+        shapes = info.linear_shapes
+    else:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        shapes = tuple(s for s in info.linear_shapes if any(_matches(s[0], t) for t in targets))
+    return info.num_layers * sum(i + o for _, i, o in shapes)
+
+
+def lora_param_count(info: BaseModelInfo, lora: LoraConfig) -> int:
+    """The LoRA parameters an adapter of `lora` has on a base of `info`."""
+    return lora.r * lora_params_per_rank(info, lora.target_modules)
 
 
 @dataclass(frozen=True)
@@ -109,16 +189,16 @@ class LoraInputs:
         )
 
 
-def layer_bytes_per_token(dims: ModelDims, dtype: str, lora: LoraInputs = LoraInputs()) -> float:
+def layer_bytes_per_token(info: BaseModelInfo, dtype: str, lora: LoraInputs = LoraInputs()) -> float:
     """What one decoder layer keeps for backward, per token, without checkpointing."""
     act = DTYPE_BYTES[dtype]
     hidden = (SAVED_HIDDEN + lora.attention_output) * act + SAVED_HIDDEN_FP32 * 4
     intermediate = (SAVED_INTERMEDIATE + lora.mlp_product) * act
-    return hidden * dims.hidden + intermediate * dims.intermediate
+    return hidden * info.hidden_size + intermediate * info.intermediate_size
 
 
 def activation_bytes_per_token(
-    dims: ModelDims,
+    info: BaseModelInfo,
     dtype: str,
     *,
     width: int,
@@ -127,14 +207,14 @@ def activation_bytes_per_token(
     cpu: bool = False,
 ) -> float:
     """Peak activation bytes per token of a training pass (padding included) in rows of `width`."""
-    layer = layer_bytes_per_token(dims, dtype, lora)
+    layer = layer_bytes_per_token(info, dtype, lora)
     # Checkpointed, each layer keeps its input, and while a layer is recomputed its set lives beside what
     # is left of the one just back-propagated: two layers' sets (with one, a CI run peaked 1.2% over).
-    inputs = dims.layers * dims.hidden * DTYPE_BYTES[dtype]
-    kept = inputs + 2 * layer if checkpointing else dims.layers * layer
+    inputs = info.num_layers * info.hidden_size * DTYPE_BYTES[dtype]
+    kept = inputs + 2 * layer if checkpointing else info.num_layers * layer
     backward = layer  # one layer's gradients at a time
-    outside = SAVED_OUTSIDE_FP32 * dims.hidden * 4 + width  # final norm, head input; the attention mask
-    fragmentation = CPU_FRAGMENTATION * dims.layers * layer if cpu else 0.0
+    outside = SAVED_OUTSIDE_FP32 * info.hidden_size * 4 + width  # final norm, head input; the attention mask
+    fragmentation = CPU_FRAGMENTATION * info.num_layers * layer if cpu else 0.0
     return kept + backward + outside + fragmentation
 
 
@@ -146,7 +226,7 @@ def head_bytes(dtype: str) -> int:
 
 
 def pass_bytes(
-    dims: ModelDims,
+    info: BaseModelInfo,
     dtype: str,
     *,
     tokens: int,
@@ -158,6 +238,56 @@ def pass_bytes(
 ) -> int:
     """What a training pass adds on top of the loaded base: LoRA state, activations, one head chunk."""
     per_token = activation_bytes_per_token(
-        dims, dtype, width=width, checkpointing=checkpointing, lora=lora, cpu=cpu
+        info, dtype, width=width, checkpointing=checkpointing, lora=lora, cpu=cpu
     )
     return int(LORA_STATE_BYTES_PER_PARAM * lora_params + tokens * per_token + head_bytes(dtype))
+
+
+def activation_bytes(
+    info: BaseModelInfo,
+    dtype: str,
+    *,
+    tokens: int,
+    width: int,
+    checkpointing: bool,
+    targets: Iterable[str] | str,
+    cpu: bool,
+) -> int:
+    """Activations of `tokens` tokens in rows of `width`, for adapters targeting `targets`."""
+    per_token = activation_bytes_per_token(
+        info, dtype, width=width, checkpointing=checkpointing, lora=LoraInputs.of(targets), cpu=cpu
+    )
+    return math.ceil(tokens * per_token)
+
+
+def base_bytes(info: BaseModelInfo, quantization: str, dtype: str) -> int:
+    """A loaded base: frozen weights in their stored precision, the per-worker runtime, one head chunk."""
+    return base_weight_bytes(info, quantization, dtype) + RUNTIME_OVERHEAD_BYTES + head_bytes(dtype)
+
+
+def base_weight_bytes(info: BaseModelInfo, quantization: str, dtype: str) -> int:
+    """The frozen weights: `n_params` x dtype bytes, or (8bit / 4bit) the decoder-layer linears at
+    `QUANT_BYTES` a weight and the rest (embeddings, norms, output head) in `dtype`."""
+    dtype_bytes = DTYPE_BYTES[dtype]
+    if quantization == "none":
+        return info.n_params * dtype_bytes
+    quantized = info.num_layers * sum(i * o for _, i, o in info.linear_shapes)
+    rest = max(0, info.n_params - quantized)
+    return math.ceil(quantized * QUANT_BYTES[quantization]) + rest * dtype_bytes
+
+
+def lora_bytes_per_param(dtype: str, cpu: bool) -> int:
+    """LoRA state, and on CPU what the allocator keeps of each adapter's per-step temporaries."""
+    if not cpu:
+        return LORA_STATE_BYTES_PER_PARAM
+    if DTYPE_BYTES.get(dtype, 4) < 4:
+        return CPU_LORA_BYTES_PER_PARAM_BELOW_FP32
+    return CPU_LORA_BYTES_PER_PARAM
+
+
+def default_pass_tokens(needs_gpu: bool, max_tokens_per_pass: int | None, step_tokens: int) -> int | None:
+    """The engine's pass size for a pack: the spec's `resources.max_tokens_per_pass`, else
+    `CPU_PASS_TOKENS` on CPU, else one pass per step (GPU); never more than `step_tokens`, the most a pack
+    step can hold (max adapters x batch x max_seq_len), which is what a pass cap above it amounts to."""
+    cap = max_tokens_per_pass or (None if needs_gpu else CPU_PASS_TOKENS)
+    return None if cap is None else min(cap, step_tokens)

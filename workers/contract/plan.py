@@ -77,6 +77,32 @@ class LoraConfig(_Strict):
         return self.alpha / self.r
 
 
+def branch_problems(parent: LoraConfig, child: LoraConfig, parent_name: str | None = None) -> list[str]:
+    """Why `child` cannot start from `parent`'s weights (empty: it can), in words naming the field and
+    the fix. Rank and target modules shape the A/B matrices a child inherits; alpha and dropout are its
+    own. The one check: the service calls it on the spec's words before anything runs, and the engine
+    on module paths (both sides resolved on the loaded base) when it loads the parent's weights."""
+    who = f"parent {parent_name!r}" if parent_name else "its parent"
+    problems = []
+    if parent.r != child.r:
+        problems.append(
+            f"`lora.r` {child.r} differs from {who}'s rank {parent.r}; a child keeps its parent's rank"
+        )
+    if parent.target_modules != child.target_modules:
+        problems.append(
+            f"`lora.target_modules` {_brief(child.target_modules)} differ from {who}'s "
+            f"{_brief(parent.target_modules)}; a child keeps the target modules"
+        )
+    return problems
+
+
+def _brief(targets: list[str] | str, most: int = 8) -> str:
+    if isinstance(targets, str) or len(targets) <= most:
+        return repr(targets)
+    shown = ", ".join(repr(t) for t in targets[:most])
+    return f"[{shown}, ... ({len(targets)} in all)]"
+
+
 class TrainConfig(_Strict):
     steps: Annotated[int, Field(ge=0, description="Optimizer steps to train.")] = 100
     batch_size: Annotated[int, Field(gt=0, description="Sequences per micro-batch for this adapter.")] = 4

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from workers.contract.plan import LoraConfig
 from workers.engine.grouped import GroupIndex
 
 LoraKernel = Literal["auto", "loop", "grouped"]
@@ -35,18 +36,21 @@ class LoraWeights:
 
 @dataclass
 class Adapter:
-    """Everything one adapter owns across the model: its weights per module path and its dropout RNG."""
+    """Everything one adapter owns across the model: its config (the spec's own `LoraConfig`, so rank,
+    alpha and dropout are never copied out of it), its weights per module path and its dropout RNG."""
 
     name: str
-    r: int
-    alpha: float
-    dropout: float
+    lora: LoraConfig
     modules: dict[str, LoraWeights]
     dropout_generator: torch.Generator
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.lora.scaling
+
+    @property
+    def dropout(self) -> float:
+        return self.lora.dropout
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for w in self.modules.values() for t in (w.lora_A, w.lora_B)]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workers.contract.plan import LoraConfig
 from workers.engine.adapters import Adapter, LoraKernel, LoraWeights, Routing, Segment, seeded_generator
 from workers.engine.examples import IGNORE_INDEX
 from workers.engine.grouped import GroupIndex, grouped_lora
@@ -200,23 +201,22 @@ class MultiLoraModel(nn.Module):
     def add_adapter(
         self,
         name: str,
+        lora: LoraConfig,
         *,
-        r: int,
-        alpha: float,
-        dropout: float,
-        target_modules: Sequence[str] | str,
         seed: int,
         rank: int = 0,
         init: dict[str, LoraWeights] | None = None,
     ) -> Adapter:
-        """Create (or load from `init`) an adapter; other adapters are not touched.
+        """Create (or load from `init`) an adapter with `lora`'s rank, alpha, dropout and targets; other
+        adapters are not touched.
 
         Initial A depends on (seed, name, module) only; the dropout RNG also on the worker `rank`, so data
         parallel workers draw different masks for their different rows.
         """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already attached")
-        paths = resolve_target_modules(self.base, target_modules)
+        r = lora.r
+        paths = resolve_target_modules(self.base, lora.target_modules)
         modules: dict[str, LoraWeights] = {}
         for path in paths:
             layer = self._wrap(path)
@@ -246,9 +246,7 @@ class MultiLoraModel(nn.Module):
                 f"initial weights for adapter {name!r} target modules not selected here: {extra}"
             )
         device = next(iter(modules.values())).lora_A.device
-        adapter = Adapter(
-            name, r, alpha, dropout, modules, seeded_generator(device, seed, name, "dropout", rank)
-        )
+        adapter = Adapter(name, lora, modules, seeded_generator(device, seed, name, "dropout", rank))
         for path in paths:
             self._wrapped[path].adapters[name] = adapter
         self.adapters[name] = adapter

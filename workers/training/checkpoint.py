@@ -17,16 +17,22 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from workers import storage
+from workers.contract.plan import LoraConfig
 from workers.engine.adapters import Adapter, LoraWeights
 from workers.engine.multilora import MultiLoraModel
+
+if TYPE_CHECKING:
+    import peft
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,12 +63,10 @@ def parse_peft_key(key: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class AdapterFiles:
-    """What `read_adapter` found: the hyper-parameters and the weights per module path."""
+    """What `read_adapter` found: the adapter's `LoraConfig` (read back from PEFT's by `lora_config`),
+    the base it names and the weights per module path."""
 
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: list[str] | str
+    lora: LoraConfig
     base_model: str | None
     weights: dict[str, LoraWeights]
 
@@ -70,15 +74,60 @@ class AdapterFiles:
 def attach_frozen(model: MultiLoraModel, name: str, files: AdapterFiles) -> None:
     """Attach a saved adapter to `model` under `name` for inference (no dropout): how serving, a child's
     parent at its final eval, and tests load one. Its modules are the paths it was saved with."""
-    model.add_adapter(
-        name,
-        r=files.r,
-        alpha=files.alpha,
-        dropout=0.0,
-        seed=0,
-        target_modules=sorted(files.weights),
-        init=files.weights,
+    lora = files.lora.model_copy(update={"dropout": 0.0, "target_modules": sorted(files.weights)})
+    model.add_adapter(name, lora, seed=0, init=files.weights)
+
+
+def peft_config(lora: LoraConfig, base_model: str | None = None) -> peft.LoraConfig:
+    """PEFT's `LoraConfig` for ours: the one place it is built (checkpoints write it, and with them every
+    export), so that `PeftModel.from_pretrained` loads what we trained; `lora_config` reads it back."""
+    import peft
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
     )
+
+
+def lora_config(config: peft.LoraConfig, modules: Iterable[str] = (), where: str = "adapter") -> LoraConfig:
+    """Ours from PEFT's (`peft_config`'s inverse, and the one way an adapter's rank, alpha, dropout and
+    targets are read from a file), refusing PEFT features lorafleet does not train. PEFT keeps list
+    targets as a set: they come back sorted. Targets PEFT matches by regular expression come back as the
+    module names of `modules` (the saved weights' paths), which select the same linears."""
+    unsupported = {
+        "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora,
+        "rank_pattern": bool(config.rank_pattern),
+        "alpha_pattern": bool(config.alpha_pattern),
+        "modules_to_save": bool(config.modules_to_save),
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "bias": config.bias != "none",
+    }
+    used = [field for field, on in unsupported.items() if on]
+    if used:
+        raise CheckpointError(
+            f"{where} uses PEFT options lorafleet does not train: {used}; "
+            "re-export it as a plain LoRA (uniform r/alpha, no DoRA/rsLoRA, bias 'none')"
+        )
+    targets = config.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = _target_names(list(modules)) or targets
+    try:
+        return LoraConfig(
+            r=config.r,
+            alpha=float(config.lora_alpha),
+            dropout=float(config.lora_dropout),
+            target_modules=targets if isinstance(targets, str) else sorted(targets or ()),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CheckpointError(f"{where} has a LoRA config lorafleet cannot train: {problems}") from None
 
 
 def _target_names(paths: list[str]) -> list[str]:
@@ -89,23 +138,13 @@ def _target_names(paths: list[str]) -> list[str]:
 def _write_adapter_files(
     directory: Path, adapter: Adapter, base_model: str, all_linear_paths: list[str]
 ) -> None:
-    from peft import LoraConfig
-
     paths = sorted(adapter.modules)
     names = _target_names(paths)
     # Suffix names are what people write; fall back to full paths where names would catch more modules.
     caught = [p for p in all_linear_paths if p.rsplit(".", 1)[-1] in names]
     targets = names if sorted(caught) == paths else paths
-    config = LoraConfig(
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    )
-    config.save_pretrained(str(directory))
+    lora = adapter.lora.model_copy(update={"target_modules": targets})
+    peft_config(lora, base_model).save_pretrained(str(directory))
     tensors = {}
     for path, weights in adapter.modules.items():
         tensors[peft_key(path, "lora_A")] = weights.lora_A.detach().to("cpu").contiguous()
@@ -158,40 +197,25 @@ def read_adapter(directory: str | os.PathLike[str]) -> AdapterFiles:
 
 
 def _read_adapter(local: Path, directory: str) -> AdapterFiles:
-    from peft import LoraConfig
+    import peft
 
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (local / name).is_file():
             raise CheckpointError(f"adapter directory {directory!r} has no {name}")
-    config = LoraConfig.from_pretrained(str(local))
-    unsupported = {
-        "use_dora": config.use_dora,
-        "use_rslora": config.use_rslora,
-        "rank_pattern": bool(config.rank_pattern),
-        "alpha_pattern": bool(config.alpha_pattern),
-        "modules_to_save": bool(config.modules_to_save),
-        "fan_in_fan_out": config.fan_in_fan_out,
-        "bias": config.bias != "none",
-    }
-    used = [field for field, on in unsupported.items() if on]
-    if used:
-        raise CheckpointError(
-            f"adapter {directory!r} uses PEFT options lorafleet does not train: {used}; "
-            "re-export it as a plain LoRA (uniform r/alpha, no DoRA/rsLoRA, bias 'none')"
-        )
+    config = peft.LoraConfig.from_pretrained(str(local))
+    tensors = load_file(str(local / ADAPTER_WEIGHTS))
+    suffix = ".lora_A.weight"
+    saved = [k[len(_PREFIX) : -len(suffix)] for k in tensors if k.startswith(_PREFIX) and k.endswith(suffix)]
+    lora = lora_config(config, saved, where=f"adapter {directory!r}")  # PEFT options we refuse, first
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(local / ADAPTER_WEIGHTS)).items():
+    for key, tensor in tensors.items():
         path, matrix = parse_peft_key(key)
         pairs.setdefault(path, {})[matrix] = tensor
     incomplete = [p for p, m in pairs.items() if set(m) != {"lora_A", "lora_B"}]
     if incomplete:
         raise CheckpointError(f"adapter {directory!r} lacks A or B for modules {incomplete[:3]}")
-    targets = config.target_modules
     return AdapterFiles(
-        r=config.r,
-        alpha=float(config.lora_alpha),
-        dropout=float(config.lora_dropout),
-        target_modules=targets if isinstance(targets, str) else sorted(targets),
+        lora=lora,
         base_model=config.base_model_name_or_path,
         weights={p: LoraWeights(m["lora_A"], m["lora_B"]) for p, m in pairs.items()},
     )

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
@@ -41,12 +42,13 @@ from workers.contract.plan import (
     StartEvent,
     StepEvent,
     TrainConfig,
+    branch_problems,
     perplexity,
 )
 from workers.engine.adapters import Adapter, LoraKernel
 from workers.engine.layout import Batch, Part, attention_weight_of, build_batch
 from workers.engine.model import LoadedBase
-from workers.engine.multilora import MultiLoraModel, linear_module_names
+from workers.engine.multilora import MultiLoraModel, linear_module_names, resolve_target_modules
 from workers.engine.varlen import use_varlen_attention
 from workers.evaluation.generation import GenerationRequest, generate_greedy
 from workers.evaluation.scoring import score
@@ -239,11 +241,24 @@ class PackTrainer:
         cpu = self.device.type == "cpu"
         self.max_tokens_per_pass = max_tokens_per_pass or (memory.CPU_PASS_TOKENS if cpu else None)
         config = base.model.config
-        self._dims = memory.ModelDims.from_config(config.to_dict())
+        self._config = config.to_dict()
+        if checkpointing == "auto" and memory_budget_bytes is not None:
+            _ = self._info  # a base the memory model cannot size fails here, not at the first step
         self._dtype = str(base.model.dtype).removeprefix("torch.")
         self._varlen = use_varlen_attention(base.model)
         self._attention_weight = attention_weight_of(config, self._varlen)
         self.last_batch: Batch | None = None  # the last training pass's layout (benchmarks read it)
+
+    @cached_property
+    def _info(self) -> memory.BaseModelInfo:
+        """The base's shape for the memory model (`model_info_from_config`, as the scheduler reads it)."""
+        try:
+            return memory.model_info_from_config(self._config)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; `activation_checkpointing: auto` under a memory budget needs the memory model: set "
+                "it to `on` or `off` for this base"
+            ) from None
 
     # ---- setup ----
 
@@ -253,6 +268,17 @@ class PackTrainer:
             self._add(task)
         except (ValueError, OSError) as exc:  # DataError, CheckpointError, bad targets, missing files
             self._finish_failed(task, f"{type(exc).__name__}: {exc}")
+
+    def _check_branch(self, task: AdapterTask, files: ckpt.AdapterFiles, source: str) -> None:
+        """`branch_problems` on what the weights are: the saved module paths against the paths the
+        task's targets select on this base (names, suffixes or 'all-linear' alike)."""
+        paths = sorted(resolve_target_modules(self.model.base, task.lora.target_modules))
+        problems = branch_problems(
+            files.lora.model_copy(update={"target_modules": sorted(files.weights)}),
+            task.lora.model_copy(update={"target_modules": paths}),
+        )
+        if problems:
+            raise ValueError(f"adapter {task.name!r} cannot start from {source!r}: " + "; ".join(problems))
 
     def _add(self, task: AdapterTask) -> None:
         final_dir = storage.join(task.output_dir, ckpt.FINAL_DIR)
@@ -274,11 +300,8 @@ class PackTrainer:
         resume_from = task.resume_from or ckpt.latest_checkpoint(task.output_dir)
         source = resume_from or task.init_from
         files = ckpt.read_adapter(source) if source is not None else None
-        if files is not None and files.r != task.lora.r:
-            raise ValueError(
-                f"adapter {task.name!r} starts from {str(source)!r} with rank {files.r}, but `lora.r` is "
-                f"{task.lora.r}: a child keeps its parent's rank"
-            )
+        if files is not None:
+            self._check_branch(task, files, str(source))
         data = load_adapter_data(
             task.data,
             self.tokenizer,
@@ -290,13 +313,9 @@ class PackTrainer:
         )
         if resume_from is not None:
             _check_same_data(task.name, resume_from, data.fingerprint)
-        lora = task.lora
         adapter = self.model.add_adapter(
             task.name,
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            task.lora,
             seed=task.train.seed,
             rank=self.rank,
             init=files.weights if files is not None else None,
@@ -388,20 +407,27 @@ class PackTrainer:
             return self.checkpointing == "on"
         if self.memory_budget_bytes is None:
             return False
+        adapters = [run.adapter for run in active]
+        need = self._static_bytes() + self.pass_estimate(adapters, batch.padded_tokens, batch.width)
+        return need > self.memory_budget_bytes
+
+    def pass_estimate(self, adapters: list[Adapter], tokens: int, width: int) -> int:
+        """What a pass of `adapters` over `tokens` in rows of `width` adds to the loaded base, without
+        checkpointing (`memory.pass_bytes`), from what the engine holds: the adapters' real parameters
+        and module paths. The scheduler's numbers for the same configs are the same (test_memory)."""
         lora = memory.LoraInputs()
-        for run in active:
-            lora = lora | memory.LoraInputs.of(list(run.adapter.modules))
-        need = self._static_bytes() + memory.pass_bytes(
-            self._dims,
+        for adapter in adapters:
+            lora = lora | memory.LoraInputs.of(list(adapter.modules))
+        return memory.pass_bytes(
+            self._info,
             self._dtype,
-            tokens=batch.padded_tokens,
-            width=0 if self._varlen else batch.width,  # variable-length attention builds no mask
+            tokens=tokens,
+            width=0 if self._varlen else width,  # variable-length attention builds no mask
             checkpointing=False,
             lora=lora,
-            lora_params=sum(p.numel() for run in active for p in run.adapter.parameters()),
+            lora_params=sum(p.numel() for adapter in adapters for p in adapter.parameters()),
             cpu=self.device.type == "cpu",
         )
-        return need > self.memory_budget_bytes
 
     def _static_bytes(self) -> int:
         """The base and the runtime: measured on CUDA (torch's live allocations), estimated elsewhere

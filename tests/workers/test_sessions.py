@@ -348,3 +348,69 @@ def test_a_failing_custom_loss_fails_only_its_own_call(tiny_base: Path) -> None:
         bad.result()
     assert good.result().loss > 0
     assert host.counters["max_sessions_per_pass"] == 2  # they did share the pass
+
+
+def test_a_call_over_the_pass_budget_runs_alone_in_passes_and_trains_the_same(tiny_base: Path) -> None:
+    data = [Datum.from_sequence(list(range(10 + i, 26 + i))) for i in range(3)]  # 15 tokens (+1) each
+    results = []
+    for pass_tokens in (40, 1024):
+        host = _host(tiny_base, pass_tokens=pass_tokens)
+        s = host.create_session("s", LORA)
+        out = host.forward_backward(s, data)
+        host.optim_step(s, ADAM)
+        host.run_until_idle()
+        results.append((_weights(host, s), out.result(), host.counters["passes"]))
+    (split, split_out, split_passes), (whole, whole_out, whole_passes) = results
+    assert (split_passes, whole_passes) == (2, 1)
+    assert _diff(split, whole) < 1e-6
+    assert split_out.loss == pytest.approx(whole_out.loss, rel=1e-5)
+
+    host = _host(tiny_base, pass_tokens=15)
+    s = host.create_session("s", LORA)
+    with pytest.raises(ValueError, match=r"`data\[0\]\.model_input` has 15 tokens, more than one pass"):
+        host.forward_backward(s, data)
+    host = _host(tiny_base, pass_tokens=20)  # each datum fits, the two together do not
+    s = host.create_session("s", LORA)
+    with pytest.raises(ValueError, match="custom loss has 32 tokens, more than one pass holds"):
+        host.forward_backward_custom(s, data[:2], lambda d, lp: (lp[0].sum(), {}))
+
+
+def test_clients_on_their_own_threads_get_what_they_would_alone(tiny_base: Path) -> None:
+    import threading
+
+    host = _host(tiny_base)
+    alone = []
+    for i in range(3):
+        host.create_session(f"s{i}", LORA, seed=i)
+        _drive(host, f"s{i}", i)
+        host.run_until_idle()
+        alone.append(_weights(host, f"s{i}"))
+        host.close_session(f"s{i}")
+        host.run_until_idle()
+
+    host.start()
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            s = host.create_session(f"s{i}", LORA, seed=i)  # the same name: the same initial A
+            for step in range(2):  # wait for each step, as an interactive client does
+                kind = ("cross_entropy", "importance_sampling", "ppo")[i % 3]
+                for call in range(2):
+                    seed = 100 * i + 10 * step + call
+                    host.forward_backward(s, _random_data(seed) if i % 3 == 0 else _rl_data(seed), kind)
+                host.optim_step(s, ADAM).result(timeout=120)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        host.shutdown()
+    assert not errors
+    for i in range(3):
+        assert _diff(_weights(host, f"s{i}"), alone[i]) < 1e-5

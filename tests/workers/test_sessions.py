@@ -18,6 +18,7 @@ from workers.training import checkpoint as ckpt
 from workers.training.data import SampleStream, load_adapter_data
 from workers.training.pack import run_pack
 
+LORA_PATH = "model.layers.0.self_attn.q_proj"
 LORA = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 ADAM = AdamParams(learning_rate=5e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.5)
 
@@ -414,3 +415,60 @@ def test_clients_on_their_own_threads_get_what_they_would_alone(tiny_base: Path)
     assert not errors
     for i in range(3):
         assert _diff(_weights(host, f"s{i}"), alone[i]) < 1e-5
+
+
+def test_a_custom_loss_over_http_is_forward_then_cross_entropy_with_minus_its_gradient(
+    tiny_base: Path,
+) -> None:
+    """What a remote client does (it cannot send a function): `forward` for the logprobs, its loss's
+    gradient g computed at home, then `cross_entropy` with weights -g. It trains as the in-process call."""
+    data = _random_data(5)
+
+    def variance(batch: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return torch.var(torch.cat(logprobs)), {}
+
+    local = _host(tiny_base)
+    s = local.create_session("s", LORA)
+    local.forward_backward_custom(s, data, variance)
+    local.optim_step(s, ADAM)
+    local.run_until_idle()
+
+    host = _host(tiny_base)
+    remote = host.create_session("s", LORA)
+    seen = host.forward(remote, data)
+    host.run_until_idle()
+    leaves = [torch.tensor(o["logprobs"], requires_grad=True) for o in seen.result().loss_fn_outputs]
+    grads = torch.autograd.grad(variance(data, leaves)[0], leaves)
+    sent = [
+        Datum(
+            model_input=d.model_input,
+            loss_fn_inputs=LossFnInputs(target_tokens=d.loss_fn_inputs.target_tokens, weights=(-g).tolist()),
+        )
+        for d, g in zip(data, grads, strict=True)
+    ]
+    host.forward_backward(remote, sent)
+    host.optim_step(remote, ADAM)
+    host.run_until_idle()
+    assert _diff(_weights(local, s), _weights(host, remote)) < 1e-5
+    assert float(host.sessions[remote].adapter.modules[LORA_PATH].lora_B.detach().abs().max()) > 0
+
+
+def test_a_step_on_a_non_finite_gradient_is_refused_and_drops_it(tiny_base: Path) -> None:
+    host = _host(tiny_base)
+    s = host.create_session("s", LORA)
+    before = _weights(host, s)
+    d = _random_data(0, n=1)[0]
+    huge = Datum(
+        model_input=d.model_input,
+        loss_fn_inputs=LossFnInputs(target_tokens=d.loss_fn_inputs.target_tokens, weights=[3e38] * d.length),
+    )
+    host.forward_backward(s, [huge])
+    refused = host.optim_step(s, ADAM)
+    host.run_until_idle()
+    with pytest.raises(ValueError, match="gradient is not finite"):
+        refused.result()
+    assert _diff(_weights(host, s), before) == 0.0
+    host.forward_backward(s, [d])
+    step = host.optim_step(s, ADAM)
+    host.run_until_idle()
+    assert step.result().step == 1 and _diff(_weights(host, s), before) > 0

@@ -67,6 +67,14 @@ def test_check_data_knows_the_vocabulary_and_the_pass_budget() -> None:
     check_data(data[:1], vocab_size=512, max_tokens=5)
 
 
+def test_a_stop_is_token_ids_or_texts() -> None:
+    assert SamplingParams(stop="</s>").stop == ["</s>"]
+    assert SamplingParams(stop=["a", "b"]).stop == ["a", "b"]
+    assert SamplingParams(stop=[3, 4]).stop == [3, 4]
+    with pytest.raises(ValidationError, match="stop"):
+        SamplingParams(stop=[3, "a"])
+
+
 def test_from_sequence_shifts_by_one() -> None:
     datum = Datum.from_sequence([5, 6, 7, 8], weights=[0.0, 1.0, 1.0])
     assert datum.model_input == [5, 6, 7]

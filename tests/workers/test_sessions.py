@@ -472,3 +472,26 @@ def test_a_step_on_a_non_finite_gradient_is_refused_and_drops_it(tiny_base: Path
     step = host.optim_step(s, ADAM)
     host.run_until_idle()
     assert step.result().step == 1 and _diff(_weights(host, s), before) > 0
+
+
+def test_a_sample_stops_at_its_own_stop_token_or_text(tiny_base: Path) -> None:
+    host = _host(tiny_base)
+    s = host.create_session("s", LORA)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop=[])
+    free = host.sample(s, [1, 20, 30], sampling_params=params)
+    host.run_until_idle()
+    tokens = free.result().sequences[0].tokens
+    assert len(tokens) == 12
+    text = host.tokenizer.decode(tokens[4:6])
+    k_text = next(k for k in range(1, 13) if text in host.tokenizer.decode(tokens[:k]))
+    by_token = host.sample(s, [1, 20, 30], sampling_params=params.model_copy(update={"stop": [tokens[3]]}))
+    by_text = host.sample(
+        s, [1, 20, 30], sampling_params=SamplingParams(**{**params.model_dump(), "stop": text})
+    )
+    host.run_until_idle()
+    first = tokens.index(tokens[3]) + 1
+    assert by_token.result().sequences[0].tokens == tokens[:first]
+    assert by_token.result().sequences[0].stop_reason == "stop"
+    assert by_text.result().sequences[0].tokens == tokens[:k_text]
+    assert by_text.result().sequences[0].stop_reason == "stop"
+    assert len(by_text.result().sequences[0].logprobs) == k_text

@@ -174,16 +174,22 @@ class OptimStepOutput(_Strict):
 
 
 class SamplingParams(_Strict):
-    """`temperature` 0: greedy. `stop`: token ids that end a sample (kept as its last token); None: the
-    tokenizer's end-of-sequence and end-of-turn tokens; []: none (run to `max_tokens`). `seed`: the same
-    seed, prompt and weights give the same samples, whatever else the worker is doing."""
+    """`temperature` 0: greedy. `stop`: token ids, or texts, that end a sample (the token that ends it is
+    kept as its last); None: the tokenizer's end-of-sequence and end-of-turn tokens; any list replaces
+    those, and [] runs every sample to `max_tokens`. `seed`: the same seed, prompt and weights give the
+    same samples, whatever else the worker is doing."""
 
     max_tokens: Annotated[int, Field(gt=0)] = 16
     temperature: Annotated[float, Field(ge=0.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] = -1
-    stop: list[Annotated[int, Field(ge=0)]] | None = None
+    stop: list[Annotated[int, Field(ge=0)]] | list[Annotated[str, Field(min_length=1)]] | None = None
     seed: int | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_text(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("top_k")
     @classmethod

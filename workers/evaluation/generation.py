@@ -191,6 +191,7 @@ class SampleRequest:
     top_p: float = 1.0
     top_k: int = -1
     stop: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()  # texts that end the row (with `stop` (), they replace the defaults)
 
 
 @dataclass(frozen=True)
@@ -243,18 +244,37 @@ class _RowSampler:
         return out
 
 
-class _RowStops:
-    """Per-row stopping for `generate`: a row is done at its own stop token or its own token budget."""
+def _stop_end(tokens: list[int], ids: set[int], texts: tuple[str, ...], tokenizer: Any) -> int | None:
+    """How many of `tokens` a row keeps when it stopped: through its first stop token, or through the
+    token that completes a stop text; None if it never stopped."""
+    by_id = next((k + 1 for k, t in enumerate(tokens) if t in ids), None)
+    if texts and any(text in tokenizer.decode(tokens) for text in texts):
+        by_text = next(
+            k
+            for k in range(1, len(tokens) + 1)
+            if any(text in tokenizer.decode(tokens[:k]) for text in texts)
+        )
+        return by_text if by_id is None else min(by_id, by_text)
+    return by_id
 
-    def __init__(self, rows: list[SampleRequest], stops: list[set[int]], width: int) -> None:
-        self.rows, self.stops, self.width = rows, stops, width
+
+class _RowStops:
+    """Per-row stopping for `generate`: a row is done at its own stop token or text, or its own budget."""
+
+    def __init__(
+        self, rows: list[SampleRequest], stops: list[set[int]], sampler: _RowSampler, tokenizer: Any
+    ) -> None:
+        self.rows, self.stops, self.sampler, self.tokenizer = rows, stops, sampler, tokenizer
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        made = input_ids.shape[1] - self.width
-        done = [
-            made >= row.max_new_tokens or int(input_ids[r, -1]) in self.stops[r]
-            for r, row in enumerate(self.rows)
-        ]
+        done = []
+        for r, row in enumerate(self.rows):
+            tokens = self.sampler.tokens[r]
+            done.append(
+                len(tokens) >= row.max_new_tokens
+                or (bool(tokens) and tokens[-1] in self.stops[r])
+                or any(text in self.tokenizer.decode(tokens) for text in row.stop_strings)
+            )
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -282,6 +302,7 @@ def generate_sampled(
         stops = [set(default_stops if row.stop is None else row.stop) for row in rows]
         input_ids, attention_mask, segments = _left_padded(chunk, requests, pad)
         sampler = _RowSampler(rows, device)
+        row_stops = _RowStops(rows, stops, sampler, tokenizer)
         config = GenerationConfig(
             max_new_tokens=max(row.max_new_tokens for row in rows), do_sample=False, pad_token_id=pad
         )
@@ -292,11 +313,11 @@ def generate_sampled(
             segments,
             config,
             logits_processor=LogitsProcessorList([sampler]),
-            stopping_criteria=StoppingCriteriaList([_RowStops(rows, stops, input_ids.shape[1])]),
+            stopping_criteria=StoppingCriteriaList([row_stops]),
         )
         for r, (i, row) in enumerate(zip(chunk, rows, strict=True)):
             tokens = sampler.tokens[r][: row.max_new_tokens]
-            end = next((k + 1 for k, t in enumerate(tokens) if t in stops[r]), None)
+            end = _stop_end(tokens, stops[r], row.stop_strings, tokenizer)
             cut = end if end is not None else len(tokens)
             results[i] = Sampled(
                 tokens[:cut], sampler.logprobs[r][:cut], "stop" if end is not None else "length"

@@ -593,7 +593,8 @@ class SessionHost:
                     temperature=p.temperature,
                     top_p=p.top_p,
                     top_k=p.top_k,
-                    stop=tuple(p.stop) if p.stop is not None else None,
+                    stop=None if p.stop is None else tuple(t for t in p.stop if isinstance(t, int)),
+                    stop_strings=tuple(t for t in p.stop or () if isinstance(t, str)),
                 )
                 for k in range(op.num_samples)
             ]

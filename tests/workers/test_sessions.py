@@ -63,7 +63,7 @@ def _random_data(seed: int, n: int = 3, vocab: int = 512) -> list[Datum]:
     g = torch.Generator().manual_seed(seed)
     data = []
     for _ in range(n):
-        length = int(torch.randint(4, 20, (1,), generator=g))
+        length = int(torch.randint(4, 13, (1,), generator=g))
         tokens = torch.randint(7, vocab, (length + 1,), generator=g).tolist()
         data.append(Datum.from_sequence(tokens, weights=torch.rand(length, generator=g).tolist()))
     return data
@@ -84,17 +84,18 @@ def _rl_data(seed: int) -> list[Datum]:
     return data
 
 
-def _drive(host: SessionHost, session: str, seed: int, steps: int = 2) -> None:
-    """Queue a session's whole script (each step: two calls of its own kind of loss, then a step)."""
+def _call(seed: int, step: int, call: int) -> tuple[list[Datum], str]:
+    """Session `seed`'s data and loss for one call: each session has its own kind of loss."""
     kind = ("cross_entropy", "importance_sampling", "ppo")[seed % 3]
+    key = 100 * seed + 10 * step + call
+    return (_random_data(key, n=2) if kind == "cross_entropy" else _rl_data(key)), kind
+
+
+def _drive(host: SessionHost, session: str, seed: int, steps: int = 2) -> None:
+    """Queue a session's whole script (each step: two calls, then a step)."""
     for step in range(steps):
         for call in range(2):
-            data = (
-                _random_data(100 * seed + 10 * step + call)
-                if kind == "cross_entropy"
-                else _rl_data(100 * seed + 10 * step + call)
-            )
-            host.forward_backward(session, data, kind)
+            host.forward_backward(session, *_call(seed, step, call))
         host.optim_step(session, ADAM)
 
 
@@ -149,7 +150,7 @@ def test_sessions_sharing_cycles_equal_each_alone(tiny_base: Path, k: int) -> No
         host.run_until_idle()
     assert host.counters["max_sessions_per_pass"] == 1
 
-    shared = _host(tiny_base, pass_tokens=96, max_passes_per_cycle=3)  # several passes, several cycles
+    shared = _host(tiny_base, pass_tokens=64, max_passes_per_cycle=3)  # several passes, several cycles
     for i in range(k):
         shared.create_session(f"s{i}", LORA, seed=i)
     for i in range(k):
@@ -396,10 +397,8 @@ def test_clients_on_their_own_threads_get_what_they_would_alone(tiny_base: Path)
         try:
             s = host.create_session(f"s{i}", LORA, seed=i)  # the same name: the same initial A
             for step in range(2):  # wait for each step, as an interactive client does
-                kind = ("cross_entropy", "importance_sampling", "ppo")[i % 3]
                 for call in range(2):
-                    seed = 100 * i + 10 * step + call
-                    host.forward_backward(s, _random_data(seed) if i % 3 == 0 else _rl_data(seed), kind)
+                    host.forward_backward(s, *_call(i, step, call))
                 host.optim_step(s, ADAM).result(timeout=120)
         except BaseException as exc:  # reported below
             errors.append(exc)

@@ -136,6 +136,15 @@ def test_a_session_trains_exactly_as_a_pack_trains_the_same_adapter(
     assert _diff(_weights(host, session), packed) < 1e-5
     assert _diff(_weights(host, session), initial) > 1e-3  # it did train
 
+    # and a pack's checkpoint starts a session: its weights, and optionally its AdamW state and step
+    final = str(Path(task.output_dir) / "final")
+    resumed = host.create_session("resumed", from_state=final, with_optimizer=True)
+    fresh_optimizer = host.create_session("branched", from_state=final)
+    assert host.sessions[resumed].step == 3 and host.sessions[fresh_optimizer].step == 0
+    assert host.sessions[resumed].optimizer.state and not host.sessions[fresh_optimizer].optimizer.state
+    for name in (resumed, fresh_optimizer):
+        assert all(torch.equal(_weights(host, name)[k], packed[k]) for k in packed)
+
 
 @pytest.mark.parametrize("k", [2, 8])
 def test_sessions_sharing_cycles_equal_each_alone(tiny_base: Path, k: int) -> None:
@@ -494,3 +503,20 @@ def test_a_sample_stops_at_its_own_stop_token_or_text(tiny_base: Path) -> None:
     assert by_text.result().sequences[0].tokens == tokens[:k_text]
     assert by_text.result().sequences[0].stop_reason == "stop"
     assert len(by_text.result().sequences[0].logprobs) == k_text
+
+
+def test_datums_with_and_without_weights_mix_in_one_call(tiny_base: Path) -> None:
+    host = _host(tiny_base)
+    s = host.create_session("s", LORA)
+    weighted, plain = _random_data(2, n=2)
+    plain = Datum(
+        model_input=plain.model_input, loss_fn_inputs={"target_tokens": plain.loss_fn_inputs.target_tokens}
+    )
+    out = host.forward(s, [weighted, plain])
+    host.run_until_idle()
+    first, second = out.result().loss_fn_outputs
+    w = weighted.loss_fn_inputs.weights
+    assert first["elementwise_loss"] == pytest.approx(
+        [-a * b for a, b in zip(w, first["logprobs"], strict=True)]
+    )
+    assert second["elementwise_loss"] == pytest.approx([-b for b in second["logprobs"]])

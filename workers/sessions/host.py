@@ -490,7 +490,8 @@ class SessionHost:
                     at += n
                 if grad and total.requires_grad:
                     total.backward()
-        except Exception as exc:
+        except Exception as exc:  # e.g. out of memory: the pass's calls fail (an oversized call's earlier
+            # passes may have added part of its gradient: the client sees the failure before its step)
             for s in ordered:
                 op = ops[s.op]
                 if not op.failed:
@@ -512,6 +513,8 @@ class SessionHost:
         inputs: dict[str, torch.Tensor] = {}
         for name in ("weights", "logprobs", "advantages"):
             values = [getattr(d.loss_fn_inputs, name) for d in data]
+            if name == "weights" and any(v is not None for v in values):  # absent: every token weighs 1
+                values = [[1.0] * d.length if v is None else v for d, v in zip(data, values, strict=True)]
             if all(v is not None for v in values):
                 inputs[name] = torch.tensor(
                     [x for v in values for x in v], dtype=torch.float32, device=flat.device

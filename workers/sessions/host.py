@@ -26,6 +26,11 @@ change: the same distribution, not the same draws.) A forward_backward of `cross
 1/(target tokens) trains exactly as a pack (`workers.training`) trains the same adapter on the same
 batches: same AdamW, same clipping (`trainer.clip_and_step`).
 
+**Memory.** `pass_tokens` is fixed when the host starts (`memory.pass_token_budget` for the budget, the
+base and the runtime). The sessions' own state (fp32 weights, gradients and AdamW moments:
+`memory.LORA_STATE_BYTES_PER_PARAM` a parameter) comes on top of it; bounding how many sessions a worker
+takes is the placement layer's decision, by the same numbers.
+
 **Thread safety.** Every public method may be called from any thread. Queues are guarded by one lock;
 the model is used by one cycle at a time (`_engine`, which `create_session` also takes, so an adapter is
 never attached in the middle of a pass). A custom loss function runs on the thread that runs the cycle.

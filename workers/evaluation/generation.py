@@ -1,4 +1,5 @@
-"""Greedy generation for rows of many adapters (and the bare base) in one batch over the shared base.
+"""Greedy and sampled generation for rows of many adapters (and the bare base) in one batch over the
+shared base.
 
 Serving (`workers.serving`) and the final eval (`workers.training.trainer`) both ask the same question: "what
 does each of these adapters answer to this prompt?". One `generate` answers all of them: every row goes
@@ -10,6 +11,11 @@ A row's answer must not depend on its neighbours (an eval score never depends on
 pack): decoding is greedy under a fresh `GenerationConfig` (a checkpoint's sampling or repetition-penalty
 defaults do not apply), padding is masked, and each row's text is cut at its own `max_new_tokens` and
 first stop token; generating longer for a neighbour's sake only adds tokens past that cut.
+
+Training sessions (`workers.sessions`) sample: `generate_sampled` keeps the same batching and draws each
+row's next token in a logits processor, from that row's own seeded generator with its own temperature,
+top-k and top-p, and hands the greedy search a score that picks it; a stopping criterion ends each row at
+its own stop tokens or texts. So a row's samples depend on its seed, prompt and adapter only.
 """
 
 from __future__ import annotations

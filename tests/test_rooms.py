@@ -22,6 +22,7 @@ ROOMS = [
     "workers.engine",
     "workers.evaluation",
     "workers.training",
+    "workers.sessions",
     "workers.serving",
     "orchestrator.settings",
     "orchestrator.spec",
@@ -144,7 +145,7 @@ def _loaded_after(code: str) -> set[str]:
 
 def test_the_contract_is_plain_data() -> None:
     """The control plane decides over the contract: it must not cost torch, transformers or pyarrow."""
-    loaded = _loaded_after("import workers.contract.plan, workers.contract.memory")
+    loaded = _loaded_after("import workers.contract.plan, workers.contract.memory, workers.contract.sessions")
     assert not loaded & {"torch", "transformers", "pyarrow", "ray", "mlflow"}
 
 

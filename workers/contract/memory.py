@@ -291,3 +291,29 @@ def default_pass_tokens(needs_gpu: bool, max_tokens_per_pass: int | None, step_t
     step can hold (max adapters x batch x max_seq_len), which is what a pass cap above it amounts to."""
     cap = max_tokens_per_pass or (None if needs_gpu else CPU_PASS_TOKENS)
     return None if cap is None else min(cap, step_tokens)
+
+
+def pass_token_budget(
+    info: BaseModelInfo,
+    dtype: str,
+    *,
+    budget_bytes: int,
+    static_bytes: int,
+    lora_params: int = 0,
+    lora: LoraInputs = LoraInputs(),
+    varlen: bool = False,
+    cpu: bool = False,
+) -> int:
+    """The most tokens one training pass may hold to stay within `budget_bytes` (`pass_bytes` solved for
+    tokens), with the base and runtime (`static_bytes`) and the LoRA state already resident.
+
+    Without a variable-length attention kernel a packed row's mask costs `width` bytes a token, and a
+    pass of T tokens may be one row of width T, so the mask term is taken at its worst (T x T)."""
+    free = budget_bytes - static_bytes - LORA_STATE_BYTES_PER_PARAM * lora_params - head_bytes(dtype)
+    if free <= 0:
+        return 0
+    per_token = activation_bytes_per_token(info, dtype, width=0, checkpointing=False, lora=lora, cpu=cpu)
+    if varlen:
+        return int(free // per_token)
+    # tokens * (per_token + tokens) <= free
+    return int((-per_token + (per_token * per_token + 4 * free) ** 0.5) / 2)

@@ -336,9 +336,26 @@ class MultiLoraModel(nn.Module):
         assert hits is not None
         return sums, hits
 
+    def target_logprobs(self, batch: Batch, training: bool) -> torch.Tensor:
+        """log p(target) (fp32) of every target token of `batch`, in flattened order (part by part,
+        document by document), differentiable; as `segment_losses`, with no full-vocabulary logits."""
+        return -self._target_losses(batch, training, hits=False)[1]
+
     def _segment_sums(
         self, batch: Batch, training: bool, hits: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        where, losses, correct = self._target_losses(batch, training, hits)
+        starts = torch.tensor([start for _, start, _ in batch.segments], device=where.device)
+        owner = torch.searchsorted(starts, where, right=True) - 1  # the segment of each target token
+        sums = losses.new_zeros(len(batch.segments)).index_add(0, owner, losses)
+        if correct is None:
+            return sums, None
+        return sums, losses.new_zeros(len(batch.segments)).index_add(0, owner, correct.to(losses.dtype))
+
+    def _target_losses(
+        self, batch: Batch, training: bool, hits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(flat positions of the target tokens, their losses, whether the argmax hit them if `hits`)."""
         flat_targets = batch.targets.reshape(-1)
         where = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat_targets.index_select(0, where)
@@ -364,12 +381,7 @@ class MultiLoraModel(nn.Module):
                 losses = F.cross_entropy(picked, targets, reduction="none")
                 if hits:
                     correct = picked.argmax(dim=-1) == targets
-        starts = torch.tensor([start for _, start, _ in batch.segments], device=where.device)
-        owner = torch.searchsorted(starts, where, right=True) - 1  # the segment of each target token
-        sums = losses.new_zeros(len(batch.segments)).index_add(0, owner, losses)
-        if correct is None:
-            return sums, None
-        return sums, losses.new_zeros(len(batch.segments)).index_add(0, owner, correct.to(losses.dtype))
+        return where, losses, correct
 
     def merge_adapter(self, name: str) -> None:
         """Fold W += (alpha/r)·B·A into the base linears in place (plain float bases only)."""

@@ -119,6 +119,24 @@ def adapter_passes(parts: list[list[Example]], max_tokens: int | None) -> list[l
     return [[part if i in members else [] for i, part in enumerate(parts)] for members in passes]
 
 
+def new_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """One adapter's own AdamW (decoupled weight decay, the multi-tensor path); training sessions
+    (`workers.sessions`) use the same, so a session and a pack train an adapter identically."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def clip_and_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float | None
+) -> float:
+    """Clip the adapter's gradients to `max_norm` (None: no clipping), step, clear them; the norm before
+    clipping."""
+    limit = max_norm if max_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 @dataclass
 class AdapterRun:
     """One adapter's training state inside a pack; nothing here is shared with its neighbours."""
@@ -320,12 +338,7 @@ class PackTrainer:
             rank=self.rank,
             init=files.weights if files is not None else None,
         )
-        optimizer = torch.optim.AdamW(
-            adapter.parameters(),
-            lr=task.train.learning_rate,
-            weight_decay=task.train.weight_decay,
-            foreach=True,
-        )
+        optimizer = new_optimizer(adapter.parameters(), task.train.learning_rate, task.train.weight_decay)
         scheduler = LambdaLR(optimizer, lambda s, cfg=task.train: lr_factor(s, cfg))
         stream = SampleStream(len(data.train), task.train.seed, task.name)
         run = AdapterRun(task, adapter, data, stream, optimizer, scheduler)
@@ -470,13 +483,9 @@ class PackTrainer:
                 step=run.step,
             )
             return False
-        params = run.adapter.parameters()
-        max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         lr = run.optimizer.param_groups[0]["lr"]
-        run.optimizer.step()
+        grad_norm = clip_and_step(run.optimizer, run.adapter.parameters(), run.cfg.max_grad_norm)
         run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
         elapsed = max(1e-9, time.perf_counter() - run.started)
         self._emit(

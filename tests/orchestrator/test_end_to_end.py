@@ -116,7 +116,7 @@ def test_submit_trains_a_job_with_a_child_that_waits_for_its_parent(
         assert (child.parent, child.depth, child.root) == ("default/counting", 1, "default/counting")
         assert child.parent_checkpoint == parent.final_checkpoint
         assert child.step == 3 and parent.step == 6 and parent.eval_loss is not None
-        assert read_adapter(Path(child.final_checkpoint)).r == 4
+        assert read_adapter(Path(child.final_checkpoint)).lora.r == 4
         tree = client.lineage("counting-more")
         assert tree.name == "default/counting" and [c.name for c in tree.children] == [
             "default/counting-more"

@@ -233,7 +233,7 @@ def test_save_then_load_round_trips_bit_for_bit(tiny_base: Path, tmp_path: Path)
     host.run_until_idle()
     assert saved.result() == str(tmp_path / "state")
     files = ckpt.read_adapter(tmp_path / "state")  # a PEFT adapter, as packs write them
-    assert files.r == 4 and sorted(files.weights) == sorted(host.sessions[s].adapter.modules)
+    assert files.lora.r == 4 and sorted(files.weights) == sorted(host.sessions[s].adapter.modules)
 
     copy = host.create_session("copy", from_state=str(tmp_path / "state"), with_optimizer=True)
     assert host.sessions[copy].step == 2

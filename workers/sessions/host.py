@@ -210,24 +210,18 @@ class SessionHost:
         files = ckpt.read_adapter(from_state) if from_state is not None else None
         training_state = ckpt.read_training_state(from_state) if from_state and with_optimizer else None
         if files is not None:
-            lora = LoraConfig(
-                r=files.r,
-                alpha=files.alpha,
-                dropout=lora.dropout if lora is not None else files.dropout,
-                target_modules=sorted(files.weights),
+            lora = files.lora.model_copy(
+                update={
+                    "dropout": lora.dropout if lora is not None else files.lora.dropout,
+                    "target_modules": sorted(files.weights),
+                }
             )
         lora = lora or LoraConfig()
         with self._engine, self._lock:
             if name in self.sessions:
                 raise ValueError(f"session {name!r} already exists on this worker")
             adapter = self.model.add_adapter(
-                name,
-                r=lora.r,
-                alpha=lora.alpha,
-                dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                seed=seed,
-                init=files.weights if files is not None else None,
+                name, lora, seed=seed, init=files.weights if files is not None else None
             )
             optimizer = new_optimizer(adapter.parameters(), AdamParams().learning_rate, 0.0)
             session = Session(name, lora, seed, adapter, optimizer, created=next(self._ids))
@@ -644,10 +638,10 @@ class SessionHost:
     def _load(self, s: Session, path: str, with_optimizer: bool) -> None:
         files = ckpt.read_adapter(path)
         state = ckpt.read_training_state(path) if with_optimizer else None
-        if files.r != s.adapter.r or set(files.weights) != set(s.adapter.modules):
+        if files.lora.r != s.adapter.lora.r or set(files.weights) != set(s.adapter.modules):
             raise ValueError(
-                f"{path!r} holds a rank-{files.r} adapter of {len(files.weights)} modules; session "
-                f"{s.id!r} is rank {s.adapter.r} on {len(s.adapter.modules)}: create a session from it "
+                f"{path!r} holds a rank-{files.lora.r} adapter of {len(files.weights)} modules; session "
+                f"{s.id!r} is rank {s.adapter.lora.r} on {len(s.adapter.modules)}: create a session from it "
                 "instead"
             )
         with torch.no_grad():

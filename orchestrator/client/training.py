@@ -14,6 +14,10 @@ Requests go out from a small pool of threads, each stamped with the session's ne
 so the server queues them in the order they were made whatever order they arrive in.
 
 Where this differs from Tinker's client:
+- The entry points are `Client` methods (Tinker: `ServiceClient`), and synchronous (they return once
+  the session exists; Tinker's return a future); `create_lora_training_client(base_model, rank=32,
+  alpha=, targets=, seed=)` names the modules to adapt (`targets`, default 'all-linear') where Tinker
+  has `train_mlp` / `train_attn` / `train_unembed`.
 - Futures are `concurrent.futures.Future` (Tinker: its `APIFuture`, also `.result()`); an `_async`
   method is awaited once for the result (Tinker's is awaited twice: the submission, then the result).
   Like Tinker's, the call is queued (numbered) when the method is called, not when it is awaited.

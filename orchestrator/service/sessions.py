@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_SAMPLE_TOKENS = 4096  # new tokens one sample may ask for: a request must not hold a host for hours
 SEQ_WAIT_S = 5.0  # how long a call waits for a missing lower sequence number before skipping it
 ADAPTER_REF = re.compile(r"[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*")
 HostKey = tuple[str, str, str]  # (base model, quantization, dtype)
@@ -161,10 +162,22 @@ class Sessions:
             elif base_model is None:
                 from workers.training import checkpoint as ckpt
 
-                base_model = ckpt.read_adapter(location).base_model
+                try:
+                    base_model = ckpt.read_adapter(location).base_model
+                except Exception as exc:  # a saved state that does not read back: the caller's to fix
+                    raise InvalidCall([("from_state", f"cannot read {from_state[:300]!r}: {exc}")]) from None
         if not base_model:
             raise InvalidCall([("base_model", "give the base model to train on (or a `from_state`)")])
         problems = preflight.model_problems("base_model", base_model, self.allowed, self.settings.home)
+        if not problems and not _held_here(base_model):
+            problems = [
+                (
+                    "base_model",
+                    f"hub id {base_model!r} is not in this server's model cache: a session starts on a base "
+                    "the server holds (a catalogued base it pulled, a local directory, or a cached hub "
+                    "id); it never downloads one during a request",
+                )
+            ]
         if problems:
             raise InvalidCall(problems)
         key = (base_model, quantization, dtype)
@@ -275,6 +288,15 @@ class Sessions:
     ) -> Future[Any]:
         def submit(live: _Live) -> Future[Any]:
             params = _valid(SamplingParams, sampling_params or {}, "sampling_params")
+            if params.max_tokens > MAX_SAMPLE_TOKENS:
+                raise InvalidCall(
+                    [
+                        (
+                            "sampling_params.max_tokens",
+                            f"is {params.max_tokens}: a sample holds at most {MAX_SAMPLE_TOKENS} tokens",
+                        )
+                    ]
+                )
             tokens = _token_list(prompt, "prompt")
             if not isinstance(num_samples, int) or not 1 <= num_samples <= 64:
                 raise InvalidCall([("num_samples", f"is {num_samples!r}: give a whole number 1..64")])
@@ -400,7 +422,11 @@ class Sessions:
         with self._hosts_lock:  # one base loads at a time; a second caller waits for it, then shares it
             host = self._hosts.get(key)
             if host is None:
-                host = self._load_host(key)
+                try:
+                    host = self._load_host(key)
+                except Exception as exc:  # what a base that passed preflight still fails with, in words
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    raise InvalidCall([("base_model", f"cannot load {key[0][:300]!r}: {first}")]) from exc
                 host.start()
                 self._hosts[key] = host
         return host
@@ -444,10 +470,29 @@ class Sessions:
                     )
                 ]
             )
-        if not storage.is_file(storage.join(ref, "adapter_config.json")):
+        try:
+            found = storage.is_file(storage.join(ref, "adapter_config.json"))
+        except (OSError, ValueError) as exc:  # a name too long, a NUL: nothing there
+            raise InvalidCall([(field_name, f"{ref[:300]!r} cannot be read: {exc}")]) from None
+        if not found:
             missing = f"{ref[:300]!r} holds no saved adapter (no adapter_config.json)"
             raise InvalidCall([(field_name, missing)])
         return ref, None
+
+
+def _held_here(base_model: str) -> bool:
+    """Whether the base is on this machine: catalogued (preflight checked it was pulled) or a path, or a
+    hub id in the local Hugging Face cache."""
+    from workers.bases.catalog import CATALOG, is_gguf_reference
+
+    if base_model in CATALOG or base_model.startswith((".", "~", "/")) or is_gguf_reference(base_model):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(base_model, "config.json"), str)
+    except Exception:  # a malformed id: not held
+        return False
 
 
 def _inside(path: str, root: str) -> bool:

@@ -258,3 +258,50 @@ def test_idle_sessions_close(tmp_path: Path, tiny_base: Path) -> None:
         with pytest.raises(ApiError) as caught:
             tc.optim_step(ADAM).result(timeout=60)
         assert caught.value.status == 404
+
+
+def test_a_session_needs_a_base_the_server_holds(api: TestClient, tmp_path: Path) -> None:
+    """A request never downloads a base: an uncached hub id, a path outside the model roots, a missing
+    body field are each a 422 naming the field, at once."""
+    started = time.monotonic()
+    for body in (
+        {"base_model": "someone/not-cached-here"},
+        {"base_model": str(tmp_path)},
+        {},
+        {"from_state": "/etc"},
+    ):
+        refused = api.post("/v1/sessions", json=body, headers=auth(ADMIN))
+        assert refused.status_code == 422, (body, refused.text)
+        assert refused.json()["detail"]["problems"][0]["field"] in ("base_model", "from_state")
+    assert time.monotonic() - started < 5
+
+
+def test_async_twins_and_a_custom_loss_train_as_the_builtin_loss(api: TestClient, tiny_base: Path) -> None:
+    """Two sessions from one saved state: one trained with cross_entropy, awaited through the async twins,
+    the other with the same loss written as a custom function (forward, then -gradient as weights)."""
+    import asyncio
+
+    alice = client_of(api, token(api, "alice"), "alice")
+    start = _create(alice, tiny_base).save_state("start", close=True).result(timeout=60)
+    builtin = alice.create_training_client_from_state(start)
+    custom = alice.create_training_client_from_state(start)
+    data = _random_data(7, n=2)
+
+    async def builtin_step() -> tuple[float, int]:
+        fb = builtin.forward_backward_async(data)  # queued at once, in order, before any await
+        step = builtin.optim_step_async(ADAM)
+        return (await fb).loss, (await step).step
+
+    def cross_entropy(datums, logprobs):  # the same loss, as a client-side function
+        loss = sum(
+            -(torch.tensor(d.loss_fn_inputs.weights) * lp).sum()
+            for d, lp in zip(datums, logprobs, strict=True)
+        )
+        return loss, {"tokens": float(sum(d.length for d in datums))}
+
+    loss, step = asyncio.run(builtin_step())
+    out = custom.forward_backward_custom(data, cross_entropy).result(timeout=60)
+    assert custom.optim_step(ADAM).result(timeout=60).step == step == 1
+    assert out.loss == pytest.approx(loss, abs=1e-5) and out.metrics["tokens"] > 0
+    assert _diff(server_weights(api, builtin.session_id), server_weights(api, custom.session_id)) < 1e-5
+    assert _diff(server_weights(api, builtin.session_id), server_weights_of_saved(start)) > 1e-4  # it trained

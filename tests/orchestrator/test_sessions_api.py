@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator.client.client import ApiError, Client
 from orchestrator.server.app import create_app
+from orchestrator.service import sessions as sessions_service
 from orchestrator.service.sessions import SEQ_WAIT_S
 from orchestrator.settings import Settings
 from tests.workers.test_sessions import _random_data
@@ -123,7 +124,7 @@ def test_a_session_over_http_trains_as_a_host_driven_directly(api: TestClient, t
 
 
 def test_calls_are_queued_in_the_clients_order_whatever_order_they_arrive_in(
-    api: TestClient, tiny_base: Path
+    api: TestClient, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice = client_of(api, token(api, "alice"), "alice")
     tc = _create(alice, tiny_base)
@@ -147,6 +148,11 @@ def test_calls_are_queued_in_the_clients_order_whatever_order_they_arrive_in(
     # a number already used is refused, not run out of order
     again = api.post(f"{path}/optim_step", json={"seq": 1}, headers=headers)
     assert again.status_code == 409 and "seq" in again.json()["detail"]["message"]
+    # numbers that never come (requests lost) are skipped after a short wait; one that comes later is refused
+    monkeypatch.setattr(sessions_service, "SEQ_WAIT_S", 0.3)
+    skipped = api.post(f"{path}/optim_step", json={"seq": 5}, headers=headers)
+    assert skipped.status_code == 200 and skipped.json()["step"] == 2
+    assert api.post(f"{path}/optim_step", json={"seq": 3}, headers=headers).status_code == 409
 
 
 def test_a_projects_token_cannot_reach_another_projects_session(api: TestClient, tiny_base: Path) -> None:

@@ -155,7 +155,7 @@ class Sessions:
         require_change(principal, project)
         location = None
         if from_state is not None:
-            location, record = self._state(principal, from_state, "from_state")
+            location, record = self._state(principal, from_state, "from_state", project=project)
             if record is not None:
                 base_model = base_model or record.base_model
                 quantization, dtype = record.quantization, record.dtype  # type: ignore[assignment]

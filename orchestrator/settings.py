@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "`GET /v1/adapters?job_id=` pages through the rest.",
     )
 
+    session_idle_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="A training session with no call for this long, and nothing queued, is closed (its "
+        "adapter detached, its memory freed): a client that vanished does not hold the worker.",
+    )
+
     @field_validator("data_roots", "model_roots", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:

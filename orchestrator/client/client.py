@@ -13,11 +13,23 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from orchestrator.client.errors import UNAVAILABLE, ApiError
 from orchestrator.spec.job import BranchSpec, JobSpec, SpecError, load_source
 from orchestrator.spec.states import JobState
-from orchestrator.spec.views import AdapterView, EventView, JobView, LineageNode, RegistryView, TokenView
+from orchestrator.spec.views import (
+    AdapterView,
+    EventView,
+    JobView,
+    LineageNode,
+    RegistryView,
+    SessionView,
+    TokenView,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.client.training import TrainingClient
 
 NEXT_PAGE_HEADER = "X-Next-After"  # as orchestrator.server.routes.adapters sends it (the client stays light)
 ProgressFn = Callable[["JobView", list[EventView]], None]
@@ -25,7 +37,6 @@ ProgressFn = Callable[["JobView", list[EventView]], None]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UNAVAILABLE = 503  # the server is up but its database is not: the same request works later
 RETRY_UNAVAILABLE_S = 60.0  # how long a read keeps retrying a 503 before it raises
 
 
@@ -57,19 +68,6 @@ def outlasting_outages(call: Callable[[], T], what: str, deadline: float | None 
             log.warning("%s: %s (asking again in %.0f s)", what, exc, delay)
             attempt += 1
             time.sleep(delay)
-
-
-class ApiError(RuntimeError):
-    """The server refused a request; `status` is the HTTP code, `problems` the offending fields."""
-
-    def __init__(self, status: int, message: str, problems: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.problems = status, problems or []
-
-    @property
-    def unavailable(self) -> bool:
-        """The server's database is unreachable: asking again later works."""
-        return self.status == UNAVAILABLE
 
 
 class Job:
@@ -294,6 +292,58 @@ class Client:
         project, name = self._ref(name, project)
         body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "raw": raw}
         return self._call("POST", f"/v1/adapters/{project}/{name}/generate", json=body)["text"]
+
+    # ---- interactive training sessions (Tinker's primitives: `orchestrator.client.training`) ----
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        targets: list[str] | str = "all-linear",
+        seed: int = 0,
+        quantization: str = "none",
+        dtype: str = "float32",
+        project: str | None = None,
+    ) -> TrainingClient:
+        """A new training session: a fresh LoRA adapter (`rank`, `alpha` default 2 x rank, on `targets`)
+        on `base_model`, held by the server and trained call by call."""
+        body = {
+            "project": project or self.project,
+            "base_model": base_model,
+            "rank": rank,
+            "alpha": alpha,
+            "dropout": dropout,
+            "targets": targets,
+            "seed": seed,
+            "quantization": quantization,
+            "dtype": dtype,
+        }
+        return self._training_client(body)
+
+    def create_training_client_from_state(
+        self, adapter_or_path: str, *, base_model: str | None = None, project: str | None = None
+    ) -> TrainingClient:
+        """A training session that starts from a saved state: an adapter (`name` or `project/name`,
+        its final weights) or a path `TrainingClient.save_state` returned (weights and optimizer)."""
+        ref = adapter_or_path
+        if not ref.startswith(("/", ".", "~")) and "://" not in ref and "/" not in ref:
+            ref = f"{project or self.project}/{ref}"
+        body = {"project": project or self.project, "from_state": ref, "base_model": base_model}
+        return self._training_client(body)
+
+    def training_sessions(self, project: str | None = None) -> list[SessionView]:
+        """The live sessions this token may see (the admin's: all, or `project`'s)."""
+        params = {"project": project} if project else {}
+        return [SessionView.model_validate(s) for s in self._call("GET", "/v1/sessions", params=params)]
+
+    def _training_client(self, body: dict[str, Any]) -> TrainingClient:
+        from orchestrator.client.training import TrainingClient
+
+        view = SessionView.model_validate(self._call("POST", "/v1/sessions", json=body))
+        return TrainingClient(self, view)
 
     # ---- tokens (the admin token only) ----
 

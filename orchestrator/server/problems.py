@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from orchestrator.service.auth import Forbidden
+from orchestrator.service.sessions import InvalidCall
 from orchestrator.spec.job import SpecError
 from orchestrator.store import Conflict, DatabaseUnavailable, NotFound, StoreError
 from workers import storage
@@ -101,6 +102,10 @@ async def _request_error(_: Request, exc: RequestValidationError) -> JSONRespons
     return problem(422, "invalid request", problems)
 
 
+async def _invalid_call(_: Request, exc: InvalidCall) -> JSONResponse:
+    return problem(422, "invalid request", exc.problems)
+
+
 async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
     return problem(404, str(exc)[:1000])
 
@@ -150,6 +155,7 @@ def handlers() -> dict[Any, Handler]:
     return {
         HTTPException: _http_error,
         SpecError: _spec_error,
+        InvalidCall: _invalid_call,
         RequestValidationError: _request_error,
         NotFound: _not_found,
         Forbidden: _forbidden,

@@ -22,6 +22,7 @@ from orchestrator.lineage import tree as lineage
 from orchestrator.registry.export import export_adapter
 from orchestrator.service import preflight
 from orchestrator.service.auth import ADMIN, Principal
+from orchestrator.service.sessions import Sessions
 from orchestrator.settings import Settings
 from orchestrator.spec.job import BranchSpec, JobSpec, ScoreOrder, SpecError, check_parent, load_source
 from orchestrator.spec.states import AdapterState
@@ -78,6 +79,8 @@ class Service:
         )
         self._orders: OrderedDict[str, ScoreOrder] = OrderedDict()  # job id -> its scores' order, LRU
         self._orders_lock = threading.Lock()
+        # Interactive training sessions (`service.sessions`): their use cases, one host per base.
+        self.sessions = Sessions(settings, store, self.allowed)
 
     @property
     def controller(self) -> Controller:

@@ -44,7 +44,8 @@ class ControlPlane:
             self._started = True
 
     def stop(self) -> None:
-        """Stop what `start` started; idempotent."""
+        """Stop what `start` started, and the training sessions' hosts; idempotent."""
+        self.service.sessions.shutdown()
         if self._started:
             self.controller.stop()
             self.tracker.stop()

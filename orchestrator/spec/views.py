@@ -200,3 +200,23 @@ class TokenView(_View):
     @classmethod
     def of(cls, record: Any) -> TokenView:
         return cls.model_validate(record, from_attributes=True)
+
+
+class SessionView(_View):
+    """A live training session (`POST /v1/sessions`): a LoRA adapter held by the server, driven call by
+    call (`TrainingClient`). It lives until closed, saved with `close`, or idle past the server's
+    `LORAFLEET_SESSION_IDLE_SECONDS`."""
+
+    id: str
+    project: str
+    base_model: str
+    quantization: str
+    dtype: str
+    rank: int
+    alpha: float
+    target_modules: list[str] | str
+    seed: int
+    from_state: str | None = Field(default=None, description="The adapter or path it started from.")
+    step: int = Field(description="Optimizer steps taken so far.")
+    created_at: datetime
+    last_used_at: datetime

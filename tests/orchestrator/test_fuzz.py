@@ -233,7 +233,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, data_file: Path) -> Iterator[Served]:
     """The real app with a real admin token and SQLite store, its OpenAPI document loaded through the
-    app itself, and one job (two adapters) and one token in it. No controller: nothing trains."""
+    app itself, and one job (two adapters), one token and one training session (on the tiny base) in it.
+    No controller: no job trains."""
     home = tmp_path_factory.mktemp("fuzz-api") / "home"
     app = create_app(Settings(home=home, api_token=ADMIN), start_controller=False)
     try:
@@ -243,11 +244,18 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, data_file:
             assert job.status_code == 201, job.text
             token = client.post("/v1/tokens", json={"project": "default", "name": "fuzz"}, headers=AUTH)
             assert token.status_code == 201, token.text
+            session = client.post(
+                "/v1/sessions",
+                json={"base_model": str(tiny_base), "rank": 2, "targets": ["q_proj"]},
+                headers=AUTH,
+            )
+            assert session.status_code == 201, session.text
         real = {
             "job_id": job.json()["id"],
             "project": "default",
             "name": "first",
             "token_id": token.json()["id"],
+            "session_id": session.json()["id"],
         }
         yield Served(app, schema, real)
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from orchestrator.server.routes import adapters, health, jobs, lineage, registry, serving, tokens
+from orchestrator.server.routes import adapters, health, jobs, lineage, registry, serving, sessions, tokens
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -17,4 +17,5 @@ ROUTERS: list[APIRouter] = [
     registry.router,
     serving.router,
     tokens.router,
+    sessions.router,
 ]

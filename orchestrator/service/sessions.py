@@ -1,0 +1,568 @@
+"""Interactive training sessions as use cases: a live LoRA adapter per session, driven call by call over
+the API (Tinker's primitives, `workers.contract.sessions`), on a `SessionHost` the service keeps.
+
+- **One host per base.** A `SessionHost` per (base model, quantization, dtype), loaded on first use and
+  kept for the service's life (as `Service.generate` keeps its servers); its cycle thread runs whatever
+  the sessions queue. Every session on it shares its clock cycles.
+- **Owned by a project.** A session belongs to the project it was created in; any other project's token
+  gets exactly the 404 an unknown id gets. Changing it (every primitive, close) needs a member's token.
+- **Calls in the client's order.** The HTTP layer may receive one client's requests concurrently (its
+  `TrainingClient` sends them from a pool), so each call carries the client's per-session sequence number
+  `seq`, and a call is queued on the host only after every lower number was: one that arrives early
+  waits (up to `SEQ_WAIT_S`) for the missing ones, so a forward_backward and the optim_step queued after it
+  keep the user's order. A number that never comes (its request lost) is skipped after the wait; one that
+  comes after that is refused (409), never run out of order. A call without `seq` is queued as it comes.
+- **Validated in turn, refused alone.** A call's body is validated once it holds its turn, so a malformed
+  call (`InvalidCall`: 422 naming each field, e.g. `data.3.loss_fn_inputs.weights`) still uses up its
+  number and delays no one; nothing of it is queued, and its session and neighbours go on.
+- **Sessions end** by `close`, by `save_state(..., close=True)`, or when idle: a session with nothing
+  queued and no call for `LORAFLEET_SESSION_IDLE_SECONDS` is closed by a reaper thread, so a client that
+  vanished does not hold the worker's memory.
+
+Saved states go to `<storage>/sessions/<project>/<session>/<name>` (a PEFT checkpoint with the AdamW
+state: `SessionHost.save_state`). A session can start from, or load, a state saved by its project's
+sessions, a finished adapter of its project (`project/name`), or a path under the server's model roots;
+the admin may name any path the server can read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from orchestrator.service import preflight
+from orchestrator.service.auth import Principal, require_change
+from orchestrator.settings import Settings
+from orchestrator.spec.views import SessionView
+from orchestrator.store import Conflict, NotFound, Store
+from workers import storage
+from workers.contract.plan import DType, LoraConfig, Quantization, check_name
+from workers.contract.sessions import AdamParams, ForwardBackwardInput, SamplingParams
+
+if TYPE_CHECKING:
+    from workers.sessions.host import SessionHost
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLE_TOKENS = 4096  # new tokens one sample may ask for: a request must not hold a host for hours
+SEQ_WAIT_S = 5.0  # how long a call waits for a missing lower sequence number before skipping it
+ADAPTER_REF = re.compile(r"[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*")
+HostKey = tuple[str, str, str]  # (base model, quantization, dtype)
+
+
+class InvalidCall(ValueError):
+    """A session call's body is malformed: 422, with each (field, message) at fault."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"`{f}`: {m}" for f, m in problems))
+
+
+@dataclass
+class _Live:
+    id: str
+    project: str
+    key: HostKey
+    host: SessionHost
+    lora: LoraConfig
+    seed: int
+    from_state: str | None
+    created_at: datetime
+    last_used_at: datetime
+    last_used: float  # time.monotonic() of the last call received or answered
+    turn: threading.Condition = field(default_factory=threading.Condition)
+    next_seq: int = 0
+    inflight: int = 0
+    closed: bool = False
+
+    def view(self) -> SessionView:
+        s = self.host.sessions.get(self.id)
+        return SessionView(
+            id=self.id,
+            project=self.project,
+            base_model=self.key[0],
+            quantization=self.key[1],
+            dtype=self.key[2],
+            rank=self.lora.r,
+            alpha=self.lora.alpha,
+            target_modules=self.lora.target_modules,
+            seed=self.seed,
+            from_state=self.from_state,
+            step=s.step if s is not None else 0,
+            created_at=self.created_at,
+            last_used_at=self.last_used_at,
+        )
+
+
+def _default_host(settings: Settings, key: HostKey) -> SessionHost:
+    from workers.engine.model import load_base
+    from workers.sessions.host import SessionHost
+
+    base, quantization, dtype = key
+    loaded = load_base(base, quantization=quantization, dtype=dtype, home=settings.home)  # type: ignore[arg-type]
+    return SessionHost(loaded, base)
+
+
+class Sessions:
+    """The sessions of one service. `load_host(key)` builds a host (default: the base loaded on this
+    machine's best device); tests may give another."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        allowed: preflight.Allowed,
+        load_host: Callable[[HostKey], SessionHost] | None = None,
+    ) -> None:
+        self.settings, self.store, self.allowed = settings, store, allowed
+        self._load_host = load_host or (lambda key: _default_host(settings, key))
+        self._hosts: dict[HostKey, SessionHost] = {}
+        self._hosts_lock = threading.Lock()
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- sessions ----
+
+    def create(
+        self,
+        principal: Principal,
+        project: str,
+        *,
+        base_model: str | None = None,
+        quantization: Quantization = "none",
+        dtype: DType = "float32",
+        lora: LoraConfig | None = None,
+        seed: int = 0,
+        from_state: str | None = None,
+    ) -> SessionView:
+        """A new session in `project`: a fresh adapter on `base_model`, or one started from a saved state
+        (`from_state`: its weights, and its optimizer state if a session saved it); its base is then the
+        state's, unless `base_model` says otherwise."""
+        require_change(principal, project)
+        location = None
+        if from_state is not None:
+            location, record = self._state(principal, from_state, "from_state", project=project)
+            if record is not None:
+                base_model = base_model or record.base_model
+                quantization, dtype = record.quantization, record.dtype  # type: ignore[assignment]
+            elif base_model is None:
+                from workers.training import checkpoint as ckpt
+
+                try:
+                    base_model = ckpt.read_adapter(location).base_model
+                except Exception as exc:  # a saved state that does not read back: the caller's to fix
+                    raise InvalidCall([("from_state", f"cannot read {from_state[:300]!r}: {exc}")]) from None
+        if not base_model:
+            raise InvalidCall([("base_model", "give the base model to train on (or a `from_state`)")])
+        problems = preflight.model_problems("base_model", base_model, self.allowed, self.settings.home)
+        if not problems and not _held_here(base_model):
+            problems = [
+                (
+                    "base_model",
+                    f"hub id {base_model!r} is not in this server's model cache: a session starts on a base "
+                    "the server holds (a catalogued base it pulled, a local directory, or a cached hub "
+                    "id); it never downloads one during a request",
+                )
+            ]
+        if problems:
+            raise InvalidCall(problems)
+        key = (base_model, quantization, dtype)
+        host = self._host(key)
+        session_id = f"sess-{uuid.uuid4().hex[:16]}"
+        host.create_session(
+            session_id,
+            lora=lora,
+            seed=seed,
+            from_state=location,
+            with_optimizer=location is not None and _has_optimizer(location),
+        )
+        now = datetime.now(UTC)
+        live = _Live(
+            session_id,
+            project,
+            key,
+            host,
+            host.sessions[session_id].lora,
+            seed,
+            from_state,
+            created_at=now,
+            last_used_at=now,
+            last_used=time.monotonic(),
+        )
+        with self._lock:
+            self._live[session_id] = live
+        self._start_reaper()
+        return live.view()
+
+    def list(self, principal: Principal, project: str | None = None) -> list[SessionView]:
+        scope = principal.scope(project)
+        with self._lock:
+            live = [s for s in self._live.values() if principal.sees(s.project)]
+        return [s.view() for s in live if scope is None or s.project == scope]
+
+    def get(self, principal: Principal, session_id: str) -> SessionView:
+        return self._visible(principal, session_id).view()
+
+    def close(self, principal: Principal, session_id: str) -> tuple[SessionView, Future[None]]:
+        """End the session once what it queued has run; from now on its id is unknown (404)."""
+        live = self._visible(principal, session_id)
+        require_change(principal, live.project)
+        return live.view(), self._close(live)
+
+    def close_idle(self, now: float | None = None) -> list[str]:
+        """Close every session with nothing in flight and no call for `session_idle_seconds`."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [
+                s
+                for s in self._live.values()
+                if s.inflight == 0 and now - s.last_used > self.settings.session_idle_seconds
+            ]
+        for s in idle:
+            log.info("closing session %s of project %s: idle", s.id, s.project)
+            self._close(s)
+        return [s.id for s in idle]
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
+        with self._hosts_lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            host.shutdown()
+
+    # ---- primitives: each returns the host's future ----
+
+    def forward_backward(
+        self,
+        principal: Principal,
+        session_id: str,
+        seq: int | None,
+        data: Any,
+        loss_fn: Any = "cross_entropy",
+        loss_fn_config: Any = None,
+        backward: bool = True,
+    ) -> Future[Any]:
+        def submit(live: _Live) -> Future[Any]:
+            request = _valid(
+                ForwardBackwardInput,
+                {"data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config},
+            )
+            primitive = live.host.forward_backward if backward else live.host.forward
+            return _named(lambda: primitive(live.id, request.data, request.loss_fn, request.loss_fn_config))
+
+        return self._call(principal, session_id, seq, submit)
+
+    def optim_step(
+        self, principal: Principal, session_id: str, seq: int | None, adam_params: Any = None
+    ) -> Future[Any]:
+        def submit(live: _Live) -> Future[Any]:
+            params = _valid(AdamParams, adam_params or {}, "adam_params")
+            return live.host.optim_step(live.id, params)
+
+        return self._call(principal, session_id, seq, submit)
+
+    def sample(
+        self,
+        principal: Principal,
+        session_id: str,
+        seq: int | None,
+        prompt: Any,
+        num_samples: Any = 1,
+        sampling_params: Any = None,
+    ) -> Future[Any]:
+        def submit(live: _Live) -> Future[Any]:
+            params = _valid(SamplingParams, sampling_params or {}, "sampling_params")
+            if params.max_tokens > MAX_SAMPLE_TOKENS:
+                raise InvalidCall(
+                    [
+                        (
+                            "sampling_params.max_tokens",
+                            f"is {params.max_tokens}: a sample holds at most {MAX_SAMPLE_TOKENS} tokens",
+                        )
+                    ]
+                )
+            tokens = _token_list(prompt, "prompt")
+            if not isinstance(num_samples, int) or not 1 <= num_samples <= 64:
+                raise InvalidCall([("num_samples", f"is {num_samples!r}: give a whole number 1..64")])
+            return _named(lambda: live.host.sample(live.id, tokens, num_samples, params))
+
+        return self._call(principal, session_id, seq, submit)
+
+    def compute_logprobs(
+        self, principal: Principal, session_id: str, seq: int | None, tokens: Any
+    ) -> Future[Any]:
+        def submit(live: _Live) -> Future[Any]:
+            ids = _token_list(tokens, "tokens")
+            return _named(lambda: live.host.compute_logprobs(live.id, ids))
+
+        return self._call(principal, session_id, seq, submit)
+
+    def save_state(
+        self, principal: Principal, session_id: str, seq: int | None, name: Any, close: bool = False
+    ) -> Future[Any]:
+        """Write the session's adapter and optimizer state under `name`; resolves to its path. With
+        `close`, the session ends once it is written."""
+
+        def submit(live: _Live) -> Future[Any]:
+            if not isinstance(name, str):
+                raise InvalidCall([("name", f"is {name!r}: give a name such as 'step-100'")])
+            _named(lambda: check_name(name, "`name`"), field="name")
+            path = storage.join(self.settings.storage_root, "sessions", live.project, live.id, name)
+            future = live.host.save_state(live.id, path)
+            if close:
+                self._close(live)  # queued after the save; the turn's lock is reentrant
+            return future
+
+        return self._call(principal, session_id, seq, submit)
+
+    def load_state(self, principal: Principal, session_id: str, seq: int | None, path: Any) -> Future[Any]:
+        """Replace the session's weights (and, from a session's save, its optimizer state) by a saved
+        state's: `path` as `from_state` takes it."""
+
+        def submit(live: _Live) -> Future[Any]:
+            if not isinstance(path, str) or not path:
+                raise InvalidCall([("path", f"is {path!r}: give a saved state's path or `project/name`")])
+            location, _ = self._state(principal, path, "path", project=live.project)
+            return live.host.load_state(live.id, location, with_optimizer=_has_optimizer(location))
+
+        return self._call(principal, session_id, seq, submit)
+
+    # ---- inside ----
+
+    def _visible(self, principal: Principal, session_id: str) -> _Live:
+        with self._lock:
+            live = self._live.get(session_id)
+        if live is None or not principal.sees(live.project):
+            raise NotFound(f"session {session_id!r} not found")
+        return live
+
+    def _call(
+        self, principal: Principal, session_id: str, seq: int | None, submit: Callable[[_Live], Future[Any]]
+    ) -> Future[Any]:
+        live = self._visible(principal, session_id)
+        require_change(principal, live.project)
+        with self._turn(live, seq):
+            if live.closed:
+                raise NotFound(f"session {session_id!r} not found")
+            future = submit(live)
+            with self._lock:
+                live.inflight += 1
+                live.last_used, live.last_used_at = time.monotonic(), datetime.now(UTC)
+        future.add_done_callback(lambda _: self._answered(live))
+        return future
+
+    def _answered(self, live: _Live) -> None:
+        with self._lock:
+            live.inflight -= 1
+            live.last_used, live.last_used_at = time.monotonic(), datetime.now(UTC)
+
+    @contextmanager
+    def _turn(self, live: _Live, seq: int | None) -> Iterator[None]:
+        """Hold the session's turn for call number `seq`: after every lower number was queued (or waited
+        for `SEQ_WAIT_S`), and its number used up whatever the call's fate."""
+        with live.turn:
+            if seq is None:
+                yield
+                return
+            deadline = time.monotonic() + SEQ_WAIT_S
+            while live.next_seq < seq and not live.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "session %s: calls %d..%d never came; going on with %d",
+                        live.id,
+                        live.next_seq,
+                        seq - 1,
+                        seq,
+                    )
+                    break
+                live.turn.wait(left)
+            if seq < live.next_seq:
+                raise Conflict(
+                    f"call number {seq} of session {live.id!r} comes after call {live.next_seq - 1} was "
+                    "queued (a repeated request, or one that arrived later than the server waits); it was "
+                    "not run: every call of a session needs a new, increasing `seq`"
+                )
+            try:
+                yield
+            finally:
+                live.next_seq = seq + 1
+                live.turn.notify_all()
+
+    def _close(self, live: _Live) -> Future[None]:
+        with self._lock:
+            if self._live.get(live.id) is live:
+                del self._live[live.id]
+            already, live.closed = live.closed, True
+        with live.turn:  # calls waiting for their turn see it closed
+            live.turn.notify_all()
+        if already:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+        return live.host.close_session(live.id)
+
+    def _host(self, key: HostKey) -> SessionHost:
+        with self._hosts_lock:  # one base loads at a time; a second caller waits for it, then shares it
+            host = self._hosts.get(key)
+            if host is None:
+                try:
+                    host = self._load_host(key)
+                except Exception as exc:  # what a base that passed preflight still fails with, in words
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    raise InvalidCall([("base_model", f"cannot load {key[0][:300]!r}: {first}")]) from exc
+                host.start()
+                self._hosts[key] = host
+        return host
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper is not None:
+                return
+            self._reaper = threading.Thread(target=self._reap, name="session-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        period = min(5.0, max(0.05, self.settings.session_idle_seconds / 4))
+        while not self._stop.wait(period):
+            try:
+                self.close_idle()
+            except Exception:  # the reaper must outlive one failed close
+                log.exception("closing idle sessions failed")
+
+    def _state(
+        self, principal: Principal, ref: str, field_name: str, project: str | None = None
+    ) -> tuple[str, Any]:
+        """Where a saved state is (and its adapter record, for an adapter `project/name`), if the caller
+        may read it: see the module docstring. Anything else answers as a missing one would."""
+        if ADAPTER_REF.fullmatch(ref) and not ref.startswith("."):
+            owner, _, name = ref.partition("/")
+            if not principal.sees(owner):
+                raise NotFound(f"adapter {ref} not found")
+            record = self.store.get_adapter(owner, name)
+            if not record.final_checkpoint:
+                raise InvalidCall([(field_name, f"adapter {ref} is {record.state}: it has no weights yet")])
+            return record.final_checkpoint, record
+        own = storage.join(self.settings.storage_root, "sessions", project or principal.project or "")
+        if not (principal.admin or _inside(ref, own) or _inside_roots(ref, self.allowed.model_roots)):
+            raise InvalidCall(
+                [
+                    (
+                        field_name,
+                        f"{ref[:300]!r} is not a state this token may read: give a path `save_state` "
+                        "returned for this project, or an adapter as `project/name`",
+                    )
+                ]
+            )
+        try:
+            found = storage.is_file(storage.join(ref, "adapter_config.json"))
+        except (OSError, ValueError) as exc:  # a name too long, a NUL: nothing there
+            raise InvalidCall([(field_name, f"{ref[:300]!r} cannot be read: {exc}")]) from None
+        if not found:
+            missing = f"{ref[:300]!r} holds no saved adapter (no adapter_config.json)"
+            raise InvalidCall([(field_name, missing)])
+        return ref, None
+
+
+def _held_here(base_model: str) -> bool:
+    """Whether the base is on this machine: catalogued (preflight checked it was pulled) or a path, or a
+    hub id in the local Hugging Face cache."""
+    from workers.bases.catalog import CATALOG, is_gguf_reference
+
+    if base_model in CATALOG or base_model.startswith((".", "~", "/")) or is_gguf_reference(base_model):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(base_model, "config.json"), str)
+    except Exception:  # a malformed id: not held
+        return False
+
+
+def _inside(path: str, root: str) -> bool:
+    if storage.is_remote(root):
+        return path.startswith(root.rstrip("/") + "/") and ".." not in path.split("/")
+    try:
+        return preflight.within(Path(path), [Path(root)])
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _inside_roots(path: str, roots: Any) -> bool:
+    return roots is not None and not storage.is_remote(path) and any(_inside(path, str(r)) for r in roots)
+
+
+def _has_optimizer(location: str) -> bool:
+    """Whether a state holds a session's optimizer (a pack's checkpoint holds a pack's, not one to load)."""
+    from workers.training import checkpoint as ckpt
+
+    return "session" in ckpt.read_meta(location) and storage.is_file(
+        storage.join(location, ckpt.TRAINING_STATE)
+    )
+
+
+def _valid(model: Any, value: Any, prefix: str | None = None) -> Any:
+    """`model.model_validate(value)`, its errors as `InvalidCall` with dotted field paths."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(error["loc"]))
+            message = str(error["msg"]).removeprefix("Value error, ")[:500]
+            problems.append((_located(loc, _field_of(message)), message))
+        raise InvalidCall(problems) from None
+
+
+def _located(loc: str, named: str | None) -> str:
+    """The most precise field: pydantic's location, completed by the field the message names (a
+    model's own check is located at the model, `data.3`, and names `loss_fn_inputs.weights`)."""
+    if not loc:
+        return named or "body"
+    if named is None:
+        return loc
+    parts = loc.split(".")
+    head = named.split(".")[0]
+    if head == parts[0]:
+        return named  # already the full path (`data.0.loss_fn_inputs.logprobs`)
+    if head not in parts:
+        return f"{loc}.{named}"
+    return loc
+
+
+def _field_of(message: str) -> str | None:
+    """The field a worker's message names first (`data[3].model_input` -> `data.3.model_input`)."""
+    match = re.search(r"`([A-Za-z_][\w.\[\]]*)`", message)
+    return re.sub(r"\[(\d+)\]", r".\1", match.group(1)) if match else None
+
+
+def _named(call: Callable[[], Any], field: str | None = None) -> Any:
+    """`call()`, a `ValueError` it raises (the host's checks) turned into an `InvalidCall` on the field
+    its message names."""
+    try:
+        return call()
+    except ValueError as exc:
+        message = str(exc)[:500]
+        raise InvalidCall([(field or _field_of(message) or "body", message)]) from None
+
+
+def _token_list(value: Any, field_name: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidCall([(field_name, "give a list of token ids (whole numbers)")])
+    return value

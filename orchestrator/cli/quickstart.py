@@ -46,7 +46,8 @@ def quickstart_spec(data_dir: Path, steps: int) -> dict[str, Any]:
         "name": "quickstart",
         "project": PROJECT,
         "base_model": BASE_MODEL,
-        "dtype": "bfloat16",  # the frozen base; LoRA weights and optimizer stay float32
+        # fp32 runs everywhere: a CPU without native bf16 (AVX2 only) runs bf16 matmuls ~100x slower.
+        "dtype": "float32",
         "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         "train": {
             "steps": steps,

@@ -433,3 +433,16 @@ def test_a_checkpoint_written_on_other_data_is_not_resumed(
     assert done["counting"].status == "failed", done
     assert "its data changed since its checkpoint at step 4" in str(done["counting"].error)
     assert not any(isinstance(e, StepEvent) for e in events)
+
+
+def test_a_16_bit_base_on_a_cpu_without_native_support_is_called_slow() -> None:
+    from workers.engine.model import slow_cpu_dtype
+
+    avx2 = frozenset({"avx2", "fma"})
+    assert "float32" in (slow_cpu_dtype("bfloat16", "cpu", avx2) or "")
+    assert "float32" in (slow_cpu_dtype("float16", "cpu", avx2) or "")
+    assert slow_cpu_dtype("bfloat16", "cpu", avx2 | {"avx512_bf16"}) is None
+    assert slow_cpu_dtype("bfloat16", "cpu", avx2 | {"amx_bf16"}) is None
+    assert slow_cpu_dtype("float32", "cpu", avx2) is None
+    assert slow_cpu_dtype("bfloat16", "cuda", avx2) is None
+    assert slow_cpu_dtype("bfloat16", "cpu", frozenset()) is None  # flags unknown: say nothing

@@ -10,7 +10,7 @@ live side by side: everything derives from the one variable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -103,6 +103,37 @@ class Settings(BaseSettings):
         gt=0,
         description="A training session with no call for this long, and nothing queued, is closed (its "
         "adapter detached, its memory freed): a client that vanished does not hold the worker.",
+    )
+    session_hosts: Literal["auto", "ray", "local"] = Field(
+        default="auto",
+        description="Where sessions' hosts (a loaded base and its sessions) run: 'ray', each in a Ray actor "
+        "on a worker slot the controller counts against packs (a lost worker costs its sessions the "
+        "steps since their last save_state, see `service.session_hosts`); 'local', in the server's "
+        "process; 'auto', in Ray actors when the server runs its packs on Ray, else local.",
+    )
+    session_host_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory one session host may use (its base, a pass, its sessions' adapters and AdamW "
+        "state); unset: a GPU worker's default, or on CPU a share of the machine's RAM as a pack's "
+        "worker gets.",
+    )
+    sessions_per_host: int = Field(
+        default=32,
+        gt=0,
+        description="Most sessions one host holds: more share each clock cycle, so each waits longer.",
+    )
+    sessions_per_project: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most live sessions one project may hold; a create beyond it is refused (429). "
+        "Unset: no cap.",
+    )
+    session_host_linger_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="A host with no session left stays this long (a new session on its base starts "
+        "without loading it again), then closes and frees its worker.",
     )
 
     @field_validator("data_roots", "model_roots", mode="before")

@@ -229,6 +229,13 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
+        # Worker slots training sessions' Ray hosts hold (`service.session_hosts`; set by the service):
+        # packs start only on the slots left, so packs and hosts never overcommit the same GPU.
+        self.session_hosts: Callable[[], int] = lambda: 0
+
+    def on_ray(self) -> bool:
+        """Whether packs run on Ray here (Ray Train, started): session hosts then run there too."""
+        return isinstance(self.packs, RayPacks) and self._thread is not None and ray.is_initialized()
 
     # ---- lifecycle ----
 
@@ -660,10 +667,11 @@ class Controller:
         return chosen
 
     def _free_slots(self) -> int:
-        """Packs that may start now: one per GPU on a GPU cluster, else one per CPU (Ray queues the rest)."""
+        """Packs that may start now: one per GPU on a GPU cluster, else one per CPU (Ray queues the rest),
+        less the slots session hosts hold."""
         view = self._view()
         total = max(1, view.total_gpus or view.total_cpus)
-        return max(0, total - len(self.running))
+        return max(0, total - len(self.running) - self.session_hosts())
 
     def _idle_workers(self, shape: PackShape, count: int) -> list[sched.WorkerState]:
         return [

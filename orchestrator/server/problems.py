@@ -17,10 +17,12 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from orchestrator.service.auth import Forbidden
+from orchestrator.service.session_hosts import NoRoom
 from orchestrator.service.sessions import InvalidCall
 from orchestrator.spec.job import SpecError
 from orchestrator.store import Conflict, DatabaseUnavailable, NotFound, StoreError
 from workers import storage
+from workers.contract.sessions import WorkerLost
 
 RETRY_AFTER_S = 5  # told to clients while the database is unreachable (a restart takes a few seconds)
 
@@ -54,8 +56,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         411: "No Content-Length header",
         413: "Body too large",
         422: "Invalid request or job spec; every problem is listed",
+        429: "The project holds as many training sessions as it may; close one (after `Retry-After`)",
         502: "The MLflow tracking server refused",
-        503: "The database is unreachable, or storage is read-only, for now; retry (after `Retry-After`)",
+        503: "The database is unreachable, storage is read-only, no worker has room for a session, or a "
+        "session's worker was lost, for now; retry (after `Retry-After`)",
         507: "Storage is full (or over quota); retry once space is freed",
     }.items()
 }
@@ -104,6 +108,22 @@ async def _request_error(_: Request, exc: RequestValidationError) -> JSONRespons
 
 async def _invalid_call(_: Request, exc: InvalidCall) -> JSONResponse:
     return problem(422, "invalid request", exc.problems)
+
+
+async def _no_room(_: Request, exc: NoRoom) -> JSONResponse:
+    """Where no host can take a session: 429 (the project's cap) and 503 (every worker busy) say when
+    to ask again; 422 (a base no worker can ever hold) does not."""
+    response = problem(exc.status, str(exc)[:1000], [(exc.field, str(exc)[:1000])])
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+async def _worker_lost(_: Request, exc: WorkerLost) -> JSONResponse:
+    """503: the call was lost with its worker, not refused; the session's next call restores it."""
+    response = problem(503, str(exc)[:1000])
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -156,6 +176,8 @@ def handlers() -> dict[Any, Handler]:
         HTTPException: _http_error,
         SpecError: _spec_error,
         InvalidCall: _invalid_call,
+        NoRoom: _no_room,
+        WorkerLost: _worker_lost,
         RequestValidationError: _request_error,
         NotFound: _not_found,
         Forbidden: _forbidden,

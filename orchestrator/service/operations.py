@@ -80,7 +80,17 @@ class Service:
         self._orders: OrderedDict[str, ScoreOrder] = OrderedDict()  # job id -> its scores' order, LRU
         self._orders_lock = threading.Lock()
         # Interactive training sessions (`service.sessions`): their use cases, one host per base.
-        self.sessions = Sessions(settings, store, self.allowed)
+        # On Ray when the controller runs packs there (`LORAFLEET_SESSION_HOSTS=auto`), its hosts' worker
+        # slots counted against the packs' (`Controller.session_hosts`).
+        self.sessions = Sessions(
+            settings,
+            store,
+            self.allowed,
+            on_ray=lambda: controller is not None and controller.on_ray(),
+            packs_running=lambda: len(controller.running) if controller is not None else 0,
+        )
+        if controller is not None:
+            controller.session_hosts = self.sessions.pool.ray_hosts
 
     @property
     def controller(self) -> Controller:

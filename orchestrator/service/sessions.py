@@ -1,9 +1,15 @@
 """Interactive training sessions as use cases: a live LoRA adapter per session, driven call by call over
 the API (Tinker's primitives, `workers.contract.sessions`), on a `SessionHost` the service keeps.
 
-- **One host per base.** A `SessionHost` per (base model, quantization, dtype), loaded on first use and
-  kept for the service's life (as `Service.generate` keeps its servers); its cycle thread runs whatever
-  the sessions queue. Every session on it shares its clock cycles.
+- **Placed on hosts.** A session lives on a host: one loaded base (`SessionHost`) whose cycle thread
+  runs whatever its sessions queue, so they share its clock cycles. `service.session_hosts.HostPool`
+  places it (the fullest host of its base with room, else a new one on a free worker; in this process or
+  a Ray actor), refuses it (429 at the project's cap, 503 while every worker is busy, 422 for a base that
+  never fits) and closes hosts that stay empty.
+- **Survives its worker.** A host lost with its worker fails the calls it had not answered
+  (`WorkerLost`, 503); the session's next call places it again and restores it from its last
+  `save_state` (or `load_state`, or the state it started from): the calls since then are redone by the
+  client (see `service.session_hosts`).
 - **Owned by a project.** A session belongs to the project it was created in; any other project's token
   gets exactly the 404 an unknown id gets. Changing it (every primitive, close) needs a member's token.
 - **Calls in the client's order.** The HTTP layer may receive one client's requests concurrently (its
@@ -44,12 +50,13 @@ from pydantic import ValidationError
 
 from orchestrator.service import preflight
 from orchestrator.service.auth import Principal, require_change
+from orchestrator.service.session_hosts import Held, HostPool, NoRoom
 from orchestrator.settings import Settings
 from orchestrator.spec.views import SessionView
 from orchestrator.store import Conflict, NotFound, Store
 from workers import storage
 from workers.contract.plan import DType, LoraConfig, Quantization, check_name
-from workers.contract.sessions import AdamParams, ForwardBackwardInput, SamplingParams
+from workers.contract.sessions import AdamParams, ForwardBackwardInput, SamplingParams, WorkerLost
 
 if TYPE_CHECKING:
     from workers.sessions.host import SessionHost
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SAMPLE_TOKENS = 4096  # new tokens one sample may ask for: a request must not hold a host for hours
+SESSION_INIT_NAME = "session"  # a session's initial A is drawn for (seed, this): never for its id
 SEQ_WAIT_S = 5.0  # how long a call waits for a missing lower sequence number before skipping it
 ADAPTER_REF = re.compile(r"[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*")
 HostKey = tuple[str, str, str]  # (base model, quantization, dtype)
@@ -75,7 +83,7 @@ class _Live:
     id: str
     project: str
     key: HostKey
-    host: SessionHost
+    held: Held  # the host it is on, as the pool keeps it
     lora: LoraConfig
     seed: int
     from_state: str | None
@@ -86,9 +94,20 @@ class _Live:
     next_seq: int = 0
     inflight: int = 0
     closed: bool = False
+    # What a lost host's session is restored from: its last saved (or loaded) state, else where it began
+    restore_from: str | None = None
+    restore_optimizer: bool = False
+    step: int = 0  # as the host last said (a lost host says nothing)
+
+    @property
+    def host(self) -> Any:
+        """A `SessionHost`, or a `RayHost` with the same methods."""
+        return self.held.host
 
     def view(self) -> SessionView:
-        s = self.host.sessions.get(self.id)
+        info = self.host.session_info(self.id)
+        if info is not None:
+            self.step = info[0]
         return SessionView(
             id=self.id,
             project=self.project,
@@ -100,7 +119,7 @@ class _Live:
             target_modules=self.lora.target_modules,
             seed=self.seed,
             from_state=self.from_state,
-            step=s.step if s is not None else 0,
+            step=self.step,
             created_at=self.created_at,
             last_used_at=self.last_used_at,
         )
@@ -116,8 +135,9 @@ def _default_host(settings: Settings, key: HostKey) -> SessionHost:
 
 
 class Sessions:
-    """The sessions of one service. `load_host(key)` builds a host (default: the base loaded on this
-    machine's best device); tests may give another."""
+    """The sessions of one service. `load_host(key)` builds an in-process host (default: the base loaded
+    on this machine's best device); tests may give another. `on_ray` and `packs_running` tell the host
+    pool whether the server runs on Ray and how many packs hold workers (`service.session_hosts`)."""
 
     def __init__(
         self,
@@ -125,11 +145,12 @@ class Sessions:
         store: Store,
         allowed: preflight.Allowed,
         load_host: Callable[[HostKey], SessionHost] | None = None,
+        on_ray: Callable[[], bool] = lambda: False,
+        packs_running: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings, self.store, self.allowed = settings, store, allowed
         self._load_host = load_host or (lambda key: _default_host(settings, key))
-        self._hosts: dict[HostKey, SessionHost] = {}
-        self._hosts_lock = threading.Lock()
+        self.pool = HostPool(settings, self._load_host, on_ray, packs_running)
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
@@ -181,27 +202,33 @@ class Sessions:
         if problems:
             raise InvalidCall(problems)
         key = (base_model, quantization, dtype)
-        host = self._host(key)
         session_id = f"sess-{uuid.uuid4().hex[:16]}"
-        host.create_session(
+        with_optimizer = location is not None and _has_optimizer(location)
+        held = self._place(
+            key,
+            project,
+            lora,
             session_id,
-            lora=lora,
             seed=seed,
             from_state=location,
-            with_optimizer=location is not None and _has_optimizer(location),
+            with_optimizer=with_optimizer,
         )
+        info = held.host.session_info(session_id)
         now = datetime.now(UTC)
         live = _Live(
             session_id,
             project,
             key,
-            host,
-            host.sessions[session_id].lora,
+            held,
+            info[1] if info is not None else (lora or LoraConfig()),
             seed,
             from_state,
             created_at=now,
             last_used_at=now,
             last_used=time.monotonic(),
+            restore_from=location,
+            restore_optimizer=with_optimizer,
+            step=info[0] if info is not None else 0,
         )
         with self._lock:
             self._live[session_id] = live
@@ -241,10 +268,7 @@ class Sessions:
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join()
-        with self._hosts_lock:
-            hosts, self._hosts = list(self._hosts.values()), {}
-        for host in hosts:
-            host.shutdown()
+        self.pool.shutdown()
 
     # ---- primitives: each returns the host's future ----
 
@@ -325,6 +349,7 @@ class Sessions:
             _named(lambda: check_name(name, "`name`"), field="name")
             path = storage.join(self.settings.storage_root, "sessions", live.project, live.id, name)
             future = live.host.save_state(live.id, path)
+            future.add_done_callback(lambda f: self._restore_point(live, f, path, True))
             if close:
                 self._close(live)  # queued after the save; the turn's lock is reentrant
             return future
@@ -339,7 +364,10 @@ class Sessions:
             if not isinstance(path, str) or not path:
                 raise InvalidCall([("path", f"is {path!r}: give a saved state's path or `project/name`")])
             location, _ = self._state(principal, path, "path", project=live.project)
-            return live.host.load_state(live.id, location, with_optimizer=_has_optimizer(location))
+            with_optimizer = _has_optimizer(location)
+            future = live.host.load_state(live.id, location, with_optimizer=with_optimizer)
+            future.add_done_callback(lambda f: self._restore_point(live, f, location, with_optimizer))
+            return future
 
         return self._call(principal, session_id, seq, submit)
 
@@ -360,7 +388,13 @@ class Sessions:
         with self._turn(live, seq):
             if live.closed:
                 raise NotFound(f"session {session_id!r} not found")
-            future = submit(live)
+            if live.held.lost:
+                self._restore(live)
+            try:
+                future = submit(live)
+            except WorkerLost:
+                self.pool.forget(live.held)  # the next call restores
+                raise
             with self._lock:
                 live.inflight += 1
                 live.last_used, live.last_used_at = time.monotonic(), datetime.now(UTC)
@@ -416,20 +450,65 @@ class Sessions:
             done: Future[None] = Future()
             done.set_result(None)
             return done
-        return live.host.close_session(live.id)
+        held = live.held
+        future = held.host.close_session(live.id)
+        future.add_done_callback(lambda _: self.pool.release(held, live.id))
+        return future
 
-    def _host(self, key: HostKey) -> SessionHost:
-        with self._hosts_lock:  # one base loads at a time; a second caller waits for it, then shares it
-            host = self._hosts.get(key)
-            if host is None:
-                try:
-                    host = self._load_host(key)
-                except Exception as exc:  # what a base that passed preflight still fails with, in words
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                    raise InvalidCall([("base_model", f"cannot load {key[0][:300]!r}: {first}")]) from exc
-                host.start()
-                self._hosts[key] = host
-        return host
+    def _place(
+        self,
+        key: HostKey,
+        project: str,
+        lora: LoraConfig | None,
+        session_id: str,
+        *,
+        restoring: bool = False,
+        **create: Any,
+    ) -> Held:
+        """Create the session on the host the pool places it on (joined or started); `NoRoom` when there
+        is none. A restored session counts once in its project, not twice."""
+        with self._lock:
+            held_now = sum(1 for s in self._live.values() if s.project == project) - restoring
+        try:
+            held, need = self.pool.acquire(key, project, held_now, lora)
+        except NoRoom:
+            raise
+        except Exception as exc:  # what a base that passed preflight still fails with, in words
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InvalidCall([("base_model", f"cannot load {key[0][:300]!r}: {first}")]) from exc
+        try:
+            held.host.create_session(session_id, lora=lora, init_name=SESSION_INIT_NAME, **create)
+        except BaseException:
+            self.pool.unreserve(held, need)
+            raise
+        self.pool.attach(held, session_id, need)
+        return held
+
+    def _restore(self, live: _Live) -> None:
+        """Place a session whose host was lost again, from its last saved state (in its turn)."""
+        self.pool.forget(live.held)
+        log.warning(
+            "session %s of project %s lost its worker; restoring it from %s",
+            live.id,
+            live.project,
+            live.restore_from or "its starting state",
+        )
+        live.held = self._place(
+            live.key,
+            live.project,
+            live.lora,
+            live.id,
+            restoring=True,
+            seed=live.seed,
+            from_state=live.restore_from,
+            with_optimizer=live.restore_optimizer,
+        )
+
+    def _restore_point(self, live: _Live, done: Future[Any], location: str, with_optimizer: bool) -> None:
+        """A state written or loaded is what a lost host's session comes back from."""
+        if not done.cancelled() and done.exception() is None:
+            with self._lock:
+                live.restore_from, live.restore_optimizer = location, with_optimizer
 
     def _start_reaper(self) -> None:
         with self._lock:
@@ -439,12 +518,14 @@ class Sessions:
             self._reaper.start()
 
     def _reap(self) -> None:
-        period = min(5.0, max(0.05, self.settings.session_idle_seconds / 4))
+        shortest = min(self.settings.session_idle_seconds, self.settings.session_host_linger_seconds)
+        period = min(5.0, max(0.05, shortest / 4))
         while not self._stop.wait(period):
             try:
                 self.close_idle()
+                self.pool.close_idle()
             except Exception:  # the reaper must outlive one failed close
-                log.exception("closing idle sessions failed")
+                log.exception("closing idle sessions or hosts failed")
 
     def _state(
         self, principal: Principal, ref: str, field_name: str, project: str | None = None

@@ -100,7 +100,7 @@ def test_a_session_over_http_trains_as_a_host_driven_directly(api: TestClient, t
     results = [f.result(timeout=120) for f in futures]
 
     host = SessionHost(load_base(str(tiny_base), device="cpu"), str(tiny_base))
-    host.create_session(tc.session_id, LORA, seed=3)  # the same name: the same initial A
+    host.create_session(tc.session_id, LORA, seed=3, init_name=sessions_service.SESSION_INIT_NAME)
     direct = []
     for batch in batches:
         direct += [host.forward_backward(tc.session_id, batch), host.optim_step(tc.session_id, ADAM)]
@@ -255,7 +255,7 @@ def test_idle_sessions_close(tmp_path: Path, tiny_base: Path) -> None:
         alice = client_of(api, ADMIN, "alice")
         tc = _create(alice, tiny_base)
         tc.optim_step(ADAM).result(timeout=60)
-        host = api.app.state.plane.service.sessions._hosts[(str(tiny_base), "none", "float32")]  # type: ignore[attr-defined]
+        host = api.app.state.plane.service.sessions._live[tc.session_id].host  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
         while alice.training_sessions() and time.monotonic() < deadline:
             time.sleep(0.1)

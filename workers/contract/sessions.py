@@ -209,3 +209,16 @@ class SampledSequence(_Strict):
 
 class SampleOutput(_Strict):
     sequences: list[SampledSequence]
+
+
+class WorkerLost(RuntimeError):
+    """The worker holding a session's host is gone (its Ray actor died, its node was lost): the calls it
+    had not answered are lost with it. The session's next call starts a new host and restores the
+    session from its last `save_state` (or its starting state if it never saved), so what is redone is
+    every call since that save. Retryable: the HTTP API answers 503 with `Retry-After`."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what}; the session's next call restores it on another worker from its last save_state "
+            "(or its starting state), so redo the steps since then"
+        )

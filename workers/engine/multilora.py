@@ -206,12 +206,15 @@ class MultiLoraModel(nn.Module):
         seed: int,
         rank: int = 0,
         init: dict[str, LoraWeights] | None = None,
+        init_name: str | None = None,
     ) -> Adapter:
         """Create (or load from `init`) an adapter with `lora`'s rank, alpha, dropout and targets; other
         adapters are not touched.
 
-        Initial A depends on (seed, name, module) only; the dropout RNG also on the worker `rank`, so data
-        parallel workers draw different masks for their different rows.
+        Initial A depends on (seed, name, module) only, where `init_name`, if given, stands for the name
+        (a training session seeds with a fixed one, so its start does not depend on its id); the dropout
+        RNG also on the worker `rank`, so data parallel workers draw different masks for their different
+        rows.
         """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already attached")
@@ -236,7 +239,7 @@ class MultiLoraModel(nn.Module):
             else:
                 a = torch.empty(r, layer.in_features, device=device, dtype=torch.float32)
                 nn.init.kaiming_uniform_(
-                    a, a=math.sqrt(5), generator=seeded_generator(device, seed, name, path)
+                    a, a=math.sqrt(5), generator=seeded_generator(device, seed, init_name or name, path)
                 )
                 b = torch.zeros(layer.out_features, r, device=device, dtype=torch.float32)
             modules[path] = LoraWeights(a.requires_grad_(True), b.requires_grad_(True))
@@ -246,7 +249,9 @@ class MultiLoraModel(nn.Module):
                 f"initial weights for adapter {name!r} target modules not selected here: {extra}"
             )
         device = next(iter(modules.values())).lora_A.device
-        adapter = Adapter(name, lora, modules, seeded_generator(device, seed, name, "dropout", rank))
+        adapter = Adapter(
+            name, lora, modules, seeded_generator(device, seed, init_name or name, "dropout", rank)
+        )
         for path in paths:
             self._wrapped[path].adapters[name] = adapter
         self.adapters[name] = adapter

@@ -85,6 +85,7 @@ from workers.training.trainer import clip_and_step, new_optimizer
 CustomLoss = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 """A custom loss: (the call's datums, each datum's per-token logprobs) -> (scalar loss, metrics)."""
 
+SESSION_INIT_NAME = "session"  # what a service's sessions seed their initial A with (`create_session`)
 GPU_MEMORY_SHARE = 0.9  # of a GPU's memory the pass budget may plan for when none is given
 
 
@@ -202,10 +203,16 @@ class SessionHost:
         seed: int = 0,
         from_state: str | None = None,
         with_optimizer: bool = False,
+        init_name: str | None = None,
     ) -> str:
-        """A new session: a fresh adapter (`lora`, initial A from (seed, name, module) as in a pack) or
-        one started from any saved adapter (`from_state`: its weights, and with `with_optimizer` its
-        optimizer state and step count). Returns the session id (`name`, or a new one)."""
+        """A new session: a fresh adapter (`lora`, initial A from (seed, `init_name`, module) as in a
+        pack, where an adapter's name takes that place) or one started from any saved adapter
+        (`from_state`: its weights, and with `with_optimizer` its optimizer state and step count).
+        Returns the session id (`name`, or a new one).
+
+        `init_name` defaults to the session id. The service passes a fixed one (`SESSION_INIT_NAME`), so
+        a session's starting weights depend on (lora, seed) only: recreated on another host after a
+        worker is lost, under whatever id, it starts from the same weights."""
         name = check_name(name, "session `name`") if name is not None else f"session-{uuid.uuid4().hex[:12]}"
         files = ckpt.read_adapter(from_state) if from_state is not None else None
         training_state = ckpt.read_training_state(from_state) if from_state and with_optimizer else None
@@ -221,7 +228,11 @@ class SessionHost:
             if name in self.sessions:
                 raise ValueError(f"session {name!r} already exists on this worker")
             adapter = self.model.add_adapter(
-                name, lora, seed=seed, init=files.weights if files is not None else None
+                name,
+                lora,
+                seed=seed,
+                init=files.weights if files is not None else None,
+                init_name=init_name,
             )
             optimizer = new_optimizer(adapter.parameters(), AdamParams().learning_rate, 0.0)
             session = Session(name, lora, seed, adapter, optimizer, created=next(self._ids))
@@ -229,6 +240,12 @@ class SessionHost:
                 self._restore(session, training_state)
             self.sessions[name] = session
         return name
+
+    def session_info(self, session: str) -> tuple[int, LoraConfig] | None:
+        """An open session's step count and LoRA settings; None if there is none of that id."""
+        with self._lock:
+            s = self.sessions.get(session)
+            return None if s is None else (s.step, s.lora)
 
     def close_session(self, session: str) -> Future[None]:
         """Detach the session's adapter once everything it queued before has run."""

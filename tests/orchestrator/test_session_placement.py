@@ -1,0 +1,85 @@
+"""Placement of training sessions on hosts (`orchestrator.scheduling.sessions`): a pure decision, tested
+on plain numbers, and the host pool's bookkeeping on stand-in hosts (no base, no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.scheduling import sessions as placement
+from orchestrator.scheduling.sessions import Ask, HostState, Join, Limits, Refuse, Room, Start, place
+from workers.contract import memory
+from workers.contract.plan import LoraConfig
+
+GB = 2**30
+BASE = ("org/base", "none", "float32")
+OTHER = ("org/other", "none", "float32")
+LIMITS = Limits(sessions_per_host=4, sessions_per_project=3)
+ASK = Ask("alice", BASE, session_bytes=1 * GB, host_bytes=4 * GB)
+
+
+def host(
+    host_id: str, sessions: int, key: placement.HostKey = BASE, used_gb: float | None = None
+) -> HostState:
+    used = int((4 + sessions) * GB if used_gb is None else used_gb * GB)
+    return HostState(host_id, key, "ray", sessions, used)
+
+
+def test_a_session_joins_the_fullest_host_of_its_base_with_room() -> None:
+    hosts = [host("a", 1), host("b", 2), host("c", 3, key=OTHER)]
+    assert place(ASK, hosts, 0, Room(16 * GB, free_workers=5), LIMITS) == Join("b")
+
+
+def test_a_full_host_is_skipped_by_count_and_by_memory() -> None:
+    hosts = [host("a", 4), host("b", 1, used_gb=15.5)]  # a: at the per-host cap; b: 0.5 GB left
+    assert place(ASK, hosts, 0, Room(16 * GB, free_workers=1), LIMITS) == Start()
+    refused = place(ASK, hosts, 0, Room(16 * GB, free_workers=0), LIMITS)
+    assert isinstance(refused, Refuse) and refused.status == 503 and refused.retry_after
+    assert "LORAFLEET_SESSIONS_PER_HOST=4" in refused.reason and "org/base" in refused.reason
+
+
+def test_no_host_of_the_base_and_no_free_worker_is_503_saying_so() -> None:
+    refused = place(ASK, [host("x", 1, key=OTHER)], 0, Room(16 * GB, free_workers=0), LIMITS)
+    assert isinstance(refused, Refuse) and refused.status == 503
+    assert "no host of this base runs" in refused.reason
+
+
+def test_the_project_cap_is_429_before_anything_else() -> None:
+    refused = place(ASK, [host("a", 1)], 3, Room(16 * GB, free_workers=1), LIMITS)
+    assert isinstance(refused, Refuse) and refused.status == 429 and refused.retry_after
+    assert "'alice' holds 3" in refused.reason and "LORAFLEET_SESSIONS_PER_PROJECT=3" in refused.reason
+    no_cap = Limits(sessions_per_host=4, sessions_per_project=None)
+    assert place(ASK, [host("a", 1)], 1000, Room(16 * GB, free_workers=1), no_cap) == Join("a")
+
+
+def test_a_base_that_can_never_fit_a_worker_is_422() -> None:
+    refused = place(ASK, [], 0, Room(int(4.5 * GB), free_workers=8), LIMITS)
+    assert isinstance(refused, Refuse) and refused.status == 422 and refused.retry_after is None
+    assert refused.field == "base_model" and "LORAFLEET_SESSION_HOST_MEMORY_GB" in refused.reason
+
+
+def test_free_workers_leave_out_packs_and_hosts() -> None:
+    assert placement.free_workers(8, packs_running=5, ray_hosts=2) == 1
+    assert placement.free_workers(2, packs_running=2, ray_hosts=1) == 0
+
+
+def test_costs_follow_the_memory_model() -> None:
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+    }
+    info = memory.model_info_from_config(config)
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    params = memory.lora_param_count(info, lora)
+    assert placement.session_bytes(info, lora, "float32", cpu=False) == 16 * params
+    assert placement.session_bytes(info, lora, "float32", cpu=True) == 64 * params
+    # a host is its base and at least one pass: more than the base alone, more on CPU
+    gpu, cpu = (placement.host_bytes(info, "none", "float32", cpu=c) for c in (False, True))
+    assert memory.base_bytes(info, "none", "float32") < gpu < cpu
+
+
+@pytest.mark.parametrize("sessions", [0, 3])
+def test_an_empty_host_of_another_base_does_not_take_a_session(sessions: int) -> None:
+    assert place(ASK, [host("x", sessions, key=OTHER)], 0, Room(16 * GB, 1), LIMITS) == Start()

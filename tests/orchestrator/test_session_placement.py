@@ -3,10 +3,15 @@ on plain numbers, and the host pool's bookkeeping on stand-in hosts (no base, no
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from orchestrator.scheduling import sessions as placement
 from orchestrator.scheduling.sessions import Ask, HostState, Join, Limits, Refuse, Room, Start, place
+from orchestrator.service.session_hosts import HostPool, NoRoom
+from orchestrator.settings import Settings
 from workers.contract import memory
 from workers.contract.plan import LoraConfig
 
@@ -83,3 +88,38 @@ def test_costs_follow_the_memory_model() -> None:
 @pytest.mark.parametrize("sessions", [0, 3])
 def test_an_empty_host_of_another_base_does_not_take_a_session(sessions: int) -> None:
     assert place(ASK, [host("x", sessions, key=OTHER)], 0, Room(16 * GB, 1), LIMITS) == Start()
+
+
+class _StandIn:
+    """A host that runs nothing: what the pool starts and shuts down."""
+
+    def __init__(self) -> None:
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+def test_the_pool_places_lingers_and_closes_local_hosts(tmp_path: Path, tiny_base: Path) -> None:
+    settings = Settings(
+        home=tmp_path, session_hosts="local", sessions_per_host=1, sessions_per_project=2,
+        session_host_linger_seconds=30.0,
+    )  # fmt: skip
+    made: list[_StandIn] = []
+    pool = HostPool(settings, lambda key: made.append(_StandIn()) or made[-1])
+    key = (str(tiny_base), "none", "float32")
+    a, need = pool.acquire(key, "alice", 0, LoraConfig(r=4))
+    pool.attach(a, "s1", need)
+    b, need_b = pool.acquire(key, "alice", 1, LoraConfig(r=4))  # a holds its one session: a second host
+    assert b is not a and len(made) == 2 and all(h.started for h in made)
+    pool.unreserve(b, need_b)  # the session was not created after all: b is empty
+    with pytest.raises(NoRoom) as capped:
+        pool.acquire(key, "alice", 2, None)
+    assert capped.value.status == 429 and capped.value.retry_after
+    pool.release(a, "s1")
+    assert pool.close_idle() == []  # both empty, lingering
+    assert sorted(pool.close_idle(now=time.monotonic() + 31)) == sorted([a.id, b.id])
+    assert all(h.stopped for h in made) and pool.hosts() == []

@@ -250,7 +250,7 @@ def test_another_projects_token_sees_nothing_of_a_session(
 
 
 def test_the_sessions_mlflow_run_has_its_params_metrics_by_step_and_states(
-    server: Server, chain: dict[str, Any]
+    server: Server, chain: dict[str, Any], tiny_base: Path
 ) -> None:
     sid = chain["id"]
     plane = server.plane
@@ -259,15 +259,13 @@ def test_the_sessions_mlflow_run_has_its_params_metrics_by_step_and_states(
     mlflow = MlflowClient(str(server.settings.mlflow_uri))
     run = mlflow.get_run(run_id)
     assert run.data.tags["lorafleet.kind"] == "session" and run.info.run_name == sid
-    assert run.data.params["base_model"].endswith("tiny") or run.data.params["base_model"]
+    assert run.data.params["base_model"] == str(tiny_base)
     assert (run.data.params["lora.r"], run.data.params["seed"]) == ("4", "0")
     losses = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "loss:sum")]
     norms = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "grad_norm")]
     assert sorted(losses) == [(i + 1, pytest.approx(loss)) for i, (loss, _) in enumerate(chain["steps"])]
     assert sorted(norms) == [(i + 1, pytest.approx(norm)) for i, (_, norm) in enumerate(chain["steps"])]
-    children = mlflow.search_runs(
-        [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", output_format="list"
-    )
+    children = mlflow.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
     states = {r.info.run_name: r for r in children}
     assert {f"{sid}.first", f"{sid}.second"} <= set(states)
     artifacts = {f.path for f in mlflow.list_artifacts(states[f"{sid}.first"].info.run_id, "adapter")}

@@ -47,6 +47,11 @@ models_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
+sessions_app = typer.Typer(
+    help="Live training sessions (`Client.create_lora_training_client`): list them, or close one.",
+    invoke_without_command=True,
+)
+app.add_typer(sessions_app, name="sessions")
 out = Console()
 err = Console(stderr=True)
 
@@ -131,6 +136,7 @@ def _jobs_table(jobs: list[JobView]) -> Table:
         _unbroken("job", JOB_ID_WIDTH),
         _folded("project"),
         _folded("name"),
+        _unbroken("kind"),
         _unbroken("state", STATE_WIDTH),
         _unbroken("adapters"),
         _folded("created"),
@@ -142,10 +148,11 @@ def _jobs_table(jobs: list[JobView]) -> Table:
             job.id,
             job.project,
             job.name,
+            job.kind,
             job.state,
             f"{done}/{job.adapter_count}",
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            _short(job.error),
+            _short(job.error or (f"ended: {job.end_reason}" if job.end_reason else None)),
         )
     return table
 
@@ -721,6 +728,61 @@ def token_revoke(
         _emit_json(view)
     else:
         err.print(f"token {view.id} of project {view.project} revoked")
+
+
+# ---- training sessions ----
+
+
+@sessions_app.callback()
+def sessions(
+    ctx: typer.Context,
+    project: Annotated[str | None, typer.Option("--project", "-p")] = None,
+    as_json: JsonFlag = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """The live sessions this token sees: id, project, base, rank, step, created, last used, saved
+    states (adapters `project/<session>.<name>`; `lorafleet jobs` lists ended sessions too)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    views = _run(lambda: _client(url, token).sessions(project))
+    if as_json:
+        _emit_json(views)
+        return
+    table = Table(
+        _unbroken("session"),
+        _folded("project"),
+        _folded("base"),
+        _unbroken("rank"),
+        _unbroken("step"),
+        _folded("created"),
+        _folded("last used"),
+        _folded("saved states"),
+    )
+    for v in views:
+        table.add_row(
+            v.id,
+            v.project,
+            v.base_model,
+            str(v.rank),
+            str(v.step),
+            v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            v.last_used_at.strftime("%Y-%m-%d %H:%M:%S"),
+            ", ".join(s.partition("/")[2] for s in v.saved_states),
+        )
+    out.print(table)
+
+
+@sessions_app.command("close")
+def sessions_close(
+    session_id: str, as_json: JsonFlag = False, url: UrlOpt = None, token: TokenOpt = None
+) -> None:
+    """End a session once what it queued has run; its saved states remain adapters."""
+    view = _run(lambda: _client(url, token).close_session(session_id))
+    if as_json:
+        _emit_json(view)
+    else:
+        err.print(f"session {view.id} of project {view.project} closed at step {view.step}")
 
 
 # ---- the local service ----

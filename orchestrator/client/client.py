@@ -339,6 +339,18 @@ class Client:
         params = {"project": project} if project else {}
         return [SessionView.model_validate(s) for s in self._call("GET", "/v1/sessions", params=params)]
 
+    def sessions(self, project: str | None = None) -> list[SessionView]:
+        """The live sessions this token may see (`training_sessions`)."""
+        return self.training_sessions(project)
+
+    def session(self, session_id: str) -> SessionView:
+        return SessionView.model_validate(self._call("GET", f"/v1/sessions/{session_id}"))
+
+    def close_session(self, session_id: str) -> SessionView:
+        """End a session once what it queued has run (its job: `succeeded`, closed by its client);
+        answers what it was. Its saved states remain adapters."""
+        return SessionView.model_validate(self._call("DELETE", f"/v1/sessions/{session_id}"))
+
     def _training_client(self, body: dict[str, Any]) -> TrainingClient:
         from orchestrator.client.training import TrainingClient
 

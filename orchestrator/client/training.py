@@ -26,8 +26,10 @@ Where this differs from Tinker's client:
 - `forward_backward_custom(data, loss_fn)` runs a `forward`, the loss on this machine (torch), then a
   `cross_entropy` forward_backward with `weights` = -d loss / d logprobs (its gradient is the custom
   loss's); both calls are numbered together, so nothing of the session's runs between them.
-- `save_state(name)` returns the server's path of the state (Tinker: a `tinker://` URI), which
-  `load_state` and `create_training_client_from_state` take, as they take an adapter `project/name`;
+- `save_state(name)` returns the server's path of the state (Tinker: a `tinker://` URI) as a `StatePath`,
+  a `str` that also names the adapter the state became (`.adapter`: `project/<session id>.<name>`, a node
+  of the lineage tree to branch, export or promote). `load_state` and `create_training_client_from_state`
+  take either, as they take any adapter `project/name`;
   `save_state(name, close=True)` also ends the session. `close()` ends it (the server ends an idle one).
 - `sample(prompt, num_samples, sampling_params)` samples the session's current weights directly (Tinker
   saves them and opens a `SamplingClient`); `prompt` is a list of token ids.
@@ -59,6 +61,24 @@ if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+
+
+class StatePath(str):
+    """A saved state's path (a `str`, as `save_state` always returned) that also knows the adapter it
+    became: `.adapter` (`project/name`) and `.path`."""
+
+    adapter: str
+
+    def __new__(cls, path: str, adapter: str) -> StatePath:
+        made = super().__new__(cls, path)
+        made.adapter = adapter
+        return made
+
+    @property
+    def path(self) -> str:
+        return str.__str__(self)
+
+
 SENDERS = 8  # requests of one session in flight at once (the server orders them by `seq`)
 
 
@@ -163,9 +183,12 @@ class TrainingClient:
     def compute_logprobs(self, tokens: Sequence[int]) -> Future[list[float | None]]:
         return self._send("compute_logprobs", {"tokens": list(tokens)}, lambda r: r["logprobs"])
 
-    def save_state(self, name: str, close: bool = False) -> Future[str]:
-        """Write the adapter (a PEFT directory) and its optimizer state; resolves to its path."""
-        return self._send("save_state", {"name": name, "close": close}, lambda r: r["path"])
+    def save_state(self, name: str, close: bool = False) -> Future[StatePath]:
+        """Write the adapter (a PEFT directory) and its optimizer state; resolves to its path, which also
+        names the adapter it became (`StatePath.adapter`)."""
+        return self._send(
+            "save_state", {"name": name, "close": close}, lambda r: StatePath(r["path"], r["adapter"])
+        )
 
     def load_state(self, path: str) -> Future[None]:
         """Replace the weights (and, from a session's save, the optimizer state) by a saved state's."""
@@ -191,7 +214,7 @@ class TrainingClient:
     def compute_logprobs_async(self, *args: Any, **kwargs: Any) -> Awaitable[list[float | None]]:
         return asyncio.wrap_future(self.compute_logprobs(*args, **kwargs))
 
-    def save_state_async(self, *args: Any, **kwargs: Any) -> Awaitable[str]:
+    def save_state_async(self, *args: Any, **kwargs: Any) -> Awaitable[StatePath]:
         return asyncio.wrap_future(self.save_state(*args, **kwargs))
 
     def load_state_async(self, *args: Any, **kwargs: Any) -> Awaitable[None]:

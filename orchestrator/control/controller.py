@@ -36,7 +36,7 @@ from orchestrator.control.runtime import ClusterView, FitOptions, PackRuntime
 from orchestrator.scheduling import scheduler as sched
 from orchestrator.settings import Settings
 from orchestrator.spec.job import JobSpec
-from orchestrator.spec.states import AdapterState, JobState, PackState
+from orchestrator.spec.states import AdapterState, JobKind, JobState, PackState
 from orchestrator.store import AdapterRecord, Conflict, DatabaseUnavailable, NewEvent, Store
 from workers import storage
 from workers.bases.catalog import base_config
@@ -839,7 +839,7 @@ class Controller:
     def _settle_jobs(self) -> None:
         """Jobs whose adapters all settled get their outcome. Judged on counts of states (one query for
         every open job); only a job that settles now has its adapters read, for its failures."""
-        jobs = self.store.job_states([JobState.PENDING, JobState.RUNNING])
+        jobs = self.store.job_states([JobState.PENDING, JobState.RUNNING], kind=JobKind.TRAIN)
         counts = self.store.adapter_counts(list(jobs))
         for job_id, state in jobs.items():
             try:

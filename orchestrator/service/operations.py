@@ -532,6 +532,8 @@ class Service:
             name=job.name,
             state=job.state,
             error=job.error,
+            kind=job.kind,
+            end_reason=job.end_reason,
             created_at=job.created_at,
             updated_at=job.updated_at,
             adapters=self._adapter_views(first),

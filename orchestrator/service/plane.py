@@ -8,14 +8,17 @@ talk to a server. It has no operations of its own: every use case is the service
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from orchestrator.control.controller import Controller
 from orchestrator.registry.promotion import Registry
 from orchestrator.service.operations import Service
 from orchestrator.settings import Settings
-from orchestrator.store import Store
+from orchestrator.store import DatabaseUnavailable, Store
 from orchestrator.tracking.mirror import Tracker
+
+log = logging.getLogger(__name__)
 
 
 class ControlPlane:
@@ -35,6 +38,10 @@ class ControlPlane:
             registry=self.registry,
         )
         self._started = False
+        try:  # sessions of an earlier life of this server: their adapters were in its memory
+            self.service.sessions.records.end_orphans()
+        except DatabaseUnavailable as exc:
+            log.warning("could not end the sessions of an earlier server life (next start will): %s", exc)
 
     def start(self) -> None:
         """Start the controller and the MLflow mirror (the server does, at startup); idempotent."""

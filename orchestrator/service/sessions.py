@@ -49,9 +49,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from orchestrator.service import preflight
+from orchestrator.service import session_records as records
 from orchestrator.service.auth import Principal, require_change
 from orchestrator.service.session_hosts import Held, HostPool, NoRoom
 from orchestrator.settings import Settings
+from orchestrator.spec.states import JobState
 from orchestrator.spec.views import SessionView
 from orchestrator.store import Conflict, NotFound, Store
 from workers import storage
@@ -104,6 +106,9 @@ class _Live:
         """A `SessionHost`, or a `RayHost` with the same methods."""
         return self.held.host
 
+    parent_id: str | None = None  # the adapter its weights last came from: its next saved state's parent
+    saved: list[str] = field(default_factory=list)  # its saved states' adapters, `project/name`
+
     def view(self) -> SessionView:
         info = self.host.session_info(self.id)
         if info is not None:
@@ -122,6 +127,7 @@ class _Live:
             step=self.step,
             created_at=self.created_at,
             last_used_at=self.last_used_at,
+            saved_states=list(self.saved),
         )
 
 
@@ -155,6 +161,7 @@ class Sessions:
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
+        self.records = records.SessionRecords(store)  # its job, saved states and call events in SQL
 
     # ---- sessions ----
 
@@ -174,9 +181,10 @@ class Sessions:
         (`from_state`: its weights, and its optimizer state if a session saved it); its base is then the
         state's, unless `base_model` says otherwise."""
         require_change(principal, project)
-        location = None
+        location, parent_id = None, None
         if from_state is not None:
             location, record = self._state(principal, from_state, "from_state", project=project)
+            parent_id = self.records.parent_of(project, record, location)
             if record is not None:
                 base_model = base_model or record.base_model
                 quantization, dtype = record.quantization, record.dtype  # type: ignore[assignment]
@@ -230,6 +238,12 @@ class Sessions:
             restore_optimizer=with_optimizer,
             step=info[0] if info is not None else 0,
         )
+        try:
+            self.records.created(live, parent_id)
+        except BaseException:
+            closed = held.host.close_session(session_id)  # no live session without its job row
+            closed.add_done_callback(lambda _: self.pool.release(held, session_id))
+            raise
         with self._lock:
             self._live[session_id] = live
         self._start_reaper()
@@ -248,7 +262,7 @@ class Sessions:
         """End the session once what it queued has run; from now on its id is unknown (404)."""
         live = self._visible(principal, session_id)
         require_change(principal, live.project)
-        return live.view(), self._close(live)
+        return live.view(), self._close(live, JobState.SUCCEEDED, records.CLOSED)
 
     def close_idle(self, now: float | None = None) -> list[str]:
         """Close every session with nothing in flight and no call for `session_idle_seconds`."""
@@ -261,13 +275,23 @@ class Sessions:
             ]
         for s in idle:
             log.info("closing session %s of project %s: idle", s.id, s.project)
-            self._close(s)
+            self._close(s, JobState.CANCELLED, records.idle_reason(self.settings.session_idle_seconds))
         return [s.id for s in idle]
 
     def shutdown(self) -> None:
+        """Stop: every live session ends (its job says the server stopped), then the hosts."""
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join()
+        with self._lock:
+            live = list(self._live.values())
+        ending = [self._close(s, JobState.CANCELLED, records.STOPPED) for s in live]
+        for future in ending:
+            try:
+                future.result(timeout=30)
+            except Exception as exc:  # a host that does not answer: the next start ends its jobs
+                log.warning("a session did not close at shutdown: %s", exc)
+        self.records.shutdown()
         self.pool.shutdown()
 
     # ---- primitives: each returns the host's future ----
@@ -288,7 +312,10 @@ class Sessions:
                 {"data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config},
             )
             primitive = live.host.forward_backward if backward else live.host.forward
-            return _named(lambda: primitive(live.id, request.data, request.loss_fn, request.loss_fn_config))
+            future = _named(lambda: primitive(live.id, request.data, request.loss_fn, request.loss_fn_config))
+            if backward:
+                future.add_done_callback(self.records.called(live, "forward_backward"))
+            return future
 
         return self._call(principal, session_id, seq, submit)
 
@@ -297,7 +324,9 @@ class Sessions:
     ) -> Future[Any]:
         def submit(live: _Live) -> Future[Any]:
             params = _valid(AdamParams, adam_params or {}, "adam_params")
-            return live.host.optim_step(live.id, params)
+            future = live.host.optim_step(live.id, params)
+            future.add_done_callback(self.records.called(live, "optim_step"))
+            return future
 
         return self._call(principal, session_id, seq, submit)
 
@@ -340,18 +369,20 @@ class Sessions:
     def save_state(
         self, principal: Principal, session_id: str, seq: int | None, name: Any, close: bool = False
     ) -> Future[Any]:
-        """Write the session's adapter and optimizer state under `name`; resolves to its path. With
-        `close`, the session ends once it is written."""
+        """Write the session's adapter and optimizer state under `name`, recorded as the adapter
+        `<session id>.<name>` of the session's job (`session_records`); resolves to `Saved` (its path
+        and adapter). With `close`, the session ends once it is written."""
 
         def submit(live: _Live) -> Future[Any]:
             if not isinstance(name, str):
                 raise InvalidCall([("name", f"is {name!r}: give a name such as 'step-100'")])
             _named(lambda: check_name(name, "`name`"), field="name")
+            adapter = _named(lambda: self.records.check_save(live, name), field="name")
             path = storage.join(self.settings.storage_root, "sessions", live.project, live.id, name)
-            future = live.host.save_state(live.id, path)
+            future = self.records.saved(live, adapter, live.host.save_state(live.id, path))
             future.add_done_callback(lambda f: self._restore_point(live, f, path, True))
-            if close:
-                self._close(live)  # queued after the save; the turn's lock is reentrant
+            if close:  # queued after the save; the turn's lock is reentrant
+                self._close(live, JobState.SUCCEEDED, records.saved_reason(f"{live.project}/{adapter}"))
             return future
 
         return self._call(principal, session_id, seq, submit)
@@ -363,10 +394,11 @@ class Sessions:
         def submit(live: _Live) -> Future[Any]:
             if not isinstance(path, str) or not path:
                 raise InvalidCall([("path", f"is {path!r}: give a saved state's path or `project/name`")])
-            location, _ = self._state(principal, path, "path", project=live.project)
+            location, record = self._state(principal, path, "path", project=live.project)
             with_optimizer = _has_optimizer(location)
             future = live.host.load_state(live.id, location, with_optimizer=with_optimizer)
             future.add_done_callback(lambda f: self._restore_point(live, f, location, with_optimizer))
+            self.records.loaded(live, self.records.parent_of(live.project, record, location), future)
             return future
 
         return self._call(principal, session_id, seq, submit)
@@ -439,7 +471,7 @@ class Sessions:
                 live.next_seq = seq + 1
                 live.turn.notify_all()
 
-    def _close(self, live: _Live) -> Future[None]:
+    def _close(self, live: _Live, state: JobState, reason: str) -> Future[None]:
         with self._lock:
             if self._live.get(live.id) is live:
                 del self._live[live.id]
@@ -451,9 +483,9 @@ class Sessions:
             done.set_result(None)
             return done
         held = live.held
-        future = held.host.close_session(live.id)
-        future.add_done_callback(lambda _: self.pool.release(held, live.id))
-        return future
+        closed = held.host.close_session(live.id)
+        closed.add_done_callback(lambda _: self.pool.release(held, live.id))
+        return self.records.ended(live, state, reason, closed)
 
     def _place(
         self,

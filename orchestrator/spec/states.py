@@ -32,6 +32,14 @@ class JobState(StrEnum):
     PARTIAL = "partial"  # finished, some adapters trained and some failed
 
 
+class JobKind(StrEnum):
+    """What a job is: trained by the controller from a spec, or a training session driven call by call
+    over the API (`service.sessions`), whose state the service sets and the controller never touches."""
+
+    TRAIN = "train"
+    SESSION = "session"
+
+
 class AdapterState(StrEnum):
     QUEUED = "queued"
     TRAINING = "training"

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.spec.states import JOB_TERMINAL, AdapterState, JobState
+from orchestrator.spec.states import JOB_TERMINAL, AdapterState, JobKind, JobState
 
 
 class _View(BaseModel):
@@ -120,6 +120,12 @@ class JobView(_View):
     name: str
     state: JobState
     error: str | None
+    kind: JobKind = Field(
+        default=JobKind.TRAIN,
+        description="`train`: trained from a spec; `session`: a training session driven call by call, "
+        "its saved states its adapters.",
+    )
+    end_reason: str | None = Field(default=None, description="Why a session ended.")
     created_at: datetime
     updated_at: datetime
     adapters: list[AdapterView] = Field(
@@ -220,3 +226,7 @@ class SessionView(_View):
     step: int = Field(description="Optimizer steps taken so far.")
     created_at: datetime
     last_used_at: datetime
+    saved_states: list[str] = Field(
+        default_factory=list,
+        description="Its saved states, oldest first: adapters `project/name` of the session's job.",
+    )

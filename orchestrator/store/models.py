@@ -89,6 +89,8 @@ class JobRow(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Time)
     updated_at: Mapped[datetime] = mapped_column(Time)
+    kind: Mapped[str] = mapped_column(String(16))  # `JobKind`: train, or session
+    end_reason: Mapped[str | None] = mapped_column(Text)  # why a session ended
 
     def to_entity(self) -> r.JobRecord:
         return r.JobRecord(
@@ -102,6 +104,8 @@ class JobRow(Base):
             mlflow_run_id=self.mlflow_run_id,
             created_at=r.utc(self.created_at),
             updated_at=r.utc(self.updated_at),
+            kind=self.kind,  # type: ignore[arg-type]
+            end_reason=self.end_reason,
         )
 
 

@@ -17,7 +17,7 @@ from enum import Enum, StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Final
 
-from orchestrator.spec.states import AdapterState, JobState, PackState
+from orchestrator.spec.states import AdapterState, JobKind, JobState, PackState
 from workers.contract.plan import DataConfig, LoraConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -118,16 +118,27 @@ class JobRecord:
     mlflow_run_id: str | None
     created_at: datetime
     updated_at: datetime
+    kind: JobKind = JobKind.TRAIN
+    end_reason: str | None = None  # why a session ended
 
     def __post_init__(self) -> None:
         _as_enum(self, "state", JobState)
+        _as_enum(self, "kind", JobKind)
 
     @cached_property
     def job_spec(self) -> JobSpec:
         """The stored spec as the typed `JobSpec` (raises `pydantic.ValidationError` if it cannot be one:
-        the raw `spec` stays readable so a bad row never breaks a listing)."""
+        the raw `spec` stays readable so a bad row never breaks a listing).
+
+        A session's spec (`SessionSpec` fields: no adapters, no data) is not a job spec; what readers of
+        a job's spec ask of it for a saved state (its promotion policy, its eval settings) are then the
+        defaults, so a saved state is judged as an adapter of a job that set none."""
         from orchestrator.spec.job import JobSpec
 
+        if self.kind == JobKind.SESSION:
+            return JobSpec.model_construct(
+                name=self.name, project=self.project, base_model=self.spec.get("base_model", ""), adapters=[]
+            )
         return JobSpec.model_validate(self.spec)
 
 

@@ -33,6 +33,7 @@ from orchestrator.spec.states import (
     ADAPTER_FINISHED,
     AdapterState,
     InvalidTransition,
+    JobKind,
     JobState,
     PackState,
     check_transition,
@@ -71,6 +72,7 @@ from orchestrator.store.records import (
     config_hash,
     utc,
 )
+from workers.contract.plan import DataConfig, LoraConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,7 @@ class Store:
             idempotency_key=idempotency_key,
             created_at=now,
             updated_at=now,
+            kind=JobKind.TRAIN.value,
         )
         s.add(job)
         s.flush()  # the job row exists before adapters reference it
@@ -362,21 +365,29 @@ class Store:
             return self._job(s, job_id).to_entity()
 
     def list_jobs(
-        self, project: str | None = None, states: Collection[JobState] | None = None
+        self,
+        project: str | None = None,
+        states: Collection[JobState] | None = None,
+        kind: JobKind | None = None,
     ) -> list[JobRecord]:
-        """Jobs, newest first."""
+        """Jobs (of one kind, or all), newest first."""
         query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id)
         if project is not None:
             query = query.where(JobRow.project == project)
         if states is not None:
             query = query.where(JobRow.state.in_([str(x) for x in states]))
+        if kind is not None:
+            query = query.where(JobRow.kind == JobKind(kind).value)
         with self._session("list jobs") as s:
             return [row.to_entity() for row in s.scalars(query)]
 
-    def job_states(self, states: Collection[JobState]) -> dict[str, JobState]:
-        """`{job id: state}` of the jobs in `states`, without their specs: what a controller tick reads
-        of every open job (decoding 200 jobs' specs each tick once cost it more than its writes)."""
+    def job_states(self, states: Collection[JobState], kind: JobKind | None = None) -> dict[str, JobState]:
+        """`{job id: state}` of the jobs in `states` (of one kind, or all), without their specs: what a
+        controller tick reads of every open job (decoding 200 jobs' specs each tick once cost it more
+        than its writes)."""
         query = select(JobRow.id, JobRow.state).where(JobRow.state.in_([str(x) for x in states]))
+        if kind is not None:
+            query = query.where(JobRow.kind == JobKind(kind).value)
         with self._session("list job states") as s:
             rows = s.execute(query.order_by(JobRow.created_at, JobRow.id)).tuples()
             return {job_id: JobState(state) for job_id, state in rows}
@@ -408,6 +419,124 @@ class Store:
         """Move a job to `state`; `error` (if given) says why it failed."""
         return self.update_job(job_id, state, error=UNSET if error is None else error)
 
+    # ---- sessions: jobs of kind `session`, their saved states adapters of them ----
+
+    def create_session_job(self, project: str, job_id: str, spec: dict[str, Any]) -> JobRecord:
+        """The job row of a new training session (and its project, if new): `running` from the start,
+        its id the session's, so the session's calls, events and saved states all name it."""
+        now = _now()
+        with self._session(f"create session job {job_id!r} in project {project!r}", write=True) as s:
+            self._ensure_project(s, project, now)
+            row = JobRow(
+                id=job_id,
+                project=project,
+                name=job_id,
+                spec=spec,
+                state=JobState.RUNNING.value,
+                kind=JobKind.SESSION.value,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(row)
+            s.flush()
+            return row.to_entity()
+
+    def end_session_job(self, job_id: str, state: JobState, reason: str) -> JobRecord | None:
+        """End a running session's job in `state`, saying why; None if it had already ended (a close
+        racing the idle reaper ends it once, with the first reason)."""
+        with self._session(f"end session job {job_id!r}", write=True) as s:
+            row = self._job(s, job_id, lock=True)
+            if row.kind != JobKind.SESSION.value:
+                raise StoreError(f"job {job_id!r} is a {row.kind} job, not a session")
+            if row.state != JobState.RUNNING.value:
+                return None
+            check_transition("job", row.state, state, entity=job_id)
+            row.state = JobState(state).value
+            row.end_reason = reason
+            row.updated_at = _now()
+            s.flush()
+            return row.to_entity()
+
+    def add_saved_state(
+        self,
+        job_id: str,
+        name: str,
+        path: str,
+        step: int,
+        lora: LoraConfig,
+        parent_id: str | None,
+        payload: Mapping[str, Any] | None = None,
+    ) -> AdapterRecord:
+        """A session's saved state as a finished (`trained`) adapter of its job, all in one transaction:
+        the adapter row (its base from the job, `final_checkpoint` the saved files, its parent the state
+        its weights came from), its final checkpoint row and the `done` event the MLflow mirror uploads it
+        from. A name taken in the project is a `Conflict` and nothing is written. The caller writes the
+        files first: there is never a row without them."""
+        now = _now()
+        with self._session(f"record saved state {name!r} of session {job_id!r}", write=True) as s:
+            job = self._job(s, job_id)
+            if job.kind != JobKind.SESSION.value:
+                raise StoreError(f"job {job_id!r} is a {job.kind} job, not a session")
+            taken = s.scalars(
+                select(AdapterRow.job_id).where(AdapterRow.project == job.project, AdapterRow.name == name)
+            ).first()
+            if taken is not None:
+                raise Conflict(
+                    f"adapter name already taken in project {job.project!r}: {job.project}/{name} "
+                    f"(job {taken}); save the state under another name"
+                )
+            spec = job.spec
+            adapter_id = _new_id()
+            root_id, depth = adapter_id, 0
+            if parent_id is not None:
+                parent = self._adapter(s, parent_id)
+                root_id, depth = parent.root_id, parent.depth + 1
+            train = TrainConfig(steps=step, seed=int(spec.get("seed") or 0))
+            data = DataConfig(path=f"session:{job_id}")  # what it learnt came call by call from a client
+            base, quantization, dtype = spec["base_model"], spec["quantization"], spec["dtype"]
+            row = AdapterRow(
+                id=adapter_id,
+                project=job.project,
+                name=name,
+                job_id=job_id,
+                state=AdapterState.TRAINED.value,
+                priority=0,
+                seq=self._next_seq(s, 1),
+                base_model=base,
+                quantization=quantization,
+                dtype=dtype,
+                lora=lora.model_dump(mode="json"),
+                train=train.model_dump(mode="json"),
+                data=data.model_dump(mode="json"),
+                parent_id=parent_id,
+                root_id=root_id,
+                depth=depth,
+                config_hash=config_hash(base, quantization, dtype, lora, train, data),
+                output_dir=path,
+                final_checkpoint=path,
+                step=step,
+                created_at=now,
+                updated_at=now,
+                started_at=job.created_at,
+                finished_at=now,
+            )
+            s.add(row)
+            s.flush()
+            s.add(CheckpointRow(adapter_id=adapter_id, step=step, path=path, final=True, created_at=now))
+            done = {"status": "trained", "final_dir": path, "adapter": name, "step": step, **(payload or {})}
+            s.add(
+                EventRow(
+                    job_id=job_id,
+                    adapter_id=adapter_id,
+                    kind="done",
+                    step=step,
+                    payload=_finite(done),
+                    created_at=now,
+                )
+            )
+            s.flush()
+            return row.to_entity()
+
     @staticmethod
     def _job(s: Session, job_id: str, lock: bool = False) -> JobRow:
         row = s.get(JobRow, job_id, with_for_update=lock)
@@ -425,6 +554,16 @@ class Store:
             if row is None:
                 raise NotFound(f"adapter {project}/{name} not found")
             return row.to_entity()
+
+    def adapter_at(self, project: str, final_checkpoint: str) -> AdapterRecord | None:
+        """The adapter of `project` whose final weights are at `final_checkpoint`, if one is (a path a
+        session's save returned names the adapter it became)."""
+        query = select(AdapterRow).where(
+            AdapterRow.project == project, AdapterRow.final_checkpoint == final_checkpoint
+        )
+        with self._session(f"find the adapter at {final_checkpoint[:200]!r}") as s:
+            row = s.scalars(query.order_by(AdapterRow.seq).limit(1)).one_or_none()
+            return row.to_entity() if row is not None else None
 
     def get_adapter_by_id(self, adapter_id: str) -> AdapterRecord:
         with self._session(f"get adapter {adapter_id!r}") as s:

@@ -9,6 +9,12 @@ redoes after a worker restart (exactly, from its checkpoint) are not logged agai
 eval also leaves its judged samples as a table artifact (`eval_samples.json`), written whole, not
 appended (as `log_table` would), so a replay rewrites the same table rather than doubling it; a finished
 job's run gets `eval_summary.json`, each adapter's main task score and lifts.
+
+A training session (a job of kind `session`) is mirrored the same way: its job's run is the session's run
+(params: base, LoRA, seed, the state it started from), its calls' metrics (`session` events, by optimizer
+step: a forward_backward's `loss:sum`, an optim_step's `grad_norm`...) are logged to it, and its saved
+states are its child runs, uploaded as any finished adapter is. Every call's metrics are kept: a session's
+events are recorded once, never replayed, so two forward_backward calls of one step are two points.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -26,7 +33,7 @@ from typing import Any
 
 from orchestrator.lineage.tree import lineage_path
 from orchestrator.spec.job import ScoreOrder
-from orchestrator.spec.states import ADAPTER_FINISHED, JOB_TERMINAL, JobState, adapter_state_after
+from orchestrator.spec.states import ADAPTER_FINISHED, JOB_TERMINAL, JobKind, JobState, adapter_state_after
 from orchestrator.spec.views import scores
 from orchestrator.store import AdapterChange, AdapterRecord, EventRecord, JobRecord, Store
 from orchestrator.tracking.status import run_status
@@ -79,6 +86,12 @@ def _metrics_of(event: EventRecord) -> dict[str, float]:
     if event.kind == "eval":
         out |= event.payload.get("metrics") or {}
     return {metric: float(value) for metric, value in out.items() if value is not None}
+
+
+def _metric_name(name: str) -> str:
+    """A session call's metric name as MLflow takes it (`loss:sum` is one; a character MLflow refuses
+    would otherwise stop the mirror's cursor for good)."""
+    return re.sub(r"[^/\w.\- :]", "_", name).strip("/") or "metric"
 
 
 def _table_tag(artifact: str) -> Any:
@@ -236,7 +249,20 @@ class Tracker:
         finished: list[tuple[str, EventRecord]] = []
         samples: dict[str, list[dict[str, Any]]] = {}
         adapters = self.store.adapters_by_id({e.adapter_id for e in events if e.adapter_id is not None})
+        jobs: dict[str, JobRecord] = {}
         for event in events:
+            if event.kind == "session" and event.adapter_id is None:
+                if event.job_id not in jobs:
+                    jobs[event.job_id] = self.store.get_job(event.job_id)
+                run_id = self._job_run(jobs[event.job_id])
+                jobs[event.job_id] = replace(jobs[event.job_id], mlflow_run_id=run_id)
+                for metric, value in (event.payload.get("metrics") or {}).items():
+                    if value is not None:
+                        name = _metric_name(str(metric))
+                        metrics[run_id].append(
+                            Metric(name, float(value), _millis(event), int(event.step or 0))
+                        )
+                continue
             if event.adapter_id is None or event.adapter_id not in adapters:
                 continue
             stamp = _millis(event)
@@ -335,20 +361,34 @@ class Tracker:
         if job.mlflow_run_id:
             return job.mlflow_run_id
         spec = job.spec
+        session = job.kind == JobKind.SESSION
         run = self.client.create_run(
             self._experiment(job.project),
             start_time=int(job.created_at.timestamp() * 1000),
             run_name=job.name,
-            tags={"lorafleet.job": job.id, "lorafleet.project": job.project, "lorafleet.kind": "job"},
+            tags={
+                "lorafleet.job": job.id,
+                "lorafleet.project": job.project,
+                "lorafleet.kind": "session" if session else "job",
+            },
         )
-        params = {
+        params: dict[str, Any] = {
             "base_model": spec.get("base_model"),
             "quantization": spec.get("quantization"),
             "dtype": spec.get("dtype"),
-            "adapters": len(spec.get("adapters", [])),
-            **_flatten("resources", spec.get("resources", {})),
-            **_flatten("promotion", spec.get("promotion", {})),
         }
+        if session:
+            params |= {
+                **_flatten("lora", spec.get("lora", {})),
+                "seed": spec.get("seed"),
+                "from_state": spec.get("from_state") or "",
+            }
+        else:
+            params |= {
+                "adapters": len(spec.get("adapters", [])),
+                **_flatten("resources", spec.get("resources", {})),
+                **_flatten("promotion", spec.get("promotion", {})),
+            }
         self._log_params(run.info.run_id, params)
         self.store.update_job(job.id, mlflow_run_id=run.info.run_id)
         return run.info.run_id
@@ -430,6 +470,8 @@ class Tracker:
                 raise
 
     def _close_finished_jobs(self) -> None:
+        from mlflow.entities import RunTag
+
         jobs = [
             job
             for job in self.store.list_jobs(states=JOB_TERMINAL)
@@ -441,7 +483,8 @@ class Tracker:
             if all(state in ADAPTER_FINISHED for state in counts[job.id]):
                 if self.client.get_run(job.mlflow_run_id).info.status == run_status(JobState.RUNNING):
                     self.client.log_dict(job.mlflow_run_id, self._job_summary(job), SUMMARY_ARTIFACT)
-                    self.client.log_batch(job.mlflow_run_id, tags=[_table_tag(SUMMARY_ARTIFACT)])
+                    ended = [RunTag("lorafleet.end_reason", job.end_reason)] if job.end_reason else []
+                    self.client.log_batch(job.mlflow_run_id, tags=[_table_tag(SUMMARY_ARTIFACT), *ended])
                     self.client.set_terminated(
                         job.mlflow_run_id,
                         status=run_status(job.state),

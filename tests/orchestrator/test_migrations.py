@@ -140,3 +140,34 @@ def test_an_in_memory_store_migrates_its_own_connection() -> None:
     with Store.open("sqlite://") as store:  # a second engine would see a different, empty database
         _, (a,), _ = store.create_job("p", "j", {}, [NewAdapter("a", "tiny", {"path": "a.jsonl"})])
         assert store.get_adapter("p", "a") == a
+
+
+def test_0006_makes_every_existing_job_a_train_job_and_steps_back(db_url: str) -> None:
+    upgrade(db_url, "0005")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO lf_projects (name, created_at) VALUES ('p', '2026-01-01')"))
+            connection.execute(
+                text(
+                    "INSERT INTO lf_jobs (id, project, name, spec, state, created_at, updated_at) "
+                    "VALUES ('old', 'p', 'j', '{}', 'succeeded', '2026-01-01', '2026-01-01')"
+                )
+            )
+    finally:
+        engine.dispose()
+    upgrade(db_url)
+    with Store(db_url) as store:
+        old = store.get_job("old")
+        assert (old.kind, old.end_reason) == ("train", None)
+        store.create_session_job("p", "sess-1", {"base_model": "b"})
+        assert [j.id for j in store.list_jobs(kind="session")] == ["sess-1"]  # type: ignore[arg-type]
+    downgrade(db_url, "0005")
+    engine = make_engine(db_url)
+    try:
+        assert "kind" not in {c["name"] for c in inspect(engine).get_columns("lf_jobs")}
+    finally:
+        engine.dispose()
+    upgrade(db_url)
+    with Store(db_url) as store:
+        assert store.get_job("sess-1").kind == "train"  # the kind went with the downgrade

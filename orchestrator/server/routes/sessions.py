@@ -98,6 +98,7 @@ class LoadStateRequest(_Body):
 
 class SavedState(BaseModel):
     path: str
+    adapter: str = Field(description="The adapter `project/name` the state became (lineage, export...).")
 
 
 class Logprobs(BaseModel):
@@ -203,9 +204,10 @@ async def compute_logprobs(session_id: str, body: LogprobsRequest, service: Svc,
 
 @router.post("/v1/sessions/{session_id}/save_state")
 async def save_state(session_id: str, body: SaveStateRequest, service: Svc, caller: Caller) -> SavedState:
-    """Write the adapter (PEFT) and its optimizer state; answers where."""
-    path = await _result(service.sessions.save_state, caller, session_id, body.seq, body.name, body.close)
-    return SavedState(path=path)
+    """Write the adapter (PEFT) and its optimizer state, recorded as the adapter `<session id>.<name>`
+    of the session's job; answers where, and that adapter."""
+    saved = await _result(service.sessions.save_state, caller, session_id, body.seq, body.name, body.close)
+    return SavedState(path=saved.path, adapter=saved.adapter)
 
 
 @router.post("/v1/sessions/{session_id}/load_state")

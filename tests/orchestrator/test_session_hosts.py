@@ -154,9 +154,11 @@ def test_a_killed_worker_fails_in_flight_calls_and_the_session_resumes_from_its_
 ) -> None:  # type: ignore[no-untyped-def]
     state = first.save_state("before-loss").result(timeout=60)
     train(first, [_random_data(60, n=3)])  # lost with the worker: redone below
-    long = first.sample([5, 9, 17], 4, SamplingParams(max_tokens=4000, stop=[], seed=1))
     live = sessions_of(api)._live[first.session_id]
     deadline = time.monotonic() + 30
+    while live.inflight > 0 and time.monotonic() < deadline:  # the calls before answered, to the server too
+        time.sleep(0.01)
+    long = first.sample([5, 9, 17], 4, SamplingParams(max_tokens=4000, stop=[], seed=1))
     while live.inflight == 0 and time.monotonic() < deadline:  # queued on the actor: in flight
         time.sleep(0.01)
     ray.kill(sessions_of(api)._live[first.session_id].host.actor, no_restart=True)

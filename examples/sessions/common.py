@@ -31,9 +31,13 @@ DEFAULT_BASE = "smollm2-135m-instruct"
 
 def parser(description: str) -> argparse.ArgumentParser:
     """The arguments every example takes; each adds its own."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--url", default=os.environ.get("LORAFLEET_URL"), help="server URL (env LORAFLEET_URL)")
-    p.add_argument("--token", default=os.environ.get("LORAFLEET_TOKEN"), help="API token (env LORAFLEET_TOKEN)")
+    p.add_argument(
+        "--token", default=os.environ.get("LORAFLEET_TOKEN"), help="API token (env LORAFLEET_TOKEN)"
+    )
     p.add_argument("--project", default="default", help="the project the sessions belong to")
     p.add_argument("--base", default=DEFAULT_BASE, help="base model: a catalog name, a directory, a .gguf")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the base's, pulled here)")
@@ -60,7 +64,9 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
         try:
             where = resolve_base(args.base, convert=False)
         except BaseModelError as exc:
-            sys.exit(f"cannot read the tokenizer of `--base` {args.base!r} here: {exc} (or give `--tokenizer DIR`)")
+            sys.exit(
+                f"cannot read the tokenizer of `--base` {args.base!r} here: {exc} (or give `--tokenizer DIR`)"
+            )
     return AutoTokenizer.from_pretrained(where)
 
 
@@ -84,7 +90,9 @@ def chat_datum(tokenizer: Any, question: str, answer: str) -> tuple[Datum, int]:
     full = tokenizer.encode(text, add_special_tokens=False)
     if full[: len(prompt)] != prompt:  # a template that rewrites earlier turns: weights would be misaligned
         raise ValueError(f"the chat template does not render {question!r} as a prefix of its answered form")
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    end_of_turn = (
+        tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    )
     answer_end = len(full)
     for i in range(len(prompt), len(full)):
         if full[i] in (end_of_turn, tokenizer.eos_token_id):
@@ -102,7 +110,11 @@ def mean_weighted(datums: list[tuple[Datum, int]]) -> list[Datum]:
     out = []
     for datum, _ in datums:
         weights = [w / total for w in datum.loss_fn_inputs.weights or []]
-        out.append(datum.model_copy(update={"loss_fn_inputs": datum.loss_fn_inputs.model_copy(update={"weights": weights})}))
+        out.append(
+            datum.model_copy(
+                update={"loss_fn_inputs": datum.loss_fn_inputs.model_copy(update={"weights": weights})}
+            )
+        )
     return out
 
 

@@ -31,9 +31,12 @@ from workers.contract.sessions import AdamParams, Datum, LossFnInputs, SampledSe
 
 # (item, category) pairs: "Is a {item} a {category}?", half of them true
 _ITEMS = {
-    "an animal": ["dog", "cat", "horse", "eagle", "shark", "frog", "lion", "rabbit", "owl", "whale", "goat", "bee"],
-    "a fruit": ["apple", "banana", "cherry", "mango", "lemon", "grape", "peach", "pear", "plum", "kiwi", "melon", "fig"],
-    "a vehicle": ["car", "bus", "bicycle", "train", "truck", "boat", "tram", "scooter", "taxi", "van", "ship", "jeep"],
+    "an animal": ["dog", "cat", "horse", "eagle", "shark", "frog", "lion", "rabbit", "owl", "whale",
+                  "goat", "bee"],
+    "a fruit": ["apple", "banana", "cherry", "mango", "lemon", "grape", "peach", "pear", "plum", "kiwi",
+                "melon", "fig"],
+    "a vehicle": ["car", "bus", "bicycle", "train", "truck", "boat", "tram", "scooter", "taxi", "van",
+                  "ship", "jeep"],
 }  # fmt: skip
 _BARE = re.compile(r"(yes|no)[.!]?", re.IGNORECASE)
 _STARTS = re.compile(r"(yes|no)\b", re.IGNORECASE)
@@ -122,11 +125,14 @@ def train(tc: Any, tokenizer: Any, args: Any) -> dict[str, Any]:
         for prompt, future in zip(prompts, sampled, strict=True):
             group = future.result().sequences
             scores = [
-                reward(tokenizer.decode(s.tokens, skip_special_tokens=True), s.stop_reason == "stop") for s in group
+                reward(tokenizer.decode(s.tokens, skip_special_tokens=True), s.stop_reason == "stop")
+                for s in group
             ]
             rewards += scores
             datums += [
-                rl_datum(prompt, s, a) for s, a in zip(group, group_advantages(scores), strict=True) if a != 0.0
+                rl_datum(prompt, s, a)
+                for s, a in zip(group, group_advantages(scores), strict=True)
+                if a != 0.0
             ]
         rewards_per_step.append(statistics.fmean(rewards))
         if not datums:  # every group agreed: nothing to learn from this batch
@@ -136,7 +142,10 @@ def train(tc: Any, tokenizer: Any, args: Any) -> dict[str, Any]:
         fb = tc.forward_backward(datums, args.loss)
         opt = tc.optim_step(adam)
         loss, done = fb.result().loss, opt.result().step
-        print(f"step {done}: mean reward {rewards_per_step[-1]:.3f}, {len(datums)} answers trained, loss {loss:.3f}")
+        print(
+            f"step {done}: mean reward {rewards_per_step[-1]:.3f}, "
+            f"{len(datums)} answers trained, loss {loss:.3f}"
+        )
     after = evaluate(tc, tokenizer, held_out, args)
     print(f"held-out mean reward after: {after['mean_reward']:.3f} (accuracy {after['accuracy']:.2f})")
     return {"before": before, "after": after, "train_reward": rewards_per_step}

@@ -47,7 +47,9 @@ def train(tc: Any, tokenizer: Any, args: Any) -> dict[str, Any]:
     adam = AdamParams(learning_rate=args.lr)
     losses = []
     for step in range(args.steps):
-        batch = [chat_datum(tokenizer, *exchange(r)) for r in records[step * args.batch : (step + 1) * args.batch]]
+        batch = [
+            chat_datum(tokenizer, *exchange(r)) for r in records[step * args.batch : (step + 1) * args.batch]
+        ]
         # queue both before waiting for either: they share one clock cycle on the server
         fb = tc.forward_backward(mean_weighted(batch), "cross_entropy")
         opt = tc.optim_step(adam)

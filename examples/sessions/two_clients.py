@@ -50,8 +50,13 @@ def run(client: Any, start: str, tokenizer: Any, skill: str, args: Any) -> dict[
         adam = AdamParams(learning_rate=args.lr)
         steps = []
         for step in range(args.steps):
-            batch = [chat_datum(tokenizer, *exchange(r)) for r in records[step * args.batch : (step + 1) * args.batch]]
-            steps.append((tc.forward_backward(mean_weighted(batch)), tc.optim_step(adam)))  # queued, not waited
+            batch = [
+                chat_datum(tokenizer, *exchange(r))
+                for r in records[step * args.batch : (step + 1) * args.batch]
+            ]
+            steps.append(
+                (tc.forward_backward(mean_weighted(batch)), tc.optim_step(adam))
+            )  # queued, not waited
         after = probe_logprob(tc, tokenizer, skill)
         return {
             "losses": [fb.result().loss for fb, _ in steps],
@@ -108,8 +113,9 @@ def main() -> None:
             *(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)),
         )
         print(
-            f"{skill}: {a['steps']} steps together; held-out answer logprob {a['probe_logprob_before']:.3f} -> "
-            f"{a['probe_logprob_after']:.3f}; alone {b['probe_logprob_after']:.3f}; largest difference {diffs[skill]:.2e}"
+            f"{skill}: {a['steps']} steps together; held-out answer logprob "
+            f"{a['probe_logprob_before']:.3f} -> {a['probe_logprob_after']:.3f}; "
+            f"alone {b['probe_logprob_after']:.3f}; largest difference {diffs[skill]:.2e}"
         )
     same = all(d <= args.tolerance for d in diffs.values())
     trained = all(shared[s]["probe_logprob_after"] > shared[s]["probe_logprob_before"] for s in SKILLS)

@@ -80,6 +80,10 @@ class StatePath(str):
 
 
 SENDERS = 8  # requests of one session in flight at once (the server orders them by `seq`)
+# A call is answered once everything its session queued before it has run, so the last call of a loop that
+# queues ahead waits for many clock cycles (minutes on a loaded CPU): far past the `Client`'s 60 s read
+# timeout, which would fail a call the server still runs. Connecting and sending keep the short limits.
+CALL_READ_TIMEOUT_S = 3600.0
 
 
 class Transport(Protocol):
@@ -255,7 +259,14 @@ class TrainingClient:
         return result
 
     def _post(self, op: str, body: dict[str, Any]) -> Any:
-        response = self._client._request("POST", f"/v1/sessions/{self.session_id}/{op}", json=body)
+        import httpx
+
+        response = self._client._request(
+            "POST",
+            f"/v1/sessions/{self.session_id}/{op}",
+            json=body,
+            timeout=httpx.Timeout(60.0, read=CALL_READ_TIMEOUT_S),
+        )
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", {})

@@ -175,3 +175,26 @@ def test_a_killed_worker_fails_in_flight_calls_and_the_session_resumes_from_its_
     assert train_local(local, "loaded", batches) == pytest.approx(losses, abs=1e-5)
     assert diff(saved(after), weights(local, "loaded")) < 1e-5
     assert sessions_of(api).pool.ray_hosts() == 1
+
+
+def test_a_session_that_never_saved_restarts_from_its_first_weights(
+    api: TestClient, alice: Client, local: SessionHost, tiny_base: Path
+) -> None:  # type: ignore[no-untyped-def]
+    never = _create(alice, tiny_base)  # seed 3, as `first`: its first weights are drawn for (lora, seed)
+    train(never, [_random_data(90, n=3)])  # lost with the worker, never saved
+    live = sessions_of(api)._live[never.session_id]
+    ray.kill(live.host.actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the kill lands
+        try:
+            ray.get(live.host.actor.session_info.remote(""), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            break
+        time.sleep(0.1)
+
+    batches = [_random_data(95 + step, n=3) for step in range(2)]
+    losses = train(never, batches)  # placed again, from its starting state: step 0, the first A
+    assert never.info().step == 2
+    local.create_session("fresh", LORA, seed=3, init_name=SESSION_INIT_NAME)
+    assert train_local(local, "fresh", batches) == pytest.approx(losses, abs=1e-5)
+    never.close()

@@ -123,3 +123,16 @@ def test_the_pool_places_lingers_and_closes_local_hosts(tmp_path: Path, tiny_bas
     assert pool.close_idle() == []  # both empty, lingering
     assert sorted(pool.close_idle(now=time.monotonic() + 31)) == sorted([a.id, b.id])
     assert all(h.stopped for h in made) and pool.hosts() == []
+
+
+def test_packs_start_only_on_the_slots_session_hosts_leave(tmp_path: Path, store) -> None:  # type: ignore[no-untyped-def]
+    """The controller counts a Ray session host's worker slot as taken: packs and hosts never overcommit."""
+    from orchestrator.control.controller import Controller
+    from orchestrator.control.simulated import SimulatedPacks
+
+    controller = Controller(Settings(home=tmp_path), store, packs=SimulatedPacks(cpus_per_node=4))
+    assert controller._free_slots() == 4
+    controller.session_hosts = lambda: 3
+    assert controller._free_slots() == 1
+    controller.session_hosts = lambda: 6  # more hosts than slots (a cluster that shrank): none, never below
+    assert controller._free_slots() == 0

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -39,7 +40,12 @@ class SessionHostActor:
         from workers.engine.model import load_base
         from workers.sessions.host import SessionHost
 
-        loaded = load_base(base_model, quantization=quantization, dtype=dtype, home=home)  # type: ignore[arg-type]
+        loaded = load_base(
+            base_model,
+            quantization=quantization,  # type: ignore[arg-type]
+            dtype=dtype,  # type: ignore[arg-type]
+            home=Path(home) if home else None,  # crossed Ray as a str
+        )
         self.host = SessionHost(loaded, base_model)
         self.host.start()
         self._pending: dict[int, Future[Any]] = {}
@@ -101,7 +107,7 @@ class RayHost:
             ray.get(actor.session_info.remote(""))  # returns once __init__ (the base's load) is done
         except RayActorError as exc:
             cause = getattr(exc, "cause", None) or exc
-            raise RuntimeError(_first_line(cause)) from exc
+            raise RuntimeError(_cause_line(cause)) from exc
         return host
 
     @property
@@ -217,6 +223,13 @@ def _cause(exc: RayTaskError) -> BaseException:
     """The exception the host raised (a `ValueError` naming the field), not Ray's wrapper of it."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+def _cause_line(exc: BaseException) -> str:
+    """What a failed creation task raised: the last line of its traceback (`TypeError: ...`), not Ray's
+    "the actor died because of an error raised in its creation task" header."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", default="float32", help="base dtype (bf16 is ~30x slower on AVX2-only CPUs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (default: all cores; procs: cores // N)",
+    )
     p.add_argument("--wait-idle", type=float, default=60, help="seconds to wait for a quiet machine")
     p.add_argument("--tag", default=None, help="results/sessions-<tag>.* (default: the device)")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -310,6 +316,7 @@ def run_host(config: dict[str, Any]) -> dict[str, Any]:
         "sessions_per_cycle": statistics.mean([k for start, _, k in cycles if start >= timed_from] or [0]),
         **{k: v for k, v in host.counters.items()},
         "pass_tokens": host.pass_tokens,
+        "threads_per_process": torch.get_num_threads(),
         "load_s": load_s,
         "base_rss_mb": base_rss,
         "peak_rss_mb": peak_rss_mb(),
@@ -365,6 +372,8 @@ def run_procs(config: dict[str, Any], work: Path) -> dict[str, Any]:
     """N processes, one session each; the parent starts every round in all of them and waits for all."""
     n, rounds = config["n"], config["warmup"] + config["rounds"]
     threads = max(1, usable_cores() // n)
+    if config.get("threads"):
+        threads = min(threads, config["threads"])
     procs = []
     for i in range(n):
         child = {**config, "index": i, "threads": threads, "weights": str(work / f"procs-{n}-{i}.pt")}
@@ -463,7 +472,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "same sessions on one host, one step at a time; **procs**: N processes with a host (and a base) "
         "each, `cores // N` threads. The host is driven in process (no HTTP). tokens/s = target tokens of "
         "the timed rounds / their wall time; round = until all N finished one step; cycle = the host's "
-        "`run_cycle` (median over timed rounds); RSS = VmHWM, per process and summed.",
+        "`run_cycle` (median over timed rounds); RSS = VmHWM, per process and summed. Torch threads per "
+        f"process: {a.get('threads') or 'all cores'} (procs: at most cores // N).",
         "",
     ]
     if doc.get("note"):
@@ -505,18 +515,20 @@ def gpu_section(doc: dict[str, Any]) -> list[str]:
         "",
         *table,
         "",
-        "On this CPU the shared host cannot beat one session at a time by much: a CPU's matmuls are already "
-        "compute-bound at a few hundred rows (`CPU_PASS_TOKENS` is 1,024 because 8,192 rows are no faster "
-        "per token), so a pass of N sessions costs about N times a pass of one, and what sharing saves is "
-        "only the per-pass and per-call overhead (Python, kernel dispatch, the head's chunks). N processes "
-        "do worse still: they split the same cores and each holds a base. On a GPU a pass of one session's "
-        f"{per_session:.0f} tokens leaves the device idle (an H100 needs thousands of rows per matmul to "
-        "approach its peak, and a 135M base's pass is dominated by kernel launches and the layer-by-layer "
-        "latency at this size), so packing N sessions into one pass costs little more than one: the "
-        "shared host's tokens/s should grow close to N-fold until the pass reaches a few thousand tokens "
-        "(about 10-30 sessions of this step), and the memory model leaves room for far more tokens than that "
-        "per pass. N processes on one GPU would each hold a base and a CUDA context, and time-slice the "
-        "device rather than fill it. To be measured on a GPU: `--device cuda`.",
+        "(Each session's own LoRA state, a few MB at this rank, is left out: it does not change these "
+        "numbers.) On a CPU the shared host is not expected to beat one session at a time by much: a "
+        "CPU's matmuls are already compute-bound at a few hundred rows (`CPU_PASS_TOKENS` is 1,024 because "
+        "8,192 rows are no faster per token), so a pass of N sessions costs about N times a pass of one, "
+        "and what sharing saves is only the per-pass and per-call overhead (Python, kernel dispatch, the "
+        "head's chunks). N processes do worse still: they split the same cores and each holds a base. On a "
+        f"GPU a pass of one session's {per_session:.0f} tokens leaves the device idle (an H100 needs "
+        "thousands of rows per matmul to approach its peak, and a 135M base's pass is dominated by kernel "
+        "launches and the layer-by-layer latency at this size), so packing N sessions into one pass costs "
+        "little more than one: the shared host's tokens/s should grow close to N-fold until the pass "
+        f"reaches a few thousand tokens (4,096 tokens are {4096 // per_session:.0f} sessions of this step), "
+        "and the memory model leaves room for far more tokens than that per pass. N processes on one GPU "
+        "would each hold a base and a CUDA context, and time-slice the device rather than fill it. Not "
+        "measured yet: run with `--device cuda` on a GPU.",
     ]
 
 
@@ -592,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         "seq": args.seq,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "threads": args.threads,
     }
     rows: list[dict[str, Any]] = []
     config_json: dict[str, Any] | None = None
@@ -621,21 +634,24 @@ def main(argv: list[str] | None = None) -> None:
             for row in rows:
                 if row["n"] == n and row["mode"] in weights and row["mode"] != "sequential":
                     row["max_diff_vs_sequential"] = max_diff(weights[row["mode"]], weights["sequential"])
-    gains(rows)
-    ok = [r for r in rows if r.get("status") == "ok"]
-    session_tokens = statistics.mean(r["timed_tokens"] / r["n"] / args.rounds for r in ok) if ok else math.nan
-    doc = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": machine_info(args.device),
-        "load_start": load_start,
-        "load_end": load_average(),
-        "note": args.note,
-        "reading": args.reading,
-        "session_tokens": session_tokens,
-        "gpu": gpu_capacity(config_json, session_tokens) if config_json else [],
-        "rows": rows,
-    }
-    write(doc, args.out / f"sessions-{args.tag or args.device}")
+        gains(rows)
+        # after every N, so a long sweep that is stopped still leaves what it measured
+        ok = [r for r in rows if r.get("status") == "ok"]
+        session_tokens = (
+            statistics.mean(r["timed_tokens"] / r["n"] / args.rounds for r in ok) if ok else math.nan
+        )
+        doc = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "machine": machine_info(args.device),
+            "load_start": load_start,
+            "load_end": load_average(),
+            "note": args.note,
+            "reading": args.reading,
+            "session_tokens": session_tokens,
+            "gpu": gpu_capacity(config_json, session_tokens) if config_json else [],
+            "rows": rows,
+        }
+        write(doc, args.out / f"sessions-{args.tag or args.device}")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,19 @@ def test_gpu_table_from_the_memory_model() -> None:
     assert rows[("H100 80 GB", "float32")]["pass_tokens"] < h100["pass_tokens"]
     assert h100["sessions"] == h100["pass_tokens"] // 300
     assert rows[("CPU (memory.CPU_PASS_TOKENS)", "float32")]["sessions"] == 1024 // 300
+
+
+@pytest.mark.parametrize(
+    "result", sorted((ROOT / "benchmarks" / "results").glob("sessions-*.json")), ids=lambda p: p.stem
+)
+def test_committed_results_render_from_their_json(result: Path, tmp_path: Path) -> None:
+    """`--render` redraws a report from its JSON alone: every row, skipped ones with their reason."""
+    doc = json.loads(result.read_text())
+    text = bench.markdown(doc)
+    for row in doc["rows"]:
+        assert f"| {row['n']} | {row['mode']} |" in text
+        if row["status"] != "ok":
+            assert row["status"] in text
+    assert "## What a GPU changes" in text and "H200 141 GB" in text
+    bench.plot(doc, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         description="Most live sessions one project may hold; a create beyond it is refused (429). "
         "Unset: no cap.",
     )
+    session_host_start_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a new Ray session host may take to be scheduled and load its base; past "
+        "it the host is given up and the create answers 503 (the cluster's workers are held elsewhere).",
+    )
     session_host_linger_seconds: float = Field(
         default=300.0,
         ge=0,

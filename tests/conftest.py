@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +128,32 @@ def small_storage(tmp_path: Path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def _end_local_ray() -> None:
+    """Shut the in-process Ray down, and what it left behind (actors of packs a test abandoned)."""
+    import ray
+
+    from orchestrator.control.controller import ray_session_dir
+    from orchestrator.server.local import kill_ray_session
+
+    if ray.is_initialized():
+        session = ray_session_dir()
+        ray.shutdown()
+        if session:
+            kill_ray_session(session)
+
+
+@contextmanager
+def own_local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A fresh in-process Ray of `num_cpus` for a module that counts Ray's free slots (session hosts are
+    placed on them): on the Ray earlier tests shared, what they left running may hold those slots, and a
+    host would wait for one. Ended afterwards; a later module starts the shared one again."""
+    import ray
+
+    _end_local_ray()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="lorafleet")
+    try:
+        yield
+    finally:
+        _end_local_ray()

@@ -259,13 +259,12 @@ class TrainingClient:
         return result
 
     def _post(self, op: str, body: dict[str, Any]) -> Any:
-        import httpx
-
         response = self._client._request(
             "POST",
             f"/v1/sessions/{self.session_id}/{op}",
             json=body,
-            timeout=httpx.Timeout(60.0, read=CALL_READ_TIMEOUT_S),
+            # (connect, read, write, pool), as a tuple: any httpx-like transport takes it (a test's too)
+            timeout=(60.0, CALL_READ_TIMEOUT_S, 60.0, 60.0),
         )
         if response.status_code >= 400:
             try:

@@ -258,17 +258,21 @@ class HostPool:
         host_id = f"host-{uuid.uuid4().hex[:12]}"
         if kind == "ray":
             from orchestrator.control.controller import connect_ray
-            from workers.sessions.actor import RayHost
+            from workers.sessions.actor import HostNotStarted, RayHost
 
             connect_ray(self.settings)
             gpu = self._has_gpu(kind)
-            host: Any = RayHost.start(
-                key[0],
-                key[1],
-                key[2],
-                str(self.settings.home),
-                resources={"CPU": 1, **({"GPU": 1} if gpu else {})},
-            )
+            try:
+                host: Any = RayHost.start(
+                    key[0],
+                    key[1],
+                    key[2],
+                    str(self.settings.home),
+                    resources={"CPU": 1, **({"GPU": 1} if gpu else {})},
+                    timeout_s=self.settings.session_host_start_seconds,
+                )
+            except HostNotStarted as exc:  # the slots counted free are held by something Ray runs
+                raise NoRoom(placement.Refuse(503, "LORAFLEET_SESSION_HOST_START_SECONDS", str(exc))) from exc
         else:
             host = self._load_local(key)
             host.start()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 import uvicorn
 from fastapi import FastAPI
 from mlflow import MlflowClient
@@ -34,6 +33,7 @@ from orchestrator.service import session_records
 from orchestrator.settings import Settings
 from orchestrator.spec.states import JobKind, JobState
 from orchestrator.store import Conflict, Store
+from tests.conftest import own_local_ray
 from tests.workers.test_sessions import _random_data
 from workers.contract.plan import LoraConfig
 from workers.contract.sessions import AdamParams
@@ -92,9 +92,10 @@ def _settings(home: Path, tiny_base: Path, **extra: Any) -> Settings:
 
 @pytest.fixture(scope="module")
 def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="lorafleet")
-    with _serve(_settings(tmp_path_factory.mktemp("home"), tiny_base), start_controller=True) as s:
+    with (
+        own_local_ray(),
+        _serve(_settings(tmp_path_factory.mktemp("home"), tiny_base), start_controller=True) as s,
+    ):
         yield s
 
 

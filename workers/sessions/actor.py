@@ -33,6 +33,10 @@ from workers.contract.plan import LoraConfig
 from workers.contract.sessions import WorkerLost
 
 
+class HostNotStarted(RuntimeError):
+    """A host's actor was not up in time (`RayHost.start`): the service answers 503, retry later."""
+
+
 class SessionHostActor:
     """One base and its `SessionHost` (made a Ray actor by `RayHost.start`)."""
 
@@ -91,9 +95,12 @@ class RayHost:
         *,
         resources: dict[str, float],
         name: str | None = None,
+        timeout_s: float | None = None,
     ) -> RayHost:
         """Start an actor on a node with `resources` (`{"CPU": 1}`, or `{"CPU": 1, "GPU": 1}`) and wait
-        until its base is loaded; a base that fails to load raises here, with its cause."""
+        until its base is loaded; a base that fails to load raises here, with its cause. An actor not up
+        within `timeout_s` (no node had the resources free, or the load hangs) is killed and
+        `HostNotStarted` raised: a create never waits forever on a cluster whose workers are held."""
         remote = ray.remote(SessionHostActor).options(  # type: ignore[attr-defined]
             num_cpus=resources.get("CPU", 1),
             num_gpus=resources.get("GPU", 0),
@@ -104,7 +111,14 @@ class RayHost:
         actor = remote.remote(base_model, quantization, dtype, home)
         host = cls(actor, base_model)
         try:
-            ray.get(actor.session_info.remote(""))  # returns once __init__ (the base's load) is done
+            ray.get(actor.session_info.remote(""), timeout=timeout_s)  # once __init__ (the load) is done
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor, no_restart=True)
+            raise HostNotStarted(
+                f"no session host for {base_model!r} was up within {timeout_s:g} s: no worker had "
+                f"{resources} free (Ray has {ray.available_resources()} available), or its base's load "
+                "hung"
+            ) from None
         except RayActorError as exc:
             cause = getattr(exc, "cause", None) or exc
             raise RuntimeError(_cause_line(cause)) from exc
@@ -236,4 +250,4 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-__all__ = ["RayHost", "SessionHostActor"]
+__all__ = ["HostNotStarted", "RayHost", "SessionHostActor"]

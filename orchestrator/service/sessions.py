@@ -100,6 +100,10 @@ class _Live:
     restore_from: str | None = None
     restore_optimizer: bool = False
     step: int = 0  # as the host last said (a lost host says nothing)
+    # Calls queued since the restore point, and whether a lost host's loss reached the client (a call of
+    # its failed with `WorkerLost`): a silent restore would drop those calls without a word.
+    unsaved_calls: int = 0
+    loss_told: bool = False
 
     @property
     def host(self) -> Any:
@@ -421,20 +425,32 @@ class Sessions:
             if live.closed:
                 raise NotFound(f"session {session_id!r} not found")
             if live.held.lost:
+                unsaved, told = live.unsaved_calls, live.loss_told
                 self._restore(live)
+                live.unsaved_calls, live.loss_told = 0, False
+                if unsaved and not told:  # no call of the client's failed with the worker: this one says it
+                    raise WorkerLost(
+                        f"the worker holding session {live.id!r} was lost with the {unsaved} call(s) queued "
+                        "since its last save_state; it is restored from that state now (this call was not "
+                        "run)"
+                    )
             try:
                 future = submit(live)
             except WorkerLost:
                 self.pool.forget(live.held)  # the next call restores
+                live.loss_told = True
                 raise
+            live.unsaved_calls += 1
             with self._lock:
                 live.inflight += 1
                 live.last_used, live.last_used_at = time.monotonic(), datetime.now(UTC)
-        future.add_done_callback(lambda _: self._answered(live))
+        future.add_done_callback(lambda f: self._answered(live, f))
         return future
 
-    def _answered(self, live: _Live) -> None:
+    def _answered(self, live: _Live, done: Future[Any]) -> None:
         with self._lock:
+            if not done.cancelled() and isinstance(done.exception(), WorkerLost):
+                live.loss_told = True
             live.inflight -= 1
             live.last_used, live.last_used_at = time.monotonic(), datetime.now(UTC)
 
@@ -541,6 +557,7 @@ class Sessions:
         if not done.cancelled() and done.exception() is None:
             with self._lock:
                 live.restore_from, live.restore_optimizer = location, with_optimizer
+                live.unsaved_calls = 0
 
     def _start_reaper(self) -> None:
         with self._lock:

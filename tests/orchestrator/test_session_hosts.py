@@ -173,6 +173,34 @@ def test_a_killed_worker_fails_in_flight_calls_and_the_session_resumes_from_its_
     assert sessions_of(api).pool.ray_hosts() == 1
 
 
+def test_a_session_that_never_saved_restarts_from_its_first_weights(
+    api: TestClient, alice: Client, local: SessionHost, tiny_base: Path
+) -> None:  # type: ignore[no-untyped-def]
+    never = _create(alice, tiny_base)  # seed 3, as `first`: its first weights are drawn for (lora, seed)
+    step = never.forward_backward(_random_data(90, n=3)), never.optim_step(ADAM)
+    assert [f.result(timeout=120) for f in step]  # answered, then lost with the worker: never saved
+    live = sessions_of(api)._live[never.session_id]
+    ray.kill(live.host.actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the kill lands
+        try:
+            ray.get(live.host.actor.session_info.remote(""), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            break
+        time.sleep(0.1)
+
+    with pytest.raises(ApiError) as lost:  # the first call finds the worker gone: the loss is said
+        never.forward_backward(_random_data(94, n=3)).result(timeout=120)
+    assert lost.value.status == 503 and "restores it" in str(lost.value)
+
+    batches = [_random_data(95 + step, n=3) for step in range(2)]
+    losses = train(never, batches)  # placed again, from its starting state: step 0, the first A
+    assert never.info().step == 2
+    local.create_session("fresh", LORA, seed=3, init_name=SESSION_INIT_NAME)
+    assert train_local(local, "fresh", batches) == pytest.approx(losses, abs=1e-5)
+    never.close()
+
+
 def test_a_host_no_worker_can_take_is_given_up_with_503(api: TestClient, tiny_base: Path) -> None:  # type: ignore[no-untyped-def]
     """Something else Ray runs holds the slots the pool counts free: the create answers 503 once
     `LORAFLEET_SESSION_HOST_START_SECONDS` pass, never waits forever."""

@@ -20,6 +20,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,22 @@ def mean_weighted(datums: list[tuple[Datum, int]]) -> list[Datum]:
             )
         )
     return out
+
+
+def run_session(args: argparse.Namespace, train: Callable[[Any, Any, Any], dict[str, Any]]) -> dict[str, Any]:
+    """One training client on `args.base` for `train(tc, tokenizer, args)`, closed whatever happens; its
+    results with the wall time (`wall_s`), printed."""
+    tokenizer = load_tokenizer(args)
+    started = time.monotonic()
+    with connect(args) as client:
+        tc = client.create_lora_training_client(args.base, rank=args.rank, seed=args.seed)
+        try:
+            results = train(tc, tokenizer, args)
+        finally:
+            tc.close()
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    print(f"{args.steps} steps in {results['wall_s']:.0f} s")
+    return results
 
 
 def report(results: dict[str, Any]) -> None:

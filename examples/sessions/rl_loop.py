@@ -22,10 +22,9 @@ from __future__ import annotations
 import random
 import re
 import statistics
-import time
 from typing import Any
 
-from common import chat_prompt, connect, load_tokenizer, parser, report
+from common import chat_prompt, parser, report, run_session
 
 from workers.contract.sessions import AdamParams, Datum, LossFnInputs, SampledSequence, SamplingParams
 
@@ -161,17 +160,8 @@ def main() -> None:
     p.add_argument("--loss", choices=["importance_sampling", "ppo"], default="importance_sampling")
     p.add_argument("--lr", type=float, default=2e-3)
     args = p.parse_args()
-    tokenizer = load_tokenizer(args)
-    started = time.monotonic()
-    with connect(args) as client:
-        tc = client.create_lora_training_client(args.base, rank=args.rank, seed=args.seed)
-        try:
-            results = train(tc, tokenizer, args)
-        finally:
-            tc.close()
-    results["wall_s"] = round(time.monotonic() - started, 1)
+    results = run_session(args, train)
     results["loss"] = args.loss
-    print(f"{args.steps} steps in {results['wall_s']:.0f} s")
     report(results)
 
 

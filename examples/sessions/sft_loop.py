@@ -13,10 +13,9 @@ after.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from common import chat_datum, chat_prompt, connect, load_tokenizer, mean_weighted, parser, report
+from common import chat_datum, chat_prompt, mean_weighted, parser, report, run_session
 
 from workers.contract.sessions import AdamParams, SamplingParams
 from workers.evaluation.skills import skill_records
@@ -79,16 +78,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--save", default=None, help="save_state under this name at the end")
     args = p.parse_args()
-    tokenizer = load_tokenizer(args)
-    started = time.monotonic()
-    with connect(args) as client:
-        tc = client.create_lora_training_client(args.base, rank=args.rank, seed=args.seed)
-        try:
-            results = train(tc, tokenizer, args)
-        finally:
-            tc.close()
-    results["wall_s"] = round(time.monotonic() - started, 1)
-    print(f"{args.steps} steps in {results['wall_s']:.0f} s")
+    results = run_session(args, train)
     report(results)
 
 

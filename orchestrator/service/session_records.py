@@ -25,7 +25,6 @@ they were asked, never on the host's cycle thread: a slow database must not stal
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -269,11 +268,6 @@ def _saved_step(path: str) -> int:
 
 def _remove(path: str) -> None:
     try:
-        if storage.is_remote(path):
-            storage.remove(path)
-        else:
-            shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
+        storage.remove(path)
+    except OSError as exc:  # a remote store refusing: the files stay, said
         log.warning("could not remove %s after its state was not recorded: %s", path, exc)

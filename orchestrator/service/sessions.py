@@ -38,6 +38,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -162,6 +163,7 @@ class Sessions:
         self._load_host = load_host or (lambda key: _default_host(settings, key))
         self.pool = HostPool(settings, self._load_host, on_ray, packs_running)
         self._live: dict[str, _Live] = {}
+        self._creating: Counter[str] = Counter()  # per project: creates between their count and `_live`
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
@@ -216,42 +218,60 @@ class Sessions:
         key = (base_model, quantization, dtype)
         session_id = f"sess-{uuid.uuid4().hex[:16]}"
         with_optimizer = location is not None and _has_optimizer(location)
-        held = self._place(
-            key,
-            project,
-            lora,
-            session_id,
-            seed=seed,
-            from_state=location,
-            with_optimizer=with_optimizer,
-        )
-        info = held.host.session_info(session_id)
-        now = datetime.now(UTC)
-        live = _Live(
-            session_id,
-            project,
-            key,
-            held,
-            info[1] if info is not None else (lora or LoraConfig()),
-            seed,
-            from_state,
-            created_at=now,
-            last_used_at=now,
-            last_used=time.monotonic(),
-            restore_from=location,
-            restore_optimizer=with_optimizer,
-            step=info[0] if info is not None else 0,
-        )
-        try:
-            self.records.created(live, parent_id)
-        except BaseException:
-            closed = held.host.close_session(session_id)  # no live session without its job row
-            closed.add_done_callback(lambda _: self.pool.release(held, session_id))
-            raise
+        with self._creating_in(project) as held_now:
+            held = self._place(
+                key,
+                project,
+                lora,
+                session_id,
+                held_now,
+                seed=seed,
+                from_state=location,
+                with_optimizer=with_optimizer,
+            )
+            info = held.host.session_info(session_id)
+            now = datetime.now(UTC)
+            live = _Live(
+                session_id,
+                project,
+                key,
+                held,
+                info[1] if info is not None else (lora or LoraConfig()),
+                seed,
+                from_state,
+                created_at=now,
+                last_used_at=now,
+                last_used=time.monotonic(),
+                restore_from=location,
+                restore_optimizer=with_optimizer,
+                step=info[0] if info is not None else 0,
+            )
+            try:
+                self.records.created(live, parent_id)
+            except BaseException:
+                closed = held.host.close_session(session_id)  # no live session without its job row
+                closed.add_done_callback(lambda _: self.pool.release(held, session_id))
+                raise
+            with self._lock:
+                self._live[session_id] = live
+            self._start_reaper()
+            return live.view()
+
+    @contextmanager
+    def _creating_in(self, project: str) -> Iterator[int]:
+        """The sessions `project` holds, counting the creates in flight: two creates at once each count
+        the other, so together they never pass the project's cap (a create's count and its `_live` entry
+        are far apart: a host may start, its job row is written)."""
         with self._lock:
-            self._live[session_id] = live
-        self._start_reaper()
-        return live.view()
+            held_now = sum(1 for s in self._live.values() if s.project == project) + self._creating[project]
+            self._creating[project] += 1
+        try:
+            yield held_now
+        finally:
+            with self._lock:
+                self._creating[project] -= 1
+                if not self._creating[project]:
+                    del self._creating[project]
 
     def list(self, principal: Principal, project: str | None = None) -> list[SessionView]:
         scope = principal.scope(project)
@@ -509,14 +529,11 @@ class Sessions:
         project: str,
         lora: LoraConfig | None,
         session_id: str,
-        *,
-        restoring: bool = False,
+        held_now: int,
         **create: Any,
     ) -> Held:
-        """Create the session on the host the pool places it on (joined or started); `NoRoom` when there
-        is none. A restored session counts once in its project, not twice."""
-        with self._lock:
-            held_now = sum(1 for s in self._live.values() if s.project == project) - restoring
+        """Create the session on the host the pool places it on (joined or started), its project holding
+        `held_now` sessions besides it; `NoRoom` when there is none."""
         try:
             held, need = self.pool.acquire(key, project, held_now, lora)
         except NoRoom:
@@ -541,12 +558,14 @@ class Sessions:
             live.project,
             live.restore_from or "its starting state",
         )
+        with self._lock:  # it counts once in its project, not twice
+            held_now = sum(1 for s in self._live.values() if s.project == live.project and s is not live)
         live.held = self._place(
             live.key,
             live.project,
             live.lora,
             live.id,
-            restoring=True,
+            held_now,
             seed=live.seed,
             from_state=live.restore_from,
             with_optimizer=live.restore_optimizer,

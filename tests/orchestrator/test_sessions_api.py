@@ -266,6 +266,38 @@ def test_idle_sessions_close(tmp_path: Path, tiny_base: Path) -> None:
         assert caught.value.status == 404
 
 
+def test_two_creates_at_once_never_pass_the_projects_cap(
+    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create counted the project's sessions, then placed, loaded and recorded its own for a while
+    before it counted: a second create in that window passed the cap as well. The first create is held
+    inside its host's `create_session` while the second one asks."""
+    inside, go = threading.Event(), threading.Event()
+    real = SessionHost.create_session
+
+    def held_create(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        inside.set()
+        assert go.wait(60)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SessionHost, "create_session", held_create)
+    with _app(tmp_path, tiny_base, sessions_per_project=1) as api:
+        alice = client_of(api, ADMIN, "alice")
+        first: list = []
+        creating = threading.Thread(target=lambda: first.append(_create(alice, tiny_base)))
+        creating.start()
+        assert inside.wait(60)
+        with pytest.raises(ApiError) as capped:
+            _create(alice, tiny_base)
+        go.set()
+        creating.join(60)
+        assert capped.value.status == 429 and "LORAFLEET_SESSIONS_PER_PROJECT=1" in str(capped.value)
+        assert [s.id for s in alice.training_sessions()] == [first[0].session_id]
+        monkeypatch.setattr(SessionHost, "create_session", real)
+        first[0].close()
+        _create(alice, tiny_base).close()  # a create that failed holds no place: the cap frees with a close
+
+
 def test_a_session_needs_a_base_the_server_holds(api: TestClient, tmp_path: Path) -> None:
     """A request never downloads a base: an uncached hub id, a path outside the model roots, a missing
     body field are each a 422 naming the field, at once."""

@@ -14,6 +14,9 @@ placement decision (`orchestrator.scheduling.sessions.place`):
   `LORAFLEET_SESSION_HOST_MEMORY_GB`), else a new host starts on a free worker; else it is refused: 429
   at the project's `LORAFLEET_SESSIONS_PER_PROJECT`, 503 (retry) when every worker is busy, 422 when the
   base can never fit a worker (`NoRoom`).
+- **Starting**: a new host is counted at once (its worker slot, its bytes) and started outside the pool's
+  lock, so sessions placed on hosts already up never wait behind a base loading; creates that join a
+  host still starting wait for it, and share its failure.
 - **Lingering**: a host whose last session closed stays `LORAFLEET_SESSION_HOST_LINGER_SECONDS` (a new
   session on its base starts at once), then closes and frees its worker.
 - **A lost worker** (a Ray actor killed, its node gone): the calls it had not answered fail with
@@ -67,6 +70,8 @@ class Held:
     host_bytes: int
     sessions: dict[str, int] = field(default_factory=dict)  # session id -> its bytes
     empty_since: float | None = None
+    started: threading.Event = field(default_factory=threading.Event)  # set once `host` is up, or failed
+    failure: BaseException | None = None  # why it did not start
 
     def state(self) -> placement.HostState:
         return placement.HostState(
@@ -95,8 +100,9 @@ class HostPool:
         self._on_ray = on_ray
         self._packs_running = packs_running
         self._held: dict[str, Held] = {}
-        self._lock = threading.Lock()  # one placement (and host start) at a time: no double-booked slot
+        self._lock = threading.Lock()  # one placement at a time: no double-booked slot (starts run outside)
         self._infos: dict[str, memory.BaseModelInfo] = {}
+        self._connecting = threading.Lock()
 
     # ---- placing ----
 
@@ -129,13 +135,19 @@ class HostPool:
             )
             if isinstance(decision, placement.Refuse):
                 raise NoRoom(decision)
-            if isinstance(decision, placement.Join):
-                host = self._held[decision.host_id]
+            starting = isinstance(decision, placement.Start)
+            if starting:  # counted at once (its slot, its bytes), started below without the lock
+                host = Held(f"host-{uuid.uuid4().hex[:12]}", key, kind, None, ask.host_bytes)
+                self._held[host.id] = host
             else:
-                host = self._start(kind, key, ask.host_bytes)
+                host = self._held[decision.host_id]
             host.empty_since = None
             host.sessions[f"pending-{uuid.uuid4().hex}"] = need  # its place, held until `attach`
-            return host, need
+        if starting:
+            self._start(host)
+        else:
+            self._wait_started(host, need)
+        return host, need
 
     def attach(self, host: Held, session_id: str, need: int) -> None:
         with self._lock:
@@ -186,7 +198,8 @@ class HostPool:
         with self._lock:
             held, self._held = list(self._held.values()), {}
         for h in held:
-            h.host.shutdown()
+            if h.host is not None:  # one still starting is shut down by its starter (`_start`)
+                h.host.shutdown()
 
     def hosts(self) -> list[placement.HostState]:
         with self._lock:
@@ -254,13 +267,45 @@ class HostPool:
         fits = used + ask.host_bytes + ask.session_bytes <= worker
         return placement.Room(int(worker), 1 if fits else 0)
 
-    def _start(self, kind: HostKind, key: HostKey, host_bytes: int) -> Held:
-        host_id = f"host-{uuid.uuid4().hex[:12]}"
+    def _start(self, held: Held) -> None:
+        """Load `held`'s base (or start its actor) outside the pool's lock: a start takes seconds to
+        minutes, and sessions placed on hosts already up must not wait behind it. A failed start takes
+        the host out of the pool; a host the pool let go meanwhile (shutdown) is shut down at once."""
+        try:
+            held.host = self._make(held.kind, held.key)
+        except BaseException as exc:
+            with self._lock:
+                if self._held.get(held.id) is held:
+                    del self._held[held.id]
+                held.failure = exc
+            held.started.set()
+            raise
+        with self._lock:
+            kept = self._held.get(held.id) is held
+        held.started.set()
+        if not kept:
+            held.host.shutdown()
+            raise NoRoom(placement.Refuse(503, "base_model", "the server is stopping its session hosts"))
+        log.info("started %s session host %s for %s", held.kind, held.id, held.key[0])
+
+    def _wait_started(self, held: Held, need: int) -> None:
+        """Wait for a host another create is starting; its failure is this create's too."""
+        held.started.wait()
+        if held.failure is None:
+            return
+        self.unreserve(held, need)
+        if isinstance(held.failure, NoRoom):
+            failed = held.failure
+            raise NoRoom(placement.Refuse(failed.status, failed.field, str(failed)))  # type: ignore[arg-type]
+        raise RuntimeError(str(held.failure)) from held.failure
+
+    def _make(self, kind: HostKind, key: HostKey) -> Any:
         if kind == "ray":
             from orchestrator.control.controller import connect_ray
             from workers.sessions.actor import HostNotStarted, RayHost
 
-            connect_ray(self.settings)
+            with self._connecting:  # two first starts at once would each `ray.init`
+                connect_ray(self.settings)
             gpu = self._has_gpu(kind)
             try:
                 host: Any = RayHost.start(
@@ -276,10 +321,7 @@ class HostPool:
         else:
             host = self._load_local(key)
             host.start()
-        held = Held(host_id, key, kind, host, host_bytes)
-        self._held[host_id] = held
-        log.info("started %s session host %s for %s", kind, host_id, key[0])
-        return held
+        return host
 
 
 __all__ = ["DEFAULT_GPU_HOST_GB", "Held", "HostPool", "NoRoom"]

@@ -3,6 +3,7 @@ on plain numbers, and the host pool's bookkeeping on stand-in hosts (no base, no
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -123,6 +124,56 @@ def test_the_pool_places_lingers_and_closes_local_hosts(tmp_path: Path, tiny_bas
     assert pool.close_idle() == []  # both empty, lingering
     assert sorted(pool.close_idle(now=time.monotonic() + 31)) == sorted([a.id, b.id])
     assert all(h.stopped for h in made) and pool.hosts() == []
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_host_starting_holds_up_no_session_placed_on_a_host_already_up(
+    tmp_path: Path, tiny_base: Path, fails: bool
+) -> None:
+    """A host start (a base loading: seconds to minutes) held the pool's lock, and every create on the
+    server waited behind it. Now only the creates that join that host wait for it, and share its fate."""
+    settings = Settings(home=tmp_path, session_hosts="local", sessions_per_host=2, sessions_per_project=None)
+    loading, release = threading.Event(), threading.Event()
+
+    def load(key: placement.HostKey) -> _StandIn:
+        if key[2] == "bfloat16":  # the slow base
+            loading.set()
+            assert release.wait(60)
+            if fails:
+                raise RuntimeError("cannot read the base's weights")
+        return _StandIn()
+
+    pool = HostPool(settings, load)
+    up, slow = (str(tiny_base), "none", "float32"), (str(tiny_base), "none", "bfloat16")
+    ready, need = pool.acquire(up, "alice", 0, LoraConfig(r=4))
+    pool.attach(ready, "s1", need)
+    outcomes: dict[str, object] = {}
+
+    def acquire(who: str) -> None:
+        try:
+            outcomes[who] = pool.acquire(slow, who, 0, LoraConfig(r=4))[0]
+        except Exception as exc:  # what the create would answer
+            outcomes[who] = exc
+
+    starter = threading.Thread(target=acquire, args=("bob",))
+    starter.start()
+    assert loading.wait(60)
+    joiner = threading.Thread(target=acquire, args=("carol",))
+    joiner.start()
+    deadline = time.monotonic() + 60
+    while [h.sessions for h in pool.hosts() if h.key == slow] != [2]:  # carol joined the starting host
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert pool.acquire(up, "dave", 0, LoraConfig(r=4))[0] is ready  # at once, the slow start going on
+    assert starter.is_alive() and joiner.is_alive()
+    release.set()
+    starter.join(60)
+    joiner.join(60)
+    if fails:
+        assert [str(outcomes[w]) for w in ("bob", "carol")] == ["cannot read the base's weights"] * 2
+        assert [h.key for h in pool.hosts()] == [up]  # the failed host holds no slot
+    else:
+        assert outcomes["bob"] is outcomes["carol"] and outcomes["bob"].host.started  # type: ignore[attr-defined]
 
 
 def test_packs_start_only_on_the_slots_session_hosts_leave(tmp_path: Path, store) -> None:  # type: ignore[no-untyped-def]

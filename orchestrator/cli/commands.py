@@ -52,8 +52,21 @@ sessions_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(sessions_app, name="sessions")
-out = Console()
-err = Console(stderr=True)
+
+
+class _Console(Console):
+    """A Rich console that takes its width (`COLUMNS`, else the terminal's) each time it prints. Rich fixes
+    the width at construction when `COLUMNS` is set then, and these consoles are made at import: a command
+    run in-process (typer's `CliRunner` with a `COLUMNS` of its own, as tests under pytest-xdist, which sets
+    `COLUMNS=80`) kept the width of whoever imported this module first."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._width = None  # Rich's field: None asks the environment at every print
+
+
+out = _Console()
+err = _Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 ProjectOpt = Annotated[

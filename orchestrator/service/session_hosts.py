@@ -281,11 +281,14 @@ class HostPool:
             held.started.set()
             raise
         with self._lock:
-            kept = self._held.get(held.id) is held
+            if self._held.get(held.id) is not held:  # joiners must not use it: it fails them too
+                held.failure = NoRoom(
+                    placement.Refuse(503, "base_model", "the server is stopping its session hosts")
+                )
         held.started.set()
-        if not kept:
+        if held.failure is not None:
             held.host.shutdown()
-            raise NoRoom(placement.Refuse(503, "base_model", "the server is stopping its session hosts"))
+            raise held.failure
         log.info("started %s session host %s for %s", held.kind, held.id, held.key[0])
 
     def _wait_started(self, held: Held, need: int) -> None:

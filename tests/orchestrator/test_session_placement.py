@@ -176,6 +176,47 @@ def test_a_host_starting_holds_up_no_session_placed_on_a_host_already_up(
         assert outcomes["bob"] is outcomes["carol"] and outcomes["bob"].host.started  # type: ignore[attr-defined]
 
 
+def test_a_host_that_finishes_starting_after_the_pool_shut_down_is_shut_down(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """The server stopping while a base loads: the host that comes up is shut down at once, and neither
+    its starter nor a create that joined it gets a host that is gone."""
+    settings = Settings(home=tmp_path, session_hosts="local", sessions_per_host=2, sessions_per_project=None)
+    loading, release = threading.Event(), threading.Event()
+    made: list[_StandIn] = []
+
+    def load(key: placement.HostKey) -> _StandIn:
+        loading.set()
+        assert release.wait(60)
+        made.append(_StandIn())
+        return made[-1]
+
+    pool = HostPool(settings, load)
+    key = (str(tiny_base), "none", "float32")
+    outcomes: list[object] = []
+
+    def acquire() -> None:
+        try:
+            outcomes.append(pool.acquire(key, "alice", 0, LoraConfig(r=4)))
+        except NoRoom as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=acquire) for _ in range(2)]
+    threads[0].start()
+    assert loading.wait(60)
+    threads[1].start()
+    deadline = time.monotonic() + 60
+    while [h.sessions for h in pool.hosts()] != [2]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pool.shutdown()
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert [(type(o).__name__, getattr(o, "status", None)) for o in outcomes] == [("NoRoom", 503)] * 2
+    assert [h.stopped for h in made] == [True] and pool.hosts() == []
+
+
 def test_packs_start_only_on_the_slots_session_hosts_leave(tmp_path: Path, store) -> None:  # type: ignore[no-untyped-def]
     """The controller counts a Ray session host's worker slot as taken: packs and hosts never overcommit."""
     from orchestrator.control.controller import Controller

@@ -22,14 +22,6 @@ from workers.bases.tiny import build_tiny_base
 TEST_CACHE = Path(os.environ.get("LORAFLEET_TEST_CACHE") or "~/.cache/lorafleet-test").expanduser()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first, the order otherwise kept. The suite's two processes (pytest-xdist, a module whole
-    on one, `--no-loadscope-reorder`) take modules in this order: a long end-to-end module started last
-    ran alone for minutes while the other process sat idle (xdist's own order puts modules with the most
-    tests first, and those are the quick ones)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("models") / "tiny", size="tiny")

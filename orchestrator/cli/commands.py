@@ -57,8 +57,8 @@ app.add_typer(sessions_app, name="sessions")
 class _Console(Console):
     """A Rich console that takes its width (`COLUMNS`, else the terminal's) each time it prints. Rich fixes
     the width at construction when `COLUMNS` is set then, and these consoles are made at import: a command
-    run in-process (typer's `CliRunner` with a `COLUMNS` of its own, as tests under pytest-xdist, which sets
-    `COLUMNS=80`) kept the width of whoever imported this module first."""
+    run in-process (typer's `CliRunner` with a `COLUMNS` of its own, in a test runner that set another, as
+    pytest-xdist sets `COLUMNS=80`) kept the width of whoever imported this module first."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -82,18 +82,11 @@ def _no_local_service_left_behind(tmp_path_factory: pytest.TempPathFactory):
     """Tests that start a home's local service stop it themselves; this catches any one that did not,
     and ends what is left of the Ray the test process itself started (e.g. a pack it abandoned)."""
     yield
-    import ray
-
-    from orchestrator.control.controller import ray_session_dir
-    from orchestrator.server.local import kill_ray_session, stop_service
+    from orchestrator.server.local import stop_service
 
     for info in tmp_path_factory.getbasetemp().rglob("service/service.json"):
         stop_service(info.parent.parent)
-    if ray.is_initialized():  # the in-process Ray some tests share: its abandoned actors too
-        session = ray_session_dir()
-        ray.shutdown()
-        if session:
-            kill_ray_session(session)
+    _end_local_ray()  # the in-process Ray some tests share: its abandoned actors too
 
 
 @pytest.fixture(scope="session")

@@ -263,7 +263,7 @@ class Sessions:
         the other, so together they never pass the project's cap (a create's count and its `_live` entry
         are far apart: a host may start, its job row is written)."""
         with self._lock:
-            held_now = sum(1 for s in self._live.values() if s.project == project) + self._creating[project]
+            held_now = self._held_by(project) + self._creating[project]
             self._creating[project] += 1
         try:
             yield held_now
@@ -272,6 +272,10 @@ class Sessions:
                 self._creating[project] -= 1
                 if not self._creating[project]:
                     del self._creating[project]
+
+    def _held_by(self, project: str, besides: _Live | None = None) -> int:
+        """Live sessions of `project` other than `besides` (under `_lock`)."""
+        return sum(1 for s in self._live.values() if s.project == project and s is not besides)
 
     def list(self, principal: Principal, project: str | None = None) -> list[SessionView]:
         scope = principal.scope(project)
@@ -559,7 +563,7 @@ class Sessions:
             live.restore_from or "its starting state",
         )
         with self._lock:  # it counts once in its project, not twice
-            held_now = sum(1 for s in self._live.values() if s.project == live.project and s is not live)
+            held_now = self._held_by(live.project, besides=live)
         live.held = self._place(
             live.key,
             live.project,
